@@ -1,0 +1,296 @@
+"""Settings: frozen dataclasses loaded from TOML, then `SIDECAR_<SECTION>_<OPTION>` env, then CLI flags.
+
+A leaf module: imports nothing of ours. Every option has a default here and a documented line in
+`config/sidecar.toml`; a bad value raises `ConfigError` with one line naming the option and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SIDECAR_"
+
+
+class ConfigError(ValueError):
+    """An invalid option: the message is one line, `section.option: reason`."""
+
+
+@dataclass(frozen=True)
+class ServerCfg:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "./data"
+    log_level: str = "info"
+    access_log: bool = True
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_json_depth: int = 64
+    keepalive_timeout: float = 75.0
+    drain_grace: float = 5.0
+    drain_timeout: float = 30.0
+    admin_token: str = field(default="", metadata={"secret": True})
+    admin_token_file: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamCfg:
+    url: str = ""
+    api_key: str = field(default="", metadata={"secret": True})
+    api_key_file: str = ""
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 600.0
+    stream_idle_timeout: float = 120.0
+    total_timeout: float = 0.0
+    keepalive_timeout: float = 4.0
+    pool_size: int = 256
+    health_path: str = "/health"
+    health_timeout: float = 2.0
+    max_response_bytes: int = 256 * 1024 * 1024
+    extra_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoreCfg:
+    url: str = "sqlite:///./data/sidecar.db"
+    pool_size: int = 4
+
+
+@dataclass(frozen=True)
+class AuthCfg:
+    enabled: bool = True
+    pepper: str = field(default="", metadata={"secret": True})
+    pepper_file: str = ""
+    static_keys_file: str = ""
+    cache_ttl: float = 5.0
+
+
+@dataclass(frozen=True)
+class LimitsCfg:
+    concurrency: int = 0
+    rpm: int = 0
+    tpm: int = 0
+    default_max_tokens: int = 1024
+    global_concurrency: int = 0
+    queue_size: int = 256
+    queue_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class WriterCfg:
+    max_rows: int = 500
+    flush_interval_ms: int = 200
+    queue_size: int = 100_000
+    spool: bool = True
+    drain_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AuditCfg:
+    capture: str = "off"
+    sample_rate: float = 1.0
+    sinks: tuple[str, ...] = ("jsonl",)
+    jsonl_dir: str = ""
+    jsonl_max_bytes: int = 64 * 1024 * 1024
+    jsonl_max_age: float = 3600.0
+    jsonl_gzip: bool = False
+    queue_size: int = 10_000
+    max_payload_bytes: int = 1024 * 1024
+    header_allowlist: tuple[str, ...] = ("content-type", "user-agent", "x-request-id", "openai-organization")
+    redact_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerCfg = ServerCfg()
+    upstream: UpstreamCfg = UpstreamCfg()
+    store: StoreCfg = StoreCfg()
+    auth: AuthCfg = AuthCfg()
+    limits: LimitsCfg = LimitsCfg()
+    writer: WriterCfg = WriterCfg()
+    audit: AuditCfg = AuditCfg()
+
+
+SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Settings)
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "server.log_level": ("debug", "info", "warning", "error"),
+    "audit.capture": ("off", "store_flag", "all"),
+}
+_POSITIVE = {
+    "server.max_body_bytes",
+    "server.max_json_depth",
+    "upstream.connect_timeout",
+    "upstream.first_byte_timeout",
+    "upstream.stream_idle_timeout",
+    "upstream.keepalive_timeout",
+    "upstream.health_timeout",
+    "upstream.max_response_bytes",
+    "upstream.pool_size",
+    "store.pool_size",
+    "auth.cache_ttl",
+    "limits.default_max_tokens",
+    "limits.queue_size",
+    "writer.max_rows",
+    "writer.flush_interval_ms",
+    "writer.queue_size",
+    "audit.queue_size",
+    "audit.max_payload_bytes",
+}
+
+
+def load(
+    path: str | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build Settings from a TOML file, then env overrides, then flags `{"section.option": value}`."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path:
+        _merge_toml(raw, path)
+    _merge_env(raw, os.environ if env is None else env)
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            section, option = dotted.split(".", 1)
+            raw[section][option] = value
+    settings = Settings(**{name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()})
+    _check(settings)
+    return settings
+
+
+def _merge_toml(raw: dict[str, dict[str, Any]], path: str) -> None:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    for section, options in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section in {path}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"{section}: must be a table")
+        raw[section].update(options)
+
+
+def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, option = name[len(ENV_PREFIX) :].lower().partition("_")
+        # Names whose section is not ours (e.g. Kubernetes' SIDECAR_PORT service links) are not ours.
+        if section in SECTIONS and option:
+            raw[section][option] = value
+
+
+def _build(section: str, cls: type[Any], values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for option, value in values.items():
+        if option not in known:
+            raise ConfigError(f"{section}.{option}: unknown option")
+        kwargs[option] = _coerce(f"{section}.{option}", hints[option], value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    if hint is bool:
+        return _to_bool(name, value)
+    if hint is int or hint is float:
+        return _to_number(name, hint, value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple or isinstance(hint, types.GenericAlias):
+        items = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+        return tuple(items)
+    raise ConfigError(f"{name}: unsupported option type")  # pragma: no cover - a bug in this module
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def _to_number(name: str, hint: type[Any], value: Any) -> int | float:
+    kind = "an integer" if hint is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{name}: expected {kind}, got {value!r}")
+    try:
+        number = hint(value) if not isinstance(value, float) or hint is float else _exact_int(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{name}: expected {kind}, got {value!r}") from None
+    if math.isnan(number) or math.isinf(number):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if number < 0:
+        raise ConfigError(f"{name}: must not be negative, got {value!r}")
+    if name in _POSITIVE and number == 0:
+        raise ConfigError(f"{name}: must be greater than 0")
+    return typing.cast(int | float, number)
+
+
+def _exact_int(value: float) -> int:
+    if not value.is_integer():
+        raise ValueError
+    return int(value)
+
+
+def _check(s: Settings) -> None:
+    for dotted, choices in _CHOICES.items():
+        section, option = dotted.split(".")
+        value = getattr(getattr(s, section), option)
+        if value not in choices:
+            raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {value!r}")
+    if not 1 <= s.server.port <= 65535 and s.server.port != 0:
+        raise ConfigError(f"server.port: must be 1-65535, got {s.server.port}")
+    url = s.upstream.url
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"upstream.url: must start with http:// or https://, got {url!r}")
+    if not s.upstream.health_path.startswith("/"):
+        raise ConfigError("upstream.health_path: must start with /")
+    for path in s.upstream.extra_paths:
+        if not path.startswith("/v1/") or any(part in ("", ".", "..") for part in path[1:].split("/")):
+            raise ConfigError(f"upstream.extra_paths: {path!r} is not a canonical /v1/ path")
+    if not s.store.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError("store.url: must be sqlite:///PATH or postgresql://...")
+    if not 0.0 <= s.audit.sample_rate <= 1.0:
+        raise ConfigError(f"audit.sample_rate: must be between 0 and 1, got {s.audit.sample_rate}")
+    for sink in s.audit.sinks:
+        if sink not in ("stderr", "jsonl", "db"):
+            raise ConfigError(f"audit.sinks: unknown sink {sink!r} (stderr, jsonl, db)")
+
+
+def read_secret(name: str, value: str, path: str) -> str:
+    """A secret given inline or in a file (a mounted Kubernetes Secret); the file wins when both are set."""
+    if not path:
+        return value
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def summary(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Settings as plain data with every secret masked, for the startup log line."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(settings):
+        cfg = getattr(settings, section.name)
+        out[section.name] = {
+            f.name: ("***" if f.metadata.get("secret") and getattr(cfg, f.name) else getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)
+        }
+    return out

@@ -1,0 +1,119 @@
+"""Errors a client can see, each rendered in OpenAI's shape `{"error": {message, type, param, code}}`.
+
+    SidecarError(status, type, code)          base: carries the HTTP status, extra headers and the outcome
+     ├── BadRequest              400  invalid_request_error   outcome bad_request
+     ├── PayloadTooLarge         413  invalid_request_error   outcome bad_request
+     ├── NotFound                404  invalid_request_error   outcome bad_request
+     ├── Unauthorized            401  invalid_request_error   outcome unauthorized
+     ├── Forbidden               403  permission_error        outcome unauthorized
+     ├── RateLimited             429  requests | tokens       outcome rate_limited
+     ├── Overloaded              503  server_overloaded       outcome rate_limited
+     ├── UpstreamError           502  upstream_error          outcome upstream_error
+     ├── UpstreamTimeout         504  upstream_timeout        outcome upstream_timeout
+     └── ShuttingDown            503  server_shutting_down    outcome shutdown
+
+A leaf module: it builds plain bytes and a header dict; the web layer wraps them in a response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+
+
+class SidecarError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+    outcome = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+        if code is not None:
+            self.code = code
+        if type_ is not None:
+            self.type = type_
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        )
+
+
+class BadRequest(SidecarError):
+    status = 400
+    type = "invalid_request_error"
+    outcome = "bad_request"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class NotFound(BadRequest):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(SidecarError):
+    status = 401
+    type = "invalid_request_error"
+    outcome = "unauthorized"
+
+
+class Forbidden(Unauthorized):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class RateLimited(SidecarError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+    outcome = "rate_limited"
+
+
+class Overloaded(RateLimited):
+    status = 503
+    type = "server_overloaded"
+    code = "server_overloaded"
+
+
+class UpstreamError(SidecarError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    outcome = "upstream_error"
+
+
+class UpstreamTimeout(SidecarError):
+    status = 504
+    type = "upstream_timeout"
+    code = "upstream_timeout"
+    outcome = "upstream_timeout"
+
+
+class ShuttingDown(SidecarError):
+    status = 503
+    type = "server_shutting_down"
+    code = "server_shutting_down"
+    outcome = "shutdown"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    code = "unsupported_content_encoding"

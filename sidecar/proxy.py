@@ -1,0 +1,361 @@
+"""The /v1 handler: authenticate, parse, lease, relay, and finish exactly one record. Nothing else.
+
+The relay sends the upstream's bytes on as they arrive. Before the first byte reaches the client an error is
+an OpenAI-shaped JSON response; after it, the stream ends with an SSE `error` event and no `[DONE]`, so a
+client can tell a cut stream from a finished one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from sidecar.calls import Call, parse
+from sidecar.config import ServerCfg
+from sidecar.deadline import Deadline, DeadlineExpired
+from sidecar.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+    SidecarError,
+    UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from sidecar.metrics import Metrics
+from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
+from sidecar.sse import StreamScanner, usage_from
+from sidecar.upstream import Upstream, allowed_methods
+
+log = logging.getLogger("sidecar.proxy")
+
+_ERROR_EVENT_WRITE_TIMEOUT = 5.0
+_BIG_JSON = 64 * 1024
+
+
+class ClientGone(Exception):
+    """The client's connection closed while the proxy was reading its body or writing to it."""
+
+
+class UpstreamBroke(Exception):
+    """The upstream connection failed after its response had started."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one relay holds, so cleanup can see it whichever way the relay ends."""
+
+    call: Call
+    rec: RequestRecord
+    up: aiohttp.ClientResponse | None = None
+    resp: web.StreamResponse | None = None
+    scanner: StreamScanner | None = None
+    clean: bool = False
+
+
+def error_response(err: SidecarError, request_id: str) -> web.Response:
+    headers = {**err.headers, "x-request-id": request_id, "content-type": "application/json"}
+    return web.Response(status=err.status, body=err.body(), headers=headers)
+
+
+def sse_error_event(err: SidecarError) -> bytes:
+    return b"event: error\ndata: " + err.body() + b"\n\n"
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _is_sse(up: aiohttp.ClientResponse) -> bool:
+    return up.headers.get("content-type", "").startswith("text/event-stream")
+
+
+class Proxy:
+    def __init__(
+        self, upstream: Upstream, server: ServerCfg, metrics: Metrics, finish: Callable[[RequestRecord], None]
+    ) -> None:
+        self.upstream = upstream
+        self.cfg = upstream.cfg
+        self.server = server
+        self.metrics = metrics
+        self._finish = finish
+        self.active: set[asyncio.Task[Any]] = set()
+        self.shutting_down = False
+        self._idle: asyncio.Event | None = None
+
+    def cancel_all(self) -> int:
+        """Shutdown: cancel every request still running; each ends with a `shutdown` record."""
+        self.shutting_down = True
+        for task in self.active:
+            task.cancel()
+        return len(self.active)
+
+    async def wait_idle(self, timeout: float) -> None:
+        if not self.active:
+            return
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.error("requests still running after shutdown", extra={"fields": {"requests": len(self.active)}})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path, _, query = request.raw_path.partition("?")
+        client_id = request.headers.get("x-request-id")
+        rec = RequestRecord.start(request.method, path[:256], client_id[:128] if client_id else None)
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)
+        self.metrics.in_flight.inc()
+        try:
+            self._check_route(request.method, path)
+            call = await self._read_call(request, path, rec)
+            return await self._relay(request, call, query, rec)
+        except SidecarError as err:
+            rec.fail(err.status, err.outcome, err.code)
+            return error_response(err, rec.request_id)
+        except ClientGone:
+            self._mark_gone(request, rec)
+            return web.Response(status=CLIENT_CLOSED_REQUEST)  # aiohttp drops it: the socket is closed
+        except asyncio.CancelledError:
+            self._mark_gone(request, rec)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.active.discard(task)
+            if self._idle is not None and not self.active:
+                self._idle.set()
+            self._finish(rec.finish())
+
+    def _check_route(self, method: str, path: str) -> None:
+        if path not in self.upstream.paths:
+            raise NotFound(f"Unknown path {path[:200]!r}.", code="unknown_url")
+        methods = allowed_methods(path)
+        if method not in methods:
+            raise BadRequest(
+                f"Method {method} is not allowed on {path}.",
+                code="method_not_allowed",
+                headers={"allow": ", ".join(methods)},
+            )
+
+    async def _read_call(self, request: web.Request, path: str, rec: RequestRecord) -> Call:
+        limit = self.server.max_body_bytes
+        encoding = request.headers.get("content-encoding")
+        if encoding and encoding.strip().lower() != "identity":
+            raise UnsupportedMediaType("Compressed request bodies are not accepted; send identity encoding.")
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.") from None
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise ClientGone(str(exc)) from None
+        rec.bytes_in = len(body)
+        call = parse(request.method, path, body, self.server.max_json_depth)
+        rec.model = call.model
+        rec.stream = call.stream
+        return call
+
+    def _mark_gone(self, request: web.Request, rec: RequestRecord) -> None:
+        if _client_gone(request):
+            rec.fail(CLIENT_CLOSED_REQUEST, Outcome.CLIENT_DISCONNECTED, "client_disconnected")
+        else:  # cancelled with the client still there: the server is shutting down
+            rec.fail(rec.status or 503, Outcome.SHUTDOWN, "server_shutting_down")
+
+    async def _relay(self, request: web.Request, call: Call, query: str, rec: RequestRecord) -> web.StreamResponse:
+        ex = Exchange(call, rec)
+        cfg = self.cfg
+        try:
+            async with Deadline(cfg.first_byte_timeout, cfg.stream_idle_timeout, cfg.total_timeout) as deadline:
+                return await self._exchange(request, ex, query, deadline)
+        except DeadlineExpired as exc:
+            self.metrics.upstream_error("timeout_first_byte" if exc.reason == "first_byte" else "timeout_idle")
+            return await self._fail(ex, UpstreamTimeout(f"The upstream did not answer in time ({exc})."))
+        except UpstreamBroke as exc:
+            self.metrics.upstream_error("dropped")
+            return await self._fail(
+                ex, UpstreamError(f"The upstream connection broke mid-response: {exc}", code="upstream_dropped")
+            )
+        except asyncio.CancelledError:
+            if not self.shutting_down or _client_gone(request):
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own shutdown cancel: end the response properly instead
+            return await self._fail(ex, ShuttingDown("The server is shutting down; retry the request."))
+        finally:
+            self._settle(ex)
+            if ex.up is not None:
+                if ex.clean:
+                    ex.up.release()
+                else:  # closing (not releasing) the connection is what stops the model generating
+                    ex.up.close()
+
+    async def _exchange(self, request: web.Request, ex: Exchange, query: str, deadline: Deadline) -> web.StreamResponse:
+        ex.up = up = await self._send(request, ex)
+        ex.rec.upstream_status = up.status
+        if up.status >= 500:
+            self.metrics.upstream_error("status_5xx")
+        if not _is_sse(up):
+            return await self._whole(ex, up, deadline)
+        return await self._stream(request, ex, up, deadline)
+
+    async def _send(self, request: web.Request, ex: Exchange) -> aiohttp.ClientResponse:
+        up = self.upstream
+        url = up.url(ex.call.path, request.raw_path.partition("?")[2])
+        headers = up.request_headers(request.headers, ex.rec.request_id)
+        try:
+            return await up.session.request(
+                request.method, url, headers=headers, data=ex.call.upstream_body(), allow_redirects=False
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            self.metrics.upstream_error("connect")
+            raise UpstreamError(
+                f"Cannot connect to the upstream: {type(exc).__name__}.", code="upstream_unreachable"
+            ) from None
+        except aiohttp.ClientError as exc:
+            self.metrics.upstream_error("protocol")
+            raise UpstreamError(f"The upstream request failed: {type(exc).__name__}.") from None
+
+    async def _whole(self, ex: Exchange, up: aiohttp.ClientResponse, deadline: Deadline) -> web.Response:
+        deadline.first_byte()
+        declared = up.content_length
+        if declared is not None and declared > self.cfg.max_response_bytes:
+            raise UpstreamError(f"The upstream response is {declared} bytes, over the configured limit.")
+        try:
+            body = await up.read()
+        except aiohttp.ClientError as exc:
+            self.metrics.upstream_error("dropped")
+            raise UpstreamError(
+                f"The upstream response broke: {type(exc).__name__}.", code="upstream_dropped"
+            ) from None
+        ex.clean = True
+        rec = ex.rec
+        rec.status = up.status
+        rec.bytes_out = len(body)
+        if up.status >= 500:
+            rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
+        elif up.status < 300:
+            self._usage_from_body(rec, body)
+        return web.Response(
+            status=up.status, body=body, headers=self.upstream.response_headers(up.headers, rec.request_id)
+        )
+
+    async def _stream(
+        self, request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, deadline: Deadline
+    ) -> web.StreamResponse:
+        rec = ex.rec
+        ex.scanner = scanner = StreamScanner(strip_usage=ex.call.wants_hidden_usage)
+        read = up.content.readany
+        loop = asyncio.get_running_loop()
+        chunk = await self._read(read)
+        deadline.first_byte()
+        resp = web.StreamResponse(status=up.status, headers=self.upstream.response_headers(up.headers, rec.request_id))
+        rec.status = up.status
+        try:
+            await resp.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        ex.resp = resp
+        while chunk:
+            data = scanner.feed(chunk)
+            if rec.ttft_ms is None and scanner.first_output:
+                rec.mark_first_token()
+            if data:
+                await self._write(resp, data, rec)
+            chunk = await self._read(read)
+            deadline.touch(loop.time())
+        tail = scanner.flush()
+        if tail:
+            await self._write(resp, tail, rec)
+        ex.clean = True
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    async def _read(read: Callable[[], Any]) -> bytes:
+        try:
+            chunk: bytes = await read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamBroke(type(exc).__name__) from None
+        return chunk
+
+    @staticmethod
+    async def _write(resp: web.StreamResponse, data: bytes, rec: RequestRecord) -> None:
+        try:
+            await resp.write(data)
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        rec.bytes_out += len(data)
+
+    async def _fail(self, ex: Exchange, err: SidecarError) -> web.StreamResponse:
+        """An upstream failure: a JSON error before the stream started, a terminal SSE event after."""
+        if ex.resp is None:
+            raise err
+        ex.rec.outcome, ex.rec.error_code = err.outcome, err.code
+        try:
+            async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
+                await ex.resp.write(sse_error_event(err))
+                await ex.resp.write_eof()
+        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError):
+            pass  # the client is gone or stuck too; the record already says why the stream ended
+        return ex.resp
+
+    def _settle(self, ex: Exchange) -> None:
+        """Usage for a stream: the upstream's usage event, else the output deltas counted so far."""
+        scanner = ex.scanner
+        if scanner is None:
+            return
+        rec = ex.rec
+        rec.chunks = scanner.events
+        if scanner.usage is not None:
+            u = scanner.usage
+            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")
+        else:
+            rec.set_usage(None, scanner.deltas, None, "counted")
+
+    @staticmethod
+    def _usage_from_body(rec: RequestRecord, body: bytes) -> None:
+        # Large bodies (embeddings) put `usage` last: parse only that object, not megabytes of floats.
+        doc: Any = None
+        try:
+            if len(body) <= _BIG_JSON:
+                doc = orjson.loads(body)
+                raw = doc.get("usage") if isinstance(doc, dict) else None
+            else:
+                raw = _tail_object(body, b'"usage"')
+        except orjson.JSONDecodeError:
+            return
+        usage = usage_from(raw)
+        if usage is not None:
+            rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
+
+
+def _tail_object(body: bytes, key: bytes) -> Any:
+    at = body.rfind(key)
+    if at < 0:
+        return None
+    start = body.find(b"{", at)
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start, min(len(body), start + 4096)):
+        ch = body[i]
+        if ch == 0x7B:
+            depth += 1
+        elif ch == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return orjson.loads(body[start : i + 1])
+    return None

@@ -1,0 +1,91 @@
+"""RequestRecord: the one terminal record of a request, and the Outcome it ended with.
+
+A leaf module. Every request that reaches the proxy handler gets exactly one record: it is started when the
+request arrives, finished once in the handler's `finally`, and handed to the writer and the request log line.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "completed"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    BAD_REQUEST = "bad_request"
+    SHUTDOWN = "shutdown"
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the response was sent"
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    started_at: float
+    t0: float
+    client_request_id: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    outcome: str = Outcome.COMPLETED.value
+    error_code: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    usage_source: str = "none"
+    upstream_status: int | None = None
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    chunks: int = 0
+    finished_at: float = 0.0
+
+    @classmethod
+    def start(cls, method: str, path: str, client_request_id: str | None = None) -> RequestRecord:
+        return cls(new_request_id(), method, path, time.time(), time.monotonic(), client_request_id)
+
+    def fail(self, status: int, outcome: str, code: str | None) -> None:
+        self.status = status
+        self.outcome = outcome
+        self.error_code = code
+
+    def mark_first_token(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = round((time.monotonic() - self.t0) * 1000.0, 3)
+
+    def set_usage(self, prompt: int | None, completion: int | None, cached: int | None, source: str) -> None:
+        self.prompt_tokens = prompt
+        self.completion_tokens = completion
+        self.total_tokens = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
+        self.cached_tokens = cached
+        self.usage_source = source
+
+    def finish(self) -> RequestRecord:
+        elapsed = time.monotonic() - self.t0
+        self.latency_ms = round(elapsed * 1000.0, 3)
+        self.finished_at = self.started_at + elapsed
+        return self
+
+    def as_row(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ROW_FIELDS}
+
+
+ROW_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name != "t0")

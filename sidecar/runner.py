@@ -1,0 +1,133 @@
+"""Running the app: listen, wait for SIGTERM/SIGINT, drain gracefully, exit.
+
+Drain order: `/readyz` turns 503 at once; new connections are still served for `drain_grace` seconds
+(Kubernetes takes a while to drop the pod from its endpoints); then the listener closes; in-flight requests
+may finish within `drain_timeout`; what is still running then is cancelled (streams get a terminal SSE error
+event and a `shutdown` record); finally the cleanup contexts close (writer and audit drain there).
+A second signal skips what is left of the grace and the drain wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+from aiohttp import web
+
+from sidecar.app import PROXY, STATE, create_app
+from sidecar.config import Settings, summary
+from sidecar.demo_upstream import create_demo_app
+from sidecar.logs import event
+
+log = logging.getLogger("sidecar.runner")
+
+
+async def start_demo_upstream() -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_demo_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
+class Server:
+    """The sidecar listening on a socket, with the drain logic; used by `sidecar serve` and the tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self.port = 0
+        self._hurry = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.server.host, self.settings.server.port, backlog=1024)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+    def hurry(self) -> None:
+        """A second signal: stop waiting for grace and drain."""
+        self._hurry.set()
+
+    async def _wait(self, seconds: float) -> None:
+        if seconds > 0 and not self._hurry.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), seconds)
+
+    async def drain(self) -> None:
+        cfg = self.settings.server
+        self.app[STATE].draining = True
+        event(log, "draining", grace_s=cfg.drain_grace, drain_timeout_s=cfg.drain_timeout)
+        await self._wait(cfg.drain_grace)
+        for site in list(self.runner.sites):
+            await site.stop()
+        proxy = self.app[PROXY]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.drain_timeout
+        while proxy.active and loop.time() < deadline and not self._hurry.is_set():
+            await self._wait(min(0.05, deadline - loop.time()))
+        still = proxy.cancel_all()
+        if still:
+            event(log, "drain timeout: cancelling requests", requests=still)
+            await proxy.wait_idle(5.0)
+        await self.runner.cleanup()
+
+
+async def serve(settings: Settings, announce: Callable[[str], None] | None = None) -> int:
+    demo: web.AppRunner | None = None
+    if not settings.upstream.url:
+        demo, url = await start_demo_upstream()
+        settings = replace(settings, upstream=replace(settings.upstream, url=url))
+        log.warning("no upstream configured: serving the bundled demo upstream at %s", url)
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.hurry()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await server.start()
+        event(log, "listening", host=settings.server.host, port=server.port, settings=summary(settings))
+        if announce is not None:
+            announce(_curl_hint(settings, server.port, demo is not None))
+        await stop.wait()
+        await server.drain()
+    finally:
+        if demo is not None:
+            await demo.cleanup()
+    event(log, "stopped")
+    return 0
+
+
+def _curl_hint(settings: Settings, port: int, demo: bool) -> str:
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    model = "demo" if demo else "MODEL"
+    return (
+        f"sidecar listening on http://{host}:{port}  (upstream {settings.upstream.url})\n"
+        f"try:  curl -s http://{host}:{port}/v1/chat/completions -H 'content-type: application/json' "
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "hello there"}}]}}\''
+    )
+
+
+def run(settings: Settings) -> int:
+    """Run `serve` on uvloop (falls back to asyncio's loop where uvloop is unavailable)."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms running
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(settings, lambda line: print(line, file=sys.stderr, flush=True)))

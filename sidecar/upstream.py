@@ -1,0 +1,138 @@
+"""Upstream: the one model server behind the proxy, its shared connection pool, URLs and header rules.
+
+One `ClientSession` per app. Its pooled connections idle out sooner than the upstream's own keep-alive
+(uvicorn, which serves vLLM, closes idle connections after 5 s), so the proxy does not pick a connection the
+upstream is closing. Headers are filtered both ways: hop-by-hop headers, anything the `Connection` header
+names, and the client's credentials never cross.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from sidecar.config import UpstreamCfg
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded to the upstream: the framing we rebuild, the client's credentials, cookies and our own id.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "expect",
+    "accept-encoding",
+    "x-request-id",
+    "content-encoding",
+}
+# Never relayed to the client: the framing aiohttp rebuilds and the upstream's request id (ours replaces it).
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "set-cookie", "date", "server"}
+
+DEFAULT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models")
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("connection")
+    return {t.strip().lower() for t in value.split(",")} if value else set()
+
+
+def filter_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
+    named = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low not in drop and low not in named:
+            out.add(name, value)
+    return out
+
+
+class Upstream:
+    def __init__(self, cfg: UpstreamCfg, url: str, api_key: str) -> None:
+        self.cfg = cfg
+        base = url.rstrip("/")
+        # The URL is the OpenAI base URL (`http://vllm:8000/v1`); a bare origin works too.
+        self._prefix = base[:-3] if base.endswith("/v1") else base
+        parts = urlsplit(base)
+        self.health_url = f"{parts.scheme}://{parts.netloc}{cfg.health_path}"
+        self._auth = f"Bearer {api_key}" if api_key else None
+        self.paths = frozenset(DEFAULT_PATHS) | frozenset(cfg.extra_paths)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.open() was not awaited"
+        return self._session
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.pool_size, keepalive_timeout=self.cfg.keepalive_timeout, ttl_dns_cache=60
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.cfg.connect_timeout, sock_connect=self.cfg.connect_timeout
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def url(self, path: str, query: str) -> str:
+        return f"{self._prefix}{path}?{query}" if query else self._prefix + path
+
+    def request_headers(self, incoming: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+        headers = filter_headers(incoming, _REQUEST_DROP)
+        headers["x-request-id"] = request_id
+        headers["accept-encoding"] = "identity"  # the proxy reads usage out of the body it relays
+        if self._auth:
+            headers["authorization"] = self._auth
+        return headers
+
+    @staticmethod
+    def response_headers(incoming: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+        headers = filter_headers(incoming, _RESPONSE_DROP)
+        headers["x-request-id"] = request_id
+        return headers
+
+    async def healthy(self) -> tuple[bool, str]:
+        """Whether the upstream's health endpoint answers 200 within the health timeout."""
+        try:
+            async with asyncio.timeout(self.cfg.health_timeout):
+                async with self.session.get(self.health_url, headers=self._health_headers()) as resp:
+                    await resp.read()
+                    return resp.status == 200, f"upstream health answered {resp.status}"
+        except TimeoutError:
+            return False, "upstream health timed out"
+        except aiohttp.ClientError as exc:
+            return False, f"upstream unreachable: {type(exc).__name__}"
+
+    def _health_headers(self) -> dict[str, str]:
+        return {"authorization": self._auth} if self._auth else {}
+
+
+def allowed_methods(path: str) -> Iterable[str]:
+    return ("GET",) if path == "/v1/models" else ("POST",)

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from sidecar.config import Settings, load
+from sidecar.logs import REQUEST_LOGGER
+from sidecar.runner import Server
+from tests.fake_upstream import FakeUpstream
+
+
+class RecordCatcher(logging.Handler):
+    """Collects the structured request log lines the sidecar emits (its real output path)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.rows: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = record.__dict__.get("fields")
+        if record.name == REQUEST_LOGGER and isinstance(fields, dict):
+            self.rows.append(dict(fields))
+        self.lines.append(self.format(record) + repr(record.__dict__.get("fields")))
+
+
+@pytest.fixture
+def log_catcher() -> Any:
+    catcher = RecordCatcher()
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(catcher)
+    yield catcher
+    root.removeHandler(catcher)
+    root.setLevel(old)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+    upstream.url = f"http://127.0.0.1:{server.port}/v1"
+    yield upstream
+    await server.close()
+
+
+def make_settings(upstream_url: str, tmp_path: Any, **options: Any) -> Settings:
+    flags = {"upstream.url": upstream_url, "server.port": 0, "server.data_dir": str(tmp_path),
+             "store.url": f"sqlite:///{tmp_path}/sidecar.db", "server.drain_grace": 0}
+    flags.update({k.replace("__", "."): v for k, v in options.items()})
+    return load(None, {}, flags)
+
+
+@dataclass
+class Running:
+    server: Server
+    url: str
+    port: int
+    catcher: RecordCatcher
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.catcher.rows
+
+
+@pytest.fixture
+async def sidecar_factory(tmp_path: Any, log_catcher: RecordCatcher) -> AsyncIterator[
+        Callable[..., Awaitable[Running]]]:
+    started: list[Server] = []
+
+    async def start(upstream_url: str, **options: Any) -> Running:
+        server = Server(make_settings(upstream_url, tmp_path, **options))
+        await server.start()
+        started.append(server)
+        return Running(server, f"http://127.0.0.1:{server.port}", server.port, log_catcher)
+
+    yield start
+    for server in started:
+        await server.runner.cleanup()
+
+
+@pytest.fixture
+async def sidecar(fake: FakeUpstream, sidecar_factory: Callable[..., Awaitable[Running]]) -> Running:
+    return await sidecar_factory(fake.url)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)

@@ -1,0 +1,219 @@
+"""A scriptable fake OpenAI-compatible upstream on 127.0.0.1, recording everything it receives.
+
+Tests set `fake.script` (or pass a per-request script through the `x-fake-script` request header, JSON)
+to choose JSON or SSE answers, chunk count and pacing, delays before headers, error statuses, dropping the
+connection mid-stream, or hanging. Every request is recorded with its path, headers, body, and when the
+sidecar closed the connection (`closed_at`), so tests can see the upstream request being cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Script:
+    chunks: int = 5  # content deltas in a stream (one token each)
+    usage: bool = True  # whether the upstream supports stream usage at all
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: usage on every chunk
+    delay_headers: float = 0.0
+    delay_first: float = 0.0  # after headers, before the first event
+    delay_chunks: float = 0.0
+    status: int = 200
+    drop_after: int | None = None  # abort the TCP connection after this many content chunks
+    hang_after: int | None = None  # stop sending (keep the connection) after this many content chunks
+    prompt_tokens: int = 11
+    cached_tokens: int | None = None
+    crlf: bool = False  # use \r\n\r\n event separators
+    no_done: bool = False
+    content_length_stream: bool = False  # send the SSE body with a content-length instead of chunked
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    started_at: float
+    closed_at: float | None = None  # set when the sidecar went away before the response finished
+    finished_at: float | None = None
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def token(i: int) -> str:
+    return f"tok{i} "
+
+
+@dataclass
+class FakeUpstream:
+    script: Script = field(default_factory=Script)
+    received: list[Received] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    url: str = ""
+    sent: dict[str, bytes] = field(default_factory=dict)  # x-request-id -> exact body bytes sent
+
+    def app(self) -> web.Application:
+        app = web.Application(handler_args={"handler_cancellation": True})
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_route("*", "/{tail:.*}", self.anything)
+        return app
+
+    def last(self) -> Received:
+        return self.received[-1]
+
+    async def _begin(self, request: web.Request) -> tuple[Received, Script]:
+        rec = Received(request.method, request.path, request.query_string, {k.lower(): v for k, v in request.headers.items()},
+                       await request.read(), time.monotonic())
+        self.received.append(rec)
+        raw = request.headers.get("x-fake-script")
+        script = replace(self.script, **orjson.loads(raw)) if raw else self.script
+        return rec, script
+
+    async def _guard(self, rec: Received, coro: Any) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            resp: web.StreamResponse = await coro
+            rec.finished_at = time.monotonic()
+            return resp
+        except (asyncio.CancelledError, ConnectionError):
+            rec.closed_at = time.monotonic()
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        rec, script = await self._begin(request)
+        return await self._guard(rec, self._chat(request, rec, script))
+
+    async def _chat(self, request: web.Request, rec: Received, s: Script) -> web.StreamResponse:
+        if s.delay_headers:
+            await asyncio.sleep(s.delay_headers)
+        if s.status != 200:
+            return web.json_response({"error": {"message": "fake failure", "type": "server_error", "code": None}},
+                                     status=s.status)
+        doc = rec.json
+        if doc.get("stream"):
+            return await self._stream(request, doc, s)
+        usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.chunks,
+                 "total_tokens": s.prompt_tokens + s.chunks}
+        if s.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": s.cached_tokens}
+        body = orjson.dumps({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": doc.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(
+                token(i) for i in range(s.chunks))}, "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage,
+        })
+        self.sent[request.headers.get("x-request-id", "")] = body
+        return web.Response(body=body, content_type="application/json")
+
+    def _events(self, doc: dict[str, Any], s: Script) -> list[bytes]:
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+                "model": doc.get("model")}
+        options = doc.get("stream_options") or {}
+        with_usage = s.usage and options.get("include_usage")
+        events = []
+
+        def usage_of(n: int) -> dict[str, Any]:
+            u: dict[str, Any] = {"prompt_tokens": s.prompt_tokens, "completion_tokens": n,
+                                 "total_tokens": s.prompt_tokens + n}
+            if s.cached_tokens is not None:
+                u["prompt_tokens_details"] = {"cached_tokens": s.cached_tokens}
+            return u
+
+        def ev(obj: dict[str, Any]) -> bytes:
+            if with_usage and s.continuous_usage:
+                obj = {**obj, "usage": usage_of(obj.pop("_n", 0))}
+            obj.pop("_n", None)
+            return b"data: " + orjson.dumps(obj) + (b"\r\n\r\n" if s.crlf else b"\n\n")
+
+        events.append(ev({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}], "_n": 0}))
+        for i in range(s.chunks):
+            events.append(ev({**base, "choices": [{"index": 0, "delta": {"content": token(i)}, "logprobs": None,
+                                                   "finish_reason": None}], "_n": i + 1}))
+        events.append(ev({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                               "finish_reason": "stop"}], "_n": s.chunks}))
+        if with_usage:
+            events.append(ev({**base, "choices": [], "usage": usage_of(s.chunks)}))
+        if not s.no_done:
+            events.append(b"data: [DONE]" + (b"\r\n\r\n" if s.crlf else b"\n\n"))
+        return events
+
+    async def _stream(self, request: web.Request, doc: dict[str, Any], s: Script) -> web.StreamResponse:
+        events = self._events(doc, s)
+        self.sent[request.headers.get("x-request-id", "")] = b"".join(events)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        if s.content_length_stream:
+            resp.content_length = sum(map(len, events))
+        await resp.prepare(request)
+        if s.delay_first:
+            await asyncio.sleep(s.delay_first)
+        for i, event in enumerate(events):
+            content_index = i - 1  # events[0] is the role chunk
+            if s.drop_after is not None and content_index == s.drop_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if s.hang_after is not None and content_index == s.hang_after:
+                await asyncio.sleep(3600)
+            await resp.write(event)
+            if s.delay_chunks:
+                await asyncio.sleep(s.delay_chunks)
+        await resp.write_eof()
+        return resp
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        rec, script = await self._begin(request)
+        return await self._guard(rec, self._completions(request, rec, script))
+
+    async def _completions(self, request: web.Request, rec: Received, s: Script) -> web.StreamResponse:
+        doc = rec.json
+        if doc.get("stream"):
+            return await self._stream(request, doc, s)
+        return web.json_response({
+            "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": doc.get("model"),
+            "choices": [{"index": 0, "text": "".join(token(i) for i in range(s.chunks)), "logprobs": None,
+                         "finish_reason": "length"}],
+            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.chunks,
+                      "total_tokens": s.prompt_tokens + s.chunks},
+        })
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        rec, _ = await self._begin(request)
+        doc = rec.json
+        inputs = doc["input"] if isinstance(doc["input"], list) else [doc["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.25 * (i + 1), -0.5, 0.125]}
+                for i in range(len(inputs))]
+        return web.json_response({"object": "list", "data": data, "model": doc.get("model"),
+                                  "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        await self._begin(request)
+        return web.json_response({"object": "list", "data": [
+            {"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fake"}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.script.status if self.script.status >= 500 else 200)
+
+    async def anything(self, request: web.Request) -> web.Response:
+        await self._begin(request)
+        return web.json_response({"reached": request.path})
