@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "SIDECAR_"
 
@@ -293,4 +294,14 @@ def summary(settings: Settings) -> dict[str, dict[str, Any]]:
             f.name: ("***" if f.metadata.get("secret") and getattr(cfg, f.name) else getattr(cfg, f.name))
             for f in dataclasses.fields(cfg)
         }
+    out["store"]["url"] = mask_url(settings.store.url)
     return out
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password replaced, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -247,6 +247,7 @@ class Proxy:
         if up.status >= 500:
             rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
         elif up.status < 300:
+            rec.mark_first_token()  # a whole body: its tokens reach the client all at once, now
             self._usage_from_body(rec, body)
         return web.Response(
             status=up.status, body=body, headers=self.upstream.response_headers(up.headers, rec.request_id)

@@ -102,9 +102,13 @@ class StreamScanner:
 
     def feed(self, chunk: bytes) -> bytes:
         """Scan one upstream chunk; return the bytes to pass on to the client."""
-        if not self._sep:
-            self._sep = b"\r\n\r\n" if b"\r\n" in chunk else b"\n\n"
         buf = self._tail + chunk if self._tail else chunk
+        if not self._sep:  # the first line ending tells the stream's separator (\n\n or \r\n\r\n)
+            nl = buf.find(b"\n")
+            if nl < 0:
+                self._tail = buf
+                return b"" if self.strip_usage else chunk
+            self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
         parts = buf.split(self._sep)
         self._tail = parts.pop()
         if not self.strip_usage:

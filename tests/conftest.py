@@ -54,8 +54,13 @@ async def fake() -> AsyncIterator[FakeUpstream]:
 
 
 def make_settings(upstream_url: str, tmp_path: Any, **options: Any) -> Settings:
-    flags = {"upstream.url": upstream_url, "server.port": 0, "server.data_dir": str(tmp_path),
-             "store.url": f"sqlite:///{tmp_path}/sidecar.db", "server.drain_grace": 0}
+    flags = {
+        "upstream.url": upstream_url,
+        "server.port": 0,
+        "server.data_dir": str(tmp_path),
+        "store.url": f"sqlite:///{tmp_path}/sidecar.db",
+        "server.drain_grace": 0,
+    }
     flags.update({k.replace("__", "."): v for k, v in options.items()})
     return load(None, {}, flags)
 
@@ -74,8 +79,9 @@ class Running:
 
 
 @pytest.fixture
-async def sidecar_factory(tmp_path: Any, log_catcher: RecordCatcher) -> AsyncIterator[
-        Callable[..., Awaitable[Running]]]:
+async def sidecar_factory(
+    tmp_path: Any, log_catcher: RecordCatcher
+) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     started: list[Server] = []
 
     async def start(upstream_url: str, **options: Any) -> Running:

@@ -79,8 +79,14 @@ class FakeUpstream:
         return self.received[-1]
 
     async def _begin(self, request: web.Request) -> tuple[Received, Script]:
-        rec = Received(request.method, request.path, request.query_string, {k.lower(): v for k, v in request.headers.items()},
-                       await request.read(), time.monotonic())
+        rec = Received(
+            request.method,
+            request.path,
+            request.query_string,
+            {k.lower(): v for k, v in request.headers.items()},
+            await request.read(),
+            time.monotonic(),
+        )
         self.received.append(rec)
         raw = request.headers.get("x-fake-script")
         script = replace(self.script, **orjson.loads(raw)) if raw else self.script
@@ -107,34 +113,56 @@ class FakeUpstream:
         if s.delay_headers:
             await asyncio.sleep(s.delay_headers)
         if s.status != 200:
-            return web.json_response({"error": {"message": "fake failure", "type": "server_error", "code": None}},
-                                     status=s.status)
+            return web.json_response(
+                {"error": {"message": "fake failure", "type": "server_error", "code": None}}, status=s.status
+            )
         doc = rec.json
         if doc.get("stream"):
             return await self._stream(request, doc, s)
-        usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.chunks,
-                 "total_tokens": s.prompt_tokens + s.chunks}
+        usage = {
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.chunks,
+            "total_tokens": s.prompt_tokens + s.chunks,
+        }
         if s.cached_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": s.cached_tokens}
-        body = orjson.dumps({
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": doc.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(
-                token(i) for i in range(s.chunks))}, "logprobs": None, "finish_reason": "stop"}],
-            "usage": usage,
-        })
+        body = orjson.dumps(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": 1700000000,
+                "model": doc.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(token(i) for i in range(s.chunks))},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            }
+        )
         self.sent[request.headers.get("x-request-id", "")] = body
         return web.Response(body=body, content_type="application/json")
 
     def _events(self, doc: dict[str, Any], s: Script) -> list[bytes]:
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
-                "model": doc.get("model")}
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": doc.get("model"),
+        }
         options = doc.get("stream_options") or {}
         with_usage = s.usage and options.get("include_usage")
         events = []
 
         def usage_of(n: int) -> dict[str, Any]:
-            u: dict[str, Any] = {"prompt_tokens": s.prompt_tokens, "completion_tokens": n,
-                                 "total_tokens": s.prompt_tokens + n}
+            u: dict[str, Any] = {
+                "prompt_tokens": s.prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": s.prompt_tokens + n,
+            }
             if s.cached_tokens is not None:
                 u["prompt_tokens_details"] = {"cached_tokens": s.cached_tokens}
             return u
@@ -145,13 +173,43 @@ class FakeUpstream:
             obj.pop("_n", None)
             return b"data: " + orjson.dumps(obj) + (b"\r\n\r\n" if s.crlf else b"\n\n")
 
-        events.append(ev({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}], "_n": 0}))
+        events.append(
+            ev(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    "_n": 0,
+                }
+            )
+        )
         for i in range(s.chunks):
-            events.append(ev({**base, "choices": [{"index": 0, "delta": {"content": token(i)}, "logprobs": None,
-                                                   "finish_reason": None}], "_n": i + 1}))
-        events.append(ev({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                               "finish_reason": "stop"}], "_n": s.chunks}))
+            events.append(
+                ev(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": {"content": token(i)}, "logprobs": None, "finish_reason": None}
+                        ],
+                        "_n": i + 1,
+                    }
+                )
+            )
+        events.append(
+            ev(
+                {
+                    **base,
+                    "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+                    "_n": s.chunks,
+                }
+            )
+        )
         if with_usage:
             events.append(ev({**base, "choices": [], "usage": usage_of(s.chunks)}))
         if not s.no_done:
@@ -189,27 +247,52 @@ class FakeUpstream:
         doc = rec.json
         if doc.get("stream"):
             return await self._stream(request, doc, s)
-        return web.json_response({
-            "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": doc.get("model"),
-            "choices": [{"index": 0, "text": "".join(token(i) for i in range(s.chunks)), "logprobs": None,
-                         "finish_reason": "length"}],
-            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.chunks,
-                      "total_tokens": s.prompt_tokens + s.chunks},
-        })
+        return web.json_response(
+            {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": 1700000000,
+                "model": doc.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": "".join(token(i) for i in range(s.chunks)),
+                        "logprobs": None,
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": s.prompt_tokens,
+                    "completion_tokens": s.chunks,
+                    "total_tokens": s.prompt_tokens + s.chunks,
+                },
+            }
+        )
 
     async def embeddings(self, request: web.Request) -> web.Response:
         rec, _ = await self._begin(request)
         doc = rec.json
         inputs = doc["input"] if isinstance(doc["input"], list) else [doc["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [0.25 * (i + 1), -0.5, 0.125]}
-                for i in range(len(inputs))]
-        return web.json_response({"object": "list", "data": data, "model": doc.get("model"),
-                                  "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}})
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.25 * (i + 1), -0.5, 0.125]} for i in range(len(inputs))
+        ]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": doc.get("model"),
+                "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)},
+            }
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         await self._begin(request)
-        return web.json_response({"object": "list", "data": [
-            {"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fake"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fake"}],
+            }
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=self.script.status if self.script.status >= 500 else 200)

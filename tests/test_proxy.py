@@ -45,7 +45,7 @@ async def test_stream_with_client_usage_is_byte_identical(fake, sidecar):
 
 async def test_stream_without_client_usage_hides_only_the_usage_chunk(fake, sidecar):
     body = {**CHAT, "stream": True}
-    status, headers, data = await post(sidecar.url + "/v1/chat/completions", body)
+    _status, headers, data = await post(sidecar.url + "/v1/chat/completions", body)
     sent = fake.sent[headers["x-request-id"]]
     events = sent.split(b"\n\n")
     usage_events = [e for e in events if b'"choices":[]' in e]
@@ -75,9 +75,17 @@ async def test_stream_from_upstream_without_usage_is_counted(fake, sidecar):
 async def test_hop_by_hop_and_credentials_never_reach_the_upstream(fake, sidecar_factory, tmp_path):
     running = await sidecar_factory(fake.url, upstream__api_key="upstream-secret-1")
     headers = {
-        "Authorization": "Bearer sk-client-canary", "x-api-key": "sk-client-canary2", "Cookie": "a=b",
-        "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "1", "Keep-Alive": "timeout=5", "TE": "trailers",
-        "Proxy-Authorization": "Basic abc", "Upgrade": "h2c", "X-Keep-Me": "yes", "x-request-id": "client-id-7",
+        "Authorization": "Bearer sk-client-canary",
+        "x-api-key": "sk-client-canary2",
+        "Cookie": "a=b",
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic abc",
+        "Upgrade": "h2c",
+        "X-Keep-Me": "yes",
+        "x-request-id": "client-id-7",
     }
     status, resp_headers, _ = await post(running.url + "/v1/chat/completions", CHAT, headers)
     assert status == 200
@@ -93,9 +101,17 @@ async def test_hop_by_hop_and_credentials_never_reach_the_upstream(fake, sidecar
 
 async def test_response_hop_by_hop_headers_are_stripped(sidecar_factory):
     async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=b'{"ok":true}', headers={
-            "content-type": "application/json", "Connection": "X-Secret-Hop", "X-Secret-Hop": "1",
-            "Keep-Alive": "timeout=1", "X-Visible": "v", "Set-Cookie": "s=1"})
+        return web.Response(
+            body=b'{"ok":true}',
+            headers={
+                "content-type": "application/json",
+                "Connection": "X-Secret-Hop",
+                "X-Secret-Hop": "1",
+                "Keep-Alive": "timeout=1",
+                "X-Visible": "v",
+                "Set-Cookie": "s=1",
+            },
+        )
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
@@ -114,7 +130,7 @@ async def test_response_hop_by_hop_headers_are_stripped(sidecar_factory):
 
 async def test_upstream_down_is_a_fast_502(sidecar_factory):
     running = await sidecar_factory(f"http://127.0.0.1:{free_port()}/v1")
-    status, headers, body = await post(running.url + "/v1/chat/completions", CHAT)
+    status, _headers, body = await post(running.url + "/v1/chat/completions", CHAT)
     assert status == 502
     err = orjson.loads(body)["error"]
     assert err["code"] == "upstream_unreachable" and err["type"] == "upstream_error"
@@ -134,7 +150,7 @@ async def test_no_headers_in_time_is_a_504(fake, sidecar_factory):
 async def test_headers_but_no_first_event_in_time_is_a_504(fake, sidecar_factory):
     running = await sidecar_factory(fake.url, upstream__first_byte_timeout=0.3)
     fake.script.delay_first = 5
-    status, _, body = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
+    status, _, _body = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
     assert status == 504
 
 
@@ -157,7 +173,7 @@ async def test_idle_stream_ends_with_an_error_event_and_no_done(fake, sidecar_fa
 async def test_slow_but_steady_stream_is_not_idle(fake, sidecar_factory):
     running = await sidecar_factory(fake.url, upstream__stream_idle_timeout=0.25)
     fake.script.chunks, fake.script.delay_chunks = 8, 0.1  # 0.8 s in all, never 0.25 s quiet
-    _, headers, data = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
+    _, _headers, data = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
     assert data.endswith(b"data: [DONE]\n\n")
     assert running.rows[-1]["outcome"] == "completed"
 
@@ -181,8 +197,14 @@ async def test_mid_stream_drop_gives_an_error_event_not_done(fake, sidecar):
 
 async def test_unknown_and_tricky_paths_are_404_and_never_forwarded(fake, sidecar):
     async with aiohttp.ClientSession() as s:
-        for path in ("/v1/unknown", "/v1/chat/completions/", "/V1/chat/completions", "/v1//chat/completions",
-                     "/v1/chat%2Fcompletions", "/foo"):
+        for path in (
+            "/v1/unknown",
+            "/v1/chat/completions/",
+            "/V1/chat/completions",
+            "/v1//chat/completions",
+            "/v1/chat%2Fcompletions",
+            "/foo",
+        ):
             async with s.post(sidecar.url + path, json=CHAT) as r:
                 assert r.status == 404, path
                 assert (await r.json())["error"]["code"] == "unknown_url"
@@ -214,8 +236,9 @@ async def test_body_over_limit_is_413_and_not_forwarded(fake, sidecar_factory):
 async def test_invalid_json_is_400_and_not_forwarded(fake, sidecar):
     async with aiohttp.ClientSession() as s:
         for raw in (b"{not json", b"[1,2]", b"", b'{"model": 5}', b'{"stream": "yes"}', b"[" * 100 + b"]" * 100):
-            async with s.post(sidecar.url + "/v1/chat/completions", data=raw,
-                              headers={"content-type": "application/json"}) as r:
+            async with s.post(
+                sidecar.url + "/v1/chat/completions", data=raw, headers={"content-type": "application/json"}
+            ) as r:
                 assert r.status == 400, raw
                 assert (await r.json())["error"]["type"] == "invalid_request_error"
     assert fake.received == []
@@ -223,18 +246,21 @@ async def test_invalid_json_is_400_and_not_forwarded(fake, sidecar):
 
 
 async def test_compressed_request_body_is_refused(fake, sidecar):
-    async with aiohttp.ClientSession() as s, s.post(
-            sidecar.url + "/v1/chat/completions", data=b"\x1f\x8b...", headers={"content-encoding": "gzip"}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(sidecar.url + "/v1/chat/completions", data=b"\x1f\x8b...", headers={"content-encoding": "gzip"}) as r,
+    ):
         assert r.status == 415
     assert fake.received == []
 
 
 async def test_concurrent_streams_share_one_pool(fake, sidecar):
     fake.script.chunks, fake.script.delay_chunks = 5, 0.01
-    results = await asyncio.gather(*(post(sidecar.url + "/v1/chat/completions", {**CHAT, "stream": True})
-                                     for _ in range(20)))
+    results = await asyncio.gather(
+        *(post(sidecar.url + "/v1/chat/completions", {**CHAT, "stream": True}) for _ in range(20))
+    )
     for status, headers, data in results:
         assert status == 200 and data == fake.sent[headers["x-request-id"]].replace(
-            [e for e in fake.sent[headers["x-request-id"]].split(b"\n\n") if b'"choices":[]' in e][0] + b"\n\n",
-            b"")
+            next(e for e in fake.sent[headers["x-request-id"]].split(b"\n\n") if b'"choices":[]' in e) + b"\n\n", b""
+        )
     assert len(sidecar.rows) == 20

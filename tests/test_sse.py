@@ -1,0 +1,122 @@
+"""The pure SSE scanner: any split of a stream gives the same events, usage and output bytes."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.sse import StreamScanner, count_output, usage_from
+
+
+def stream(n: int, usage: bool = True, sep: bytes = b"\n\n") -> tuple[bytes, bytes]:
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    events = [orjson.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
+    events += [orjson.dumps({**base, "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}) for i in range(n)]
+    events.append(orjson.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    usage_event = b""
+    if usage:
+        usage_event = (
+            b"data: "
+            + orjson.dumps(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 3,
+                        "completion_tokens": n,
+                        "total_tokens": 3 + n,
+                        "prompt_tokens_details": {"cached_tokens": 2},
+                    },
+                }
+            )
+            + sep
+        )
+    body = b"".join(b"data: " + e + sep for e in events) + usage_event + b"data: [DONE]" + sep
+    return body, usage_event
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in [*points, len(data)]:
+        out.append(data[prev:p])
+        prev = p
+    return [c for c in out if c]
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 30), cuts=st.lists(st.integers(0, 10_000), max_size=40), crlf=st.booleans())
+def test_any_split_passes_bytes_through_and_finds_usage(n, cuts, crlf):
+    body, _ = stream(n, sep=b"\r\n\r\n" if crlf else b"\n\n")
+    scanner = StreamScanner()
+    out = b"".join(scanner.feed(c) for c in split(body, cuts)) + scanner.flush()
+    assert out == body
+    assert scanner.usage is not None and scanner.usage.completion_tokens == n and scanner.usage.cached_tokens == 2
+    assert scanner.deltas == n and scanner.done and scanner.events == n + 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 30), cuts=st.lists(st.integers(0, 10_000), max_size=40))
+def test_any_split_strips_exactly_the_usage_event(n, cuts):
+    body, usage_event = stream(n)
+    scanner = StreamScanner(strip_usage=True)
+    out = b"".join(scanner.feed(c) for c in split(body, cuts)) + scanner.flush()
+    assert out == body.replace(usage_event, b"")
+    assert scanner.usage is not None and scanner.usage.prompt_tokens == 3
+
+
+def test_unterminated_tail_is_flushed():
+    scanner = StreamScanner(strip_usage=True)
+    assert (
+        scanner.feed(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choi')
+        == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    )
+    assert scanner.flush() == b'data: {"choi'
+
+
+def test_usage_on_content_chunks_is_not_hidden():
+    chunk = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    scanner = StreamScanner(strip_usage=True)
+    assert scanner.feed(chunk) == chunk
+    assert scanner.usage is not None
+
+
+def test_responses_api_events():
+    scanner = StreamScanner()
+    scanner.feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n')
+    scanner.feed(
+        b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+        b'{"input_tokens":4,"output_tokens":1,"input_tokens_details":{"cached_tokens":0}}}}\n\n'
+    )
+    assert scanner.deltas == 1 and scanner.usage == usage_from(
+        {"input_tokens": 4, "output_tokens": 1, "input_tokens_details": {"cached_tokens": 0}}
+    )
+
+
+def test_garbage_events_do_not_break_the_scanner():
+    scanner = StreamScanner()
+    for chunk in (
+        b"data: {not json\n\n",
+        b": comment\n\n",
+        b"data: [1,2]\n\n",
+        b"data: \xff\xfe\n\n",
+        b'data: {"usage": "x"}\n\n',
+        b'data: {"choices": "x"}\n\n',
+    ):
+        assert scanner.feed(chunk) == chunk
+    assert scanner.usage is None and scanner.deltas == 0
+
+
+def test_count_output_kinds():
+    assert count_output({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}, {"delta": {"content": "x"}}]}) == 2
+    assert count_output({"choices": [{"text": "abc"}]}) == 1
+    assert count_output({"choices": [{"delta": {"reasoning_content": "r"}}]}) == 1
+    assert count_output({"choices": [{"delta": {"content": ""}}]}) == 0
+
+
+def test_usage_from_variants():
+    assert usage_from({"prompt_tokens": 3, "total_tokens": 3}).completion_tokens == 0  # embeddings
+    assert usage_from({"prompt_tokens": -1}) is None
+    assert usage_from({"prompt_tokens": True, "completion_tokens": 2}).prompt_tokens is None
+    assert usage_from(None) is None
