@@ -6,17 +6,16 @@ Resources live in `cleanup_ctx` generators (created before `yield`, closed after
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from sidecar.config import Settings, read_secret
 from sidecar.health import Health, RunState
-from sidecar.logs import REQUEST_LOGGER
+from sidecar.logs import RequestLog
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
-from sidecar.records import RequestRecord, new_request_id
+from sidecar.records import RequestRecord
 from sidecar.upstream import Upstream
 
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -25,15 +24,16 @@ STATE = web.AppKey("state", RunState)
 PROXY = web.AppKey("proxy", Proxy)
 
 
-def record_finisher(metrics: Metrics, log_requests: bool) -> Callable[[RequestRecord], None]:
+def record_finisher(metrics: Metrics, request_log: RequestLog | None) -> Callable[[RequestRecord], None]:
     """The terminal hook every record goes through once: metrics, then the request log line."""
-    logger = logging.getLogger(REQUEST_LOGGER)
 
     def finish(rec: RequestRecord) -> None:
         metrics.observe(metrics.route(rec.path), rec.status, rec.outcome, rec.latency_ms / 1000.0, rec.ttft_ms)
         metrics.count_tokens(rec.prompt_tokens, rec.completion_tokens)
-        if log_requests:
-            logger.info("request", extra={"fields": rec.as_row()})
+        if request_log is not None:
+            row = rec.as_row()
+            row["msg"] = "request"
+            request_log.write(row)
 
     return finish
 
@@ -55,7 +55,8 @@ def create_app(settings: Settings) -> web.Application:
     upstream = Upstream(s.upstream, s.upstream.url, api_key)
     metrics = Metrics(upstream.paths)
     state = RunState()
-    proxy = Proxy(upstream, s.server, metrics, record_finisher(metrics, s.server.access_log))
+    request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
+    proxy = Proxy(upstream, s.server, metrics, record_finisher(metrics, request_log))
     health = Health(upstream, state)
 
     app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
@@ -69,17 +70,16 @@ def create_app(settings: Settings) -> web.Application:
         yield
         await upstream.close()
 
+    async def request_log_ctx(_: web.Application) -> AsyncIterator[None]:
+        yield
+        if request_log is not None:
+            request_log.close()
+
+    app.cleanup_ctx.append(request_log_ctx)
     app.cleanup_ctx.append(upstream_ctx)
-    app.on_response_prepare.append(_ensure_request_id)
     router = app.router
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)
     router.add_get("/metrics", metrics.handle)
     router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
-
-
-async def _ensure_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    # The proxy sets its own id; probes and metrics get one too, so every response carries it.
-    if "x-request-id" not in response.headers:
-        response.headers["x-request-id"] = new_request_id()

@@ -32,6 +32,8 @@ class ServerCfg:
     data_dir: str = "./data"
     log_level: str = "info"
     access_log: bool = True
+    request_log: str = "stderr"
+    log_flush_ms: int = 100
     max_body_bytes: int = 16 * 1024 * 1024
     max_json_depth: int = 64
     keepalive_timeout: float = 75.0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
 from aiohttp import web
 
+from sidecar.records import new_request_id
 from sidecar.upstream import Upstream
 
 
@@ -24,12 +26,20 @@ class Health:
     async def healthz(self, request: web.Request) -> web.Response:
         # Answering at all proves the event loop is turning; the upstream is deliberately not asked, so a slow
         # model load never makes the kubelet restart the sidecar.
-        return web.json_response({"status": "ok"})
+        return _json({"status": "ok"}, 200)
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self.state.draining:
-            return web.json_response({"status": "draining"}, status=503)
+            return _json({"status": "draining"}, 503)
         ok, reason = await self.upstream.healthy()
         if not ok:
-            return web.json_response({"status": "not_ready", "reason": reason}, status=503)
-        return web.json_response({"status": "ready"})
+            return _json({"status": "not_ready", "reason": reason}, 503)
+        return _json({"status": "ready"}, 200)
+
+
+def _json(doc: dict[str, str], status: int) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(doc),
+        status=status,
+        headers={"content-type": "application/json", "x-request-id": new_request_id()},
+    )

@@ -6,7 +6,9 @@ about secrets: callers only ever log key ids and masked settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -45,3 +47,53 @@ def setup(level: str) -> None:
 
 def event(logger: logging.Logger, msg: str, **fields: Any) -> None:
     logger.info(msg, extra={"fields": fields})
+
+
+class RequestLog:
+    """The per-request JSON line, written without the `logging` machinery.
+
+    `logging` costs ~10 µs per record, more than the proxy's own work on a small request. Lines gather in a
+    buffer and are written when it reaches 64 KiB or `flush_ms` after the first line, and at close. A
+    `flush_ms` of 0 writes every line at once.
+    """
+
+    def __init__(self, path: str = "", flush_ms: int = 100) -> None:
+        self._fd = 2
+        self._own = False
+        if path and path != "stderr":
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._own = True
+        self._delay = flush_ms / 1000.0
+        self._buf = bytearray()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._buf += orjson.dumps(row)
+        self._buf += b"\n"
+        if not self._delay or len(self._buf) >= 65536:
+            self.flush()
+        elif self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self._delay, self.flush)
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        view = memoryview(self._buf)
+        try:
+            while view:
+                try:
+                    view = view[os.write(self._fd, view) :]
+                except BlockingIOError:  # a non-blocking stderr pipe that is full: keep the rest for later
+                    break
+        except OSError:
+            view = view[len(view) :]  # stderr is gone; the store keeps the records
+        rest = bytes(view)
+        view.release()
+        self._buf = bytearray(rest)
+
+    def close(self) -> None:
+        self.flush()
+        if self._own:
+            os.close(self._fd)
+            self._own = False

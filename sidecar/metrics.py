@@ -2,22 +2,35 @@
 
 Routes are the allowlisted canonical paths or `other`; status codes are the ones the proxy can send or their
 class (`2xx`..); reasons and outcomes are fixed enums. No key material, model names or paths from clients.
+
+The hot path only bumps plain Python numbers (no locks, no label lookups: prometheus_client's own metric
+objects cost several microseconds per update); `collect()` turns them into metric families at scrape time.
+Components other than the proxy register their own small collectors through `add_collector`.
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from sidecar import __version__
-from sidecar.records import Outcome
+from sidecar.records import Outcome, new_request_id
 
-_KNOWN_CODES = frozenset({200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 422, 429, 431, 499, 500, 502, 503, 504})
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_KNOWN_CODES = frozenset(
+    {200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 499, 500, 502, 503, 504}
+)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 UPSTREAM_ERROR_REASONS = ("connect", "timeout_first_byte", "timeout_idle", "status_5xx", "dropped", "protocol")
 
 
@@ -25,71 +38,131 @@ def code_label(status: int) -> str:
     return str(status) if status in _KNOWN_CODES else f"{status // 100}xx"
 
 
+class Hist:
+    """A histogram as plain numbers: one count per bucket (the last is +Inf), a sum and a count."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out
+
+
 class Metrics:
-    """All the proxy's series; the handlers call the small methods below, never prometheus_client directly."""
+    """The proxy's series; handlers call the small methods below."""
 
     def __init__(self, routes: Iterable[str]) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call] # process-wide switch of prometheus_client: `_created` series are noise
-        self.registry = CollectorRegistry(auto_describe=True)
         self.routes = frozenset(routes)
-        r = self.registry
-        self.requests = Counter(
-            "sidecar_requests", "Requests answered by the proxy.", ("route", "code", "outcome"), registry=r
-        )
-        self.duration = Histogram(
-            "sidecar_request_duration_seconds",
-            "Time from request to last byte sent.",
-            ("route",),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "sidecar_time_to_first_token_seconds",
-            "Time from request to first output event.",
-            ("route",),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge("sidecar_in_flight_requests", "Proxied requests in progress.", registry=r)
-        self.upstream_errors = Counter(
-            "sidecar_upstream_errors", "Upstream failures by reason.", ("reason",), registry=r
-        )
-        self.disconnects = Counter(
-            "sidecar_client_disconnects", "Clients that went away before the end.", ("route",), registry=r
-        )
-        self.tokens = Counter("sidecar_tokens", "Tokens recorded, by kind.", ("kind",), registry=r)
-        info = Gauge("sidecar_build_info", "Build information.", ("version", "python"), registry=r)
-        info.labels(__version__, platform.python_version()).set(1)
-        for reason in UPSTREAM_ERROR_REASONS:
-            self.upstream_errors.labels(reason)
-        for kind in ("prompt", "completion"):
-            self.tokens.labels(kind)
-        self._children: dict[tuple[str, int, str], Counter] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.in_flight = 0
+        self._requests: dict[tuple[str, int, str], int] = {}
+        self._duration: dict[str, Hist] = {}
+        self._ttft: dict[str, Hist] = {}
+        self._upstream_errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
+        self._disconnects: dict[str, int] = {}
+        self._tokens = {"prompt": 0, "completion": 0}
+        self.registry.register(self)
+        self._extra: list[Callable[[], Iterable[Metric]]] = []
+
+    def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._extra.append(collect)
 
     def route(self, path: str) -> str:
         return path if path in self.routes else "other"
 
     def observe(self, route: str, status: int, outcome: str, seconds: float, ttft_ms: float | None) -> None:
         key = (route, status, outcome)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(route, code_label(status), outcome)
-        child.inc()
-        self.duration.labels(route).observe(seconds)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        hist = self._duration.get(route)
+        if hist is None:
+            hist = self._duration[route] = Hist(LATENCY_BUCKETS)
+        hist.observe(seconds)
         if ttft_ms is not None:
-            self.ttft.labels(route).observe(ttft_ms / 1000.0)
+            hist = self._ttft.get(route)
+            if hist is None:
+                hist = self._ttft[route] = Hist(LATENCY_BUCKETS)
+            hist.observe(ttft_ms / 1000.0)
         if outcome == Outcome.CLIENT_DISCONNECTED:
-            self.disconnects.labels(route).inc()
+            self._disconnects[route] = self._disconnects.get(route, 0) + 1
 
     def upstream_error(self, reason: str) -> None:
-        self.upstream_errors.labels(reason).inc()
+        self._upstream_errors[reason] += 1
 
     def count_tokens(self, prompt: int | None, completion: int | None) -> None:
         if prompt:
-            self.tokens.labels("prompt").inc(prompt)
+            self._tokens["prompt"] += prompt
         if completion:
-            self.tokens.labels("completion").inc(completion)
+            self._tokens["completion"] += completion
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "sidecar_requests", "Requests answered by the proxy.", labels=("route", "code", "outcome")
+        )
+        merged: dict[tuple[str, str, str], int] = {}
+        for (route, status, outcome), n in self._requests.items():
+            key = (route, code_label(status), outcome)
+            merged[key] = merged.get(key, 0) + n
+        for key, n in merged.items():
+            requests.add_metric(key, n)
+        yield requests
+        yield self._hist_family(
+            "sidecar_request_duration_seconds", "Time from request to last byte sent.", self._duration
+        )
+        yield self._hist_family(
+            "sidecar_time_to_first_token_seconds",
+            "Time from request to the first output (whole body for non-streaming).",
+            self._ttft,
+        )
+        yield GaugeMetricFamily("sidecar_in_flight_requests", "Proxied requests in progress.", value=self.in_flight)
+        yield _counter("sidecar_upstream_errors", "Upstream failures by reason.", "reason", self._upstream_errors)
+        yield _counter(
+            "sidecar_client_disconnects", "Clients that went away before the end.", "route", self._disconnects
+        )
+        yield _counter("sidecar_tokens", "Tokens recorded, by kind.", "kind", self._tokens)
+        info = GaugeMetricFamily("sidecar_build_info", "Build information.", labels=("version", "python"))
+        info.add_metric((__version__, platform.python_version()), 1)
+        yield info
+        for extra in self._extra:
+            yield from extra()
+
+    @staticmethod
+    def _hist_family(name: str, doc: str, hists: dict[str, Hist]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=("route",))
+        for route, hist in hists.items():
+            family.add_metric((route,), hist.buckets(), hist.total)
+        return family
 
     async def handle(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST, "x-request-id": new_request_id()})
+
+
+def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=(label,))
+    for value, n in values.items():
+        family.add_metric((value,), n)
+    return family
+
+
+def counter(name: str, doc: str, labels: tuple[str, ...], values: dict[tuple[str, ...], float]) -> Metric:
+    """A counter family from plain numbers, for components' own collectors."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in values.items():
+        family.add_metric(key, n)
+    return family
+
+
+def gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, doc, value=value)

@@ -38,7 +38,6 @@ from sidecar.upstream import Upstream, allowed_methods
 log = logging.getLogger("sidecar.proxy")
 
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
-_BIG_JSON = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -115,7 +114,7 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             self._check_route(request.method, path)
             call = await self._read_call(request, path, rec)
@@ -130,7 +129,7 @@ class Proxy:
             self._mark_gone(request, rec)
             raise
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
             self.active.discard(task)
             if self._idle is not None and not self.active:
                 self._idle.set()
@@ -229,7 +228,7 @@ class Proxy:
             raise UpstreamError(f"The upstream request failed: {type(exc).__name__}.") from None
 
     async def _whole(self, ex: Exchange, up: aiohttp.ClientResponse, deadline: Deadline) -> web.Response:
-        deadline.first_byte()
+        # The body follows its headers at once (generation happened before them): the first-byte limit stays.
         declared = up.content_length
         if declared is not None and declared > self.cfg.max_response_bytes:
             raise UpstreamError(f"The upstream response is {declared} bytes, over the configured limit.")
@@ -328,35 +327,42 @@ class Proxy:
 
     @staticmethod
     def _usage_from_body(rec: RequestRecord, body: bytes) -> None:
-        # Large bodies (embeddings) put `usage` last: parse only that object, not megabytes of floats.
-        doc: Any = None
-        try:
-            if len(body) <= _BIG_JSON:
-                doc = orjson.loads(body)
-                raw = doc.get("usage") if isinstance(doc, dict) else None
-            else:
-                raw = _tail_object(body, b'"usage"')
-        except orjson.JSONDecodeError:
-            return
-        usage = usage_from(raw)
+        usage = usage_from(usage_object(body))
         if usage is not None:
             rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
 
 
-def _tail_object(body: bytes, key: bytes) -> Any:
-    at = body.rfind(key)
-    if at < 0:
-        return None
-    start = body.find(b"{", at)
-    if start < 0:
-        return None
-    depth = 0
-    for i in range(start, min(len(body), start + 4096)):
-        ch = body[i]
-        if ch == 0x7B:
-            depth += 1
-        elif ch == 0x7D:
-            depth -= 1
-            if depth == 0:
-                return orjson.loads(body[start : i + 1])
+def usage_object(body: bytes) -> Any:
+    """The top-level `usage` object of a JSON response, found from the end without parsing the whole body.
+
+    Embeddings answers are megabytes of floats with `usage` near the end. A key `"usage"` followed by `:` and
+    `{` cannot come from inside a JSON string (quotes there are escaped), so the last such match is the key.
+    """
+    at = len(body)
+    while True:
+        at = body.rfind(b'"usage"', 0, at)
+        if at < 0:
+            return None
+        i = at + 7
+        while i < len(body) and body[i] in b" \t\r\n":
+            i += 1
+        if i < len(body) and body[i] == 0x3A:  # ':'
+            i += 1
+            while i < len(body) and body[i] in b" \t\r\n":
+                i += 1
+            if i < len(body) and body[i] == 0x7B:  # '{'
+                return _object_at(body, i)
+
+
+def _object_at(body: bytes, start: int) -> Any:
+    # A usage object is small and nests at most one level (`prompt_tokens_details`): try each closing brace.
+    end = start
+    for _ in range(8):
+        end = body.find(b"}", end + 1)
+        if end < 0:
+            return None
+        try:
+            return orjson.loads(body[start : end + 1])
+        except orjson.JSONDecodeError:
+            continue
     return None

@@ -55,34 +55,39 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
 
 
-def count_output(obj: dict[str, Any]) -> int:
-    """How many output deltas (≈ tokens) one parsed stream event carries, over all choices."""
-    kind = obj.get("type")
-    if isinstance(kind, str):  # Responses API: one delta event per token of text, reasoning or arguments
-        return 1 if kind.endswith(".delta") else 0
-    choices = obj.get("choices")
-    if not isinstance(choices, list):
-        return 0
-    n = 0
-    for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            if (
-                delta.get("content")
-                or delta.get("reasoning_content")
-                or delta.get("reasoning")
-                or delta.get("tool_calls")
-            ):
-                n += 1
-        elif choice.get("text"):
-            n += 1
+_COMPACT_KEYS = (b'"content":"', b'"reasoning_content":"', b'"reasoning":"', b'"text":"', b'"arguments":"')
+_SPACED_KEYS = tuple(k.replace(b'":"', b'": "') for k in _COMPACT_KEYS)
+_RESPONSES_DELTA = b'.delta"'  # Responses API: `"type":"response.output_text.delta"`, one per token
+
+
+def count_deltas(region: bytes, spaced: bool = False) -> int:
+    """Output deltas (≈ tokens) in complete events: non-empty content, reasoning, text or tool arguments.
+
+    Byte counting instead of parsing every event: `"content":"` can only occur as a key, because inside a JSON
+    string every quote is escaped. One count per choice per event, as vLLM, llama-server and SGLang stream one
+    token per choice per event.
+    """
+    n = region.count(_RESPONSES_DELTA)
+    for key in _SPACED_KEYS if spaced else _COMPACT_KEYS:
+        hits = region.count(key)
+        if hits:
+            n += hits - region.count(key + b'"')
     return n
 
 
 class StreamScanner:
-    __slots__ = ("strip_usage", "events", "deltas", "usage", "done", "first_output", "_tail", "_sep", "_parsed")
+    __slots__ = (
+        "_parsed",
+        "_sep",
+        "_spaced",
+        "_tail",
+        "deltas",
+        "done",
+        "events",
+        "first_output",
+        "strip_usage",
+        "usage",
+    )
 
     def __init__(self, strip_usage: bool = False, keep_events: bool = False) -> None:
         self.strip_usage = strip_usage
@@ -93,6 +98,7 @@ class StreamScanner:
         self.first_output = False
         self._tail = b""
         self._sep = b""
+        self._spaced = False
         self._parsed: list[dict[str, Any]] | None = [] if keep_events else None
 
     @property
@@ -109,53 +115,64 @@ class StreamScanner:
                 self._tail = buf
                 return b"" if self.strip_usage else chunk
             self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
-        parts = buf.split(self._sep)
-        self._tail = parts.pop()
+            self._spaced = b'": "' in buf
+        cut = buf.rfind(self._sep)
+        if cut < 0:
+            self._tail = buf
+            return b"" if self.strip_usage else chunk
+        end = cut + len(self._sep)
+        self._tail = buf[end:]
+        hidden = self._account(buf[:cut])
         if not self.strip_usage:
-            for part in parts:
-                self._scan(part)
             return chunk
-        out = []
-        for part in parts:
-            if not self._scan(part):
-                out.append(part)
-                out.append(self._sep)
-        return b"".join(out)
+        if hidden is None:
+            return buf[:end]
+        return buf[: hidden[0]] + buf[hidden[1] : end]
 
     def flush(self) -> bytes:
         """At the end of the upstream body: scan and return an unterminated trailing event, if any."""
         tail, self._tail = self._tail, b""
         if not tail:
             return b""
-        hidden = self._scan(tail)
-        return b"" if not self.strip_usage or hidden else tail
+        hidden = self._account(tail)
+        return b"" if self.strip_usage and hidden is not None else (tail if self.strip_usage else b"")
 
-    def _scan(self, event: bytes) -> bool:
-        """Account for one complete event; True when it is the usage-only event to hide."""
-        if self._sep == b"\r\n\r\n":
-            event = event.replace(b"\r\n", b"\n")
-        data = event_data(event)
-        if data is None:
-            return False
-        self.events += 1
-        if data == DONE:
-            self.done = True
-            return False
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return False
-        if not isinstance(obj, dict):
-            return False
-        if self._parsed is not None:
-            self._parsed.append(obj)
-        n = count_output(obj)
+    def _account(self, region: bytes) -> tuple[int, int] | None:
+        """Account for complete events (`region`, without its final separator).
+
+        Returns the (start, stop) slice of the usage-only event to hide, separator included, or None.
+        """
+        sep = self._sep
+        self.events += region.count(sep) + 1
+        n = count_deltas(region, self._spaced)
         if n:
             self.deltas += n
             self.first_output = True
-        return self._take_usage(obj)
+        if region.startswith(b"data: [DONE]") or sep + b"data: [DONE]" in region:
+            self.done = True
+        if self._parsed is not None:
+            self._parse_all(region)
+        at = max(region.rfind(b'"usage":{'), region.rfind(b'"usage": {'))
+        if at < 0:
+            return None
+        start = region.rfind(sep, 0, at)
+        start = 0 if start < 0 else start + len(sep)
+        stop = region.find(sep, at)
+        stop = len(region) if stop < 0 else stop
+        obj = _load_event(region[start:stop])
+        if obj is None or not self._take_usage(obj):
+            return None
+        return start, stop + len(sep)
+
+    def _parse_all(self, region: bytes) -> None:
+        assert self._parsed is not None
+        for event in region.split(self._sep):
+            obj = _load_event(event)
+            if obj is not None:
+                self._parsed.append(obj)
 
     def _take_usage(self, obj: dict[str, Any]) -> bool:
+        """Record the usage an event carries; True when it is the usage-only event to hide."""
         raw = obj.get("usage")
         if raw is None and obj.get("type") == "response.completed":
             response = obj.get("response")
@@ -166,3 +183,14 @@ class StreamScanner:
         self.usage = usage
         # Only the usage-only chunk (no choices) is hidden; continuous usage stats on content chunks stay.
         return self.strip_usage and obj.get("choices") == []
+
+
+def _load_event(event: bytes) -> dict[str, Any] | None:
+    data = event_data(event.replace(b"\r\n", b"\n") if b"\r" in event else event)
+    if data is None or data == DONE:
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -60,6 +62,8 @@ def make_settings(upstream_url: str, tmp_path: Any, **options: Any) -> Settings:
         "server.data_dir": str(tmp_path),
         "store.url": f"sqlite:///{tmp_path}/sidecar.db",
         "server.drain_grace": 0,
+        "server.request_log": str(tmp_path / "requests.jsonl"),
+        "server.log_flush_ms": 0,
     }
     flags.update({k.replace("__", "."): v for k, v in options.items()})
     return load(None, {}, flags)
@@ -75,7 +79,17 @@ class Running:
 
     @property
     def rows(self) -> list[dict[str, Any]]:
-        return self.catcher.rows
+        """The request log lines written so far (the JSON lines the sidecar emits per request)."""
+        path = self.server.settings.server.request_log
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            return [orjson.loads(line) for line in f if line.strip()]
+
+    def log_text(self) -> str:
+        """Everything the sidecar logged: request lines and other log records."""
+        with open(self.server.settings.server.request_log) as f:
+            return f.read() + "\n".join(self.catcher.lines)
 
 
 @pytest.fixture

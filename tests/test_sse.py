@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.sse import StreamScanner, count_output, usage_from
+from sidecar.sse import StreamScanner, count_deltas, usage_from
 
 
 def stream(n: int, usage: bool = True, sep: bytes = b"\n\n") -> tuple[bytes, bytes]:
@@ -108,11 +108,38 @@ def test_garbage_events_do_not_break_the_scanner():
     assert scanner.usage is None and scanner.deltas == 0
 
 
-def test_count_output_kinds():
-    assert count_output({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}, {"delta": {"content": "x"}}]}) == 2
-    assert count_output({"choices": [{"text": "abc"}]}) == 1
-    assert count_output({"choices": [{"delta": {"reasoning_content": "r"}}]}) == 1
-    assert count_output({"choices": [{"delta": {"content": ""}}]}) == 0
+def test_count_deltas_kinds():
+    def dump(obj: object) -> bytes:
+        return b"data: " + orjson.dumps(obj)
+
+    assert (
+        count_deltas(
+            dump(
+                {
+                    "choices": [
+                        {"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}},
+                        {"delta": {"content": "x"}},
+                    ]
+                }
+            )
+        )
+        == 2
+    )
+    assert count_deltas(dump({"choices": [{"text": "abc"}]})) == 1
+    assert count_deltas(dump({"choices": [{"delta": {"reasoning_content": "r"}}]})) == 1
+    assert count_deltas(dump({"choices": [{"delta": {"content": ""}}]})) == 0
+    assert count_deltas(dump({"choices": [{"delta": {"content": '"content":"x'}}]})) == 1  # escaped: one key
+    assert count_deltas(b'data: {"choices": [{"delta": {"content": "x"}}]}', spaced=True) == 1
+    assert count_deltas(b'data: {"type":"response.output_text.delta","delta":"x"}') == 1
+
+
+def test_spaced_json_stream():
+    scanner = StreamScanner()
+    scanner.feed(
+        b'data: {"choices": [{"delta": {"content": "a"}}]}\n\ndata: {"choices": [{"delta": {"content": "b"}}]}\n\n'
+    )
+    scanner.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2}}\n\n')
+    assert scanner.deltas == 2 and scanner.usage is not None and scanner.usage.prompt_tokens == 2
 
 
 def test_usage_from_variants():
