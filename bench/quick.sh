@@ -10,9 +10,9 @@ SHARED=${SHARED:-../shared/bench}
 WORK=$(mktemp -d)
 /tmp/bench-venv/bin/python "$SHARED/mock_upstream.py" --port 18100 >/dev/null 2>&1 & MOCK=$!
 SIDECAR_SERVER_DATA_DIR=$WORK ${SIDECAR_BIN:-.venv/bin/sidecar} serve --host 127.0.0.1 --port 18110 \
-  --upstream http://127.0.0.1:18100/v1 --db "sqlite:///$WORK/s.db" "$@" 2>"$WORK/stderr.log" & SC=$!
+  --upstream http://127.0.0.1:18100/v1 --db "sqlite:///$WORK/s.db" "$@" 2>/tmp/quick-sidecar.log & SC=$!
 UPSTREAM_KEY=x /tmp/bench-venv/bin/python "$SHARED/aiohttp_passthrough.py" --port 18102 --upstream http://127.0.0.1:18100 >/dev/null 2>&1 & AIO=$!
-trap 'kill $MOCK $SC $AIO 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill -9 $MOCK $SC $AIO 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:18110/healthz && curl -s -o /dev/null http://127.0.0.1:18102/ && break; sleep 0.1; done
 printf '{"model":"mock","messages":[{"role":"user","content":"Hello, how are you?"}]%s}' \
   "$([ "$kind" = stream ] && echo ',"stream":true,"max_tokens":64' || true)" > "$WORK/body.json"

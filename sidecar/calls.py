@@ -29,6 +29,7 @@ class Call:
     stream: bool = False
     max_tokens: int | None = None
     client_usage: bool = False
+    tools: bool = False  # the request declared tools, so the stream may carry tool-call argument deltas
 
     @property
     def wants_hidden_usage(self) -> bool:
@@ -89,7 +90,8 @@ def parse(method: str, path: str, body: bytes, max_depth: int = 64) -> Call:
             "`model` must be a non-empty string of at most 256 characters.", param="model", code="invalid_value"
         )
     stream = _flag(doc, "stream")
-    return Call(path, body, doc, model, stream and path in STREAMING_PATHS, _budget(doc), _client_usage(doc))
+    tools = bool(doc.get("tools") or doc.get("functions"))
+    return Call(path, body, doc, model, stream and path in STREAMING_PATHS, _budget(doc), _client_usage(doc), tools)
 
 
 def _flag(doc: dict[str, Any], name: str) -> bool:

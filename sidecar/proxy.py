@@ -256,7 +256,8 @@ class Proxy:
         self, request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, deadline: Deadline
     ) -> web.StreamResponse:
         rec = ex.rec
-        ex.scanner = scanner = StreamScanner(strip_usage=ex.call.wants_hidden_usage)
+        call = ex.call
+        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, path=call.path, tools=call.tools)
         read = up.content.readany
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
@@ -269,6 +270,7 @@ class Proxy:
             raise ClientGone(str(exc)) from None
         ex.resp = resp
         while chunk:
+            rec.chunks += 1
             data = scanner.feed(chunk)
             if rec.ttft_ms is None and scanner.first_output:
                 rec.mark_first_token()
@@ -318,7 +320,6 @@ class Proxy:
         if scanner is None:
             return
         rec = ex.rec
-        rec.chunks = scanner.events
         if scanner.usage is not None:
             u = scanner.usage
             rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")

@@ -55,43 +55,70 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
 
 
-_COMPACT_KEYS = (b'"content":"', b'"reasoning_content":"', b'"reasoning":"', b'"text":"', b'"arguments":"')
-_SPACED_KEYS = tuple(k.replace(b'":"', b'": "') for k in _COMPACT_KEYS)
-_RESPONSES_DELTA = b'.delta"'  # Responses API: `"type":"response.output_text.delta"`, one per token
+# What marks one output delta (≈ one token) in an event, per API, as (key, empty-value) byte patterns.
+# `ntent":"` matches both `"content":"` and `"reasoning_content":"`. A key pattern can only match a real key:
+# inside a JSON string every quote is escaped. Each pattern costs one C-speed pass over the new bytes, so the
+# set is chosen per request (tool arguments only when the request declared tools).
+_CHAT = ((b'ntent":"', b'ntent":""'), (b'"reasoning":"', b""))
+_TOOLS = ((b'"arguments":"', b'"arguments":""'),)
+_COMPLETIONS = ((b'"text":"', b'"text":""'),)
+_RESPONSES = ((b'.delta"', b""),)  # `"type":"response.output_text.delta"` and friends
 
 
-def count_deltas(region: bytes, spaced: bool = False) -> int:
-    """Output deltas (≈ tokens) in complete events: non-empty content, reasoning, text or tool arguments.
+Patterns = tuple[tuple[bytes, bytes], ...]
 
-    Byte counting instead of parsing every event: `"content":"` can only occur as a key, because inside a JSON
-    string every quote is escaped. One count per choice per event, as vLLM, llama-server and SGLang stream one
-    token per choice per event.
-    """
-    n = region.count(_RESPONSES_DELTA)
-    for key in _SPACED_KEYS if spaced else _COMPACT_KEYS:
+
+def delta_patterns(path: str, tools: bool, spaced: bool = False) -> Patterns:
+    patterns: Patterns
+    if path.endswith("/responses"):
+        patterns = _RESPONSES
+    elif path.endswith("/completions") and not path.endswith("/chat/completions"):
+        patterns = _COMPLETIONS
+    else:
+        patterns = _CHAT + _TOOLS if tools else _CHAT
+    if spaced:
+        patterns = tuple((k.replace(b'":"', b'": "'), e.replace(b'":"', b'": "')) for k, e in patterns)
+    return patterns
+
+
+def count_deltas(region: bytes, patterns: Patterns) -> int:
+    """Output deltas in complete events; one per choice per event, as vLLM, llama-server and SGLang stream."""
+    n = 0
+    for key, empty in patterns:
         hits = region.count(key)
-        if hits:
-            n += hits - region.count(key + b'"')
+        if hits and empty:
+            hits -= region.count(empty)
+        n += hits
     return n
 
 
 class StreamScanner:
     __slots__ = (
         "_parsed",
+        "_path",
+        "_patterns",
+        "_tools",
         "_sep",
         "_spaced",
         "_tail",
         "deltas",
         "done",
-        "events",
         "first_output",
         "strip_usage",
         "usage",
     )
 
-    def __init__(self, strip_usage: bool = False, keep_events: bool = False) -> None:
+    def __init__(
+        self,
+        strip_usage: bool = False,
+        keep_events: bool = False,
+        path: str = "/v1/chat/completions",
+        tools: bool = True,
+    ) -> None:
         self.strip_usage = strip_usage
-        self.events = 0
+        self._path = path
+        self._tools = tools
+        self._patterns = delta_patterns(path, tools)
         self.deltas = 0
         self.usage: Usage | None = None
         self.done = False
@@ -115,7 +142,9 @@ class StreamScanner:
                 self._tail = buf
                 return b"" if self.strip_usage else chunk
             self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
-            self._spaced = b'": "' in buf
+            if b'": "' in buf:
+                self._patterns = delta_patterns(self._path, self._tools, spaced=True)
+                self._spaced = True
         cut = buf.rfind(self._sep)
         if cut < 0:
             self._tail = buf
@@ -143,16 +172,15 @@ class StreamScanner:
         Returns the (start, stop) slice of the usage-only event to hide, separator included, or None.
         """
         sep = self._sep
-        self.events += region.count(sep) + 1
-        n = count_deltas(region, self._spaced)
+        n = count_deltas(region, self._patterns)
         if n:
             self.deltas += n
             self.first_output = True
-        if region.startswith(b"data: [DONE]") or sep + b"data: [DONE]" in region:
+        if region.endswith(b"data: [DONE]"):  # nothing follows [DONE]: it ends the region it is in
             self.done = True
         if self._parsed is not None:
             self._parse_all(region)
-        at = max(region.rfind(b'"usage":{'), region.rfind(b'"usage": {'))
+        at = region.rfind(b'"usage": {' if self._spaced else b'"usage":{')
         if at < 0:
             return None
         start = region.rfind(sep, 0, at)

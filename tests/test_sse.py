@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.sse import StreamScanner, count_deltas, usage_from
+from sidecar.sse import StreamScanner, count_deltas, delta_patterns, usage_from
 
 
 def stream(n: int, usage: bool = True, sep: bytes = b"\n\n") -> tuple[bytes, bytes]:
@@ -53,7 +53,7 @@ def test_any_split_passes_bytes_through_and_finds_usage(n, cuts, crlf):
     out = b"".join(scanner.feed(c) for c in split(body, cuts)) + scanner.flush()
     assert out == body
     assert scanner.usage is not None and scanner.usage.completion_tokens == n and scanner.usage.cached_tokens == 2
-    assert scanner.deltas == n and scanner.done and scanner.events == n + 4
+    assert scanner.deltas == n and scanner.done
 
 
 @settings(max_examples=300, deadline=None)
@@ -83,7 +83,7 @@ def test_usage_on_content_chunks_is_not_hidden():
 
 
 def test_responses_api_events():
-    scanner = StreamScanner()
+    scanner = StreamScanner(path="/v1/responses")
     scanner.feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n')
     scanner.feed(
         b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
@@ -112,25 +112,25 @@ def test_count_deltas_kinds():
     def dump(obj: object) -> bytes:
         return b"data: " + orjson.dumps(obj)
 
-    assert (
-        count_deltas(
-            dump(
-                {
-                    "choices": [
-                        {"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}},
-                        {"delta": {"content": "x"}},
-                    ]
-                }
-            )
-        )
-        == 2
+    chat, tools = delta_patterns("/v1/chat/completions", False), delta_patterns("/v1/chat/completions", True)
+    tool_event = dump(
+        {
+            "choices": [
+                {"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}},
+                {"delta": {"content": "x"}},
+            ]
+        }
     )
-    assert count_deltas(dump({"choices": [{"text": "abc"}]})) == 1
-    assert count_deltas(dump({"choices": [{"delta": {"reasoning_content": "r"}}]})) == 1
-    assert count_deltas(dump({"choices": [{"delta": {"content": ""}}]})) == 0
-    assert count_deltas(dump({"choices": [{"delta": {"content": '"content":"x'}}]})) == 1  # escaped: one key
-    assert count_deltas(b'data: {"choices": [{"delta": {"content": "x"}}]}', spaced=True) == 1
-    assert count_deltas(b'data: {"type":"response.output_text.delta","delta":"x"}') == 1
+    assert count_deltas(tool_event, tools) == 2 and count_deltas(tool_event, chat) == 1
+    assert count_deltas(dump({"choices": [{"text": "abc"}]}), delta_patterns("/v1/completions", False)) == 1
+    assert count_deltas(dump({"choices": [{"delta": {"reasoning_content": "r"}}]}), chat) == 1
+    assert count_deltas(dump({"choices": [{"delta": {"reasoning": "r"}}]}), chat) == 1
+    assert count_deltas(dump({"choices": [{"delta": {"content": ""}}]}), chat) == 0
+    assert count_deltas(dump({"choices": [{"delta": {"content": '"content":"x'}}]}), chat) == 1  # escaped: one key
+    spaced = delta_patterns("/v1/chat/completions", False, spaced=True)
+    assert count_deltas(b'data: {"choices": [{"delta": {"content": "x"}}]}', spaced) == 1
+    responses = delta_patterns("/v1/responses", False)
+    assert count_deltas(b'data: {"type":"response.output_text.delta","delta":"x"}', responses) == 1
 
 
 def test_spaced_json_stream():
