@@ -18,6 +18,7 @@ printf '{"model":"mock","messages":[{"role":"user","content":"Hello, how are you
   "$([ "$kind" = stream ] && echo ',"stream":true,"max_tokens":64' || true)" > "$WORK/body.json"
 gcc -O2 -o "$WORK/loadgen" "$SHARED/loadgen.c"
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+cpus() { awk '{print $14" "$15}' "/proc/$1/stat"; }
 load() {
   if [ "$kind" = stream ]; then
     "$WORK/loadgen" -c 16 -d "$secs" -S -b "$WORK/body.json" -H "Authorization: ${BENCH_AUTH:-Bearer x}" "$1/v1/chat/completions" | tail -1
@@ -28,7 +29,7 @@ load() {
 for target in "aiohttp $AIO http://127.0.0.1:18102" "sidecar $SC http://127.0.0.1:18110"; do
   set -- $target
   load "$3" >/dev/null  # warm-up
-  c0=$(cpu "$2"); out=$(load "$3"); c1=$(cpu "$2")
+  s0=$(cpus "$2"); c0=$(cpu "$2"); out=$(load "$3"); c1=$(cpu "$2"); s1=$(cpus "$2"); echo "  utime/stime ticks before: $s0 after: $s1" >&2
   python3 - "$1" "$c0" "$c1" "$out" "$kind" <<'PY'
 import json, os, sys
 name, c0, c1, out, kind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
