@@ -1,7 +1,8 @@
 """create_app(settings): builds every component from its own slice of the settings and wires the routes.
 
-Resources live in `cleanup_ctx` generators (created before `yield`, closed after, in reverse order). Typed
-`web.AppKey`s expose components to tests and the runner. Nothing imports this module but the CLI and tests.
+Resources live in `cleanup_ctx` generators (created before `yield`, closed after, in reverse order): store,
+request log, upstream session. Typed `web.AppKey`s expose components to tests and the runner. Nothing
+imports this module but the CLI, the runner and tests.
 """
 
 from __future__ import annotations
@@ -10,18 +11,28 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from sidecar.admin import Admin
+from sidecar.auth import Authenticator
 from sidecar.config import Settings, read_secret
 from sidecar.health import Health, RunState
+from sidecar.keys import KeyAdmin, load_pepper, load_static_keys
+from sidecar.leases import LeaseManager
 from sidecar.logs import RequestLog
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.records import RequestRecord
+from sidecar.store import open_store
+from sidecar.store.base import Store
 from sidecar.upstream import Upstream
 
 UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", RunState)
 PROXY = web.AppKey("proxy", Proxy)
+STORE = web.AppKey("store", Store)
+LEASES = web.AppKey("leases", LeaseManager)
+AUTH = web.AppKey("auth", Authenticator)
+KEYS = web.AppKey("keys", KeyAdmin)
 
 
 def record_finisher(metrics: Metrics, request_log: RequestLog | None) -> Callable[[RequestRecord], None]:
@@ -52,18 +63,29 @@ def server_args(settings: Settings) -> dict[str, object]:
 def create_app(settings: Settings) -> web.Application:
     s = settings
     api_key = read_secret("upstream.api_key", s.upstream.api_key, s.upstream.api_key_file)
+    admin_token = read_secret("server.admin_token", s.server.admin_token, s.server.admin_token_file)
     upstream = Upstream(s.upstream, s.upstream.url, api_key)
     metrics = Metrics(upstream.paths)
     state = RunState()
+    store = open_store(s.store.url, s.store.pool_size)
+    pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir)
+    static = load_static_keys(s.auth.static_keys_file) if s.auth.static_keys_file else {}
+    auth = Authenticator(s.auth, s.limits, store, pepper, static)
+    leases = LeaseManager(s.limits)
+    keys = KeyAdmin(store, pepper)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
-    proxy = Proxy(upstream, s.server, metrics, record_finisher(metrics, request_log))
-    health = Health(upstream, state)
+    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, record_finisher(metrics, request_log))
+    health = Health(upstream, state, store)
 
     app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
-    app[UPSTREAM] = upstream
-    app[METRICS] = metrics
-    app[STATE] = state
-    app[PROXY] = proxy
+    app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = upstream, metrics, state, proxy
+    app[STORE], app[LEASES], app[AUTH], app[KEYS] = store, leases, auth, keys
+
+    async def store_ctx(_: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        await store.migrate()
+        yield
+        await store.close()
 
     async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
         await upstream.open()
@@ -75,11 +97,13 @@ def create_app(settings: Settings) -> web.Application:
         if request_log is not None:
             request_log.close()
 
+    app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(request_log_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     router = app.router
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)
     router.add_get("/metrics", metrics.handle)
+    Admin(admin_token, keys, store, auth).add_routes(router)
     router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -25,10 +26,52 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="upstream OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="create a key; prints it once")
+    _common(create)
+    create.add_argument("--name", required=True)
+    _key_fields(create)
+    create.add_argument(
+        "--static", action="store_true", help="do not store it: print a line for auth.static_keys_file instead"
+    )
+    for name in ("list",):
+        _common(keys.add_parser(name, help="list keys"))
+    for name in ("show", "revoke"):
+        p = keys.add_parser(name, help=f"{name} a key")
+        _common(p)
+        p.add_argument("id")
+    update = keys.add_parser("update", help="change a key's name, limits, models, expiry or audit setting")
+    _common(update)
+    update.add_argument("id")
+    update.add_argument("--name")
+    _key_fields(update)
+
+    audit_log = sub.add_parser("audit-log", help="show the admin audit log")
+    _common(audit_log)
+    audit_log.add_argument("--limit", type=int, default=50)
+
+    usage = sub.add_parser("usage", help="usage report from the store")
+    _common(usage)
+    usage.add_argument("--since", default="24h", help="e.g. 24h, 7d")
+    usage.add_argument("--by", choices=("key", "model", "day"), default="key")
+    usage.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the store's schema")
+    _common(migrate)
+
     demo = sub.add_parser("demo-upstream", help="run a small fake OpenAI-compatible server")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
     return parser
+
+
+def _key_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpm", type=int, help="requests per minute (default: limits.rpm)")
+    p.add_argument("--tpm", type=int, help="tokens per minute (default: limits.tpm)")
+    p.add_argument("--concurrency", type=int, help="concurrent requests (default: limits.concurrency)")
+    p.add_argument("--models", help="comma-separated allowed models (default: all)")
+    p.add_argument("--expires-in", help="e.g. 30d, 12h")
+    p.add_argument("--audit", choices=("on", "off", "default"), help="force audit capture for this key")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,12 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidecar: configuration error: {exc}", file=sys.stderr)
         return 2
     setup(settings.server.log_level)
-    if args.command == "serve":
-        from sidecar.runner import run
+    try:
+        if args.command == "serve":
+            from sidecar.runner import run
 
-        try:
             return run(settings)
-        except ConfigError as exc:
-            print(f"sidecar: configuration error: {exc}", file=sys.stderr)
-            return 2
-    return 2  # pragma: no cover - argparse enforces a known command
+        from sidecar.commands import run_command
+
+        return asyncio.run(run_command(args, settings))
+    except ConfigError as exc:
+        print(f"sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2

@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from sidecar.records import new_request_id
+from sidecar.store.base import Store, StoreError
 from sidecar.upstream import Upstream
 
 
@@ -19,9 +20,10 @@ class RunState:
 
 
 class Health:
-    def __init__(self, upstream: Upstream, state: RunState) -> None:
+    def __init__(self, upstream: Upstream, state: RunState, store: Store) -> None:
         self.upstream = upstream
         self.state = state
+        self.store = store
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Answering at all proves the event loop is turning; the upstream is deliberately not asked, so a slow
@@ -31,6 +33,10 @@ class Health:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.state.draining:
             return _json({"status": "draining"}, 503)
+        try:
+            await self.store.ping()
+        except StoreError as exc:
+            return _json({"status": "not_ready", "reason": f"store: {exc}"}, 503)
         ok, reason = await self.upstream.healthy()
         if not ok:
             return _json({"status": "not_ready", "reason": reason}, 503)

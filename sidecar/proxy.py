@@ -17,8 +17,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
-from sidecar.config import ServerCfg
+from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.deadline import Deadline, DeadlineExpired
 from sidecar.errors import (
     BadRequest,
@@ -30,14 +31,22 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.sse import StreamScanner, usage_from
+from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream, allowed_methods
 
 log = logging.getLogger("sidecar.proxy")
 
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    prompt: int
+    reservation: int
 
 
 class ClientGone(Exception):
@@ -54,6 +63,8 @@ class Exchange:
 
     call: Call
     rec: RequestRecord
+    lease: Lease
+    prompt_estimate: int
     up: aiohttp.ClientResponse | None = None
     resp: web.StreamResponse | None = None
     scanner: StreamScanner | None = None
@@ -80,8 +91,18 @@ def _is_sse(up: aiohttp.ClientResponse) -> bool:
 
 class Proxy:
     def __init__(
-        self, upstream: Upstream, server: ServerCfg, metrics: Metrics, finish: Callable[[RequestRecord], None]
+        self,
+        upstream: Upstream,
+        server: ServerCfg,
+        limits: LimitsCfg,
+        auth: Authenticator,
+        leases: LeaseManager,
+        metrics: Metrics,
+        finish: Callable[[RequestRecord], None],
     ) -> None:
+        self.limits = limits
+        self.auth = auth
+        self.leases = leases
         self.upstream = upstream
         self.cfg = upstream.cfg
         self.server = server
@@ -108,17 +129,24 @@ class Proxy:
             log.error("requests still running after shutdown", extra={"fields": {"requests": len(self.active)}})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        path, _, query = request.raw_path.partition("?")
+        path = request.raw_path.partition("?")[0]
         client_id = request.headers.get("x-request-id")
         rec = RequestRecord.start(request.method, path[:256], client_id[:128] if client_id else None)
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)
         self.metrics.in_flight += 1
+        lease: Lease | None = None
         try:
             self._check_route(request.method, path)
+            principal = await self.auth.authenticate(request.headers)
+            rec.key_id = principal.key_id
             call = await self._read_call(request, path, rec)
-            return await self._relay(request, call, query, rec)
+            if call.doc is not None:
+                principal.check_model(call.model)
+            estimate = self._estimate(call)
+            lease = await self.leases.acquire(principal, estimate.reservation)
+            return await self._relay(request, Exchange(call, rec, lease, estimate.prompt))
         except SidecarError as err:
             rec.fail(err.status, err.outcome, err.code)
             return error_response(err, rec.request_id)
@@ -129,6 +157,8 @@ class Proxy:
             self._mark_gone(request, rec)
             raise
         finally:
+            if lease is not None:
+                lease.release()
             self.metrics.in_flight -= 1
             self.active.discard(task)
             if self._idle is not None and not self.active:
@@ -172,12 +202,18 @@ class Proxy:
         else:  # cancelled with the client still there: the server is shutting down
             rec.fail(rec.status or 503, Outcome.SHUTDOWN, "server_shutting_down")
 
-    async def _relay(self, request: web.Request, call: Call, query: str, rec: RequestRecord) -> web.StreamResponse:
-        ex = Exchange(call, rec)
+    def _estimate(self, call: Call) -> Estimate:
+        if call.doc is None:
+            return Estimate(0, 0)
+        prompt = estimate_prompt(call.doc, len(call.body))
+        output = 0 if call.path == "/v1/embeddings" else (call.max_tokens or self.limits.default_max_tokens)
+        return Estimate(prompt, prompt + output)
+
+    async def _relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         cfg = self.cfg
         try:
             async with Deadline(cfg.first_byte_timeout, cfg.stream_idle_timeout, cfg.total_timeout) as deadline:
-                return await self._exchange(request, ex, query, deadline)
+                return await self._exchange(request, ex, deadline)
         except DeadlineExpired as exc:
             self.metrics.upstream_error("timeout_first_byte" if exc.reason == "first_byte" else "timeout_idle")
             return await self._fail(ex, UpstreamTimeout(f"The upstream did not answer in time ({exc})."))
@@ -201,7 +237,7 @@ class Proxy:
                 else:  # closing (not releasing) the connection is what stops the model generating
                     ex.up.close()
 
-    async def _exchange(self, request: web.Request, ex: Exchange, query: str, deadline: Deadline) -> web.StreamResponse:
+    async def _exchange(self, request: web.Request, ex: Exchange, deadline: Deadline) -> web.StreamResponse:
         ex.up = up = await self._send(request, ex)
         ex.rec.upstream_status = up.status
         if up.status >= 500:
@@ -248,9 +284,10 @@ class Proxy:
         elif up.status < 300:
             rec.mark_first_token()  # a whole body: its tokens reach the client all at once, now
             self._usage_from_body(rec, body)
-        return web.Response(
-            status=up.status, body=body, headers=self.upstream.response_headers(up.headers, rec.request_id)
-        )
+            ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
+        headers = self.upstream.response_headers(up.headers, rec.request_id)
+        headers.update(ex.lease.headers)
+        return web.Response(status=up.status, body=body, headers=headers)
 
     async def _stream(
         self, request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, deadline: Deadline
@@ -262,7 +299,9 @@ class Proxy:
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
         deadline.first_byte()
-        resp = web.StreamResponse(status=up.status, headers=self.upstream.response_headers(up.headers, rec.request_id))
+        headers = self.upstream.response_headers(up.headers, rec.request_id)
+        headers.update(ex.lease.headers)
+        resp = web.StreamResponse(status=up.status, headers=headers)
         rec.status = up.status
         try:
             await resp.prepare(request)
@@ -324,7 +363,8 @@ class Proxy:
             u = scanner.usage
             rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")
         else:
-            rec.set_usage(None, scanner.deltas, None, "counted")
+            rec.set_usage(ex.prompt_estimate or None, scanner.deltas, None, "counted")
+        ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
 
     @staticmethod
     def _usage_from_body(rec: RequestRecord, body: bytes) -> None:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from sidecar.app import PROXY, STATE, create_app
+from sidecar.app import KEYS, PROXY, STATE, create_app
 from sidecar.config import Settings, summary
 from sidecar.demo_upstream import create_demo_app
 from sidecar.logs import event
@@ -100,8 +100,9 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
     try:
         await server.start()
         event(log, "listening", host=settings.server.host, port=server.port, settings=summary(settings))
+        key = await _demo_key(server) if demo is not None and settings.auth.enabled else None
         if announce is not None:
-            announce(_curl_hint(settings, server.port, demo is not None))
+            announce(_curl_hint(settings, server.port, demo is not None, key))
         await stop.wait()
         await server.drain()
     finally:
@@ -111,12 +112,19 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
     return 0
 
 
-def _curl_hint(settings: Settings, port: int, demo: bool) -> str:
+async def _demo_key(server: Server) -> str:
+    """A key for trying the demo out (valid one day), so the printed curl line works as it is."""
+    created = await server.app[KEYS].create({"name": "demo", "expires_in": "1d"}, "serve:demo")
+    return created.key
+
+
+def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> str:
     host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
     model = "demo" if demo else "MODEL"
+    auth = f"-H 'authorization: Bearer {key}' " if key else ""
     return (
         f"sidecar listening on http://{host}:{port}  (upstream {settings.upstream.url})\n"
-        f"try:  curl -s http://{host}:{port}/v1/chat/completions -H 'content-type: application/json' "
+        f"try:  curl -s http://{host}:{port}/v1/chat/completions {auth}-H 'content-type: application/json' "
         f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "hello there"}}]}}\''
     )
 

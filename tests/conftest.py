@@ -64,6 +64,7 @@ def make_settings(upstream_url: str, tmp_path: Any, **options: Any) -> Settings:
         "server.drain_grace": 0,
         "server.request_log": str(tmp_path / "requests.jsonl"),
         "server.log_flush_ms": 0,
+        "auth.enabled": False,  # the relay tests; key and lease tests turn it on
     }
     flags.update({k.replace("__", "."): v for k, v in options.items()})
     return load(None, {}, flags)

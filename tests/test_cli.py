@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import aiohttp
+import orjson
 
 from tests.conftest import free_port
 
@@ -40,22 +41,32 @@ async def test_serve_with_demo_upstream_and_sigterm(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
     )
+    lines: list[str] = []
     try:
         await wait_listening(port, proc)
+        while not any(line.startswith("try:  curl") for line in lines):
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
+            assert line, "sidecar exited before printing the curl line"
+            lines.append(line)
+        # Do what the printed curl line says: same URL, headers and body.
+        args = shlex.split(next(line for line in lines if line.startswith("try:  curl"))[len("try:  ") :])
+        headers = dict(h.split(": ", 1) for h in (args[i + 1] for i, a in enumerate(args) if a == "-H"))
+        data = args[args.index("-d") + 1]
+        url = next(a for a in args if a.startswith("http"))
         async with aiohttp.ClientSession() as s:
-            async with s.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json={"model": "demo", "messages": [{"role": "user", "content": "hello there"}], "stream": True},
-            ) as r:
-                body = await r.read()
-            assert r.status == 200 and body.endswith(b"data: [DONE]\n\n") and b" there" in body
+            async with s.post(url, data=data, headers=headers) as r:
+                body = await r.json()
+            assert r.status == 200 and body["choices"][0]["message"]["content"] == "You said: hello there"
+            stream = {**orjson.loads(data), "stream": True}
+            async with s.post(url, json=stream, headers=headers) as r:
+                raw = await r.read()
+            assert r.status == 200 and raw.endswith(b"data: [DONE]\n\n") and b" there" in raw
     finally:
         proc.send_signal(signal.SIGTERM)
         out = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == 0, out[1]
-    stderr = out[1]
-    curl = next(line for line in stderr.splitlines() if line.startswith("try:  curl"))
+    stderr = "".join(lines) + out[1]
     assert "no upstream configured" in stderr and '"msg":"listening"' in stderr
-    args = shlex.split(curl[len("try:  ") :])
+    assert headers["authorization"].split()[1] not in out[1]  # the demo key is printed once, never logged
     assert args[0] == "curl" and f"http://127.0.0.1:{port}/v1/chat/completions" in args
     assert '"msg":"request"' in stderr and '"outcome":"completed"' in stderr

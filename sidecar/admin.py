@@ -1,0 +1,203 @@
+"""The admin API: keys, the admin audit log, usage and request listings. Bearer admin token; off without one.
+
+Every mutation goes through `KeyAdmin`, which writes the change and its audit row in one transaction. Errors
+are OpenAI-shaped; the store being down is a 503, never a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sidecar.auth import Authenticator, StoreUnavailable
+from sidecar.errors import BadRequest, NotFound, SidecarError, Unauthorized
+from sidecar.keys import KeyAdmin
+from sidecar.records import new_request_id
+from sidecar.store.base import USAGE_GROUPS, RequestQuery, Store, StoreError
+
+Handler = Callable[[web.Request, str], Awaitable[Any]]
+MAX_PAGE = 1000
+
+
+def json_response(doc: Any, request_id: str, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(doc), status=status, headers={"content-type": "application/json", "x-request-id": request_id}
+    )
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadRequest("The body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("The JSON body must be an object.", code="invalid_body")
+    return doc
+
+
+def int_param(request: web.Request, name: str, default: int | None, low: int = 0, high: int | None = None) -> Any:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"`{name}` must be an integer.", param=name) from None
+    if value < low or (high is not None and value > high):
+        raise BadRequest(f"`{name}` is out of range.", param=name)
+    return value
+
+
+def float_param(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise BadRequest(f"`{name}` must be epoch seconds.", param=name) from None
+
+
+def since_param(request: web.Request, default_seconds: float = 86400.0) -> float:
+    """`since` as epoch seconds, or a duration back from now (`24h`, `7d`)."""
+    from sidecar.keys import parse_duration
+
+    raw = request.query.get("since")
+    if raw is None:
+        return time.time() - default_seconds
+    try:
+        return float(raw)
+    except ValueError:
+        return time.time() - parse_duration(raw)
+
+
+def page_query(request: web.Request) -> RequestQuery:
+    cursor = request.query.get("before")
+    before = None
+    if cursor:
+        at, _, rid = cursor.partition(":")
+        try:
+            before = (float(at), rid)
+        except ValueError:
+            raise BadRequest("`before` must be a cursor from a previous page.", param="before") from None
+    return RequestQuery(
+        key_id=request.query.get("key_id"),
+        outcome=request.query.get("outcome"),
+        since=float_param(request, "since"),
+        until=float_param(request, "until"),
+        limit=int_param(request, "limit", 100, 1, MAX_PAGE),
+        before=before,
+        request_id=request.query.get("request_id"),
+    )
+
+
+def page(rows: list[dict[str, Any]], limit: int, time_col: str, id_col: str = "request_id") -> dict[str, Any]:
+    nxt = f"{rows[-1][time_col]}:{rows[-1][id_col]}" if len(rows) == limit else None
+    return {"object": "list", "data": rows, "next_before": nxt}
+
+
+class Admin:
+    def __init__(self, token: str, keys: KeyAdmin, store: Store, auth: Authenticator) -> None:
+        self.token = token.encode()
+        self.keys = keys
+        self.store = store
+        self.auth = auth
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/admin/keys", self._wrap(self.list_keys))
+        router.add_post("/admin/keys", self._wrap(self.create_key))
+        router.add_get("/admin/keys/{id}", self._wrap(self.get_key))
+        router.add_patch("/admin/keys/{id}", self._wrap(self.update_key))
+        router.add_delete("/admin/keys/{id}", self._wrap(self.revoke_key))
+        router.add_get("/admin/audit", self._wrap(self.audit_log))
+        router.add_get("/admin/usage", self._wrap(self.usage))
+        router.add_get("/admin/requests", self._wrap(self.requests))
+        router.add_get("/admin/audit-records", self._wrap(self.audit_records))
+
+    def _wrap(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def run(request: web.Request) -> web.StreamResponse:
+            rid = new_request_id()
+            try:
+                self._check_token(request)
+                result = await handler(request, rid)
+            except SidecarError as err:
+                body, headers = err.body(), {**err.headers, "x-request-id": rid, "content-type": "application/json"}
+                return web.Response(status=err.status, body=body, headers=headers)
+            except StoreError:
+                down = StoreUnavailable("The store is unavailable; nothing was changed.")
+                return web.Response(
+                    status=down.status,
+                    body=down.body(),
+                    headers={"x-request-id": rid, "content-type": "application/json"},
+                )
+            if isinstance(result, web.StreamResponse):
+                return result
+            status = 201 if request.method == "POST" else 200
+            return json_response(result, rid, status)
+
+        return run
+
+    def _check_token(self, request: web.Request) -> None:
+        if not self.token:
+            raise NotFound("The admin API is off: no admin token is configured.", code="unknown_url")
+        value = request.headers.get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token):
+            raise Unauthorized("A valid admin token is required.", code="invalid_admin_token")
+
+    @staticmethod
+    def _actor(request: web.Request) -> str:
+        return f"admin-api:{request.remote or 'unknown'}"
+
+    async def list_keys(self, request: web.Request, rid: str) -> Any:
+        return {"object": "list", "data": [k.public() for k in await self.store.list_keys()]}
+
+    async def create_key(self, request: web.Request, rid: str) -> Any:
+        created = await self.keys.create(await read_json(request), self._actor(request), rid)
+        return {**created.row.public(), "key": created.key}
+
+    async def get_key(self, request: web.Request, rid: str) -> Any:
+        row = await self.store.get_key(request.match_info["id"])
+        if row is None:
+            raise NotFound("No such key.", code="key_not_found")
+        return row.public()
+
+    async def update_key(self, request: web.Request, rid: str) -> Any:
+        row = await self.keys.update(request.match_info["id"], await read_json(request), self._actor(request), rid)
+        self.auth.forget(row.id)
+        return row.public()
+
+    async def revoke_key(self, request: web.Request, rid: str) -> Any:
+        row = await self.keys.revoke(request.match_info["id"], self._actor(request), rid)
+        self.auth.forget(row.id)
+        return row.public()
+
+    async def audit_log(self, request: web.Request, rid: str) -> Any:
+        limit = int_param(request, "limit", 100, 1, MAX_PAGE)
+        rows = await self.store.admin_events(limit, int_param(request, "before", None, 0))
+        return {"object": "list", "data": rows, "next_before": rows[-1]["id"] if len(rows) == limit else None}
+
+    async def usage(self, request: web.Request, rid: str) -> Any:
+        by = request.query.get("by", "key")
+        if by not in USAGE_GROUPS:
+            raise BadRequest("`by` must be key, model or day.", param="by")
+        since = since_param(request)
+        return {
+            "object": "list",
+            "since": since,
+            "by": by,
+            "data": await self.store.usage(since, by, request.query.get("key_id")),
+        }
+
+    async def requests(self, request: web.Request, rid: str) -> Any:
+        query = page_query(request)
+        return page(await self.store.requests(query), query.limit, "started_at")
+
+    async def audit_records(self, request: web.Request, rid: str) -> Any:
+        query = page_query(request)
+        return page(await self.store.audit_records(query), query.limit, "emitted_at")

@@ -1,0 +1,214 @@
+"""API keys: their format, hashing, the pepper, and the one admin service that creates and changes them.
+
+Format: `sk-sc-<id>-<secret><check>`: a recognisable prefix, a 12-character public id (the lookup key), a
+32-character base62 secret (~190 bits) and a 6-character base62 CRC-32 of everything before it, so typos and
+secret scanners can tell a real key without a lookup. Only HMAC-SHA256(pepper, secret) is stored.
+
+`KeyAdmin` is used by both the CLI and the admin API; every change goes to the store together with its
+`admin_audit_log` row, in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import time
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sidecar.errors import BadRequest, NotFound
+from sidecar.store.base import AdminEvent, KeyRow, Store
+
+log = logging.getLogger("sidecar.keys")
+
+PREFIX = "sk-sc-"
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+ID_LEN, SECRET_LEN, CHECK_LEN = 12, 32, 6
+KEY_LEN = len(PREFIX) + ID_LEN + 1 + SECRET_LEN + CHECK_LEN
+_KEY_RE = re.compile(rf"sk-sc-([0-9a-z]{{{ID_LEN}}})-([0-9A-Za-z]{{{SECRET_LEN}}})([0-9A-Za-z]{{{CHECK_LEN}}})")
+_DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+LIMIT_FIELDS = ("concurrency", "rpm", "tpm")
+EDITABLE = ("name", "concurrency", "rpm", "tpm", "models", "expires_at", "audit")
+
+
+def _b62(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out.append(_B62[r])
+    return "".join(reversed(out))
+
+
+def _check(body: str) -> str:
+    return _b62(zlib.crc32(body.encode()), CHECK_LEN)
+
+
+def new_key() -> tuple[str, str, str]:
+    """A fresh key: (full key string, public id, secret)."""
+    kid = "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_LEN))
+    secret = "".join(secrets.choice(_B62) for _ in range(SECRET_LEN))
+    body = f"{PREFIX}{kid}-{secret}"
+    return body + _check(body), kid, secret
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """(public id, secret) of a well-formed key with a valid checksum, else None."""
+    if len(key) != KEY_LEN:
+        return None
+    m = _KEY_RE.fullmatch(key)
+    if m is None or _check(key[:-CHECK_LEN]) != m.group(3):
+        return None
+    return m.group(1), m.group(2)
+
+
+def hash_secret(pepper: bytes, secret: str) -> str:
+    return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+
+def load_pepper(inline: str, path: str, data_dir: str) -> bytes:
+    """The HMAC pepper: configured, from a secret file, or generated once into the data directory."""
+    if path:
+        return Path(path).read_text(encoding="utf-8").strip().encode()
+    if inline:
+        return inline.encode()
+    stored = Path(data_dir) / "pepper"
+    if stored.exists():
+        return stored.read_text(encoding="utf-8").strip().encode()
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(32)
+    fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    log.warning(
+        "auth.pepper is not set: generated one into %s; replicas sharing a store need the same pepper "
+        "(set auth.pepper_file)",
+        stored,
+    )
+    return value.encode()
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION_RE.match(text.strip())
+    if not m:
+        raise BadRequest(f"Invalid duration {text!r}: use e.g. 30d, 12h, 15m.", param="expires_in")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def load_static_keys(path: str) -> dict[str, KeyRow]:
+    """Hashed keys from a JSON-lines file (e.g. a mounted Kubernetes Secret), one KeyRow per line."""
+    keys: dict[str, KeyRow] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            doc = orjson.loads(line)
+            models = doc.pop("models", None)
+            row = KeyRow(**{**doc, "models": tuple(models) if models is not None else None})
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a key line ({exc})") from None
+        keys[row.id] = row
+    return keys
+
+
+@dataclass(frozen=True)
+class Created:
+    key: str  # shown once, never stored
+    row: KeyRow
+
+
+class KeyAdmin:
+    """Create, update and revoke keys; each change writes its admin audit row in the same transaction."""
+
+    def __init__(self, store: Store, pepper: bytes) -> None:
+        self.store = store
+        self.pepper = pepper
+
+    async def create(self, fields: dict[str, Any], actor: str, request_id: str | None = None) -> Created:
+        values = validate(fields, creating=True)
+        key, kid, secret = new_key()
+        now = time.time()
+        row = KeyRow(
+            id=kid,
+            name=values.pop("name"),
+            hash=hash_secret(self.pepper, secret),
+            created_at=now,
+            updated_at=now,
+            **values,
+        )
+        await self.store.save_key(row, AdminEvent(actor, "key.create", kid, now, row.public(), request_id), create=True)
+        return Created(key, row)
+
+    async def update(self, key_id: str, fields: dict[str, Any], actor: str, request_id: str | None = None) -> KeyRow:
+        values = validate(fields, creating=False)
+        row = await self._get(key_id)
+        now = time.time()
+        changed = {k: v for k, v in values.items() if getattr(row, k) != v}
+        new = replace(row, **values, updated_at=now)
+        event_changes = {k: (list(v) if isinstance(v, tuple) else v) for k, v in changed.items()}
+        await self.store.save_key(
+            new, AdminEvent(actor, "key.update", key_id, now, event_changes, request_id), create=False
+        )
+        return new
+
+    async def revoke(self, key_id: str, actor: str, request_id: str | None = None) -> KeyRow:
+        row = await self._get(key_id)
+        if row.revoked_at is not None:
+            return row
+        now = time.time()
+        new = replace(row, revoked_at=now, updated_at=now)
+        await self.store.save_key(
+            new, AdminEvent(actor, "key.revoke", key_id, now, {"revoked_at": now}, request_id), create=False
+        )
+        return new
+
+    async def _get(self, key_id: str) -> KeyRow:
+        row = await self.store.get_key(key_id)
+        if row is None:
+            raise NotFound(f"No key with id {key_id!r}.", code="key_not_found")
+        return row
+
+
+def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+    """Check admin input; return the KeyRow fields to set. Unknown or ill-typed fields are 400s."""
+    out: dict[str, Any] = {}
+    allowed = (*EDITABLE, "expires_in")
+    for name, value in fields.items():
+        if name not in allowed:
+            raise BadRequest(f"Unknown field {name!r}.", param=name, code="unknown_field")
+        if name == "name":
+            if not isinstance(value, str) or not 1 <= len(value) <= 200:
+                raise BadRequest("`name` must be a string of 1-200 characters.", param="name")
+            out["name"] = value
+        elif name in LIMIT_FIELDS:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise BadRequest(f"`{name}` must be a non-negative integer or null.", param=name)
+            out[name] = value
+        elif name == "models":
+            if value is not None and (
+                not isinstance(value, list | tuple) or not all(isinstance(m, str) and m for m in value)
+            ):
+                raise BadRequest("`models` must be a list of model names or null.", param="models")
+            out["models"] = None if value is None else tuple(value)
+        elif name == "audit":
+            if value not in (None, "on", "off"):
+                raise BadRequest('`audit` must be "on", "off" or null.', param="audit")
+            out["audit"] = value
+        elif name == "expires_in":
+            out["expires_at"] = None if value is None else time.time() + parse_duration(str(value))
+        elif name == "expires_at":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise BadRequest("`expires_at` must be epoch seconds or null.", param="expires_at")
+            out["expires_at"] = value
+    if creating and "name" not in out:
+        raise BadRequest("`name` is required.", param="name")
+    return out

@@ -1,0 +1,210 @@
+"""Leases: per-key concurrency slots and request/token budgets, plus a global cap on upstream requests.
+
+Budgets are token buckets on a monotonic clock (capacity = the per-minute limit, refilled continuously). A
+request reserves one request and `prompt estimate + output budget` tokens (capped at the bucket's capacity, so
+a large request can still run when the bucket is full); `Lease.settle(prompt, completion)` reconciles the
+reservation to real usage (refund or debit: the bucket may go negative and later requests wait for it).
+`release()` is idempotent and unsettled leases are refunded in full. A rejected request holds nothing and
+changes no counter: every check happens before anything is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.auth import Principal
+from sidecar.config import LimitsCfg
+from sidecar.errors import Overloaded, RateLimited
+
+
+class Bucket:
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = self.capacity
+        self.stamp = now
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def wait_for(self, need: float) -> float:
+        """Seconds until `need` is available (0 when it is now)."""
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def reset_in(self) -> float:
+        return max(0.0, (self.capacity - self.level) / self.rate)
+
+
+@dataclass(slots=True)
+class KeyState:
+    concurrency: int
+    requests: Bucket | None
+    tokens: Bucket | None
+    active: int = 0
+    reserved: int = 0  # tokens reserved by this key's unsettled leases
+
+
+@dataclass(slots=True)
+class Lease:
+    manager: LeaseManager
+    state: KeyState
+    reserved: int
+    holds_global: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+    released: bool = False
+
+    def settle(self, prompt: int | None, completion: int | None) -> None:
+        """Reconcile the token reservation to what the request really used (once; later calls are no-ops)."""
+        if self.settled:
+            return
+        self.settled = True
+        used = (prompt or 0) + (completion or 0)
+        state = self.state
+        state.reserved -= self.reserved
+        if state.tokens is not None:
+            state.tokens.refill(self.manager.clock())
+            state.tokens.level += self.reserved - used
+        self.reserved = 0
+
+    def release(self) -> None:
+        if self.released:
+            return
+        if not self.settled:
+            self.settle(0, 0)  # nothing known to have been used: refund the reservation
+        self.released = True
+        self.state.active -= 1
+        if self.holds_global:
+            self.manager.release_global()
+
+
+class LeaseManager:
+    def __init__(self, cfg: LimitsCfg, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self._keys: dict[tuple[str | None, int, int, int], KeyState] = {}
+        self.global_active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def state_for(self, p: Principal) -> KeyState:
+        # Keyed by limits too: changing a key's limits starts a fresh state instead of a confusing mix.
+        k = (p.key_id, p.concurrency, p.rpm, p.tpm)
+        state = self._keys.get(k)
+        if state is None:
+            now = self.clock()
+            state = self._keys[k] = KeyState(
+                p.concurrency, Bucket(p.rpm, now) if p.rpm else None, Bucket(p.tpm, now) if p.tpm else None
+            )
+        return state
+
+    async def acquire(self, principal: Principal, estimate: int) -> Lease:
+        holds_global = await self._acquire_global()
+        try:
+            return self._admit(principal, estimate, holds_global)
+        except BaseException:
+            if holds_global:
+                self.release_global()
+            raise
+
+    def _admit(self, p: Principal, estimate: int, holds_global: bool) -> Lease:
+        state = self.state_for(p)
+        now = self.clock()
+        req, tok = state.requests, state.tokens
+        if state.concurrency and state.active >= state.concurrency:
+            raise RateLimited(
+                f"Too many concurrent requests for this key (limit {state.concurrency}).",
+                headers={"retry-after": "1"},
+                type_="requests",
+            )
+        if req is not None:
+            req.refill(now)
+            if req.level < 1:
+                raise RateLimited(
+                    f"Rate limit reached: {p.rpm} requests per minute.",
+                    type_="requests",
+                    headers=self._limit_headers(state, retry=req.wait_for(1)),
+                )
+        need = 0
+        if tok is not None:
+            tok.refill(now)
+            need = min(estimate, int(tok.capacity))
+            if tok.level < need:
+                raise RateLimited(
+                    f"Rate limit reached: {p.tpm} tokens per minute; this request reserves {need}.",
+                    type_="tokens",
+                    headers=self._limit_headers(state, retry=tok.wait_for(need)),
+                )
+        # Every check passed: take.
+        state.active += 1
+        if req is not None:
+            req.level -= 1
+        if tok is not None:
+            tok.level -= need
+        state.reserved += need
+        return Lease(self, state, need, holds_global, self._limit_headers(state))
+
+    @staticmethod
+    def _limit_headers(state: KeyState, retry: float | None = None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if retry is not None:
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+        for name, bucket in (("requests", state.requests), ("tokens", state.tokens)):
+            if bucket is not None:
+                headers[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
+                headers[f"x-ratelimit-remaining-{name}"] = str(max(0, int(bucket.level)))
+                headers[f"x-ratelimit-reset-{name}"] = f"{bucket.reset_in():.3f}s"
+        return headers
+
+    async def _acquire_global(self) -> bool:
+        cap = self.cfg.global_concurrency
+        if not cap:
+            return False
+        if self.global_active < cap and not self._waiters:
+            self.global_active += 1
+            return True
+        if len(self._waiters) >= self.cfg.queue_size:
+            raise Overloaded("The server is at capacity; retry shortly.", headers={"retry-after": "1"})
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(self.cfg.queue_timeout):
+                await fut
+        except TimeoutError:
+            self._drop_waiter(fut)
+            raise Overloaded(
+                f"No capacity within {self.cfg.queue_timeout:g}s; retry shortly.", headers={"retry-after": "1"}
+            ) from None
+        except asyncio.CancelledError:
+            self._drop_waiter(fut)
+            raise
+        return True  # the releaser handed its slot over: global_active already counts us
+
+    def _drop_waiter(self, fut: asyncio.Future[None]) -> None:
+        if fut.done() and not fut.cancelled():
+            self.release_global()  # we were handed a slot at the same moment: pass it on
+        else:
+            fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+
+    def release_global(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over; global_active stays the same
+                return
+        self.global_active -= 1
+
+    def totals(self) -> tuple[int, int]:
+        """(active leases, reserved tokens) over all keys: zero when nothing is in flight."""
+        return sum(s.active for s in self._keys.values()), sum(s.reserved for s in self._keys.values())

@@ -1,0 +1,16 @@
+"""Stores: the `Store` protocol (base.py) and its SQLite and PostgreSQL implementations."""
+
+from __future__ import annotations
+
+from sidecar.store.base import Store
+
+
+def open_store(url: str, pool_size: int = 4) -> Store:
+    """A store for `sqlite:///PATH` or `postgresql://...` (not yet connected: call `await store.open()`)."""
+    if url.startswith("sqlite:///"):
+        from sidecar.store.sqlite import SqliteStore
+
+        return SqliteStore(url[len("sqlite:///") :])
+    from sidecar.store.postgres import PostgresStore
+
+    return PostgresStore(url, pool_size)

@@ -1,0 +1,89 @@
+"""The Store protocol: what the proxy, the writer, the admin API and the CLI need from a database.
+
+Rows cross this boundary as plain dataclasses and dicts; SQL lives beside each backend. Times are epoch
+seconds (floats) in both backends, so the tables mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+REQUEST_COLUMNS = (
+    "request_id", "client_request_id", "key_id", "method", "path", "model", "stream", "status", "outcome",
+    "error_code", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "usage_source",
+    "upstream_status", "ttft_ms", "latency_ms", "bytes_in", "bytes_out", "chunks", "started_at", "finished_at",
+)  # fmt: skip
+KEY_COLUMNS = (
+    "id", "name", "hash", "created_at", "expires_at", "revoked_at", "concurrency", "rpm", "tpm", "models",
+    "audit", "updated_at",
+)  # fmt: skip
+USAGE_GROUPS = ("key", "model", "day")
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (unreachable, locked, constraint failed)."""
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    id: str
+    name: str
+    hash: str
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    concurrency: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] | None = None
+    audit: str | None = None  # "on" / "off" forces audit capture for this key; None follows the policy
+    updated_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        """The key as shown by the admin API and CLI: everything but the hash."""
+        return {c: (list(v) if isinstance(v := getattr(self, c), tuple) else v) for c in KEY_COLUMNS if c != "hash"}
+
+
+@dataclass(frozen=True)
+class AdminEvent:
+    actor: str
+    action: str
+    target: str
+    at: float
+    changes: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestQuery:
+    key_id: str | None = None
+    outcome: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+    before: tuple[float, str] | None = None  # cursor: (started_at, request_id) of the last row seen
+    request_id: str | None = None
+
+
+class Store(Protocol):
+    kind: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def migrate(self) -> int: ...
+    async def ping(self) -> None: ...
+
+    async def get_key(self, key_id: str) -> KeyRow | None: ...
+    async def list_keys(self) -> list[KeyRow]: ...
+    async def save_key(self, key: KeyRow, event: AdminEvent, *, create: bool) -> None: ...
+    async def admin_events(self, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]: ...
+
+    async def insert_requests(self, rows: Sequence[dict[str, Any]]) -> int: ...
+    async def requests(self, query: RequestQuery) -> list[dict[str, Any]]: ...
+    async def usage(self, since: float, by: str, key_id: str | None = None) -> list[dict[str, Any]]: ...
+    async def count_requests(self) -> int: ...
+
+    async def insert_audit(self, rows: Sequence[dict[str, Any]]) -> int: ...
+    async def audit_records(self, query: RequestQuery) -> list[dict[str, Any]]: ...

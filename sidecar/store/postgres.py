@@ -1,0 +1,83 @@
+"""PostgreSQL through psycopg 3 with an async connection pool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from sidecar.store.base import StoreError
+from sidecar.store.sql import Params, SqlStore, schema_v1
+
+MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),)
+
+
+class PostgresStore(SqlStore):
+    kind = "postgres"
+    placeholder = "%s"
+    migrations = MIGRATIONS
+
+    def __init__(self, url: str, pool_size: int = 4, connect_timeout: float = 5.0) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self._pool: AsyncConnectionPool | None = None
+
+    async def open(self) -> None:
+        self._pool = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            open=False,
+            timeout=self.connect_timeout,
+            kwargs={"autocommit": True},
+        )
+        try:
+            await self._pool.open(wait=True, timeout=self.connect_timeout)
+        except (psycopg.Error, TimeoutError) as exc:
+            await self._pool.close()
+            self._pool = None
+            raise StoreError(f"cannot connect to PostgreSQL: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            raise StoreError("store is not open")
+        return self._pool
+
+    def _day(self) -> str:
+        return "to_char(to_timestamp(started_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("%", "%%").replace("?", "%s")
+
+    async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        try:
+            async with self.pool.connection() as conn, conn.cursor() as cur:
+                await cur.execute(sql.encode(), list(params))
+                return list(await cur.fetchall())
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+
+    async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
+        try:
+            async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                for sql, params in statements:
+                    await cur.execute(sql.encode(), list(params))
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+
+    async def _many(self, sql: str, rows: Sequence[Params]) -> int:
+        try:
+            async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(sql.encode(), rows)
+                return max(cur.rowcount, 0)
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from None

@@ -1,0 +1,236 @@
+"""SqlStore: the queries both backends share, written once over four primitives each backend provides.
+
+Placeholders are written `?` and rewritten to `%s` for PostgreSQL. DDL (types differ) lives in each backend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from sidecar.store.base import (
+    KEY_COLUMNS,
+    REQUEST_COLUMNS,
+    USAGE_GROUPS,
+    AdminEvent,
+    KeyRow,
+    RequestQuery,
+    StoreError,
+)
+
+Params = Sequence[Any]
+AUDIT_COLUMNS = ("request_id", "key_id", "emitted_at", "record")
+
+
+class SqlStore:
+    kind = "sql"
+    placeholder = "?"
+    migrations: tuple[str, ...] = ()  # migration N is migrations[N-1]: statements separated by ";\n"
+
+    # --- primitives each backend implements --------------------------------------------------------------
+    async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
+        """Run statements in one transaction: all or nothing."""
+        raise NotImplementedError
+
+    async def _many(self, sql: str, rows: Sequence[Params]) -> int:
+        """One statement over many parameter rows, in one transaction; the number of rows inserted."""
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    # --- schema ----------------------------------------------------------------------------------------------
+    async def migrate(self) -> int:
+        await self._run(
+            [
+                (
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                    "applied_at DOUBLE PRECISION NOT NULL)",
+                    (),
+                )
+            ]
+        )
+        rows = await self._fetch("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        current = int(rows[0][0])
+        for version in range(current + 1, len(self.migrations) + 1):
+            statements: list[tuple[str, Params]] = [
+                (s.strip(), ()) for s in self.migrations[version - 1].split(";\n") if s.strip()
+            ]
+            statements.append(
+                (self._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)"), (version, time.time()))
+            )
+            await self._run(statements)
+        return len(self.migrations)
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+    # --- keys --------------------------------------------------------------------------------------------------
+    async def get_key(self, key_id: str) -> KeyRow | None:
+        rows = await self._fetch(self._sql(f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys WHERE id = ?"), (key_id,))
+        return _key(rows[0]) if rows else None
+
+    async def list_keys(self) -> list[KeyRow]:
+        rows = await self._fetch(f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys ORDER BY created_at, id")
+        return [_key(r) for r in rows]
+
+    async def save_key(self, key: KeyRow, event: AdminEvent, *, create: bool) -> None:
+        values = [getattr(key, c) for c in KEY_COLUMNS]
+        values[KEY_COLUMNS.index("models")] = None if key.models is None else orjson.dumps(list(key.models)).decode()
+        if create:
+            cols = ", ".join(KEY_COLUMNS)
+            change = (self._sql(f"INSERT INTO api_keys ({cols}) VALUES ({', '.join('?' * len(KEY_COLUMNS))})"), values)
+        else:
+            sets = ", ".join(f"{c} = ?" for c in KEY_COLUMNS[1:])
+            change = (self._sql(f"UPDATE api_keys SET {sets} WHERE id = ?"), [*values[1:], key.id])
+        audit = (
+            self._sql(
+                "INSERT INTO admin_audit_log (at, actor, action, target, changes, request_id) VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            (event.at, event.actor, event.action, event.target, orjson.dumps(event.changes).decode(), event.request_id),
+        )
+        await self._run([change, audit])
+
+    async def admin_events(self, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE id < ?", [before]) if before is not None else ("", [])
+        rows = await self._fetch(
+            self._sql(
+                f"SELECT id, at, actor, action, target, changes, request_id FROM admin_audit_log {where} "
+                "ORDER BY id DESC LIMIT ?"
+            ),
+            [*params, limit],
+        )
+        names = ("id", "at", "actor", "action", "target", "changes", "request_id")
+        out = [dict(zip(names, r, strict=True)) for r in rows]
+        for row in out:
+            row["changes"] = orjson.loads(row["changes"])
+        return out
+
+    # --- request log -------------------------------------------------------------------------------------
+    async def insert_requests(self, rows: Sequence[dict[str, Any]]) -> int:
+        cols = ", ".join(REQUEST_COLUMNS)
+        sql = self._sql(
+            f"INSERT INTO request_log ({cols}) VALUES ({', '.join('?' * len(REQUEST_COLUMNS))}) "
+            "ON CONFLICT (request_id) DO NOTHING"
+        )
+        return await self._many(sql, [[r.get(c) for c in REQUEST_COLUMNS] for r in rows])
+
+    async def count_requests(self) -> int:
+        return int((await self._fetch("SELECT COUNT(*) FROM request_log"))[0][0])
+
+    async def requests(self, query: RequestQuery) -> list[dict[str, Any]]:
+        where, params = _filters(query, "started_at")
+        rows = await self._fetch(
+            self._sql(
+                f"SELECT {', '.join(REQUEST_COLUMNS)} FROM request_log {where} "
+                "ORDER BY started_at DESC, request_id DESC LIMIT ?"
+            ),
+            [*params, query.limit],
+        )
+        out = [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in rows]
+        for row in out:
+            row["stream"] = bool(row["stream"])
+        return out
+
+    def _day(self) -> str:
+        raise NotImplementedError
+
+    async def usage(self, since: float, by: str, key_id: str | None = None) -> list[dict[str, Any]]:
+        if by not in USAGE_GROUPS:
+            raise StoreError(f"unknown grouping {by!r}")
+        group = {"key": "key_id", "model": "model", "day": self._day()}[by]
+        where = "WHERE started_at >= ?"
+        params: list[Any] = [since]
+        if key_id is not None:
+            where += " AND key_id = ?"
+            params.append(key_id)
+        rows = await self._fetch(
+            self._sql(
+                f"SELECT {group} AS grp, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
+                "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), "
+                "SUM(CASE WHEN outcome = 'completed' THEN 0 ELSE 1 END) "
+                f"FROM request_log {where} GROUP BY grp ORDER BY grp"
+            ),
+            params,
+        )
+        names = (by, "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed")
+        return [dict(zip(names, (r[0], *map(int, r[1:])), strict=True)) for r in rows]
+
+    # --- audit records -----------------------------------------------------------------------------------
+    async def insert_audit(self, rows: Sequence[dict[str, Any]]) -> int:
+        sql = self._sql(
+            "INSERT INTO audit_records (request_id, key_id, emitted_at, record) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (request_id) DO NOTHING"
+        )
+        return await self._many(sql, [[r.get(c) for c in AUDIT_COLUMNS] for r in rows])
+
+    async def audit_records(self, query: RequestQuery) -> list[dict[str, Any]]:
+        where, params = _filters(query, "emitted_at")
+        rows = await self._fetch(
+            self._sql(f"SELECT record FROM audit_records {where} ORDER BY emitted_at DESC, request_id DESC LIMIT ?"),
+            [*params, query.limit],
+        )
+        return [orjson.loads(r[0]) for r in rows]
+
+
+def _filters(q: RequestQuery, time_col: str) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if q.request_id is not None:
+        clauses.append("request_id = ?")
+        params.append(q.request_id)
+    if q.key_id is not None:
+        clauses.append("key_id = ?")
+        params.append(q.key_id)
+    if q.outcome is not None and time_col == "started_at":
+        clauses.append("outcome = ?")
+        params.append(q.outcome)
+    if q.since is not None:
+        clauses.append(f"{time_col} >= ?")
+        params.append(q.since)
+    if q.until is not None:
+        clauses.append(f"{time_col} < ?")
+        params.append(q.until)
+    if q.before is not None:
+        clauses.append(f"({time_col} < ? OR ({time_col} = ? AND request_id < ?))")
+        params.extend([q.before[0], q.before[0], q.before[1]])
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _key(row: Sequence[Any]) -> KeyRow:
+    data = dict(zip(KEY_COLUMNS, row, strict=True))
+    models = data.pop("models")
+    return KeyRow(**data, models=None if models is None else tuple(orjson.loads(models)))
+
+
+def _ddl_request_log(real: str, boolean: str) -> str:
+    return f"""CREATE TABLE request_log (
+  request_id TEXT PRIMARY KEY, client_request_id TEXT, key_id TEXT, method TEXT NOT NULL, path TEXT NOT NULL,
+  model TEXT, stream {boolean} NOT NULL, status INTEGER NOT NULL, outcome TEXT NOT NULL, error_code TEXT,
+  prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, cached_tokens INTEGER,
+  usage_source TEXT NOT NULL, upstream_status INTEGER, ttft_ms {real}, latency_ms {real} NOT NULL,
+  bytes_in BIGINT NOT NULL, bytes_out BIGINT NOT NULL, chunks INTEGER NOT NULL,
+  started_at {real} NOT NULL, finished_at {real} NOT NULL);
+CREATE INDEX request_log_started ON request_log (started_at);
+CREATE INDEX request_log_key_started ON request_log (key_id, started_at)"""
+
+
+def schema_v1(real: str, boolean: str, serial: str) -> str:
+    """Version 1 of the schema, in a backend's types: `real` (floats), `boolean`, `serial` (an id column)."""
+    return f"""CREATE TABLE api_keys (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL, created_at {real} NOT NULL,
+  expires_at {real}, revoked_at {real}, concurrency INTEGER, rpm INTEGER, tpm BIGINT, models TEXT, audit TEXT,
+  updated_at {real} NOT NULL);
+CREATE TABLE admin_audit_log (
+  id {serial}, at {real} NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT,
+  changes TEXT NOT NULL, request_id TEXT);
+{_ddl_request_log(real, boolean)};
+CREATE TABLE audit_records (
+  request_id TEXT PRIMARY KEY, key_id TEXT, emitted_at {real} NOT NULL, record TEXT NOT NULL);
+CREATE INDEX audit_records_emitted ON audit_records (emitted_at)"""
