@@ -74,7 +74,8 @@ class Lease:
         state.reserved -= self.reserved
         if state.tokens is not None:
             state.tokens.refill(self.manager.clock())
-            state.tokens.level += self.reserved - used
+            bucket = state.tokens
+            bucket.level = min(bucket.capacity, bucket.level + self.reserved - used)  # a refund never overfills
         self.reserved = 0
 
     def release(self) -> None:

@@ -1,0 +1,176 @@
+"""Keys end to end: format, auth errors, admin API and CLI with their audit rows, rollback, no key leaks."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.keys import KEY_LEN, new_key, parse_key
+
+ADMIN = "admin-token-canary-1234"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_key_format_round_trip():
+    key, kid, secret = new_key()
+    assert key.startswith("sk-sc-") and len(key) == KEY_LEN and parse_key(key) == (kid, secret)
+
+
+@given(st.integers(0, KEY_LEN - 1), st.sampled_from("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ-_"))
+def test_a_single_typo_is_caught_by_the_checksum(position, char):
+    key, _, _ = new_key()
+    typo = key[:position] + char + key[position + 1 :]
+    if typo != key:
+        assert parse_key(typo) is None
+
+
+async def admin(session, method, url, body=None, token=ADMIN):
+    async with session.request(method, url, json=body, headers={"authorization": f"Bearer {token}"}) as r:
+        return r.status, await r.json(), r.headers.get("x-request-id")
+
+
+async def chat(session, url, key, body=None):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with session.post(url + "/v1/chat/completions", json=body or CHAT, headers=headers) as r:
+        return r.status, await r.json()
+
+
+@pytest.fixture
+async def keyed(fake, sidecar_factory, store_url):
+    return await sidecar_factory(fake.url, auth__enabled=True, server__admin_token=ADMIN, store__url=store_url)
+
+
+async def test_auth_errors(keyed):
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, keyed.url, None)
+        assert status == 401 and body["error"]["code"] is None and "API key" in body["error"]["message"]
+        status, body = await chat(s, keyed.url, "sk-nonsense")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        fake_key, _, _ = new_key()  # well-formed, unknown
+        status, body = await chat(s, keyed.url, fake_key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        _, created, _ = await admin(s, "POST", keyed.url + "/admin/keys", {"name": "k", "expires_in": "1s"})
+        assert (await chat(s, keyed.url, created["key"]))[0] == 200
+        time.sleep(1.1)
+        keyed.server.app[__import__("sidecar.app").app.AUTH].forget(created["id"])
+        status, body = await chat(s, keyed.url, created["key"])
+        assert status == 401 and body["error"]["code"] == "key_expired"
+    assert {r["outcome"] for r in keyed.rows[:3]} == {"unauthorized"}
+
+
+async def test_admin_api_end_to_end_with_audit_rows(keyed, fake):
+    async with aiohttp.ClientSession() as s:
+        assert (await admin(s, "GET", keyed.url + "/admin/keys", token="wrong"))[0] == 401
+        status, created, rid = await admin(
+            s, "POST", keyed.url + "/admin/keys", {"name": "alice", "models": ["m"], "rpm": 100}
+        )
+        assert status == 201 and created["key"].startswith("sk-sc-") and "hash" not in created
+        key, kid = created["key"], created["id"]
+        assert (await chat(s, keyed.url, key))[0] == 200
+        status, body = await chat(s, keyed.url, key, {**CHAT, "model": "other"})
+        assert status == 403 and body["error"]["type"] == "permission_error"
+        assert len(fake.received) == 1  # the forbidden request never reached the upstream
+        status, shown, _ = await admin(s, "GET", f"{keyed.url}/admin/keys/{kid}")
+        assert status == 200 and shown["name"] == "alice" and shown["models"] == ["m"]
+        status, updated, rid2 = await admin(s, "PATCH", f"{keyed.url}/admin/keys/{kid}", {"models": None, "rpm": 5})
+        assert status == 200 and updated["rpm"] == 5
+        assert (await chat(s, keyed.url, key, {**CHAT, "model": "other"}))[0] == 200
+        status, _, rid3 = await admin(s, "DELETE", f"{keyed.url}/admin/keys/{kid}")
+        assert status == 200
+        status, body = await chat(s, keyed.url, key)  # revoked on this replica: at once
+        assert status == 401 and body["error"]["code"] == "key_revoked"
+        assert (await admin(s, "PATCH", f"{keyed.url}/admin/keys/{kid}", {"bogus": 1}))[0] == 400
+        assert (await admin(s, "GET", f"{keyed.url}/admin/keys/nosuchkey000"))[0] == 404
+        status, log, _ = await admin(s, "GET", keyed.url + "/admin/audit")
+    actions = [(e["action"], e["target"], e["request_id"]) for e in reversed(log["data"])]
+    assert actions == [("key.create", kid, rid), ("key.update", kid, rid2), ("key.revoke", kid, rid3)]
+    assert log["data"][1]["changes"] == {"models": None, "rpm": 5}
+    assert all(e["actor"].startswith("admin-api:") for e in log["data"])
+    text = keyed.log_text() + orjson.dumps(keyed.rows).decode() + orjson.dumps(log).decode()
+    async with aiohttp.ClientSession() as s, s.get(keyed.url + "/metrics") as r:
+        text += await r.text()
+    assert key not in text and key.split("-")[3] not in text and ADMIN not in text
+
+
+async def test_admin_api_is_off_without_a_token(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, auth__enabled=True)
+    async with aiohttp.ClientSession() as s:
+        assert (await admin(s, "GET", running.url + "/admin/keys"))[0] == 404
+
+
+async def test_failed_audit_write_rolls_the_change_back(fake, sidecar_factory, tmp_path):
+    db = tmp_path / "rb.db"
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, store__url=f"sqlite:///{db}"
+    )
+    with sqlite3.connect(db) as conn:  # a real failure in the real database: the audit insert aborts
+        conn.execute(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON admin_audit_log BEGIN SELECT RAISE(ABORT, 'audit down'); END"
+        )
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "x"})
+        assert status == 503 and body["error"]["code"] == "store_unavailable"
+        status, listing, _ = await admin(s, "GET", running.url + "/admin/keys")
+    assert listing["data"] == []
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0] == 0
+
+
+def run_cli(tmp_path, *args):
+    env = {**os.environ, "SIDECAR_SERVER_DATA_DIR": str(tmp_path), "SIDECAR_STORE_URL": f"sqlite:///{tmp_path}/c.db"}
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_cli_keys_end_to_end(tmp_path, fake, sidecar_factory):
+    out = run_cli(tmp_path, "keys", "create", "--name", "bob", "--tpm", "5000", "--models", "m,n")
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    kid = parse_key(key)[0]
+    listing = orjson.loads(run_cli(tmp_path, "keys", "list").stdout)
+    assert [(k["id"], k["tpm"], k["models"]) for k in listing] == [(kid, 5000, ["m", "n"])]
+    assert orjson.loads(run_cli(tmp_path, "keys", "update", kid, "--rpm", "7").stdout)["rpm"] == 7
+    assert orjson.loads(run_cli(tmp_path, "keys", "show", kid).stdout)["rpm"] == 7
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, store__url=f"sqlite:///{tmp_path}/c.db", server__data_dir=str(tmp_path)
+    )
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, running.url, key))[0] == 200  # same pepper file, same store: the key works
+    assert run_cli(tmp_path, "keys", "revoke", kid).returncode == 0
+    events = orjson.loads(run_cli(tmp_path, "audit-log").stdout)
+    assert [e["action"] for e in reversed(events)] == ["key.create", "key.update", "key.revoke"]
+    assert all(e["actor"].startswith("cli:") for e in events)
+    assert run_cli(tmp_path, "keys", "show", "nosuchkey000").returncode == 1
+    bad = run_cli(tmp_path, "keys", "create", "--name", "x", "--expires-in", "soon")
+    assert bad.returncode == 1 and "Invalid duration" in bad.stderr
+    assert key not in run_cli(tmp_path, "audit-log").stdout
+
+
+async def test_static_keys_file(tmp_path, fake, sidecar_factory):
+    pepper = tmp_path / "pepper"
+    pepper.write_text("static-pepper\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "keys", "create", "--name", "svc", "--static"],
+        env={**os.environ, "SIDECAR_AUTH_PEPPER_FILE": str(pepper)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    static = tmp_path / "keys.jsonl"
+    static.write_text(out.stdout)
+    key = out.stderr.split("shown once): ")[1].strip()
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, auth__pepper_file=str(pepper), auth__static_keys_file=str(static)
+    )
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, running.url, key))[0] == 200
+        assert running.rows[-1]["key_id"] == parse_key(key)[0]
