@@ -201,3 +201,37 @@ class Admin:
     async def audit_records(self, request: web.Request, rid: str) -> Any:
         query = page_query(request)
         return page(await self.store.audit_records(query), query.limit, "emitted_at")
+
+
+class OwnUsage:
+    """`GET /v1/usage`: a key holder's own usage summary (`since`, `by=model|day`); never another key's."""
+
+    def __init__(self, auth: Authenticator, store: Store) -> None:
+        self.auth = auth
+        self.store = store
+
+    async def handle(self, request: web.Request) -> web.Response:
+        rid = new_request_id()
+        try:
+            principal = await self.auth.authenticate(request.headers)
+            if principal.key_id is None:
+                raise BadRequest("Usage is per key; authentication is off.", code="no_key")
+            by = request.query.get("by", "model")
+            if by not in ("model", "day"):
+                raise BadRequest("`by` must be model or day.", param="by")
+            since = since_param(request)
+            rows = await self.store.usage(since, by, principal.key_id)
+        except SidecarError as err:
+            return web.Response(
+                status=err.status,
+                body=err.body(),
+                headers={**err.headers, "x-request-id": rid, "content-type": "application/json"},
+            )
+        except StoreError:
+            down = StoreUnavailable("The store is unavailable; retry shortly.")
+            return web.Response(
+                status=down.status, body=down.body(), headers={"x-request-id": rid, "content-type": "application/json"}
+            )
+        return json_response(
+            {"object": "list", "key_id": principal.key_id, "since": since, "by": by, "data": rows}, rid
+        )

@@ -8,10 +8,11 @@ imports this module but the CLI, the runner and tests.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
-from sidecar.admin import Admin
+from sidecar.admin import Admin, OwnUsage
 from sidecar.auth import Authenticator
 from sidecar.config import Settings, read_secret
 from sidecar.health import Health, RunState
@@ -24,6 +25,7 @@ from sidecar.records import RequestRecord
 from sidecar.store import open_store
 from sidecar.store.base import Store
 from sidecar.upstream import Upstream
+from sidecar.writer import BatchWriter
 
 UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", Metrics)
@@ -33,18 +35,21 @@ STORE = web.AppKey("store", Store)
 LEASES = web.AppKey("leases", LeaseManager)
 AUTH = web.AppKey("auth", Authenticator)
 KEYS = web.AppKey("keys", KeyAdmin)
+WRITER = web.AppKey("writer", BatchWriter)
 
 
-def record_finisher(metrics: Metrics, request_log: RequestLog | None) -> Callable[[RequestRecord], None]:
-    """The terminal hook every record goes through once: metrics, then the request log line."""
+def record_finisher(
+    metrics: Metrics, writer: BatchWriter, request_log: RequestLog | None
+) -> Callable[[RequestRecord], None]:
+    """The terminal hook every record goes through exactly once: metrics, the store, the request log line."""
 
     def finish(rec: RequestRecord) -> None:
         metrics.observe(metrics.route(rec.path), rec.status, rec.outcome, rec.latency_ms / 1000.0, rec.ttft_ms)
         metrics.count_tokens(rec.prompt_tokens, rec.completion_tokens)
+        row = rec.as_row()
+        writer.put(row)
         if request_log is not None:
-            row = rec.as_row()
-            row["msg"] = "request"
-            request_log.write(row)
+            request_log.write({**row, "msg": "request"})
 
     return finish
 
@@ -74,18 +79,27 @@ def create_app(settings: Settings) -> web.Application:
     leases = LeaseManager(s.limits)
     keys = KeyAdmin(store, pepper)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
-    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, record_finisher(metrics, request_log))
+    writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
+    metrics.add_collector(writer.collect)
+    finish = record_finisher(metrics, writer, request_log)
+    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish)
     health = Health(upstream, state, store)
 
     app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
     app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = upstream, metrics, state, proxy
     app[STORE], app[LEASES], app[AUTH], app[KEYS] = store, leases, auth, keys
+    app[WRITER] = writer
 
     async def store_ctx(_: web.Application) -> AsyncIterator[None]:
         await store.open()
         await store.migrate()
         yield
         await store.close()
+
+    async def writer_ctx(_: web.Application) -> AsyncIterator[None]:
+        await writer.start()
+        yield
+        await writer.close()
 
     async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
         await upstream.open()
@@ -98,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
             request_log.close()
 
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(writer_ctx)
     app.cleanup_ctx.append(request_log_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     router = app.router
@@ -105,5 +120,6 @@ def create_app(settings: Settings) -> web.Application:
     router.add_get("/readyz", health.readyz)
     router.add_get("/metrics", metrics.handle)
     Admin(admin_token, keys, store, auth).add_routes(router)
+    router.add_get("/v1/usage", OwnUsage(auth, store).handle)
     router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

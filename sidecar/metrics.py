@@ -164,5 +164,8 @@ def counter(name: str, doc: str, labels: tuple[str, ...], values: dict[tuple[str
     return family
 
 
-def gauge(name: str, doc: str, value: float) -> Metric:
-    return GaugeMetricFamily(name, doc, value=value)
+def gauge(name: str, doc: str, labels: tuple[str, ...], values: dict[tuple[str, ...], float]) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, n in values.items():
+        family.add_metric(key, n)
+    return family

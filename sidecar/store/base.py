@@ -23,7 +23,15 @@ USAGE_GROUPS = ("key", "model", "day")
 
 
 class StoreError(Exception):
-    """The store could not do what was asked (unreachable, locked, constraint failed)."""
+    """The store could not do what was asked.
+
+    `transient` errors (unreachable, locked, busy, disk) may succeed later unchanged: rows wait in the spool.
+    Others are about the data (a value the column cannot hold): retrying the same row cannot help.
+    """
+
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)

@@ -79,5 +79,7 @@ class PostgresStore(SqlStore):
             async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 await cur.executemany(sql.encode(), rows)
                 return max(cur.rowcount, 0)
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, ValueError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}", transient=False) from None
         except (psycopg.Error, TimeoutError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from None

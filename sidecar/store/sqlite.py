@@ -81,17 +81,23 @@ class SqliteStore(SqlStore):
     async def _many(self, sql: str, rows: Sequence[Params]) -> int:
         db = self.db
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                before = db.total_changes
-                await db.executemany(sql, rows)
-                inserted = db.total_changes - before
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+            return await self._many_tx(db, sql, rows)
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}", transient=False) from None
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
+
+    @staticmethod
+    async def _many_tx(db: aiosqlite.Connection, sql: str, rows: Sequence[Params]) -> int:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            before = db.total_changes
+            await db.executemany(sql, rows)
+            inserted = db.total_changes - before
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
         return inserted
 
     async def integrity_check(self) -> str:
