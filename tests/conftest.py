@@ -65,6 +65,7 @@ def make_settings(upstream_url: str, tmp_path: Any, **options: Any) -> Settings:
         "server.request_log": str(tmp_path / "requests.jsonl"),
         "server.log_flush_ms": 0,
         "auth.enabled": False,  # the relay tests; key and lease tests turn it on
+        "writer.flush_interval_ms": 20,
     }
     flags.update({k.replace("__", "."): v for k, v in options.items()})
     return load(None, {}, flags)
@@ -86,6 +87,20 @@ class Running:
             return []
         with open(path, "rb") as f:
             return [orjson.loads(line) for line in f if line.strip()]
+
+    async def stored(self, expect: int | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """request_log rows in the store, oldest first; waits until `expect` rows are there."""
+        from sidecar.app import STORE
+        from sidecar.store.base import RequestQuery
+
+        store = self.server.app[STORE]
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            rows = await store.requests(RequestQuery(limit=100000))
+            if expect is None or len(rows) >= expect or loop.time() > end:
+                return sorted(rows, key=lambda r: r["started_at"])
+            await asyncio.sleep(0.02)
 
     def log_text(self) -> str:
         """Everything the sidecar logged: request lines and other log records."""

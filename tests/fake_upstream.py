@@ -33,6 +33,7 @@ class Script:
     crlf: bool = False  # use \r\n\r\n event separators
     no_done: bool = False
     content_length_stream: bool = False  # send the SSE body with a content-length instead of chunked
+    delay_before_usage: float = 0.0  # pause between the finish event and the usage event
 
 
 @dataclass
@@ -233,6 +234,8 @@ class FakeUpstream:
                 return resp
             if s.hang_after is not None and content_index == s.hang_after:
                 await asyncio.sleep(3600)
+            if s.delay_before_usage and b'"choices":[]' in event:
+                await asyncio.sleep(s.delay_before_usage)
             await resp.write(event)
             if s.delay_chunks:
                 await asyncio.sleep(s.delay_chunks)
