@@ -7,12 +7,16 @@ imports this module but the CLI, the runner and tests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from sidecar.admin import Admin, OwnUsage
+from sidecar.audit import Auditor
+from sidecar.audit_sinks import AuditBus, Sink
+from sidecar.audit_sinks.db import DbSink
+from sidecar.audit_sinks.files import JsonlSink, StderrSink
 from sidecar.auth import Authenticator
 from sidecar.config import Settings, read_secret
 from sidecar.health import Health, RunState
@@ -36,6 +40,7 @@ LEASES = web.AppKey("leases", LeaseManager)
 AUTH = web.AppKey("auth", Authenticator)
 KEYS = web.AppKey("keys", KeyAdmin)
 WRITER = web.AppKey("writer", BatchWriter)
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 
 def record_finisher(
@@ -52,6 +57,35 @@ def record_finisher(
             request_log.write({**row, "msg": "request"})
 
     return finish
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _resource(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> CleanupCtx:
+    async def ctx(_: web.Application) -> AsyncIterator[None]:
+        await start()
+        yield
+        await stop()
+
+    return ctx
+
+
+def _audit_bus(s: Settings, store: Store) -> AuditBus:
+    """The configured audit sinks. Per-key `audit = "on"` can capture even with `capture = "off"`."""
+    cfg = s.audit
+    sinks: list[Sink] = []
+    for name in cfg.sinks:
+        if name == "stderr":
+            sinks.append(StderrSink(cfg.queue_size))
+        elif name == "jsonl":
+            directory = cfg.jsonl_dir or str(Path(s.server.data_dir) / "audit")
+            sinks.append(JsonlSink(cfg.queue_size, directory, cfg.jsonl_max_bytes, cfg.jsonl_max_age, cfg.jsonl_gzip))
+        elif name == "db":
+            writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"), "audit", store.insert_audit)
+            sinks.append(DbSink(writer, cfg.queue_size))
+    return AuditBus(sinks)
 
 
 def server_args(settings: Settings) -> dict[str, object]:
@@ -82,7 +116,11 @@ def create_app(settings: Settings) -> web.Application:
     writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
     metrics.add_collector(writer.collect)
     finish = record_finisher(metrics, writer, request_log)
-    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish)
+    bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
+    auditor = Auditor(s.audit, bus.emit) if bus is not None else None
+    if bus is not None:
+        metrics.add_collector(bus.collect)
+    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor)
     health = Health(upstream, state, store)
 
     app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
@@ -90,31 +128,32 @@ def create_app(settings: Settings) -> web.Application:
     app[STORE], app[LEASES], app[AUTH], app[KEYS] = store, leases, auth, keys
     app[WRITER] = writer
 
-    async def store_ctx(_: web.Application) -> AsyncIterator[None]:
+    async def open_store_() -> None:
         await store.open()
         await store.migrate()
-        yield
-        await store.close()
 
-    async def writer_ctx(_: web.Application) -> AsyncIterator[None]:
-        await writer.start()
-        yield
-        await writer.close()
-
-    async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
-        await upstream.open()
-        yield
-        await upstream.close()
-
-    async def request_log_ctx(_: web.Application) -> AsyncIterator[None]:
-        yield
+    async def close_log() -> None:
         if request_log is not None:
             request_log.close()
 
-    app.cleanup_ctx.append(store_ctx)
-    app.cleanup_ctx.append(writer_ctx)
-    app.cleanup_ctx.append(request_log_ctx)
-    app.cleanup_ctx.append(upstream_ctx)
+    async def close_bus() -> None:
+        if bus is not None:
+            await bus.close(s.writer.drain_timeout)
+
+    async def start_bus() -> None:
+        if bus is not None:
+            await bus.start()
+
+    # Opened in this order, closed in reverse: the writer and the audit sinks drain before the store closes.
+    app.cleanup_ctx.extend(
+        [
+            _resource(open_store_, store.close),
+            _resource(writer.start, writer.close),
+            _resource(start_bus, close_bus),
+            _resource(_nothing, close_log),
+            _resource(upstream.open, upstream.close),
+        ]
+    )
     router = app.router
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)

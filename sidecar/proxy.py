@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from sidecar.audit import Auditor, Capture
 from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
 from sidecar.config import LimitsCfg, ServerCfg
@@ -65,6 +66,8 @@ class Exchange:
     rec: RequestRecord
     lease: Lease
     prompt_estimate: int
+    audit: bool = False
+    response: Any = None  # the non-streaming response, kept for audit
     up: aiohttp.ClientResponse | None = None
     resp: web.StreamResponse | None = None
     scanner: StreamScanner | None = None
@@ -99,7 +102,9 @@ class Proxy:
         leases: LeaseManager,
         metrics: Metrics,
         finish: Callable[[RequestRecord], None],
+        auditor: Auditor | None = None,
     ) -> None:
+        self.auditor = auditor
         self.limits = limits
         self.auth = auth
         self.leases = leases
@@ -137,16 +142,21 @@ class Proxy:
         self.active.add(task)
         self.metrics.in_flight += 1
         lease: Lease | None = None
+        capture: Capture | None = None
+        ex: Exchange | None = None
         try:
             self._check_route(request.method, path)
             principal = await self.auth.authenticate(request.headers)
             rec.key_id = principal.key_id
             call = await self._read_call(request, path, rec)
+            if self.auditor is not None:
+                capture = self.auditor.capture(rec.request_id, principal.audit, request.headers, call.doc)
             if call.doc is not None:
                 principal.check_model(call.model)
             estimate = self._estimate(call)
             lease = await self.leases.acquire(principal, estimate.reservation)
-            return await self._relay(request, Exchange(call, rec, lease, estimate.prompt))
+            ex = Exchange(call, rec, lease, estimate.prompt, audit=capture is not None)
+            return await self._relay(request, ex)
         except SidecarError as err:
             rec.fail(err.status, err.outcome, err.code)
             return error_response(err, rec.request_id)
@@ -164,6 +174,15 @@ class Proxy:
             if self._idle is not None and not self.active:
                 self._idle.set()
             self._finish(rec.finish())
+            if capture is not None:
+                self._audit(capture, rec, ex)
+
+    def _audit(self, capture: Capture, rec: RequestRecord, ex: Exchange | None) -> None:
+        assert self.auditor is not None
+        events = ex.scanner.parsed if ex is not None and ex.scanner is not None else None
+        response = ex.response if ex is not None else None
+        complete = rec.outcome == Outcome.COMPLETED and (ex is None or ex.scanner is None or ex.scanner.done)
+        self.auditor.finish(capture, rec.as_row(), response, events, complete)
 
     def _check_route(self, method: str, path: str) -> None:
         if path not in self.upstream.paths:
@@ -278,6 +297,8 @@ class Proxy:
         ex.clean = True
         rec = ex.rec
         rec.status = up.status
+        if ex.audit:
+            ex.response = _json_or_text(body)
         rec.bytes_out = len(body)
         if up.status >= 500:
             rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
@@ -294,7 +315,7 @@ class Proxy:
     ) -> web.StreamResponse:
         rec = ex.rec
         call = ex.call
-        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, path=call.path, tools=call.tools)
+        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, ex.audit, call.path, call.tools)
         read = up.content.readany
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
@@ -371,6 +392,13 @@ class Proxy:
         usage = usage_from(usage_object(body))
         if usage is not None:
             rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
+
+
+def _json_or_text(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
 
 
 def usage_object(body: bytes) -> Any:

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,16 @@ def _dump(row: Row) -> bytes:
 
 
 class BatchWriter:
-    def __init__(self, store: Store, cfg: WriterCfg, spool_dir: str, name: str = "requests") -> None:
+    def __init__(
+        self,
+        store: Store,
+        cfg: WriterCfg,
+        spool_dir: str,
+        name: str = "requests",
+        insert: Callable[[Sequence[Row]], Awaitable[int]] | None = None,
+    ) -> None:
         self.store = store
+        self._insert_rows = insert or store.insert_requests
         self.cfg = cfg
         self.name = name
         self.dir = Path(spool_dir)
@@ -174,7 +182,10 @@ class BatchWriter:
         return True
 
     async def _store_insert(self, rows: Sequence[Row]) -> int:
-        return await self.store.insert_requests(rows)
+        return await self._insert_rows(rows)
+
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def _one_by_one(self, batch: list[Row]) -> bool:
         for row in batch:
