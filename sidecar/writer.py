@@ -33,6 +33,7 @@ from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("sidecar.writer")
 Row = dict[str, Any]
+Line = bytes  # one row, JSON-encoded: what the journal holds and what the store unpacks
 _MAX_TEXT = 4096
 _INT64 = 2**63 - 1
 
@@ -68,14 +69,14 @@ class BatchWriter:
         cfg: WriterCfg,
         spool_dir: str,
         name: str = "requests",
-        insert: Callable[[Sequence[Row]], Awaitable[int]] | None = None,
+        insert: Callable[[Sequence[Line]], Awaitable[int]] | None = None,
     ) -> None:
         self.store = store
         self._insert_rows = insert or store.insert_requests
         self.cfg = cfg
         self.name = name
         self.dir = Path(spool_dir)
-        self._queue: deque[Row] = deque()
+        self._queue: deque[Line] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -89,12 +90,13 @@ class BatchWriter:
     # --- hot path ---------------------------------------------------------------------------------------
     def put(self, row: Row) -> None:
         """Queue one row; never awaits, never blocks on the store."""
+        line = _dump(row)
         if self.cfg.spool:
-            os.write(self._fd, _dump(row) + b"\n")
+            os.write(self._fd, line + b"\n")
         elif len(self._queue) >= self.cfg.queue_size:
             self.dropped += 1
             return
-        self._queue.append(row)
+        self._queue.append(line)
         if len(self._queue) >= self.cfg.max_rows:
             self._wake.set()
 
@@ -162,7 +164,7 @@ class BatchWriter:
         self.flushes += 1
         self.flush_seconds += time.perf_counter() - started
 
-    async def _insert(self, rows: list[Row]) -> bool:
+    async def _insert(self, rows: list[Line]) -> bool:
         """Insert rows in batches; False if the store is unreachable (nothing is lost: the caller keeps them)."""
         size = self.cfg.max_rows
         for i in range(0, len(rows), size):
@@ -181,15 +183,15 @@ class BatchWriter:
                     return False
         return True
 
-    async def _store_insert(self, rows: Sequence[Row]) -> int:
+    async def _store_insert(self, rows: Sequence[Line]) -> int:
         return await self._insert_rows(rows)
 
     def queued(self) -> int:
         return len(self._queue)
 
-    async def _one_by_one(self, batch: list[Row]) -> bool:
+    async def _one_by_one(self, batch: list[Line]) -> bool:
         for row in batch:
-            for attempt in (row, sanitise(row)):
+            for attempt in (row, _sanitised_line(row)):
                 try:
                     self.written += await self._store_insert([attempt])
                     break
@@ -201,12 +203,12 @@ class BatchWriter:
                 self._dead_letter(row)
         return True
 
-    def _dead_letter(self, row: Row) -> None:
+    def _dead_letter(self, row: Line) -> None:
         self.dead += 1
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.dir / f"{self.name}.dead.jsonl", "ab") as f:
-            f.write(_dump(row) + b"\n")
-        log.error("row refused by the store; dead-lettered", extra={"fields": {"request_id": row.get("request_id")}})
+            f.write(row + b"\n")
+        log.error("row refused by the store; dead-lettered", extra={"fields": {"bytes": len(row)}})
 
     # --- spool segments -----------------------------------------------------------------------------------
     def _path(self, n: int) -> Path:
@@ -275,11 +277,19 @@ class BatchWriter:
         yield counter("sidecar_writer_flushes", "Flush cycles.", ("table",), {label: self.flushes})
 
 
-def _read_rows(path: Path) -> Iterator[Row]:
+def _read_rows(path: Path) -> Iterator[Line]:
     with open(path, "rb") as f:
         for line in f:
             if line.endswith(b"\n"):  # a torn last line (killed mid-write) is skipped, not fatal
                 try:
-                    yield orjson.loads(line)
+                    orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue
+                yield line.rstrip(b"\n")
+
+
+def _sanitised_line(line: Line) -> Line:
+    try:
+        return _dump(sanitise(orjson.loads(line)))
+    except orjson.JSONDecodeError:
+        return b"{}"

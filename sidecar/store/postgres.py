@@ -9,7 +9,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.store.base import StoreError
-from sidecar.store.sql import Params, SqlStore, schema_v1
+from sidecar.store.sql import Params, SqlStore, json_array, schema_v1
 
 MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),)
 
@@ -74,10 +74,17 @@ class PostgresStore(SqlStore):
         except (psycopg.Error, TimeoutError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from None
 
-    async def _many(self, sql: str, rows: Sequence[Params]) -> int:
+    async def _insert_lines(self, table: str, columns: Sequence[str], lines: Sequence[bytes]) -> int:
+        # One statement over a JSON array: PostgreSQL unpacks the rows, not Python.
+        payload = json_array(lines)
+        cols = ", ".join(columns)
+        sql = (
+            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, %s::json) "
+            f"ON CONFLICT ({columns[0]}) DO NOTHING"
+        )
         try:
-            async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(sql.encode(), rows)
+            async with self.pool.connection() as conn, conn.cursor() as cur:
+                await cur.execute(sql.encode(), [payload])
                 return max(cur.rowcount, 0)
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, ValueError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}", transient=False) from None

@@ -38,10 +38,6 @@ class SqlStore:
         """Run statements in one transaction: all or nothing."""
         raise NotImplementedError
 
-    async def _many(self, sql: str, rows: Sequence[Params]) -> int:
-        """One statement over many parameter rows, in one transaction; the number of rows inserted."""
-        raise NotImplementedError
-
     def _sql(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
@@ -113,13 +109,13 @@ class SqlStore:
         return out
 
     # --- request log -------------------------------------------------------------------------------------
-    async def insert_requests(self, rows: Sequence[dict[str, Any]]) -> int:
-        cols = ", ".join(REQUEST_COLUMNS)
-        sql = self._sql(
-            f"INSERT INTO request_log ({cols}) VALUES ({', '.join('?' * len(REQUEST_COLUMNS))}) "
-            "ON CONFLICT (request_id) DO NOTHING"
-        )
-        return await self._many(sql, [[r.get(c) for c in REQUEST_COLUMNS] for r in rows])
+    async def insert_requests(self, lines: Sequence[bytes]) -> int:
+        """Insert JSON-encoded rows (one object per line) in one statement; duplicates are skipped."""
+        return await self._insert_lines("request_log", REQUEST_COLUMNS, lines)
+
+    async def _insert_lines(self, table: str, columns: Sequence[str], lines: Sequence[bytes]) -> int:
+        """Insert JSON-encoded rows, skipping existing keys (`ON CONFLICT DO NOTHING`); rows inserted."""
+        raise NotImplementedError
 
     async def count_requests(self) -> int:
         return int((await self._fetch("SELECT COUNT(*) FROM request_log"))[0][0])
@@ -163,12 +159,8 @@ class SqlStore:
         return [dict(zip(names, (r[0], *map(int, r[1:])), strict=True)) for r in rows]
 
     # --- audit records -----------------------------------------------------------------------------------
-    async def insert_audit(self, rows: Sequence[dict[str, Any]]) -> int:
-        sql = self._sql(
-            "INSERT INTO audit_records (request_id, key_id, emitted_at, record) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (request_id) DO NOTHING"
-        )
-        return await self._many(sql, [[r.get(c) for c in AUDIT_COLUMNS] for r in rows])
+    async def insert_audit(self, lines: Sequence[bytes]) -> int:
+        return await self._insert_lines("audit_records", AUDIT_COLUMNS, lines)
 
     async def audit_records(self, query: RequestQuery) -> list[dict[str, Any]]:
         where, params = _filters(query, "emitted_at")
@@ -177,6 +169,10 @@ class SqlStore:
             [*params, query.limit],
         )
         return [orjson.loads(r[0]) for r in rows]
+
+
+def json_array(lines: Sequence[bytes]) -> str:
+    return (b"[" + b",".join(lines) + b"]").decode()
 
 
 def _filters(q: RequestQuery, time_col: str) -> tuple[str, list[Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -9,9 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import orjson
 
 from sidecar.store.base import StoreError
 from sidecar.store.sql import Params, SqlStore, schema_v1
+
+_TX_ROWS = 100
+_CHECKPOINT_ROWS = 5000
+
+
+def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
+    row = orjson.loads(line)
+    return tuple(row.get(c) for c in columns)
+
 
 MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),)
 
@@ -25,6 +36,8 @@ class SqliteStore(SqlStore):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
+        self._w: sqlite3.Connection | None = None
+        self._since_checkpoint = 0
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +57,9 @@ class SqliteStore(SqlStore):
             os.chmod(self.path, 0o600)  # usage and key hashes: not for other local users
 
     async def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -78,27 +94,64 @@ class SqliteStore(SqlStore):
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
-    async def _many(self, sql: str, rows: Sequence[Params]) -> int:
-        db = self.db
+    async def _insert_lines(self, table: str, columns: Sequence[str], lines: Sequence[bytes]) -> int:
+        """Batched inserts on a synchronous connection of the event loop's own, in short transactions.
+
+        Through aiosqlite's thread, `executemany` takes the GIL back once per row and queues behind a busy
+        event loop every time (a GIL convoy: ~0.5 ms per row under load). Here a transaction of 100 rows
+        takes well under a millisecond of the loop. The connection never waits for a lock (busy_timeout=0):
+        a locked database is a transient error and the rows stay in the spool. It never checkpoints either:
+        the WAL is checkpointed from aiosqlite's thread, so no fsync ever runs on the loop.
+        """
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            f"ON CONFLICT ({columns[0]}) DO NOTHING"
+        )
         try:
-            return await self._many_tx(db, sql, rows)
-        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}", transient=False) from None
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from None
+            params = [_values(line, columns) for line in lines]
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise StoreError(f"malformed row: {exc}", transient=False) from None
+        db = self._writer()
+        inserted = 0
+        for i in range(0, len(params), _TX_ROWS):
+            inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
+            await asyncio.sleep(0)  # let requests through between transactions
+        self._since_checkpoint += inserted
+        if self._since_checkpoint >= _CHECKPOINT_ROWS:
+            self._since_checkpoint = 0
+            await self._fetch("PRAGMA wal_checkpoint(PASSIVE)")
+        return inserted
 
     @staticmethod
-    async def _many_tx(db: aiosqlite.Connection, sql: str, rows: Sequence[Params]) -> int:
-        await db.execute("BEGIN IMMEDIATE")
+    def _insert_tx(db: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]]) -> int:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from None  # locked or busy: worth retrying
         try:
             before = db.total_changes
-            await db.executemany(sql, rows)
+            db.executemany(sql, params)
             inserted = db.total_changes - before
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        await db.execute("COMMIT")
+            db.execute("COMMIT")
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
+            db.execute("ROLLBACK")
+            raise StoreError(f"{type(exc).__name__}: {exc}", transient=False) from None
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(str(exc)) from None
         return inserted
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._w is None:
+            try:
+                self._w = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                for pragma in ("busy_timeout=0", "synchronous=NORMAL", "wal_autocheckpoint=0"):
+                    self._w.execute(f"PRAGMA {pragma}")
+            except sqlite3.Error as exc:
+                self._w = None
+                raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from None
+        return self._w
 
     async def integrity_check(self) -> str:
         return str((await self._fetch("PRAGMA integrity_check"))[0][0])
