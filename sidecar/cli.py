@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(audit_log)
     audit_log.add_argument("--limit", type=int, default=50)
 
+    audit = sub.add_parser("audit", help="audit records").add_subparsers(dest="action", required=True)
+    export = audit.add_parser("export", help="print audit records from the db sink as JSON lines")
+    _common(export)
+    export.add_argument("--since", default="24h", help="e.g. 24h, 7d")
+    export.add_argument("--key-id")
+
     usage = sub.add_parser("usage", help="usage report from the store")
     _common(usage)
     usage.add_argument("--since", default="24h", help="e.g. 24h, 7d")

@@ -85,6 +85,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: Store, 
         return 0
     if args.command == "usage":
         return await _usage(args, store)
+    if args.command == "audit":
+        return await _audit_export(args, store)
     action = args.action
     if action == "create":
         created = await keys.create(_fields(args), _actor())
@@ -137,3 +139,20 @@ async def _usage(args: argparse.Namespace, store: Store) -> int:
         for row in table:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+async def _audit_export(args: argparse.Namespace, store: Store) -> int:
+    import time
+
+    from sidecar.keys import parse_duration
+    from sidecar.store.base import RequestQuery
+
+    since = time.time() - parse_duration(args.since)
+    before: tuple[float, str] | None = None
+    while True:
+        page = await store.audit_records(RequestQuery(key_id=args.key_id, since=since, limit=500, before=before))
+        for record in page:
+            sys.stdout.write(orjson.dumps(record).decode() + "\n")
+        if len(page) < 500:
+            return 0
+        before = (page[-1]["emitted_at"], page[-1]["request_id"])

@@ -8,7 +8,6 @@ import os
 import queue
 import threading
 import time
-import typing
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,16 +110,13 @@ class JsonlSink(ThreadedSink):
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = self.dir / f"audit-{stamp}-{os.getpid()}-{self._n:05d}.jsonl{'.gz' if self.gzip else ''}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._raw = os.fdopen(fd, "ab")
-        self._file = typing.cast(IO[bytes], gzip.GzipFile(fileobj=self._raw, mode="ab")) if self.gzip else self._raw
+        self._raw = self._file = os.fdopen(fd, "ab")
         self._size = 0
         self._opened = time.monotonic()
 
     def _close_segment(self) -> None:
         if self._file is None or self._raw is None:
             return
-        if self._file is not self._raw:
-            self._file.close()  # ends the gzip member; the raw file stays open for fsync
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
@@ -132,7 +128,9 @@ class JsonlSink(ThreadedSink):
         if self._file is None:
             self._open()
         assert self._file is not None
-        self._file.write(line)
+        # With gzip, every record is a gzip member of its own: a segment is readable (zcat) while it is
+        # being written, and a crash loses at most the record being written.
+        self._file.write(gzip.compress(line, 6) if self.gzip else line)
         self._file.flush()
         self._size += len(line)
 

@@ -1,0 +1,263 @@
+"""Audit capture: aggregation equals the non-streaming answer, partial records, redaction, a stuck sink."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from sidecar.audit import Aggregate, AuditPolicy, sampled
+from sidecar.config import AuditCfg
+from tests.conftest import free_port
+from tests.test_cli import wait_listening
+
+CANARY_HEADER = "sk-canary-header-7f3a"
+CANARY_BODY = "canary-body-secret-91c2"
+CHAT = {
+    "model": "m",
+    "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": CANARY_BODY}],
+    "store": True,
+}
+
+
+def records(audit_dir) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(f"{audit_dir}/audit-*.jsonl*")):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            out += [orjson.loads(line) for line in f if line.strip()]
+    return out
+
+
+async def wait_records(audit_dir, n, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = records(audit_dir)
+        if len(found) >= n:
+            return found
+        await asyncio.sleep(0.05)
+    return records(audit_dir)
+
+
+def test_aggregate_tool_calls_reasoning_and_choices():
+    agg = Aggregate()
+    events = [
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": "think "}}],
+        },
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "hard"}}]},
+        {"choices": [{"index": 1, "delta": {"content": "B1"}}]},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "get_", "arguments": ""},
+                            }
+                        ]
+                    },
+                }
+            ]
+        },
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": '{"ci'}}]},
+                }
+            ]
+        },
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": 1}'}}]}}]},
+        {
+            "choices": [
+                {"index": 0, "delta": {}, "finish_reason": "tool_calls"},
+                {"index": 1, "delta": {"content": "B2"}, "finish_reason": "stop"},
+            ]
+        },
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}},
+    ]
+    for e in events:
+        agg.add(e)
+    out = agg.result()
+    assert out["id"] == "c1" and out["object"] == "chat.completion" and out["usage"]["total_tokens"] == 12
+    first, second = out["choices"]
+    assert first["message"]["reasoning_content"] == "think hard" and first["finish_reason"] == "tool_calls"
+    assert first["message"]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": 1}'}}
+    ]
+    assert second["message"]["content"] == "B1B2" and second["finish_reason"] == "stop"
+
+
+def test_sampling_is_deterministic_and_close_to_the_rate():
+    ids = [f"req_{i:024x}" for i in range(10_000)]
+    picked = [sampled(i, 0.25) for i in ids]
+    assert picked == [sampled(i, 0.25) for i in ids]
+    assert abs(sum(picked) / 10_000 - 0.25) < 0.02
+    policy = AuditPolicy(AuditCfg(capture="all", sample_rate=0.0))
+    assert not policy.wants(ids[0], None, {}) and policy.wants(ids[0], "on", {})  # forced keys bypass sampling
+    assert not AuditPolicy(AuditCfg(capture="all")).wants(ids[0], "off", {})
+    store_flag = AuditPolicy(AuditCfg(capture="store_flag"))
+    assert store_flag.wants(ids[0], None, {"store": True}) and not store_flag.wants(ids[0], None, {"store": "yes"})
+
+
+@pytest.fixture
+async def audited(fake, sidecar_factory, tmp_path):
+    return await sidecar_factory(
+        fake.url,
+        audit__capture="store_flag",
+        audit__sinks="jsonl,db",
+        audit__jsonl_dir=str(tmp_path / "audit"),
+        audit__redact_paths="messages[*].content",
+    )
+
+
+async def test_stream_aggregate_equals_the_non_streaming_response(fake, audited, tmp_path):
+    fake.script.chunks = 12
+    async with aiohttp.ClientSession() as s:
+        async with s.post(audited.url + "/v1/chat/completions", json=CHAT) as r:
+            whole = await r.json()
+        async with s.post(audited.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            await r.read()
+        async with s.post(audited.url + "/v1/chat/completions", json={**CHAT, "store": False}) as r:
+            await r.read()  # not audited
+    got = await wait_records(tmp_path / "audit", 2)
+    assert len(got) == 2
+    plain, streamed = got
+    assert fake.received[1].json["store"] is True  # passed upstream unchanged
+    assert streamed["complete"] is True and streamed["stream"] is True and streamed["schema_version"] == 1
+    agg = streamed["response"]
+    assert agg["choices"][0]["message"]["content"] == whole["choices"][0]["message"]["content"]
+    assert agg["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert agg["usage"] == whole["usage"] and plain["response"] == whole
+    assert streamed["usage"]["completion_tokens"] == 12 and streamed["timings"]["ttft_ms"] is not None
+
+
+async def test_disconnect_mid_stream_gives_a_partial_record(fake, audited, tmp_path):
+    from tests.test_disconnect import open_stream
+
+    fake.script.chunks, fake.script.delay_chunks = 100, 0.02
+    reader, writer = await open_stream(audited.port, {**CHAT, "stream": True})
+    seen = b""
+    while seen.count(b"tok") < 5:
+        seen += await reader.read(65536)
+    writer.transport.abort()
+    (record,) = await wait_records(tmp_path / "audit", 1)
+    assert record["complete"] is False and record["outcome"] == "client_disconnected"
+    content = record["response"]["choices"][0]["message"]["content"]
+    assert content.startswith("tok0 tok1 tok2 tok3 tok4") and "tok99" not in content
+
+
+async def test_redaction_in_every_sink(fake, audited, tmp_path):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            audited.url + "/v1/chat/completions",
+            json=CHAT,
+            headers={"authorization": f"Bearer {CANARY_HEADER}", "x-my-token": CANARY_HEADER, "user-agent": "ua-test"},
+        ) as r:
+            assert r.status == 200
+        async with s.get(audited.url + "/admin/audit-records") as r:
+            pass  # admin API is off here; the db sink is read straight from the store below
+    (record,) = await wait_records(tmp_path / "audit", 1)
+    from sidecar.app import STORE
+    from sidecar.store.base import RequestQuery
+
+    await asyncio.sleep(0.2)
+    db_rows = await audited.server.app[STORE].audit_records(RequestQuery(limit=10))
+    assert len(db_rows) == 1 and db_rows[0]["request_id"] == record["request_id"]
+    exported = subprocess.run(
+        [sys.executable, "-m", "sidecar", "audit", "export", "--since", "1h"],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "SIDECAR_STORE_URL": audited.server.settings.store.url,
+            "SIDECAR_SERVER_DATA_DIR": str(tmp_path),
+        },
+        timeout=60,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert [orjson.loads(line)["request_id"] for line in exported.stdout.splitlines()] == [record["request_id"]]
+    for text in (orjson.dumps(record).decode(), orjson.dumps(db_rows).decode(), exported.stdout):
+        assert CANARY_HEADER not in text and CANARY_BODY not in text
+    assert record["request"]["headers"]["user-agent"] == "ua-test"
+    content = record["request"]["body"]["messages"][1]["content"]
+    assert content["redacted"] is True and content["length"] == len(CANARY_BODY)
+    assert oct(os.stat(tmp_path / "audit").st_mode & 0o777) == "0o700"
+    assert all(oct(os.stat(p).st_mode & 0o777) == "0o600" for p in glob.glob(f"{tmp_path}/audit/*"))
+
+
+async def test_payload_cap_keeps_metadata(fake, sidecar_factory, tmp_path):
+    running = await sidecar_factory(
+        fake.url,
+        audit__capture="all",
+        audit__jsonl_dir=str(tmp_path / "a"),
+        audit__max_payload_bytes=500,
+        audit__jsonl_gzip=True,
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/v1/chat/completions", json={**CHAT, "pad": "x" * 2000}) as r:
+            assert r.status == 200
+    (record,) = await wait_records(tmp_path / "a", 1)
+    assert record["truncated"] is True and record["request"]["body"] is None and record["usage"]["total_tokens"] == 16
+
+
+async def test_a_sink_that_blocks_forever(fake, tmp_path):
+    """The stderr sink writes into a pipe nobody reads: requests keep flowing, drops are counted, exit is clean."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SIDECAR_SERVER_DATA_DIR": str(tmp_path),
+        "SIDECAR_STORE_URL": f"sqlite:///{tmp_path}/b.db",
+        "SIDECAR_UPSTREAM_URL": fake.url,
+        "SIDECAR_AUTH_ENABLED": "false",
+        "SIDECAR_AUDIT_CAPTURE": "all",
+        "SIDECAR_AUDIT_SINKS": "stderr",
+        "SIDECAR_AUDIT_QUEUE_SIZE": "50",
+        "SIDECAR_SERVER_LOG_LEVEL": "error",
+        "SIDECAR_SERVER_REQUEST_LOG": str(tmp_path / "requests.jsonl"),
+        "SIDECAR_SERVER_DRAIN_GRACE": "0",
+        "SIDECAR_WRITER_DRAIN_TIMEOUT": "2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--port", str(port)],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )  # stderr is never read
+    try:
+        await wait_listening(port, proc)
+        body = {**CHAT, "pad": "y" * 4000}  # ~4 KiB records: the 64 KiB pipe fills after a few
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):
+                async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+            elapsed = time.monotonic() - started
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                metrics = await r.text()
+        assert elapsed < 30
+        dropped = float(metrics.split('sidecar_audit_dropped_total{reason="queue_full"} ')[1].split()[0])
+        assert dropped >= 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
