@@ -73,12 +73,31 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp())
     mock_port, port = free_port(), free_port()
     py = "/tmp/bench-venv/bin/python" if os.path.exists("/tmp/bench-venv/bin/python") else sys.executable
-    mock = subprocess.Popen([py, str(ROOT.parent / "shared/bench/mock_upstream.py"), "--port", str(mock_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "SIDECAR_SERVER_DATA_DIR": str(work), "SIDECAR_STORE_URL": f"sqlite:///{work}/s.db",
-           "SIDECAR_AUTH_ENABLED": "false", "SIDECAR_SERVER_ACCESS_LOG": "false", "SIDECAR_SERVER_DRAIN_GRACE": "0"}
-    sidecar = subprocess.Popen([str(ROOT / ".venv/bin/sidecar"), "serve", "--port", str(port), "--upstream",
-                                f"http://127.0.0.1:{mock_port}/v1"], env=env, stderr=subprocess.DEVNULL)
+    mock = subprocess.Popen(
+        [py, str(ROOT.parent / "shared/bench/mock_upstream.py"), "--port", str(mock_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        **os.environ,
+        "SIDECAR_SERVER_DATA_DIR": str(work),
+        "SIDECAR_STORE_URL": f"sqlite:///{work}/s.db",
+        "SIDECAR_AUTH_ENABLED": "false",
+        "SIDECAR_SERVER_ACCESS_LOG": "false",
+        "SIDECAR_SERVER_DRAIN_GRACE": "0",
+    }
+    sidecar = subprocess.Popen(
+        [
+            str(ROOT / ".venv/bin/sidecar"),
+            "serve",
+            "--port",
+            str(port),
+            "--upstream",
+            f"http://127.0.0.1:{mock_port}/v1",
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         await wait_port(mock_port)
         await wait_port(port)
@@ -96,8 +115,10 @@ async def main() -> None:
             rows = conn.execute("SELECT COUNT(*) FROM request_log").fetchone()[0]
         for name, xs in (("unlocked", free), ("locked", locked)):
             print(f"{name:9s} n={len(xs):6d} p50={pct(xs, 50):6.2f} ms  p99={pct(xs, 99):6.2f} ms")
-        print(f"p99 rise while locked: {pct(locked, 99) - pct(free, 99):+.2f} ms; rows {rows} (warm-up included) "
-              f">= requests in windows {sent}")
+        print(
+            f"p99 rise while locked: {pct(locked, 99) - pct(free, 99):+.2f} ms; rows {rows} (warm-up included) "
+            f">= requests in windows {sent}"
+        )
     finally:
         sidecar.terminate()
         mock.terminate()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.config import WriterCfg  # noqa: E402
-from sidecar.records import RequestRecord  # noqa: E402
-from sidecar.store import open_store  # noqa: E402
-from sidecar.writer import BatchWriter  # noqa: E402
+from sidecar.config import WriterCfg
+from sidecar.records import RequestRecord
+from sidecar.store import open_store
+from sidecar.writer import BatchWriter
 
 
 def make_rows(n: int) -> list[dict[str, object]]:
