@@ -36,8 +36,13 @@ if ! "${B[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
   "${B[@]}" commit --rm "$ctr" "$BASE"
 fi
 
-# 2. The image itself, from the repository's Dockerfile.
-"${B[@]}" build --isolation chroot --build-arg "BASE_IMAGE=$BASE" -t "$TAG" -f Dockerfile .
+# 2. The image itself, from the repository's Dockerfile. Where the machine reaches PyPI through a proxy with
+#    its own CA, the host's CA bundle is mounted for the RUN steps only (it does not end up in the image).
+extra=()
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  extra+=(--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+fi
+"${B[@]}" build --isolation chroot "${extra[@]}" --build-arg "BASE_IMAGE=$BASE" -t "$TAG" -f Dockerfile .
 
 # 3. Smoke test: the entrypoint runs, as a non-root user, without a compiler in the image.
 ctr=$("${B[@]}" from "$TAG")

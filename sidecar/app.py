@@ -51,10 +51,9 @@ def record_finisher(
     def finish(rec: RequestRecord) -> None:
         metrics.observe(metrics.route(rec.path), rec.status, rec.outcome, rec.latency_ms / 1000.0, rec.ttft_ms)
         metrics.count_tokens(rec.prompt_tokens, rec.completion_tokens)
-        row = rec.as_row()
-        writer.put(row)
+        line = writer.put(rec.as_row())
         if request_log is not None:
-            request_log.write({**row, "msg": "request"})
+            request_log.write_line(line)  # the same JSON the store gets: one line per request
 
     return finish
 

@@ -74,10 +74,13 @@ class Authenticator:
         self.pepper = pepper
         self.static = static or {}
         self._cache: dict[str, _Entry] = {}
+        self._verified: dict[str, tuple[Principal, float]] = {}  # full key -> principal, until
         self.anonymous = Principal(None, "anonymous", limits.concurrency, limits.rpm, limits.tpm)
 
     def forget(self, key_id: str) -> None:
         self._cache.pop(key_id, None)
+        for token in [t for t, (p, _) in self._verified.items() if p.key_id == key_id]:
+            del self._verified[token]
 
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
         if not self.cfg.enabled:
@@ -85,6 +88,10 @@ class Authenticator:
         token = bearer(headers)
         if token is None:
             raise Unauthorized(MISSING)
+        # A key seen within the TTL skips parsing and hashing (the store row is cached just as long).
+        seen = self._verified.get(token)
+        if seen is not None and seen[1] > time.monotonic():
+            return seen[0]
         parsed = parse_key(token)
         if parsed is None:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
@@ -98,6 +105,12 @@ class Authenticator:
         if row.expires_at is not None and row.expires_at <= time.time():
             raise Unauthorized("This API key has expired.", code="key_expired")
         assert entry.principal is not None
+        if len(self._verified) >= _MAX_CACHE:
+            self._verified.clear()
+        until = entry.until
+        if row.expires_at is not None:  # never past the key's own expiry
+            until = min(until, time.monotonic() + row.expires_at - time.time())
+        self._verified[token] = (entry.principal, until)
         return entry.principal
 
     async def _entry(self, kid: str) -> _Entry:

@@ -68,7 +68,11 @@ class RequestLog:
         self._handle: asyncio.TimerHandle | None = None
 
     def write(self, row: dict[str, Any]) -> None:
-        self._buf += orjson.dumps(row)
+        self.write_line(orjson.dumps(row))
+
+    def write_line(self, line: bytes) -> None:
+        """One JSON object, already encoded (the writer's own encoding of the record is reused)."""
+        self._buf += line
         self._buf += b"\n"
         if not self._delay or len(self._buf) >= 65536:
             self.flush()

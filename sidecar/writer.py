@@ -88,17 +88,18 @@ class BatchWriter:
         self.flushes = 0
 
     # --- hot path ---------------------------------------------------------------------------------------
-    def put(self, row: Row) -> None:
-        """Queue one row; never awaits, never blocks on the store."""
+    def put(self, row: Row) -> Line:
+        """Queue one row; never awaits, never blocks on the store. Returns the row's JSON line."""
         line = _dump(row)
         if self.cfg.spool:
             os.write(self._fd, line + b"\n")
         elif len(self._queue) >= self.cfg.queue_size:
             self.dropped += 1
-            return
+            return line
         self._queue.append(line)
         if len(self._queue) >= self.cfg.max_rows:
             self._wake.set()
+        return line
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -69,4 +69,4 @@ async def test_serve_with_demo_upstream_and_sigterm(tmp_path):
     assert "no upstream configured" in stderr and '"msg":"listening"' in stderr
     assert headers["authorization"].split()[1] not in out[1]  # the demo key is printed once, never logged
     assert args[0] == "curl" and f"http://127.0.0.1:{port}/v1/chat/completions" in args
-    assert '"msg":"request"' in stderr and '"outcome":"completed"' in stderr
+    assert '"request_id":"req_' in stderr and '"outcome":"completed"' in stderr
