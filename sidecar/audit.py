@@ -202,8 +202,8 @@ def build_record(
     response: Any,
     complete: bool,
     cap: int,
-) -> dict[str, Any]:
-    """The audit record for one request, capped at `cap` serialised bytes (metadata always kept)."""
+) -> tuple[dict[str, Any], bytes]:
+    """The audit record for one request and its JSON line, capped at `cap` bytes (metadata always kept)."""
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "request_id": rec["request_id"],
@@ -224,11 +224,13 @@ def build_record(
         "request": {"headers": request_headers, "body": request_body},
         "response": response,
     }
-    if len(orjson.dumps(record, default=str)) > cap:
+    line = orjson.dumps(record, default=str)
+    if len(line) > cap:
         record["request"] = {"headers": request_headers, "body": None}
         record["response"] = None
         record["truncated"] = True
-    return record
+        line = orjson.dumps(record, default=str)
+    return record, line + b"\n"
 
 
 @dataclass
@@ -242,7 +244,7 @@ class Capture:
 class Auditor:
     """Decides per request, captures the request, and hands finished records to `emit` (the sink bus)."""
 
-    def __init__(self, cfg: AuditCfg, emit: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, cfg: AuditCfg, emit: Callable[[dict[str, Any], bytes], None]) -> None:
         self.policy = AuditPolicy(cfg)
         self.cap = cfg.max_payload_bytes
         self.emit = emit
@@ -267,14 +269,13 @@ class Auditor:
             for event in events:
                 agg.add(event)
             response = agg.result()
-        self.emit(
-            build_record(
-                rec=row,
-                endpoint=str(row.get("path")),
-                request_headers=capture.headers,
-                request_body=capture.body,
-                response=self.policy.redact(response),
-                complete=complete,
-                cap=self.cap,
-            )
+        record, line = build_record(
+            rec=row,
+            endpoint=str(row.get("path")),
+            request_headers=capture.headers,
+            request_body=capture.body,
+            response=self.policy.redact(response),
+            complete=complete,
+            cap=self.cap,
         )
+        self.emit(record, line)

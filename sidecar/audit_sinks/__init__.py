@@ -34,16 +34,10 @@ class Sink(Protocol):
 class AuditBus:
     def __init__(self, sinks: list[Sink]) -> None:
         self.sinks = sinks
-        self.dropped: dict[str, int] = {"queue_full": 0, "encode_error": 0}
+        self.dropped: dict[str, int] = {"queue_full": 0}
 
-    def emit(self, record: dict[str, Any]) -> None:
-        import orjson
-
-        try:
-            line = orjson.dumps(record, default=str) + b"\n"
-        except (orjson.JSONEncodeError, TypeError):
-            self.dropped["encode_error"] += 1
-            return
+    def emit(self, record: dict[str, Any], line: bytes) -> None:
+        """Offer one record (and its JSON line) to every sink; never waits."""
         for sink in self.sinks:
             if not sink.offer(line, record):
                 self.dropped["queue_full"] += 1

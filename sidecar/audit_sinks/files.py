@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 _STOP = b""
+_BATCH = 512
 
 
 class ThreadedSink:
@@ -54,15 +55,25 @@ class ThreadedSink:
 
     def _loop(self) -> None:
         while True:
-            line = self._queue.get()
-            if line is _STOP or line == _STOP:
+            # Take everything queued at once: one wake-up and one write per batch, not per record (each
+            # wake-up of this thread costs the event loop a GIL hand-over).
+            batch = [self._queue.get()]
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = _STOP in batch
+            lines = [line for line in batch if line is not _STOP and line != _STOP]
+            if lines:
+                try:
+                    self.write(b"".join(lines))
+                    self.written += len(lines)
+                except OSError:
+                    self.failed += len(lines)
+            if stop:
                 self.finish()
                 return
-            try:
-                self.write(line)
-                self.written += 1
-            except OSError:
-                self.failed += 1
 
     def write(self, line: bytes) -> None:
         raise NotImplementedError
