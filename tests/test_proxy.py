@@ -278,3 +278,33 @@ async def test_finished_requests_leave_no_timers_or_tasks_behind(fake, sidecar):
     gc.collect()
     assert [o for o in gc.get_objects() if isinstance(o, Deadline)] == []
     assert not sidecar.server.app[__import__("sidecar.app").app.PROXY].active
+
+
+async def test_connect_timeout_is_a_fast_502(sidecar_factory):
+    """An upstream whose accept queue is full drops our SYNs: the connect times out, the client gets a 502."""
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue; later SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    try:
+        running = await sidecar_factory(f"http://127.0.0.1:{port}/v1", upstream__connect_timeout=0.3)
+        started = time.monotonic()
+        status, _, body = await post(running.url + "/v1/chat/completions", CHAT)
+        assert status == 502 and orjson.loads(body)["error"]["code"] == "upstream_unreachable"
+        assert time.monotonic() - started < 2.0
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
