@@ -293,10 +293,7 @@ async def test_connect_timeout_is_a_fast_502(sidecar_factory):
     for _ in range(4):  # fill the accept queue; later SYNs are dropped
         s = socket.socket()
         s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
+        s.connect_ex(("127.0.0.1", port))  # non-blocking: EINPROGRESS is expected
         fillers.append(s)
     try:
         running = await sidecar_factory(f"http://127.0.0.1:{port}/v1", upstream__connect_timeout=0.3)
