@@ -132,6 +132,7 @@ def create_app(settings: Settings) -> web.Application:
         await store.migrate()
 
     async def close_log() -> None:
+        proxy.ticker.close()
         if request_log is not None:
             request_log.close()
 

@@ -21,7 +21,7 @@ from sidecar.audit import Auditor, Capture
 from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
 from sidecar.config import LimitsCfg, ServerCfg
-from sidecar.deadline import Deadline, DeadlineExpired
+from sidecar.deadline import Deadline, DeadlineExpired, Ticker
 from sidecar.errors import (
     BadRequest,
     NotFound,
@@ -104,6 +104,7 @@ class Proxy:
         finish: Callable[[RequestRecord], None],
         auditor: Auditor | None = None,
     ) -> None:
+        self.ticker = Ticker()
         self.auditor = auditor
         self.limits = limits
         self.auth = auth
@@ -231,7 +232,8 @@ class Proxy:
     async def _relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         cfg = self.cfg
         try:
-            async with Deadline(cfg.first_byte_timeout, cfg.stream_idle_timeout, cfg.total_timeout) as deadline:
+            limits = (cfg.first_byte_timeout, cfg.stream_idle_timeout, cfg.total_timeout)
+            async with Deadline(self.ticker, *limits) as deadline:
                 return await self._exchange(request, ex, deadline)
         except DeadlineExpired as exc:
             self.metrics.upstream_error("timeout_first_byte" if exc.reason == "first_byte" else "timeout_idle")
@@ -319,7 +321,7 @@ class Proxy:
         read = up.content.readany
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
-        deadline.first_byte()
+        deadline.first_byte(loop.time())
         headers = self.upstream.response_headers(up.headers, rec.request_id)
         headers.update(ex.lease.headers)
         resp = web.StreamResponse(status=up.status, headers=headers)
