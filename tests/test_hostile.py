@@ -1,0 +1,64 @@
+"""Hostile HTTP over raw sockets: smuggling shapes, oversized headers, path tricks, compressed and huge bodies.
+
+Each gets a 4xx (never a 5xx) and the upstream sees nothing. (A start on #8's corpus; slowloris and the
+fault proxy are not here yet.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+H = b"Host: x\r\n"
+CHAT = b"POST /v1/chat/completions HTTP/1.1\r\n"
+CASES = {
+    "content-length and transfer-encoding": CHAT
+    + H
+    + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "duplicate transfer-encoding": CHAT
+    + H
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+    "obfuscated transfer-encoding": CHAT + H + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "space before colon": CHAT + H + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "bare CR": CHAT + b"Host: x\rX-A: b\r\nContent-Length: 0\r\n\r\n",
+    "obs-fold": CHAT + H + b"X-A: b\r\n c\r\nContent-Length: 0\r\n\r\n",
+    "two content-lengths": CHAT + H + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    "oversized header": b"GET /v1/models HTTP/1.1\r\n" + H + b"X-A: " + b"a" * 20000 + b"\r\n\r\n",
+    "too many headers": b"GET /v1/models HTTP/1.1\r\n" + H + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+    "dot-dot": b"GET /v1/../metrics HTTP/1.1\r\n" + H + b"\r\n",
+    "encoded dot-dot": b"GET /v1/%2e%2e/metrics HTTP/1.1\r\n" + H + b"\r\n",
+    "encoded slash": b"POST /v1/chat%2Fcompletions HTTP/1.1\r\n" + H + b"Content-Length: 2\r\n\r\n{}",
+    "double slash": b"POST /v1//chat/completions HTTP/1.1\r\n" + H + b"Content-Length: 2\r\n\r\n{}",
+    "semicolon": b"GET /v1/models;x HTTP/1.1\r\n" + H + b"\r\n",
+    "dot segment": b"GET /v1/./models HTTP/1.1\r\n" + H + b"\r\n",
+    "case variant": b"GET /V1/Models HTTP/1.1\r\n" + H + b"\r\n",
+    "absolute form": b"GET http://evil/v1/models HTTP/1.1\r\n" + H + b"\r\n",
+    "vllm admin route": b"POST /v1/load_lora_adapter HTTP/1.1\r\n" + H + b"Content-Length: 2\r\n\r\n{}",
+    "gzip body": CHAT + H + b"Content-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}",
+    "declared body too large": CHAT + H + b"Content-Length: 99999999\r\n\r\n{",
+    "chunked body too large": CHAT
+    + H
+    + b"Transfer-Encoding: chunked\r\n\r\n"
+    + b"".join(b"FFFF\r\n" + b"a" * 65535 + b"\r\n" for _ in range(40))
+    + b"0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+async def test_hostile_request_gets_a_4xx_and_never_reaches_the_upstream(fake, sidecar_factory, name):
+    running = await sidecar_factory(fake.url, server__max_body_bytes=1_000_000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    try:
+        writer.write(CASES[name])
+        await writer.drain()
+    except ConnectionError:
+        pass  # the server may close before reading everything: that is a refusal too
+    try:
+        head = await asyncio.wait_for(reader.readline(), 5)
+    except ConnectionError:
+        head = b""
+    writer.close()
+    status = int(head.split()[1]) if head.startswith(b"HTTP/1.") else 0
+    assert 400 <= status < 500 or status == 0, (name, head)
+    assert fake.received == []
