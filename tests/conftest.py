@@ -120,9 +120,49 @@ async def sidecar_factory(
         started.append(server)
         return Running(server, f"http://127.0.0.1:{server.port}", server.port, log_catcher)
 
-    yield start
-    for server in started:
-        await server.runner.cleanup()
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        yield start
+        for server in started:
+            await check_invariants(server)
+    finally:
+        for server in started:
+            await server.runner.cleanup()
+        loop.set_exception_handler(previous)
+    assert not unhandled, f"unhandled errors in the event loop: {unhandled}"
+    for server in started:  # after the writer drained: every request line has exactly one stored row
+        path = server.settings.server.request_log
+        logged = [orjson.loads(line)["request_id"] for line in open(path, "rb")] if os.path.exists(path) else []
+        assert len(logged) == len(set(logged)), "a request was finished twice"
+        await assert_stored(server, logged)
+
+
+async def check_invariants(server: Server) -> None:
+    """After every functional test: no request still running, no lease slot or token reservation left."""
+    from sidecar.app import LEASES, PROXY
+
+    proxy = server.app[PROXY]
+    await wait_for(lambda: not proxy.active, 10)
+    assert server.app[LEASES].totals() == (0, 0), "a lease slot or token reservation was left behind"
+    assert server.app[LEASES].global_active == 0
+
+
+async def assert_stored(server: Server, request_ids: list[str]) -> None:
+    from sidecar.store import open_store
+    from sidecar.store.base import RequestQuery
+
+    store = open_store(server.settings.store.url)
+    await store.open()
+    try:
+        rows = await store.requests(RequestQuery(limit=1_000_000))
+    finally:
+        await store.close()
+    stored = [r["request_id"] for r in rows]
+    assert len(stored) == len(set(stored)), "duplicate request_log rows"
+    assert set(stored) >= set(request_ids), f"{len(set(request_ids) - set(stored))} requests have no row"
 
 
 @pytest.fixture

@@ -5,14 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import openai
+import pytest
 
 MESSAGES: Any = [{"role": "user", "content": "hello"}]
+
+
+OPEN: list[openai.AsyncOpenAI] = []
 
 
 def clients(fake: Any, sidecar: Any) -> tuple[openai.AsyncOpenAI, openai.AsyncOpenAI]:
     direct = openai.AsyncOpenAI(base_url=fake.url, api_key="k", max_retries=0)
     proxied = openai.AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="k", max_retries=0)
+    OPEN.extend((direct, proxied))
     return direct, proxied
+
+
+@pytest.fixture(autouse=True)
+async def close_clients():
+    yield
+    while OPEN:
+        await OPEN.pop().close()
 
 
 async def test_chat_non_streaming(fake, sidecar):
@@ -69,6 +81,7 @@ async def test_sdk_sees_openai_shaped_errors(sidecar_factory):
 
     running = await sidecar_factory(f"http://127.0.0.1:{free_port()}/v1")
     client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="k", max_retries=0)
+    OPEN.append(client)
     try:
         await client.chat.completions.create(model="m", messages=MESSAGES)
     except openai.APIStatusError as exc:
