@@ -135,7 +135,10 @@ async def sidecar_factory(
     assert not unhandled, f"unhandled errors in the event loop: {unhandled}"
     for server in started:  # after the writer drained: every request line has exactly one stored row
         path = server.settings.server.request_log
-        logged = [orjson.loads(line)["request_id"] for line in open(path, "rb")] if os.path.exists(path) else []
+        logged = []
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                logged = [orjson.loads(line)["request_id"] for line in f]
         assert len(logged) == len(set(logged)), "a request was finished twice"
         await assert_stored(server, logged)
 
