@@ -91,6 +91,7 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
     stop = asyncio.Event()
 
     def on_signal() -> None:
+        server.app[STATE].draining = True  # readyz turns 503 on this very loop turn, before the drain task runs
         if stop.is_set():
             server.hurry()
         stop.set()
