@@ -16,7 +16,7 @@ from aiohttp import web
 
 from sidecar.auth import Authenticator, StoreUnavailable
 from sidecar.errors import BadRequest, NotFound, SidecarError, Unauthorized
-from sidecar.keys import KeyAdmin
+from sidecar.keys import KeyAdmin, parse_duration
 from sidecar.records import new_request_id
 from sidecar.store.base import USAGE_GROUPS, RequestQuery, Store, StoreError
 
@@ -65,8 +65,6 @@ def float_param(request: web.Request, name: str) -> float | None:
 
 def since_param(request: web.Request, default_seconds: float = 86400.0) -> float:
     """`since` as epoch seconds, or a duration back from now (`24h`, `7d`)."""
-    from sidecar.keys import parse_duration
-
     raw = request.query.get("since")
     if raw is None:
         return time.time() - default_seconds

@@ -7,15 +7,16 @@ import csv
 import getpass
 import io
 import sys
+import time
 from typing import Any
 
 import orjson
 
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
-from sidecar.keys import KeyAdmin, hash_secret, load_pepper, new_key, validate
+from sidecar.keys import KeyAdmin, hash_secret, load_pepper, new_key, parse_duration, validate
 from sidecar.store import open_store
-from sidecar.store.base import Store, StoreError
+from sidecar.store.base import RequestQuery, Store, StoreError
 
 
 def _actor() -> str:
@@ -63,8 +64,6 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _static_key(args: argparse.Namespace, pepper: bytes) -> int:
-    import time
-
     values = validate(_fields(args), creating=True)
     key, kid, secret = new_key()
     now = time.time()
@@ -108,9 +107,6 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: Store, 
 
 
 async def _usage(args: argparse.Namespace, store: Store) -> int:
-    import time
-
-    from sidecar.keys import parse_duration
 
     rows = await store.usage(time.time() - parse_duration(args.since), args.by)
     if args.format == "json":
@@ -142,10 +138,6 @@ async def _usage(args: argparse.Namespace, store: Store) -> int:
 
 
 async def _audit_export(args: argparse.Namespace, store: Store) -> int:
-    import time
-
-    from sidecar.keys import parse_duration
-    from sidecar.store.base import RequestQuery
 
     since = time.time() - parse_duration(args.since)
     before: tuple[float, str] | None = None

@@ -110,12 +110,14 @@ class LeaseManager:
 
     async def acquire(self, principal: Principal, estimate: int) -> Lease:
         holds_global = await self._acquire_global()
+        admitted = False
         try:
-            return self._admit(principal, estimate, holds_global)
-        except BaseException:
-            if holds_global:
+            lease = self._admit(principal, estimate, holds_global)
+            admitted = True
+            return lease
+        finally:
+            if holds_global and not admitted:  # rejected by the key's limits: the global slot goes back
                 self.release_global()
-            raise
 
     def _admit(self, p: Principal, estimate: int, holds_global: bool) -> Lease:
         state = self.state_for(p)

@@ -23,6 +23,13 @@ async def open_stream(port: int, body: dict) -> tuple[asyncio.StreamReader, asyn
     return reader, writer
 
 
+async def read_tokens(reader: asyncio.StreamReader, n: int) -> None:
+    """Read the relayed stream until `n` content tokens have arrived."""
+    seen = b""
+    while seen.count(b"tok") < n:
+        seen += await reader.read(65536)
+
+
 async def test_disconnect_while_waiting_for_first_byte_closes_upstream(fake, sidecar):
     fake.script.delay_headers = 30
     _, writer = await open_stream(sidecar.port, CHAT)
@@ -39,9 +46,7 @@ async def test_disconnect_while_waiting_for_first_byte_closes_upstream(fake, sid
 async def test_disconnect_mid_stream_closes_upstream_and_counts_partial_usage(fake, sidecar):
     fake.script.chunks, fake.script.delay_chunks = 200, 0.02
     reader, writer = await open_stream(sidecar.port, CHAT)
-    seen = b""
-    while seen.count(b"tok") < 5:
-        seen += await reader.read(65536)
+    await read_tokens(reader, 5)
     closed = time.monotonic()
     writer.transport.abort()
     await wait_for(lambda: fake.last().closed_at is not None, 3)
@@ -55,9 +60,7 @@ async def test_disconnect_mid_stream_closes_upstream_and_counts_partial_usage(fa
 async def test_disconnect_while_upstream_is_silent_mid_stream(fake, sidecar):
     fake.script.chunks, fake.script.hang_after = 10, 3
     reader, writer = await open_stream(sidecar.port, CHAT)
-    seen = b""
-    while seen.count(b"tok") < 3:
-        seen += await reader.read(65536)
+    await read_tokens(reader, 3)
     closed = time.monotonic()
     writer.close()
     await wait_for(lambda: fake.last().closed_at is not None, 3)

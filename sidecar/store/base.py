@@ -10,11 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-REQUEST_COLUMNS = (
-    "request_id", "client_request_id", "key_id", "method", "path", "model", "stream", "status", "outcome",
-    "error_code", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "usage_source",
-    "upstream_status", "ttft_ms", "latency_ms", "bytes_in", "bytes_out", "chunks", "started_at", "finished_at",
-)  # fmt: skip
+from sidecar.records import ROW_FIELDS
+
+REQUEST_COLUMNS = ROW_FIELDS  # the columns are the record's fields, by name
 KEY_COLUMNS = (
     "id", "name", "hash", "created_at", "expires_at", "revoked_at", "concurrency", "rpm", "tpm", "models",
     "audit", "updated_at",

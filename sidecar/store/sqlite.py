@@ -84,13 +84,15 @@ class SqliteStore(SqlStore):
         db = self.db
         try:
             await db.execute("BEGIN IMMEDIATE")
+            committed = False
             try:
                 for sql, params in statements:
                     await db.execute(sql, params)
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+                await db.execute("COMMIT")
+                committed = True
+            finally:
+                if not committed:  # a failed statement (e.g. the audit row) undoes the whole change
+                    await db.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
