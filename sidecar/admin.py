@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from sidecar.auth import Authenticator, StoreUnavailable
+from sidecar.edge import read_body
 from sidecar.errors import BadRequest, NotFound, SidecarError, Unauthorized
 from sidecar.keys import KeyAdmin, parse_duration
 from sidecar.records import new_request_id
@@ -32,7 +33,7 @@ def json_response(doc: Any, request_id: str, status: int = 200) -> web.Response:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     try:
-        doc = orjson.loads(await request.read())
+        doc = orjson.loads(await read_body(request))
     except orjson.JSONDecodeError:
         raise BadRequest("The body is not valid JSON.", code="invalid_json") from None
     if not isinstance(doc, dict):

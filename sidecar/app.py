@@ -95,6 +95,10 @@ def server_args(settings: Settings) -> dict[str, object]:
         "keepalive_timeout": settings.server.keepalive_timeout,
         "access_log": None,
         "auto_decompress": False,
+        # Deliberate head limits (aiohttp's defaults, stated): longer lines or more fields get 400 and a close.
+        "max_line_size": 8190,
+        "max_field_size": 8190,
+        "max_headers": 100,
     }
 
 

@@ -37,6 +37,8 @@ class ServerCfg:
     max_body_bytes: int = 16 * 1024 * 1024
     max_json_depth: int = 64
     keepalive_timeout: float = 75.0
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
     drain_grace: float = 5.0
     drain_timeout: float = 30.0
     admin_token: str = field(default="", metadata={"secret": True})

@@ -3,6 +3,7 @@
     SidecarError(status, type, code)          base: carries the HTTP status, extra headers and the outcome
      ├── BadRequest              400  invalid_request_error   outcome bad_request
      ├── PayloadTooLarge         413  invalid_request_error   outcome bad_request
+     ├── RequestTimeout          408  invalid_request_error   outcome bad_request
      ├── NotFound                404  invalid_request_error   outcome bad_request
      ├── Unauthorized            401  invalid_request_error   outcome unauthorized
      ├── Forbidden               403  permission_error        outcome unauthorized
@@ -61,6 +62,11 @@ class BadRequest(SidecarError):
 class PayloadTooLarge(BadRequest):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+    code = "request_timeout"
 
 
 class NotFound(BadRequest):

@@ -22,6 +22,7 @@ from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
 from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.deadline import Deadline, DeadlineExpired, Ticker
+from sidecar.edge import read_body
 from sidecar.errors import (
     BadRequest,
     NotFound,
@@ -205,9 +206,7 @@ class Proxy:
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.") from None
+            body = await read_body(request)
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise ClientGone(str(exc)) from None
         rec.bytes_in = len(body)

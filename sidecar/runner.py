@@ -22,6 +22,7 @@ from aiohttp import web
 from sidecar.app import KEYS, PROXY, STATE, create_app
 from sidecar.config import Settings, summary
 from sidecar.demo_upstream import create_demo_app
+from sidecar.edge import EdgeLimits, EdgeRunner
 from sidecar.logs import event
 
 log = logging.getLogger("sidecar.runner")
@@ -42,7 +43,8 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        limits = EdgeLimits(settings.server.header_timeout, settings.server.body_timeout)
+        self.runner = EdgeRunner(self.app, limits, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         self.port = 0
         self._hurry = asyncio.Event()
 

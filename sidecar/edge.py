@@ -1,0 +1,164 @@
+"""The HTTP edge: aiohttp's connection handler with a deadline for the request head and one for the body.
+
+aiohttp bounds header sizes but not the time a client takes to send them: a connection opened and fed one
+byte every few seconds (slowloris) holds a socket and a task until the keep-alive timer fires, and a body
+trickled byte by byte holds a request handler (and, for us, a record in flight) for as long as the client
+likes. nginx's `client_header_timeout` and `client_body_timeout` are the model:
+
+- head: from the connection's first moment, or from the first byte of a later request on a kept-alive
+  connection, the whole head must arrive within `header_timeout`. A connection that sent part of a head gets
+  `408` and is closed; one that sent nothing is closed silently (it was idle).
+- body: once the head is in, the whole body must arrive within `body_timeout`. The request's body stream is
+  failed with `BodyTimeout`, which the handler turns into an OpenAI-shaped `408`; the connection is then
+  closed, since the rest of that body can no longer be told from a next request.
+
+Idle keep-alive connections keep aiohttp's own timer (`server.keepalive_timeout`).
+
+This reads two attributes of aiohttp's `RequestHandler` (`_messages`, the parsed requests not yet handled, and
+`_request_in_progress`) and sets `_lingering_time`; pyproject pins aiohttp below the next minor release, and
+tests/test_edge.py fails if their meaning changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.streams import StreamReader
+
+from sidecar.errors import PayloadTooLarge, RequestTimeout
+
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+)
+_HEAD_TIMEOUT_BODY = (
+    b'{"error":{"message":"The request head did not arrive in time.","type":"invalid_request_error",'
+    b'"param":null,"code":"request_timeout"}}'
+)
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within `server.body_timeout`."""
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    header_timeout: float
+    body_timeout: float
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, with the edge's limits as OpenAI-shaped errors (413, 408)."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.client_max_size
+        raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.") from None
+    except BodyTimeout as exc:
+        raise RequestTimeout(str(exc)) from None
+
+
+class EdgeHandler(web.RequestHandler):
+    __slots__ = ("_body", "_body_timer", "_head_bytes", "_head_timer", "_limits")
+
+    def __init__(self, manager: web.Server, *, limits: EdgeLimits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._body: StreamReader | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head()
+        self._stop_body()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages:  # a whole head was parsed: its body, if any, is now on the clock
+            self._stop_head()
+            payload = self._messages[-1][1]
+            if not payload.is_eof() and payload is not self._body:
+                self._watch_body(payload)
+        elif not self._request_in_progress and data:
+            self._head_bytes += len(data)
+            if self._head_timer is None:  # the first byte of a kept-alive connection's next request
+                self._arm_head()
+        if self._body is not None and self._body.is_eof():
+            self._stop_body()
+
+    def _arm_head(self) -> None:
+        if self._limits.header_timeout > 0:
+            self._head_timer = self._loop.call_later(self._limits.header_timeout, self._head_expired)
+
+    def _stop_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_bytes = 0
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._messages or self._request_in_progress or self.transport is None:
+            return
+        if self._head_bytes:  # a client mid-head gets told why; an idle connection is just closed
+            self.transport.write(_REQUEST_TIMEOUT % len(_HEAD_TIMEOUT_BODY) + _HEAD_TIMEOUT_BODY)
+        self.force_close()
+
+    def _watch_body(self, payload: StreamReader) -> None:
+        self._stop_body()
+        if self._limits.body_timeout > 0:
+            self._body = payload
+            self._body_timer = self._loop.call_later(self._limits.body_timeout, self._body_expired)
+
+    def _stop_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._body = None
+
+    def _body_expired(self) -> None:
+        payload, self._body, self._body_timer = self._body, None, None
+        if payload is None or payload.is_eof():
+            return
+        # The unread rest of the body is garbage now: close after the 408 instead of draining it.
+        self._lingering_time = 0.0
+        self.close()
+        payload.set_exception(BodyTimeout(f"The request body did not arrive within {self._limits.body_timeout:g}s."))
+
+
+class EdgeServer(web.Server):
+    """aiohttp's connection factory, making `EdgeHandler`s."""
+
+    def __init__(self, limits: EdgeLimits, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+
+    def __call__(self) -> EdgeHandler:
+        return EdgeHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """An AppRunner whose server makes `EdgeHandler`s; everything else (startup, cleanup, sites) is aiohttp's."""
+
+    def __init__(self, app: web.Application, limits: EdgeLimits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.limits = limits
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        return EdgeServer(
+            self.limits,
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **base._kwargs,
+        )
