@@ -118,6 +118,7 @@ def create_app(settings: Settings) -> web.Application:
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
     writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
     metrics.add_collector(writer.collect)
+    metrics.add_collector(upstream.collect)
     finish = record_finisher(metrics, writer, request_log)
     bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None

@@ -271,9 +271,7 @@ class Proxy:
         url = up.url(ex.call.path, request.raw_path.partition("?")[2])
         headers = up.request_headers(request.headers, ex.rec.request_id)
         try:
-            return await up.session.request(
-                request.method, url, headers=headers, data=ex.call.upstream_body(), allow_redirects=False
-            )
+            return await up.send(request.method, url, headers, ex.call.upstream_body())
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             self.metrics.upstream_error("connect")
             raise UpstreamError(

@@ -2,20 +2,25 @@
 
 One `ClientSession` per app. Its pooled connections idle out sooner than the upstream's own keep-alive
 (uvicorn, which serves vLLM, closes idle connections after 5 s), so the proxy does not pick a connection the
-upstream is closing. Headers are filtered both ways: hop-by-hop headers, anything the `Connection` header
-names, and the client's credentials never cross.
+upstream is closing; when the upstream closes one anyway just as a request goes out on it, that request is
+sent once more on a fresh connection (see `Upstream.send`). Headers are filtered both ways: hop-by-hop
+headers, anything the `Connection` header names, and the client's credentials never cross.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
 
 from sidecar.config import UpstreamCfg
+from sidecar.metrics import Metric, counter
 
 HOP_BY_HOP = frozenset(
     {
@@ -69,6 +74,23 @@ def filter_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dict[str
     return CIMultiDict(kept)
 
 
+class PoolConnector(aiohttp.TCPConnector):
+    """A TCPConnector that remembers whether the connection it handed the current task had served before."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._served: weakref.WeakSet[object] = weakref.WeakSet()
+        # Per task (a ContextVar), since one connector serves every request: read right after a failed send.
+        self.reused: ContextVar[bool] = ContextVar(f"upstream-reused-{id(self)}", default=False)
+
+    async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        protocol = conn.protocol
+        self.reused.set(protocol in self._served)
+        self._served.add(protocol)
+        return conn
+
+
 class Upstream:
     def __init__(self, cfg: UpstreamCfg, url: str, api_key: str) -> None:
         self.cfg = cfg
@@ -80,6 +102,9 @@ class Upstream:
         self._auth = f"Bearer {api_key}" if api_key else None
         self.paths = frozenset(DEFAULT_PATHS) | frozenset(cfg.extra_paths)
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
+        self._connector: PoolConnector | None = None
+        self.stale_retries = 0
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -87,13 +112,18 @@ class Upstream:
         return self._session
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(
+        self._connector = PoolConnector(
             limit=self.cfg.pool_size, keepalive_timeout=self.cfg.keepalive_timeout, ttl_dns_cache=60
         )
+        self._session = self._make_session(self._connector)
+        # Retries go out on a connection of their own, never a pooled one that may be just as stale.
+        self._fresh = self._make_session(aiohttp.TCPConnector(force_close=True, limit=self.cfg.pool_size))
+
+    def _make_session(self, connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.cfg.connect_timeout, sock_connect=self.cfg.connect_timeout
         )
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
             auto_decompress=False,
@@ -102,8 +132,34 @@ class Upstream:
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+
+    def collect(self) -> Iterator[Metric]:
+        yield counter(
+            "sidecar_upstream_stale_retries",
+            "Requests sent again on a fresh connection after a pooled one closed under them.",
+            (),
+            {(): self.stale_retries},
+        )
+
+    async def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> aiohttp.ClientResponse:
+        """Send one request; if a reused pooled connection turns out closed before any answer, send it again once.
+
+        That is the keep-alive race (RFC 9112 9.3.1): the upstream closes an idle connection just as our request
+        goes out on it, and the request is refused with a FIN or RST and no byte of response. The upstream never
+        handled it, so sending it again on a fresh connection is safe, and the client never sees the race.
+        A failure on a fresh connection, or after any response byte, is not retried.
+        """
+        assert self._session is not None and self._fresh is not None and self._connector is not None
+        try:
+            return await self._session.request(method, url, headers=headers, data=body, allow_redirects=False)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) or not self._connector.reused.get():
+                raise
+        self.stale_retries += 1
+        return await self._fresh.request(method, url, headers=headers, data=body, allow_redirects=False)
 
     def url(self, path: str, query: str) -> str:
         return f"{self._prefix}{path}?{query}" if query else self._prefix + path

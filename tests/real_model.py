@@ -20,7 +20,7 @@ N_HEAD = 12
 N_HEAD_KV = 4
 N_FF = 2048
 N_CTX = 4096
-WORDS = (
+WORDS = (  # noqa: SIM905 (a sentence reads better than a list of 100 strings)
     "the a an of to in and is it that was for on are with as he be at by this have from or one had not but what "
     "all were when we there can your which their said if do will each about how up out them then she many some so "
     "these would other into has more her two like him see time could no make than first been its who now people "

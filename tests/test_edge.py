@@ -37,7 +37,8 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes, pause: float) -> No
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     status = int(head.split()[1])
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    lines = head.lower().split(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in lines if line.startswith(b"content-length")))
     return status, await reader.readexactly(length)
 
 
@@ -114,7 +115,7 @@ async def test_slow_chunked_body_gets_408(fake, sidecar_factory):
     reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
     writer.write(CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\n" + BODY[:5] + b"\r\n")
     sender = asyncio.create_task(trickle(writer, b"%x\r\n" % (len(BODY) - 5) + BODY[5:] + b"\r\n0\r\n\r\n", 0.1))
-    status, body = await read_response(reader)
+    status, _ = await read_response(reader)
     sender.cancel()
     writer.close()
     assert status == 408
