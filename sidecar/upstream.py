@@ -18,9 +18,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
+from prometheus_client.metrics_core import Metric
 
 from sidecar.config import UpstreamCfg
-from sidecar.metrics import Metric, counter
+from sidecar.metrics import counter
 
 HOP_BY_HOP = frozenset(
     {
