@@ -1,0 +1,210 @@
+"""The sidecar in front of a real model server: llama.cpp's llama-server with a tiny random-weight model.
+
+Built by `bash scripts/real-upstream.sh build` into a cache outside the repo; these tests skip when it is not
+there (and fail when SIDECAR_REAL_UPSTREAM=required, as .ci/run sets after building it). The official openai
+SDK talks to the sidecar; the numbers are compared with llama-server's own, asked directly.
+
+The model's greedy completions never end early (see tests/real_model.py), so `completion_tokens == max_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.real_upstream
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGES: Any = [{"role": "user", "content": "Tell me about the sidecar proxy and its usage records."}]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cache_dir() -> Path | None:
+    done = subprocess.run(["bash", str(ROOT / "scripts/real-upstream.sh"), "path"], capture_output=True, text=True)
+    return Path(done.stdout.strip()) if done.returncode == 0 else None
+
+
+class LlamaServer:
+    def __init__(self, cache: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(cache / "bin/llama-server"),
+                *("-m", str(cache / "model.gguf"), "--alias", "tiny"),
+                *("--host", "127.0.0.1", "--port", str(self.port)),
+                *("-c", "8192", "-np", "2", "-t", "2", "--no-warmup", "--seed", "1"),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import urllib.request
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, "llama-server exited at start"
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("llama-server did not become ready")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    cache = cache_dir()
+    if cache is None:
+        if os.environ.get("SIDECAR_REAL_UPSTREAM") == "required":
+            pytest.fail("llama-server is not built (bash scripts/real-upstream.sh build)")
+        pytest.skip("llama-server is not built: run `bash scripts/real-upstream.sh build` (about 5-15 min)")
+    server = LlamaServer(cache, tmp_path_factory.mktemp("llama") / "llama-server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def sdk(llama: LlamaServer, sidecar_factory: Any) -> Any:
+    running = await sidecar_factory(llama.url + "/v1")
+    proxied = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    direct = openai.AsyncOpenAI(base_url=llama.url + "/v1", api_key="unused", max_retries=0)
+    yield running, proxied, direct
+    await proxied.close()
+    await direct.close()
+
+
+def ask(max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+async def test_non_streaming_usage_is_the_servers_own(sdk):
+    running, proxied, direct = sdk
+    got = await proxied.chat.completions.create(**ask(24))
+    ref = await direct.chat.completions.create(**ask(24))
+    assert got.choices[0].message.content == ref.choices[0].message.content  # greedy: the same completion
+    assert got.usage.completion_tokens == ref.usage.completion_tokens == 24
+    assert got.usage.prompt_tokens == ref.usage.prompt_tokens
+    [row] = await running.stored(1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (got.usage.prompt_tokens, 24)
+    assert row["usage_source"] == "upstream"
+    assert row["outcome"] == "completed"
+
+
+async def test_stream_without_include_usage_hides_the_usage_chunk_and_records_it(sdk):
+    running, proxied, direct = sdk
+    chunks = [c async for c in await proxied.chat.completions.create(**ask(20, stream=True))]
+    assert all(c.usage is None for c in chunks), "the usage chunk the client did not ask for leaked"
+    assert all(c.choices for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    ref_chunks = [
+        c
+        async for c in await direct.chat.completions.create(
+            **ask(20, stream=True, stream_options={"include_usage": True})
+        )
+    ]
+    ref_usage = ref_chunks[-1].usage
+    assert text == "".join(c.choices[0].delta.content or "" for c in ref_chunks if c.choices)
+    [row] = await running.stored(1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (ref_usage.prompt_tokens, ref_usage.completion_tokens)
+    assert row["completion_tokens"] == 20
+    assert row["usage_source"] == "upstream"
+
+
+async def test_stream_with_include_usage_passes_the_chunk_through(sdk):
+    running, proxied, _ = sdk
+    chunks = [
+        c
+        async for c in await proxied.chat.completions.create(
+            **ask(12, stream=True, stream_options={"include_usage": True})
+        )
+    ]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 12
+    [row] = await running.stored(1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (usage.prompt_tokens, 12)
+
+
+async def test_two_concurrent_streams_are_both_exact(sdk):
+    running, proxied, _ = sdk
+
+    async def one(n: int) -> int:
+        stream = await proxied.chat.completions.create(**ask(n, stream=True))
+        return len([c async for c in stream if c.choices and c.choices[0].delta.content])
+
+    produced = await asyncio.gather(one(30), one(40))
+    rows = await running.stored(2)
+    assert sorted(r["completion_tokens"] for r in rows) == [30, 40]
+    assert all(r["outcome"] == "completed" and r["usage_source"] == "upstream" for r in rows)
+    assert sorted(produced) == [30, 40]  # one content delta per token
+
+
+async def idle_after(server: LlamaServer, window: float = 0.2, limit: float = 5.0) -> float:
+    """Seconds from now until the server's CPU time stops growing (less than 20 ms of CPU in a `window`)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    last = server.cpu_seconds()
+    while loop.time() - start < limit:
+        await asyncio.sleep(window)
+        now = server.cpu_seconds()
+        if now - last < 0.02:
+            return loop.time() - start - window
+        last = now
+    return limit
+
+
+async def test_client_disconnect_stops_generation_on_the_server(sdk, llama):
+    running, proxied, _ = sdk
+    stream = await proxied.chat.completions.create(**ask(3000, stream=True))  # ~15 s of generation if left alone
+    loop = asyncio.get_running_loop()
+    got, cpu_at_20, t_at_20 = 0, 0.0, 0.0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+            if got == 20:
+                cpu_at_20, t_at_20 = llama.cpu_seconds(), loop.time()
+            if got == 60:
+                break
+    busy = (llama.cpu_seconds() - cpu_at_20) / (loop.time() - t_at_20)
+    assert busy > 0.5, f"the measurement cannot tell busy from idle: {busy:.2f} CPU s/s while generating"
+    await stream.close()  # the client hangs up mid-generation
+    idle = await idle_after(llama)
+    print(f"\nllama-server: {busy:.2f} CPU s/s while streaming; idle {idle:.2f} s after the client disconnected")
+    assert idle < 1.0, f"llama-server kept generating for {idle:.2f} s after the client left"
+    async with aiohttp.ClientSession() as client, client.get(llama.url + "/slots") as resp:
+        slots = await resp.json()
+    assert not any(slot.get("is_processing") for slot in slots)
+    [row] = await running.stored(1)
+    assert row["outcome"] == "client_disconnected"
+    assert row["usage_source"] == "counted"
+    assert 60 <= row["completion_tokens"] <= 100  # what had been produced when the client left, not 3000
