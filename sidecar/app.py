@@ -109,7 +109,7 @@ def create_app(settings: Settings) -> web.Application:
     upstream = Upstream(s.upstream, s.upstream.url, api_key)
     metrics = Metrics(upstream.paths)
     state = RunState()
-    store = open_store(s.store.url, s.store.pool_size)
+    store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout)
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir)
     static = load_static_keys(s.auth.static_keys_file) if s.auth.static_keys_file else {}
     auth = Authenticator(s.auth, s.limits, store, pepper, static)

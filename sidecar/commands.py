@@ -48,7 +48,7 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
     pepper = load_pepper(settings.auth.pepper, settings.auth.pepper_file, settings.server.data_dir)
     if args.command == "keys" and args.action == "create" and args.static:
         return _static_key(args, pepper)
-    store = open_store(settings.store.url, settings.store.pool_size)
+    store = open_store(settings.store.url, settings.store.pool_size, settings.store.op_timeout)
     try:
         await store.open()
         await store.migrate()

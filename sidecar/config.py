@@ -66,6 +66,7 @@ class UpstreamCfg:
 class StoreCfg:
     url: str = "sqlite:///./data/sidecar.db"
     pool_size: int = 4
+    op_timeout: float = 10.0
 
 
 @dataclass(frozen=True)

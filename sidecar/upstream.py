@@ -75,20 +75,60 @@ def filter_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dict[str
     return CIMultiDict(kept)
 
 
+class HeadWatch(asyncio.Protocol):
+    """Stands in front of a reused connection's protocol while a request is sent, counting what comes back.
+
+    Installed with the public `transport.set_protocol` and taken away again as soon as the response head is
+    in, so a response body never pays for it. If the send fails, `received` says whether any byte came back.
+    """
+
+    __slots__ = ("inner", "received", "transport")
+
+    def __init__(self, inner: Any, transport: asyncio.Transport) -> None:
+        self.inner = inner
+        self.transport = transport
+        self.received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def remove(self) -> None:
+        if self.transport.get_protocol() is self:
+            self.transport.set_protocol(self.inner)
+
+
 class PoolConnector(aiohttp.TCPConnector):
-    """A TCPConnector that remembers whether the connection it handed the current task had served before."""
+    """A TCPConnector that watches the connections it hands out again (see `HeadWatch`)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._served: weakref.WeakSet[object] = weakref.WeakSet()
-        # Per task (a ContextVar), since one connector serves every request: read right after a failed send.
-        self.reused: ContextVar[bool] = ContextVar(f"upstream-reused-{id(self)}", default=False)
+        # Per task (a ContextVar), since one connector serves every request: read right after the send.
+        self.watch: ContextVar[HeadWatch | None] = ContextVar(f"upstream-watch-{id(self)}", default=None)
 
     async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:
         conn = await super().connect(req, traces, timeout)
-        protocol = conn.protocol
-        self.reused.set(protocol in self._served)
-        self._served.add(protocol)
+        protocol, transport = conn.protocol, conn.transport
+        if protocol in self._served and transport is not None:
+            watch = HeadWatch(protocol, transport)
+            transport.set_protocol(watch)
+            self.watch.set(watch)
+        else:
+            self._served.add(protocol)
+            self.watch.set(None)
         return conn
 
 
@@ -154,11 +194,17 @@ class Upstream:
         A failure on a fresh connection, or after any response byte, is not retried.
         """
         assert self._session is not None and self._fresh is not None and self._connector is not None
+        watched = self._connector.watch
+        watched.set(None)
         try:
             return await self._session.request(method, url, headers=headers, data=body, allow_redirects=False)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError) or not self._connector.reused.get():
+            watch = watched.get()
+            if isinstance(exc, aiohttp.ClientConnectorError) or watch is None or watch.received:
                 raise
+        finally:
+            if (watch := watched.get()) is not None:
+                watch.remove()
         self.stale_retries += 1
         return await self._fresh.request(method, url, headers=headers, data=body, allow_redirects=False)
 

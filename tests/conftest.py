@@ -18,6 +18,15 @@ from sidecar.runner import Server
 from tests.fake_upstream import FakeUpstream
 
 
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
+    """The tests run on uvloop, the loop `sidecar serve` runs on (SIDECAR_TEST_LOOP=asyncio for the stdlib's)."""
+    if os.environ.get("SIDECAR_TEST_LOOP") == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
+
+
 class RecordCatcher(logging.Handler):
     """Collects the structured request log lines the sidecar emits (its real output path)."""
 
@@ -91,13 +100,19 @@ class Running:
     async def stored(self, expect: int | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
         """request_log rows in the store, oldest first; waits until `expect` rows are there."""
         from sidecar.app import STORE
-        from sidecar.store.base import RequestQuery
+        from sidecar.store.base import RequestQuery, StoreError
 
         store = self.server.app[STORE]
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while True:
-            rows = await store.requests(RequestQuery(limit=100000))
+            try:
+                rows = await store.requests(RequestQuery(limit=100000))
+            except StoreError:  # a store coming back (the fault tests): ask again until the deadline
+                if loop.time() > end:
+                    raise
+                await asyncio.sleep(0.1)
+                continue
             if expect is None or len(rows) >= expect or loop.time() > end:
                 return sorted(rows, key=lambda r: r["started_at"])
             await asyncio.sleep(0.02)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sidecar.store.base import Store
 
 
-def open_store(url: str, pool_size: int = 4) -> Store:
+def open_store(url: str, pool_size: int = 4, op_timeout: float = 10.0) -> Store:
     """A store for `sqlite:///PATH` or `postgresql://...` (not yet connected: call `await store.open()`)."""
     if url.startswith("sqlite:///"):
         from sidecar.store.sqlite import SqliteStore
@@ -13,4 +13,4 @@ def open_store(url: str, pool_size: int = 4) -> Store:
         return SqliteStore(url[len("sqlite:///") :])
     from sidecar.store.postgres import PostgresStore
 
-    return PostgresStore(url, pool_size)
+    return PostgresStore(url, pool_size, op_timeout=op_timeout)

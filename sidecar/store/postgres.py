@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +20,13 @@ class PostgresStore(SqlStore):
     placeholder = "%s"
     migrations = MIGRATIONS
 
-    def __init__(self, url: str, pool_size: int = 4, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, pool_size: int = 4, connect_timeout: float = 5.0, op_timeout: float = 10.0) -> None:
         self.url = url
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
+        # A network that goes silent (no RST, no FIN) would hold a statement for the TCP timeout, minutes to
+        # hours; each operation gets this long instead (psycopg then cancels the query, for at most 10 s more).
+        self.op_timeout = op_timeout
         self._pool: AsyncConnectionPool | None = None
 
     async def open(self) -> None:
@@ -60,7 +64,7 @@ class PostgresStore(SqlStore):
 
     async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         try:
-            async with self.pool.connection() as conn, conn.cursor() as cur:
+            async with asyncio.timeout(self.op_timeout), self.pool.connection() as conn, conn.cursor() as cur:
                 await cur.execute(sql.encode(), list(params))
                 return list(await cur.fetchall())
         except (psycopg.Error, TimeoutError) as exc:
@@ -68,7 +72,12 @@ class PostgresStore(SqlStore):
 
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
         try:
-            async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            async with (
+                asyncio.timeout(self.op_timeout),
+                self.pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor() as cur,
+            ):
                 for sql, params in statements:
                     await cur.execute(sql.encode(), list(params))
         except (psycopg.Error, TimeoutError) as exc:
@@ -83,7 +92,7 @@ class PostgresStore(SqlStore):
             f"ON CONFLICT ({columns[0]}) DO NOTHING"
         )
         try:
-            async with self.pool.connection() as conn, conn.cursor() as cur:
+            async with asyncio.timeout(self.op_timeout), self.pool.connection() as conn, conn.cursor() as cur:
                 await cur.execute(sql.encode(), [payload])
                 return max(cur.rowcount, 0)
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, ValueError) as exc:
