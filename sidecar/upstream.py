@@ -177,6 +177,10 @@ class Upstream:
             if session is not None:
                 await session.close()
 
+    @property
+    def closed(self) -> bool:
+        return all(s is None or s.closed for s in (self._session, self._fresh))
+
     def collect(self) -> Iterator[Metric]:
         yield counter(
             "sidecar_upstream_stale_retries",

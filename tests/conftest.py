@@ -1,17 +1,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+import sidecar as sidecar_package
 from sidecar.config import Settings, load
 from sidecar.logs import REQUEST_LOGGER
 from sidecar.runner import Server
@@ -139,6 +143,7 @@ async def sidecar_factory(
     unhandled: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    tasks_before = asyncio.all_tasks()
     try:
         yield start
         for server in started:
@@ -146,8 +151,13 @@ async def sidecar_factory(
     finally:
         for server in started:
             await server.runner.cleanup()
+        gc.collect()  # "Task exception was never retrieved" and unclosed transports report when collected
+        await asyncio.sleep(0)
         loop.set_exception_handler(previous)
     assert not unhandled, f"unhandled errors in the event loop: {unhandled}"
+    await wait_for(lambda: not sidecar_tasks(tasks_before), 3.0, lambda: f"tasks left: {sidecar_tasks(tasks_before)}")
+    for server in started:
+        await wait_for(lambda: not open_resources(server), 3.0, lambda: f"left open: {open_resources(server)}")
     for server in started:  # after the writer drained: every request line has exactly one stored row
         path = server.settings.server.request_log
         logged = []
@@ -156,6 +166,56 @@ async def sidecar_factory(
                 logged = [orjson.loads(line)["request_id"] for line in f]
         assert len(logged) == len(set(logged)), "a request was finished twice"
         await assert_stored(server, logged)
+
+
+def sidecar_tasks(before: set[asyncio.Task[Any]]) -> list[str]:
+    """Tasks started since `before` that are still running sidecar code."""
+    package = str(Path(sidecar_package.__file__).parent) + os.sep
+    left = []
+    for task in asyncio.all_tasks() - before:
+        if not task.done() and any(name.startswith(package) for name in _awaiting(task.get_coro())):
+            left.append(repr(task)[:200])
+    return left
+
+
+def _awaiting(coro: Any) -> Iterator[str]:
+    """The source files of a suspended coroutine and of everything it awaits, down the chain."""
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None:
+            yield code.co_filename
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+
+
+def _tcp_ports() -> dict[str, tuple[int, int]]:
+    """socket inode -> (local port, remote port) for this machine's TCP sockets."""
+    ports = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(name) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                ports[cols[9]] = (int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def open_resources(server: Server) -> list[str]:
+    """This process's descriptors that a stopped sidecar should have closed: files in its data directory, sockets
+    on its port (its listener and accepted connections), and its upstream connection pool."""
+    from sidecar.app import UPSTREAM
+
+    data_dir = os.path.realpath(server.settings.server.data_dir) + os.sep
+    ports = _tcp_ports()
+    left = [] if server.app[UPSTREAM].closed else ["the upstream connection pool"]
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(data_dir):
+            left.append(target)
+        elif target.startswith("socket:[") and ports.get(target[8:-1], (0, 0))[0] == server.port:
+            left.append(f"{target} on port {server.port}")
+    return left
 
 
 async def check_invariants(server: Server) -> None:
@@ -194,12 +254,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float = 5.0, why: Callable[[], str] = lambda: "condition not met in time"
+) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not predicate():
         if loop.time() > end:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(why())
         await asyncio.sleep(0.01)
 
 

@@ -142,3 +142,11 @@ async def test_idle_keep_alive_connection_closes_at_the_keepalive_timeout(fake, 
     assert status == 200
     assert await read_all(reader, 5) == b""
     writer.close()
+
+
+async def test_the_suite_runs_on_uvloop_like_sidecar_serve():
+    import os
+
+    loop = asyncio.get_running_loop()
+    expected = "asyncio" if os.environ.get("SIDECAR_TEST_LOOP") == "asyncio" else "uvloop"
+    assert type(loop).__module__.split(".")[0] == expected
