@@ -111,6 +111,11 @@ class BatchWriter:
         await self._replay()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"writer-{self.name}")
 
+    @property
+    def alive(self) -> bool:
+        """The writing task is running (it only ends on close)."""
+        return self._task is not None and not self._task.done()
+
     async def close(self) -> None:
         """Drain: write what is queued (and spooled) within the drain timeout, then stop."""
         self._closing = True

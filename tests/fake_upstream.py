@@ -52,6 +52,17 @@ class Received:
         return orjson.loads(self.body)
 
 
+@web.middleware
+async def reject_bad_bodies(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A body the fake cannot use gets the 400 a real server would give, not a 500."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+        return web.json_response(
+            {"error": {"message": "fake: invalid request", "type": "invalid_request_error", "code": None}}, status=400
+        )
+
+
 def token(i: int) -> str:
     return f"tok{i} "
 
@@ -66,7 +77,7 @@ class FakeUpstream:
     sent: dict[str, bytes] = field(default_factory=dict)  # x-request-id -> exact body bytes sent
 
     def app(self) -> web.Application:
-        app = web.Application(handler_args={"handler_cancellation": True})
+        app = web.Application(handler_args={"handler_cancellation": True}, middlewares=[reject_bad_bodies])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
