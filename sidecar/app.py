@@ -119,6 +119,7 @@ def create_app(settings: Settings) -> web.Application:
     writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
     metrics.add_collector(writer.collect)
     metrics.add_collector(upstream.collect)
+    metrics.add_collector(leases.collect)
     finish = record_finisher(metrics, writer, request_log)
     bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None

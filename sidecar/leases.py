@@ -15,12 +15,15 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import Metric
 
 from sidecar.auth import Principal
 from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
+from sidecar.metrics import gauge
 
 
 class Bucket:
@@ -211,3 +214,13 @@ class LeaseManager:
     def totals(self) -> tuple[int, int]:
         """(active leases, reserved tokens) over all keys: zero when nothing is in flight."""
         return sum(s.active for s in self._keys.values()), sum(s.reserved for s in self._keys.values())
+
+    def collect(self) -> Iterator[Metric]:
+        active, reserved = self.totals()
+        yield gauge(
+            "sidecar_lease_slots_active", "Concurrency slots held by requests, over all keys.", (), {(): active}
+        )
+        yield gauge("sidecar_lease_tokens_reserved", "Tokens reserved by requests in flight.", (), {(): reserved})
+        yield gauge(
+            "sidecar_upstream_slots_active", "Requests holding a global upstream slot.", (), {(): self.global_active}
+        )

@@ -1,7 +1,7 @@
 """Hostile HTTP over raw sockets: smuggling shapes, oversized headers, path tricks, compressed and huge bodies.
 
-Each gets a 4xx (never a 5xx) and the upstream sees nothing. (A start on #8's corpus; slowloris and the
-fault proxy are not here yet.)
+Each gets a 4xx (never a 5xx) and the upstream sees nothing. Slow heads and bodies are in test_edge.py,
+generated bodies and paths in test_fuzz.py, network faults in test_faults.py.
 """
 
 from __future__ import annotations
