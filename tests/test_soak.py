@@ -1,10 +1,10 @@
 """A bounded mixed-load run against the sidecar as a real process (uvloop, auth, leases, SQLite records).
 
-Eight clients for 15 s (after a 4 s warm-up): plain and streamed chat, clients hanging up mid-stream, requests over the key's
-concurrency (429), while a chaos task keeps changing what the network between the sidecar and the upstream
-does (RST or FIN mid-stream, a response head cut, a silent upstream, latency). Then: nothing in flight, no
-lease or reservation held, exactly one row per request the clients sent, and the process's RSS back within
-10% of where it stood after a warm-up of the same load.
+Eight clients for 15 s (after a 4 s warm-up): plain and streamed chat, clients hanging up mid-stream,
+requests over the key's concurrency (429), while a chaos task keeps changing what the network between the
+sidecar and the upstream does (RST or FIN mid-stream, a response head cut, a silent upstream, latency).
+Then: nothing in flight, no lease or reservation held, exactly one row per request the clients sent, and the
+process's RSS back within 10% of where it stood after a warm-up of the same load.
 """
 
 from __future__ import annotations
