@@ -20,6 +20,7 @@ from aiohttp import web
 from sidecar.audit import Auditor, Capture
 from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
+from sidecar.client import ConnectFailed, Response, ResponseTooLarge, UpstreamFailure
 from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.deadline import Deadline, DeadlineExpired, Ticker
 from sidecar.edge import read_body
@@ -69,7 +70,7 @@ class Exchange:
     prompt_estimate: int
     audit: bool = False
     response: Any = None  # the non-streaming response, kept for audit
-    up: aiohttp.ClientResponse | None = None
+    up: Response | None = None
     resp: web.StreamResponse | None = None
     scanner: StreamScanner | None = None
     clean: bool = False
@@ -89,7 +90,7 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _is_sse(up: aiohttp.ClientResponse) -> bool:
+def _is_sse(up: Response) -> bool:
     return up.headers.get("content-type", "").startswith("text/event-stream")
 
 
@@ -266,33 +267,32 @@ class Proxy:
             return await self._whole(ex, up, deadline)
         return await self._stream(request, ex, up, deadline)
 
-    async def _send(self, request: web.Request, ex: Exchange) -> aiohttp.ClientResponse:
+    async def _send(self, request: web.Request, ex: Exchange) -> Response:
         up = self.upstream
-        url = up.url(ex.call.path, request.raw_path.partition("?")[2])
+        target = up.target(ex.call.path, request.raw_path.partition("?")[2])
         headers = up.request_headers(request.headers, ex.rec.request_id)
         try:
-            return await up.send(request.method, url, headers, ex.call.upstream_body())
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return await up.send(request.method, target, headers, ex.call.upstream_body())
+        except ConnectFailed as exc:
             self.metrics.upstream_error("connect")
-            raise UpstreamError(
-                f"Cannot connect to the upstream: {type(exc).__name__}.", code="upstream_unreachable"
-            ) from None
-        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"Cannot connect to the upstream: {exc}.", code="upstream_unreachable") from None
+        except UpstreamFailure as exc:
             self.metrics.upstream_error("protocol")
-            raise UpstreamError(f"The upstream request failed: {type(exc).__name__}.") from None
+            raise UpstreamError(f"The upstream request failed: {exc}.") from None
 
-    async def _whole(self, ex: Exchange, up: aiohttp.ClientResponse, deadline: Deadline) -> web.Response:
+    async def _whole(self, ex: Exchange, up: Response, deadline: Deadline) -> web.Response:
         # The body follows its headers at once (generation happened before them): the first-byte limit stays.
+        limit = self.cfg.max_response_bytes
         declared = up.content_length
-        if declared is not None and declared > self.cfg.max_response_bytes:
+        if declared is not None and declared > limit:
             raise UpstreamError(f"The upstream response is {declared} bytes, over the configured limit.")
         try:
-            body = await up.read()
-        except aiohttp.ClientError as exc:
+            body = await up.read(limit)
+        except ResponseTooLarge:
+            raise UpstreamError(f"The upstream response is over the configured limit of {limit} bytes.") from None
+        except UpstreamFailure as exc:
             self.metrics.upstream_error("dropped")
-            raise UpstreamError(
-                f"The upstream response broke: {type(exc).__name__}.", code="upstream_dropped"
-            ) from None
+            raise UpstreamError(f"The upstream response broke: {exc}.", code="upstream_dropped") from None
         ex.clean = True
         rec = ex.rec
         rec.status = up.status
@@ -309,13 +309,11 @@ class Proxy:
         headers.update(ex.lease.headers)
         return web.Response(status=up.status, body=body, headers=headers)
 
-    async def _stream(
-        self, request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, deadline: Deadline
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, ex: Exchange, up: Response, deadline: Deadline) -> web.StreamResponse:
         rec = ex.rec
         call = ex.call
         ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, ex.audit, call.path, call.tools)
-        read = up.content.readany
+        read = up.readany
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
         deadline.first_byte(loop.time())
@@ -348,8 +346,8 @@ class Proxy:
     async def _read(read: Callable[[], Any]) -> bytes:
         try:
             chunk: bytes = await read()
-        except aiohttp.ClientError as exc:
-            raise UpstreamBroke(type(exc).__name__) from None
+        except UpstreamFailure as exc:
+            raise UpstreamBroke(str(exc)) from None
         return chunk
 
     @staticmethod
