@@ -1,0 +1,162 @@
+"""The upstream client's corners, through the sidecar, against raw asyncio upstreams that answer in odd ways:
+a body delimited by the connection's close, 1xx heads before the real one, garbage, the pool's size limit and
+its idle timeout, and a fast upstream feeding a slow client (reading pauses instead of buffering everything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import orjson
+
+from tests.fake_upstream import Script
+
+BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+ANSWER = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [], "usage": {"total_tokens": 1}})
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"), 0
+    )
+    return await reader.readexactly(length)
+
+
+async def post(url: str, body: bytes = BODY) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as s, s.post(url + "/v1/chat/completions", data=body) as r:
+        return r.status, await r.read()
+
+
+async def test_a_body_delimited_by_the_connections_close(sidecar_factory):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + ANSWER)
+        await writer.drain()
+        writer.close()
+
+    server, url = await serve(handler)
+    try:
+        running = await sidecar_factory(url)
+        assert await post(running.url) == (200, ANSWER)
+        assert running.rows[0]["outcome"] == "completed"
+    finally:
+        server.close()
+
+
+async def test_informational_heads_before_the_answer_are_skipped(sidecar_factory):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER))
+        writer.write(ANSWER)
+        await writer.drain()
+        await reader.read()
+
+    server, url = await serve(handler)
+    try:
+        running = await sidecar_factory(url)
+        status, body = await post(running.url)
+        assert (status, body) == (200, ANSWER)
+    finally:
+        server.close()
+
+
+async def test_a_garbled_response_is_a_502(sidecar_factory):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\nxx")
+        await writer.drain()
+        await reader.read()
+
+    server, url = await serve(handler)
+    try:
+        running = await sidecar_factory(url)
+        status, body = await post(running.url)
+        assert status == 502
+        assert orjson.loads(body)["error"]["type"] == "upstream_error"
+    finally:
+        server.close()
+
+
+async def test_the_pool_never_opens_more_than_its_size(fake, sidecar_factory):
+    fake.script = Script(delay_headers=0.05)
+    running = await sidecar_factory(fake.url, upstream__pool_size=3)
+    results = await asyncio.gather(*(post(running.url) for _ in range(20)))
+    assert [s for s, _ in results] == [200] * 20
+    assert fake.max_in_flight == 3
+
+
+async def test_idle_connections_older_than_the_keepalive_timeout_are_not_reused(sidecar_factory):
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                await read_request(reader)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER)
+                    + ANSWER
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server, url = await serve(handler)
+    try:
+        running = await sidecar_factory(url, upstream__keepalive_timeout=0.3)
+        for _ in range(3):
+            assert (await post(running.url))[0] == 200
+        assert connections == 1  # kept alive between quick requests
+        await asyncio.sleep(0.5)
+        assert (await post(running.url))[0] == 200
+        assert connections == 2  # past the idle timeout: a new connection
+    finally:
+        server.close()
+
+
+async def test_a_fast_upstream_and_a_slow_client_pause_instead_of_buffering(sidecar_factory):
+    """A 32 MiB stream read slowly: the upstream is held back by TCP, the sidecar does not buffer it all."""
+    sent = 0
+    chunk = b"data: " + b"x" * 65530 + b"\n\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(512):
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+                sent += len(chunk)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server, url = await serve(handler)
+    try:
+        running = await sidecar_factory(url)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(running.url + "/v1/chat/completions", data=BODY[:-1] + b',"stream":true}') as r:
+                assert r.status == 200
+                got = len(await r.content.read(65536))
+                await asyncio.sleep(0.5)  # the client stalls: everything upstream of it should stall too
+                in_flight = sent - got
+                assert in_flight < 12 * 1024 * 1024, f"{in_flight} bytes sent by the upstream but not read"
+                while data := await r.content.read(1 << 20):
+                    got += len(data)
+        assert got == sent == 512 * len(chunk)
+    finally:
+        server.close()
