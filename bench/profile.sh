@@ -10,7 +10,10 @@ WORK=$(mktemp -d)
 mkdir -p bench-results
 .venv/bin/pip install -q py-spy >/dev/null 2>&1 || true
 /tmp/bench-venv/bin/python "$SHARED/mock_upstream.py" --port 18100 >/dev/null 2>&1 & MOCK=$!
-SIDECAR_SERVER_DATA_DIR=$WORK .venv/bin/sidecar serve --host 127.0.0.1 --port 18110 \
+# The full path: one key with high limits (auth, leases), as bench/target.json.
+export SIDECAR_SERVER_DATA_DIR=$WORK SIDECAR_STORE_URL="sqlite:///$WORK/s.db"
+BENCH_AUTH="Bearer $(.venv/bin/sidecar keys create --name prof --rpm 100000000 --tpm 100000000000 --concurrency 100000 | grep -o 'sk-[^ ]*' | tail -1)"
+.venv/bin/sidecar serve --host 127.0.0.1 --port 18110 \
   --upstream http://127.0.0.1:18100/v1 --db "sqlite:///$WORK/s.db" "$@" 2>"$WORK/stderr.log" & SC=$!
 trap 'kill $MOCK $SC 2>/dev/null || true; rm -rf "$WORK"' EXIT
 sleep 1.5

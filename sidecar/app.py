@@ -166,5 +166,7 @@ def create_app(settings: Settings) -> web.Application:
     router.add_get("/metrics", metrics.handle)
     Admin(admin_token, keys, store, auth).add_routes(router)
     router.add_get("/v1/usage", OwnUsage(auth, store).handle)
-    router.add_route("*", "/{tail:.*}", proxy.handle)
+    for path in sorted(upstream.paths):  # exact paths resolve in one dict lookup
+        router.add_route("*", path, proxy.handle)
+    router.add_route("*", "/{tail:.*}", proxy.handle)  # everything else: our 404/405, in OpenAI's shape
     return app

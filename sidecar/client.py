@@ -126,6 +126,10 @@ class Response:
 
     async def read(self, limit: int = 0) -> bytes:
         """The whole body (`ResponseTooLarge` past `limit` bytes, when set)."""
+        if self._done and not (limit and self._pending > limit):  # all in already: the usual small answer
+            body = b"".join(self._drain())
+            self._pending = 0
+            return body
         parts = []
         size = 0
         while chunk := await self.readany():
@@ -294,7 +298,7 @@ class Pool:
     async def send(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> Response:
         """Send one request; the response's head is in when this returns."""
         request = self._encode(method, target, headers, body)
-        conn = await self._acquire()
+        conn = self._idle_one() or await self._acquire()
         reused = conn.used > 0
         try:
             return await conn.start(request)
@@ -322,14 +326,20 @@ class Pool:
             lines.append(f"content-length: {len(body)}")
         return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
 
-    async def _acquire(self, fresh: bool = False) -> Connection:
+    def _idle_one(self) -> Connection | None:
+        """A pooled connection still fresh enough to use; the stale ones met on the way are closed."""
         now = self.loop.time()
-        while self._idle and not fresh:
+        while self._idle:
             conn = self._idle.pop()  # the most recently used: the least likely to be timing out
             if not conn.closed and now - conn.idle_since < self.keepalive_timeout:
                 return conn
             conn.abort()
             self.done_with(conn)
+        return None
+
+    async def _acquire(self, fresh: bool = False) -> Connection:
+        if not fresh and (conn := self._idle_one()) is not None:
+            return conn
         if fresh and self._open >= self.limit and self._idle:
             conn = self._idle.popleft()  # make room for the new connection a retry needs
             conn.abort()

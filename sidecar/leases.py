@@ -27,9 +27,10 @@ from sidecar.metrics import gauge
 
 
 class Bucket:
-    __slots__ = ("capacity", "level", "rate", "stamp")
+    __slots__ = ("capacity", "level", "limit_text", "rate", "stamp")
 
     def __init__(self, per_minute: int, now: float) -> None:
+        self.limit_text = str(per_minute)  # the x-ratelimit-limit-* value, on every response
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.level = self.capacity
@@ -111,6 +112,26 @@ class LeaseManager:
             )
         return state
 
+    def acquire_now(self, principal: Principal, estimate: int) -> Lease | None:
+        """A lease without waiting, or None when the request must queue for a global slot (then `acquire`).
+
+        Raises `RateLimited` like `acquire` when the key's limits say no.
+        """
+        cap = self.cfg.global_concurrency
+        if not cap:
+            return self._admit(principal, estimate, False)
+        if self.global_active >= cap or self._waiters:
+            return None
+        self.global_active += 1
+        admitted = False
+        try:
+            lease = self._admit(principal, estimate, True)
+            admitted = True
+            return lease
+        finally:
+            if not admitted:
+                self.release_global()
+
     async def acquire(self, principal: Principal, estimate: int) -> Lease:
         holds_global = await self._acquire_global()
         admitted = False
@@ -164,11 +185,15 @@ class LeaseManager:
         headers: dict[str, str] = {}
         if retry is not None:
             headers["retry-after"] = str(max(1, math.ceil(retry)))
-        for name, bucket in (("requests", state.requests), ("tokens", state.tokens)):
-            if bucket is not None:
-                headers[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
-                headers[f"x-ratelimit-remaining-{name}"] = str(max(0, int(bucket.level)))
-                headers[f"x-ratelimit-reset-{name}"] = f"{bucket.reset_in():.3f}s"
+        req, tok = state.requests, state.tokens
+        if req is not None:
+            headers["x-ratelimit-limit-requests"] = req.limit_text
+            headers["x-ratelimit-remaining-requests"] = str(max(0, int(req.level)))
+            headers["x-ratelimit-reset-requests"] = f"{req.reset_in():.3f}s"
+        if tok is not None:
+            headers["x-ratelimit-limit-tokens"] = tok.limit_text
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, int(tok.level)))
+            headers["x-ratelimit-reset-tokens"] = f"{tok.reset_in():.3f}s"
         return headers
 
     async def _acquire_global(self) -> bool:

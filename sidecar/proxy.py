@@ -149,7 +149,7 @@ class Proxy:
         ex: Exchange | None = None
         try:
             self._check_route(request.method, path)
-            principal = await self.auth.authenticate(request.headers)
+            principal = self.auth.known(request.headers) or await self.auth.authenticate(request.headers)
             rec.key_id = principal.key_id
             call = await self._read_call(request, path, rec)
             if self.auditor is not None:
@@ -157,7 +157,9 @@ class Proxy:
             if call.doc is not None:
                 principal.check_model(call.model)
             estimate = self._estimate(call)
-            lease = await self.leases.acquire(principal, estimate.reservation)
+            lease = self.leases.acquire_now(principal, estimate.reservation) or await self.leases.acquire(
+                principal, estimate.reservation
+            )
             ex = Exchange(call, rec, lease, estimate.prompt, audit=capture is not None)
             return await self._relay(request, ex)
         except SidecarError as err:

@@ -10,7 +10,7 @@ anything the `Connection` header names, and the client's credentials never cross
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
@@ -110,9 +110,9 @@ class Upstream:
             {(): self._pool.stale_retries if self._pool is not None else 0},
         )
 
-    async def send(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Response:
+    def send(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Awaitable[Response]:
         """Send one request (see `Pool.send`: the keep-alive race is retried once on a fresh connection)."""
-        return await self.pool.send(method, target, headers.items(), body)
+        return self.pool.send(method, target, headers.items(), body)
 
     def target(self, path: str, query: str) -> str:
         """The request target on the upstream: its base path (if the URL has one), our path, the query."""
