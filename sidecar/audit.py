@@ -20,9 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 
 from sidecar.config import AuditCfg
+from sidecar.sse import events_array, parse_events
 
 SCHEMA_VERSION = 1
 REDACTED = "[REDACTED]"
@@ -103,30 +105,126 @@ def _redact(doc: Any, path: list[str]) -> Any:
     return doc
 
 
+class Fn(msgspec.Struct):
+    name: Any = None
+    arguments: Any = None
+
+
+class ToolDelta(msgspec.Struct):
+    index: Any = None
+    id: Any = None
+    type: Any = None
+    function: Fn | None = None
+
+
+class Delta(msgspec.Struct):
+    role: Any = None
+    content: Any = None
+    reasoning_content: Any = None
+    reasoning: Any = None
+    tool_calls: list[ToolDelta] | None = None
+
+
+class Choice(msgspec.Struct):
+    index: Any = 0
+    delta: Delta | None = None
+    text: Any = None
+    finish_reason: Any = None
+
+
+class Chunk(msgspec.Struct):
+    """What aggregation reads of one stream event; every other field is skipped while decoding."""
+
+    id: Any = None
+    object: Any = None
+    created: Any = None
+    model: Any = None
+    system_fingerprint: Any = None
+    choices: list[Choice] | None = None
+    usage: Any = None
+
+
+_CHUNKS = msgspec.json.Decoder(list[Chunk])
+_HEAD = ("id", "created", "model", "system_fingerprint")
+
+
+def decode_chunks(regions: list[bytes], sep: bytes) -> list[Chunk]:
+    """A stream's events as `Chunk`s: the usual stream in one typed decode (which skips what aggregation does
+    not read, about 3x cheaper than building every event's dicts), anything else event by event."""
+    array = events_array(regions, sep)
+    if array is not None:
+        try:
+            return _CHUNKS.decode(array)
+        except msgspec.DecodeError:
+            pass
+    chunks = []
+    for event in parse_events(regions, sep):
+        try:
+            chunks.append(msgspec.convert(event, Chunk))
+        except msgspec.ValidationError:
+            continue  # an event of another shape carries nothing to aggregate
+    return chunks
+
+
 class Aggregate:
     """Stream events folded into one chat.completion / text_completion-shaped object, per choice index."""
 
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
-        self.choices: dict[int, dict[str, Any]] = {}
+        self.choices: dict[Any, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
         self.text_completion = False
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: dict[str, Any] | Chunk) -> None:
+        if isinstance(event, dict):
+            try:
+                event = msgspec.convert(event, Chunk)
+            except msgspec.ValidationError:
+                return
         if not self.head:
-            self.head = {k: event[k] for k in ("id", "created", "model", "system_fingerprint") if k in event}
-            self.text_completion = event.get("object") == "text_completion"
-        if isinstance(event.get("usage"), dict):
-            self.usage = event["usage"]
-        for choice in event.get("choices") or []:
-            if isinstance(choice, dict):
-                self._choice(choice)
+            self.head = {k: v for k in _HEAD if (v := getattr(event, k)) is not None}
+            self.text_completion = event.object == "text_completion"
+        if isinstance(event.usage, dict):
+            self.usage = event.usage
+        for choice in event.choices or ():
+            self._choice(choice)
 
-    def _choice(self, choice: dict[str, Any]) -> None:
-        index = choice.get("index", 0)
-        slot = self.choices.setdefault(
-            index,
-            {
+    def add_all(self, chunks: list[Chunk]) -> None:
+        """All of a stream's chunks. The usual one (one choice, one content string per chunk) takes a short
+        loop: a few attribute reads per token instead of the full walk of `add`."""
+        if not chunks:
+            return
+        self.add(chunks[0])
+        if self.text_completion:
+            for chunk in chunks[1:]:
+                self.add(chunk)
+            return
+        content: list[str] | None = None
+        for chunk in chunks[1:]:
+            choices = chunk.choices
+            if choices is not None and len(choices) == 1 and chunk.usage is None:
+                choice = choices[0]
+                delta = choice.delta
+                if (
+                    choice.index == 0
+                    and choice.finish_reason is None
+                    and delta is not None
+                    and delta.content.__class__ is str
+                    and delta.tool_calls is None
+                    and delta.reasoning_content is None
+                    and delta.reasoning is None
+                    and delta.role is None
+                ):
+                    if content is None:
+                        content = self._slot(0)["content"]
+                    content.append(delta.content)
+                    continue
+            self.add(chunk)
+
+    def _slot(self, index: Any) -> dict[str, Any]:
+        slot = self.choices.get(index)
+        if slot is None:
+            slot = self.choices[index] = {
                 "index": index,
                 "content": [],
                 "reasoning": [],
@@ -134,44 +232,49 @@ class Aggregate:
                 "role": "assistant",
                 "finish_reason": None,
                 "text": [],
-            },
-        )
-        if choice.get("finish_reason") is not None:
-            slot["finish_reason"] = choice["finish_reason"]
-        if "text" in choice and isinstance(choice["text"], str):
-            slot["text"].append(choice["text"])
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
+            }
+        return slot
+
+    def _choice(self, choice: Choice) -> None:
+        slot = self._slot(choice.index if choice.index is not None else 0)
+        if choice.finish_reason is not None:
+            slot["finish_reason"] = choice.finish_reason
+        if isinstance(choice.text, str):
+            slot["text"].append(choice.text)
+        delta = choice.delta
+        if delta is None:
             return
-        if isinstance(delta.get("role"), str):
-            slot["role"] = delta["role"]
-        if isinstance(delta.get("content"), str):
-            slot["content"].append(delta["content"])
-        for key in ("reasoning_content", "reasoning"):
-            if isinstance(delta.get(key), str):
-                slot["reasoning"].append(delta[key])
-        for call in delta.get("tool_calls") or []:
-            if isinstance(call, dict):
-                self._tool(slot["tools"], call)
+        if isinstance(delta.content, str):
+            slot["content"].append(delta.content)
+        if isinstance(delta.role, str):
+            slot["role"] = delta.role
+        if isinstance(delta.reasoning_content, str):
+            slot["reasoning"].append(delta.reasoning_content)
+        if isinstance(delta.reasoning, str):
+            slot["reasoning"].append(delta.reasoning)
+        for call in delta.tool_calls or ():
+            self._tool(slot["tools"], call)
 
     @staticmethod
-    def _tool(tools: dict[int, dict[str, Any]], call: dict[str, Any]) -> None:
-        entry = tools.setdefault(
-            call.get("index", len(tools)), {"id": None, "type": "function", "name": [], "arguments": []}
-        )
-        if call.get("id"):
-            entry["id"] = call["id"]
-        if call.get("type"):
-            entry["type"] = call["type"]
-        function = call.get("function") or {}
-        if isinstance(function.get("name"), str):
-            entry["name"].append(function["name"])
-        if isinstance(function.get("arguments"), str):
-            entry["arguments"].append(function["arguments"])
+    def _tool(tools: dict[Any, dict[str, Any]], call: ToolDelta) -> None:
+        index = call.index if call.index is not None else len(tools)
+        entry = tools.get(index)
+        if entry is None:
+            entry = tools[index] = {"id": None, "type": "function", "name": [], "arguments": []}
+        if call.id:
+            entry["id"] = call.id
+        if call.type:
+            entry["type"] = call.type
+        function = call.function
+        if function is not None:
+            if isinstance(function.name, str):
+                entry["name"].append(function.name)
+            if isinstance(function.arguments, str):
+                entry["arguments"].append(function.arguments)
 
     def result(self) -> dict[str, Any]:
         choices = []
-        for index in sorted(self.choices):
+        for index in sorted(self.choices, key=_order):
             slot = self.choices[index]
             if self.text_completion:
                 choices.append({"index": index, "text": "".join(slot["text"]), "finish_reason": slot["finish_reason"]})
@@ -186,11 +289,16 @@ class Aggregate:
                         "type": t["type"],
                         "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])},
                     }
-                    for _, t in sorted(slot["tools"].items())
+                    for _, t in sorted(slot["tools"].items(), key=lambda item: _order(item[0]))
                 ]
             choices.append({"index": index, "message": message, "finish_reason": slot["finish_reason"]})
         obj = "text_completion" if self.text_completion else "chat.completion"
         return {**self.head, "object": obj, "choices": choices, "usage": self.usage}
+
+
+def _order(index: Any) -> tuple[int, str]:
+    """Sort key for choice and tool indexes, which should be ints but come from the upstream."""
+    return (index, "") if isinstance(index, int) else (1 << 62, str(index))
 
 
 def build_record(
@@ -261,13 +369,13 @@ class Auditor:
         capture: Capture,
         row: Mapping[str, Any],
         response: Any,
-        events: list[dict[str, Any]] | None,
+        stream: tuple[list[bytes], bytes] | None,
         complete: bool,
     ) -> None:
-        if events is not None:
+        """Build and emit the record; `stream` is the response's events as (regions, separator) when streamed."""
+        if stream is not None:
             agg = Aggregate()
-            for event in events:
-                agg.add(event)
+            agg.add_all(decode_chunks(*stream))
             response = agg.result()
         record, line = build_record(
             rec=row,

@@ -184,10 +184,11 @@ class Proxy:
 
     def _audit(self, capture: Capture, rec: RequestRecord, ex: Exchange | None) -> None:
         assert self.auditor is not None
-        events = ex.scanner.parsed if ex is not None and ex.scanner is not None else None
+        scanner = ex.scanner if ex is not None else None
+        stream = (scanner.regions, scanner.sep) if scanner is not None else None
         response = ex.response if ex is not None else None
-        complete = rec.outcome == Outcome.COMPLETED and (ex is None or ex.scanner is None or ex.scanner.done)
-        self.auditor.finish(capture, rec.as_row(), response, events, complete)
+        complete = rec.outcome == Outcome.COMPLETED and (scanner is None or scanner.done)
+        self.auditor.finish(capture, rec.as_row(), response, stream, complete)
 
     def _check_route(self, method: str, path: str) -> None:
         if path not in self.upstream.paths:

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from sidecar.audit import Aggregate, AuditPolicy, sampled
+from sidecar.audit import Aggregate, AuditPolicy, decode_chunks, sampled
 from sidecar.config import AuditCfg
 from tests.conftest import free_port
 from tests.test_cli import wait_listening
@@ -97,6 +97,16 @@ def test_aggregate_tool_calls_reasoning_and_choices():
     for e in events:
         agg.add(e)
     out = agg.result()
+    # The same events as one stream, through the typed decode and the short loop for plain content chunks.
+    plain = [{"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]} for i in range(3)]
+    regions = [b"data: " + orjson.dumps(e) for e in (events[:1] + plain + events[1:])]
+    fast = Aggregate()
+    fast.add_all(decode_chunks([b"\n\n".join(regions) + b"\n\ndata: [DONE]"], b"\n\n"))
+    slow = Aggregate()
+    for e in events[:1] + plain + events[1:]:
+        slow.add(e)
+    assert fast.result() == slow.result()
+    assert fast.result()["choices"][0]["message"]["content"] == "t0 t1 t2 "
     assert out["id"] == "c1" and out["object"] == "chat.completion" and out["usage"]["total_tokens"] == 12
     first, second = out["choices"]
     assert first["message"]["reasoning_content"] == "think hard" and first["finish_reason"] == "tool_calls"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -147,3 +148,24 @@ def test_usage_from_variants():
     assert usage_from({"prompt_tokens": -1}) is None
     assert usage_from({"prompt_tokens": True, "completion_tokens": 2}).prompt_tokens is None
     assert usage_from(None) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'data: {"a":1}\n\ndata: {"b":"data: x"}\n\ndata: [DONE]',
+        b'data: {"a":1}\r\n\r\ndata: {"b":2}\r\n\r\ndata: [DONE]',
+        b': keep-alive\n\ndata: {"a":1}\n\nevent: error\ndata: {"e":1}\n\ndata: [DONE]',
+        b'data: {"a":\ndata: 1}\n\ndata: {"b":2}',
+        b'data: {"a":1}\n\ndata: not json\n\ndata: {"b":2}',
+        b'data: {"a":1}\n\ndata: [1,2]\n\ndata: {"b":2}',
+    ],
+)
+def test_parse_events_fast_path_equals_event_by_event(raw):
+    from sidecar.sse import _load_event, parse_events
+
+    sep = b"\r\n\r\n" if b"\r\n" in raw else b"\n\n"
+    expected = [obj for obj in (_load_event(e) for e in raw.split(sep)) if obj is not None]
+    regions = raw.split(sep)
+    half = len(regions) // 2
+    assert parse_events([sep.join(regions[:half]), sep.join(regions[half:])], sep) == expected
