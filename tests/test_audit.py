@@ -271,3 +271,16 @@ async def test_a_sink_that_blocks_forever(fake, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_disconnect_while_waiting_for_a_whole_answer_is_still_audited(fake, audited, tmp_path):
+    from tests.test_disconnect import open_stream
+
+    fake.script.delay_headers = 5.0
+    reader, writer = await open_stream(audited.port, CHAT)
+    while not fake.received:
+        await asyncio.sleep(0.01)
+    writer.transport.abort()
+    (record,) = await wait_records(tmp_path / "audit", 1)
+    assert record["complete"] is False and record["outcome"] == "client_disconnected"
+    assert record["response"] is None and record["request"]["body"]["model"] == CHAT["model"]
