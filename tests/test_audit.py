@@ -277,7 +277,7 @@ async def test_disconnect_while_waiting_for_a_whole_answer_is_still_audited(fake
     from tests.test_disconnect import open_stream
 
     fake.script.delay_headers = 5.0
-    reader, writer = await open_stream(audited.port, CHAT)
+    _, writer = await open_stream(audited.port, CHAT)
     while not fake.received:
         await asyncio.sleep(0.01)
     writer.transport.abort()
