@@ -6,6 +6,7 @@ that revoked it). Keys never appear in errors or logs: only their public id does
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Mapping
@@ -74,6 +75,7 @@ class Authenticator:
         self.pepper = pepper
         self.static = static or {}
         self._cache: dict[str, _Entry] = {}
+        self._loading: dict[str, asyncio.Task[_Entry]] = {}
         self._verified: dict[str, tuple[Principal, float]] = {}  # full key -> principal, until
         self.anonymous = Principal(None, "anonymous", limits.concurrency, limits.rpm, limits.tpm)
 
@@ -124,10 +126,25 @@ class Authenticator:
         return entry.principal
 
     async def _entry(self, kid: str) -> _Entry:
-        now = time.monotonic()
         entry = self._cache.get(kid)
-        if entry is not None and entry.until > now:
+        if entry is not None and entry.until > time.monotonic():
             return entry
+        # One store lookup per key at a time: when a busy key's cache entry expires, every request in flight
+        # would otherwise query the store at once. The lookup is a task of its own, so a caller that goes
+        # away does not cancel it for the others.
+        loading = self._loading.get(kid)
+        if loading is None:
+            loading = self._loading[kid] = asyncio.get_running_loop().create_task(self._load(kid, entry))
+            loading.add_done_callback(lambda task: self._loaded(kid, task))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, kid: str, task: asyncio.Task[_Entry]) -> None:
+        self._loading.pop(kid, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every caller may have left before it finished
+
+    async def _load(self, kid: str, entry: _Entry | None) -> _Entry:
+        now = time.monotonic()
         try:
             row = self.static.get(kid) or (await self.store.get_key(kid) if self.store is not None else None)
         except StoreError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -174,3 +175,35 @@ async def test_static_keys_file(tmp_path, fake, sidecar_factory):
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, running.url, key))[0] == 200
         assert running.rows[-1]["key_id"] == parse_key(key)[0]
+
+
+async def test_a_busy_key_whose_cache_expired_is_looked_up_once(tmp_path):
+    """Many requests arriving when a key's cache entry has expired share one store lookup."""
+    from sidecar.auth import Authenticator
+    from sidecar.config import AuthCfg, LimitsCfg
+    from sidecar.keys import KeyAdmin
+    from sidecar.store.sqlite import SqliteStore
+
+    class CountingStore(SqliteStore):  # the real SQLite store; it counts key lookups and makes them slow
+        lookups = 0
+
+        async def get_key(self, key_id):
+            CountingStore.lookups += 1
+            await asyncio.sleep(0.05)
+            return await super().get_key(key_id)
+
+    store = CountingStore(str(tmp_path / "k.db"))
+    await store.open()
+    await store.migrate()
+    try:
+        pepper = b"p" * 32
+        created = await KeyAdmin(store, pepper).create({"name": "busy"}, actor="test")
+        auth = Authenticator(AuthCfg(cache_ttl=0.2), LimitsCfg(), store, pepper)
+        headers = {"authorization": f"Bearer {created.key}"}
+        for _ in range(2):  # a cold cache, then an expired one
+            principals = await asyncio.gather(*(auth.authenticate(headers) for _ in range(50)))
+            assert {p.key_id for p in principals} == {created.row.id}
+            await asyncio.sleep(0.25)
+        assert CountingStore.lookups == 2
+    finally:
+        await store.close()
