@@ -248,6 +248,17 @@ async def sidecar(fake: FakeUpstream, sidecar_factory: Callable[..., Awaitable[R
     return await sidecar_factory(fake.url)
 
 
+def reap(proc: Any, timeout: float = 30) -> int:
+    """End a test's subprocess if it still runs, wait for it, and close its pipes (no ResourceWarning)."""
+    if proc.poll() is None:
+        proc.kill()
+    rc = int(proc.wait(timeout))
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    return rc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

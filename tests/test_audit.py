@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.audit import Aggregate, AuditPolicy, decode_chunks, sampled
 from sidecar.config import AuditCfg
-from tests.conftest import free_port
+from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 
 CANARY_HEADER = "sk-canary-header-7f3a"
@@ -269,8 +269,7 @@ async def test_a_sink_that_blocks_forever(fake, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
 
 
 async def test_disconnect_while_waiting_for_a_whole_answer_is_still_audited(fake, audited, tmp_path):

@@ -60,6 +60,7 @@ async def test_informational_heads_before_the_answer_are_skipped(sidecar_factory
         writer.write(ANSWER)
         await writer.drain()
         await reader.read()
+        writer.close()
 
     server, url = await serve(handler)
     try:
@@ -76,6 +77,7 @@ async def test_a_garbled_response_is_a_502(sidecar_factory):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\nxx")
         await writer.drain()
         await reader.read()
+        writer.close()
 
     server, url = await serve(handler)
     try:

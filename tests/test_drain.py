@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 from tests.test_process import CHAT, count_rows, start
 
@@ -54,8 +54,7 @@ async def test_sigterm_drains_short_streams_and_ends_long_ones(fake, tmp_path):
         long_results = await asyncio.gather(*long)
         rc = await asyncio.to_thread(proc.wait, 30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
     assert rc == 0
     for status, body in short_results:
         assert status == 200 and body.endswith(b"data: [DONE]\n\n")
@@ -82,8 +81,7 @@ async def test_second_signal_shortens_the_wait(fake, tmp_path):
         _status, body = await task
         assert b"server_shutting_down" in body
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
     assert count_rows(tmp_path) == {"shutdown": 1}
 
 

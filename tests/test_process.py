@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -68,10 +68,10 @@ async def test_sigterm_with_20_streams_in_flight(fake, tmp_path):
         proc.send_signal(signal.SIGTERM)
         results = await task
         rc = await asyncio.to_thread(proc.wait, 30)
+        err = proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert rc == 0, proc.stderr.read()
+        reap(proc)
+    assert rc == 0, err
     assert all(status == 200 and body.endswith(b"data: [DONE]\n\n") for status, body in results)
     assert count_rows(tmp_path) == {"completed": 20}
 
@@ -84,8 +84,7 @@ async def test_sigkill_loses_nothing_with_the_spool(fake, tmp_path):
     fake.script.chunks = 3
     results = await stream_many(f"http://127.0.0.1:{port}", 30)
     assert all(status == 200 for status, _ in results)
-    proc.kill()
-    proc.wait(10)
+    reap(proc, 10)
     assert count_rows(tmp_path) == {}  # nothing reached the database before the kill
     port = free_port()
     proc = start(tmp_path, fake.url, port)  # the next start replays the spool
@@ -97,6 +96,7 @@ async def test_sigkill_loses_nothing_with_the_spool(fake, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        reap(proc)
     assert count_rows(tmp_path) == {"completed": 30}
 
 
@@ -110,7 +110,7 @@ async def test_sigkill_mid_load_keeps_the_database_sound(fake, tmp_path, spool):
     await asyncio.sleep(0.3)
     proc.kill()
     results = await load
-    proc.wait(10)
+    reap(proc, 10)
     served = sum(1 for status, body in results if status == 200 and body.endswith(b"[DONE]\n\n"))
     count_rows(tmp_path)  # integrity_check is ok
     port = free_port()
@@ -121,5 +121,6 @@ async def test_sigkill_mid_load_keeps_the_database_sound(fake, tmp_path, spool):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        reap(proc)
     rows = count_rows(tmp_path)
     assert rows.get("completed", 0) >= served  # every fully served request has its row after the restart

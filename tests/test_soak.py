@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, reap
 from tests.fake_upstream import FakeUpstream, Script
 from tests.faults import Fault, FaultProxy
 from tests.test_cli import wait_listening
@@ -167,6 +167,7 @@ async def test_mixed_load_with_disconnects_and_faults_keeps_every_invariant(fake
         proc.send_signal(signal.SIGTERM)
         rc = await asyncio.to_thread(proc.wait, 30)
         stderr = proc.stderr.read() if proc.stderr else ""
+        reap(proc)
         await proxy.close()
     assert rc == 0, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-3000:]
