@@ -123,17 +123,12 @@ class LeaseManager:
         if self.global_active >= cap or self._waiters:
             return None
         self.global_active += 1
-        admitted = False
-        try:
-            lease = self._admit(principal, estimate, True)
-            admitted = True
-            return lease
-        finally:
-            if not admitted:
-                self.release_global()
+        return self._admit_holding(principal, estimate, True)
 
     async def acquire(self, principal: Principal, estimate: int) -> Lease:
-        holds_global = await self._acquire_global()
+        return self._admit_holding(principal, estimate, await self._acquire_global())
+
+    def _admit_holding(self, principal: Principal, estimate: int, holds_global: bool) -> Lease:
         admitted = False
         try:
             lease = self._admit(principal, estimate, holds_global)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -52,41 +53,41 @@ async def test_a_body_delimited_by_the_connections_close(sidecar_factory):
         server.close()
 
 
-async def test_informational_heads_before_the_answer_are_skipped(sidecar_factory):
+def answer_once(raw: bytes) -> Handler:
+    """An upstream that reads one request, writes `raw` as its answer, and waits for the sidecar to hang up."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER))
-        writer.write(ANSWER)
+        writer.write(raw)
         await writer.drain()
         await reader.read()
         writer.close()
 
-    server, url = await serve(handler)
+    return handler
+
+
+async def post_through(sidecar_factory: Any, raw: bytes) -> tuple[int, bytes]:
+    server, url = await serve(answer_once(raw))
     try:
         running = await sidecar_factory(url)
-        status, body = await post(running.url)
-        assert (status, body) == (200, ANSWER)
+        return await post(running.url)
     finally:
         server.close()
+
+
+async def test_informational_heads_before_the_answer_are_skipped(sidecar_factory):
+    raw = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+        + b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER)
+        + ANSWER
+    )
+    assert await post_through(sidecar_factory, raw) == (200, ANSWER)
 
 
 async def test_a_garbled_response_is_a_502(sidecar_factory):
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\nxx")
-        await writer.drain()
-        await reader.read()
-        writer.close()
-
-    server, url = await serve(handler)
-    try:
-        running = await sidecar_factory(url)
-        status, body = await post(running.url)
-        assert status == 502
-        assert orjson.loads(body)["error"]["type"] == "upstream_error"
-    finally:
-        server.close()
+    status, body = await post_through(sidecar_factory, b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\nxx")
+    assert status == 502
+    assert orjson.loads(body)["error"]["type"] == "upstream_error"
 
 
 async def test_the_pool_never_opens_more_than_its_size(fake, sidecar_factory):
