@@ -324,7 +324,8 @@ class Pool:
         lines.extend(f"{name}: {value}" for name, value in headers)
         if body or method not in ("GET", "HEAD"):
             lines.append(f"content-length: {len(body)}")
-        return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+        # aiohttp decodes a request's header bytes as UTF-8 with surrogateescape: this gives the same bytes back.
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n\r\n" + body
 
     def _idle_one(self) -> Connection | None:
         """A pooled connection still fresh enough to use; the stale ones met on the way are closed."""

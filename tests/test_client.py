@@ -163,3 +163,12 @@ async def test_a_fast_upstream_and_a_slow_client_pause_instead_of_buffering(side
         assert got == sent == 512 * len(chunk)
     finally:
         server.close()
+
+
+async def test_a_response_header_beyond_ascii_does_not_break_the_answer(sidecar_factory):
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Note: caf\xe9 \xff\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(ANSWER)
+        + ANSWER
+    )
+    assert await post_through(sidecar_factory, raw) == (200, ANSWER)

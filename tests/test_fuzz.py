@@ -66,7 +66,7 @@ class Threaded:
         await self.server.start()
         self.port = self.server.port
 
-    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None = None) -> int:
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, Any] | None = None) -> int:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             conn.request(method, path, body=body, headers={"content-type": "application/json", **(headers or {})})
@@ -195,11 +195,14 @@ def hostile_bodies(draw: st.DrawFn) -> bytes:
     return raw[: draw(st.integers(0, max(len(raw) - 1, 0)))]
 
 
+header_values = st.lists(st.sampled_from([*range(0x20, 0x7F), *range(0x80, 0x100), 0x09]), max_size=24).map(bytes)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(route=st.sampled_from(ROUTES), body=hostile_bodies())
-def test_hostile_bodies_on_every_route_never_get_a_5xx(threaded, route, body):
-    status = threaded.request("POST", route, body)
-    assert status < 500, (route, body[:300], status)
+@given(route=st.sampled_from(ROUTES), body=hostile_bodies(), header=header_values)
+def test_hostile_bodies_on_every_route_never_get_a_5xx(threaded, route, body, header):
+    status = threaded.request("POST", route, body, {"x-fuzz": header})
+    assert status < 500, (route, body[:300], header, status)
 
 
 def test_after_the_fuzzing_the_writer_is_alive_and_every_request_has_a_row(threaded):

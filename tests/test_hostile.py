@@ -80,3 +80,15 @@ async def test_hostile_request_gets_a_4xx_and_never_reaches_the_upstream(fake, s
     assert 400 <= status < 500 or status == 0, (name, head)
     assert closed or name not in MUST_CLOSE, name
     assert fake.received == []
+
+
+@pytest.mark.parametrize("value", ["é€".encode(), b"\xff\xfe"], ids=["utf-8", "not utf-8"])
+async def test_header_bytes_beyond_ascii_reach_the_upstream_unchanged(fake, sidecar_factory, value):
+    running = await sidecar_factory(fake.url)
+    body = b'{"model": "m", "messages": []}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    writer.write(CHAT + H + b"X-Name: " + value + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    head = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert fake.last().headers["x-name"].encode("utf-8", "surrogateescape") == value
