@@ -169,6 +169,7 @@ class Connection(asyncio.Protocol):
         self.holds_slot = True  # counted in the pool's open connections until it is done with
         self._paused = False
         self._chunked = False
+        self._stray = False
 
     # asyncio.Protocol
 
@@ -207,8 +208,15 @@ class Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response._done:  # bytes nobody asked for: the connection cannot be trusted
+            self._stray = True
+            self.abort()
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
+        if self._stray or self.response is None:
+            return
         key = name.decode("latin-1")
         val = value.decode("latin-1")
         self.response.headers.add(key, val)
@@ -220,7 +228,8 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         response = self.response
-        assert response is not None
+        if self._stray or response is None:
+            return
         response.status = self.parser.get_status_code()
         if response.status < 200:  # 1xx (100 Continue, 103 Early Hints): the real head follows
             response.headers = CIMultiDict()
@@ -230,12 +239,12 @@ class Connection(asyncio.Protocol):
             self.head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
-        assert self.response is not None
-        self.response._feed(body)
+        if not self._stray and self.response is not None:
+            self.response._feed(body)
 
     def on_message_complete(self) -> None:
         response = self.response
-        if response is not None and response.status >= 200:
+        if not self._stray and response is not None and response.status >= 200:
             response._finish()
 
     # used by the pool and the response
@@ -350,6 +359,10 @@ class Pool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken and cancelled at once: the place goes to the next in line
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)

@@ -176,3 +176,26 @@ async def test_a_response_header_beyond_ascii_does_not_break_the_answer(sidecar_
         + ANSWER
     )
     assert await post_through(sidecar_factory, raw) == (200, ANSWER)
+
+
+async def test_bytes_after_a_complete_answer_retire_the_connection(sidecar_factory):
+    connections = 0
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(ok + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")  # an answer nobody asked for
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server, url = await serve(handler)
+    try:
+        running = await sidecar_factory(url)
+        assert await post(running.url) == (200, ANSWER)
+        assert await post(running.url) == (200, ANSWER)
+        assert connections == 2  # the first connection was not trusted with the second request
+    finally:
+        server.close()
