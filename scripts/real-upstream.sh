@@ -32,6 +32,10 @@ build_server() {
     echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum --check --quiet
     rm -rf "$work/src" && mkdir -p "$work/src"
     tar xzf "$sdist" -C "$work/src" --strip-components=1
+    if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then  # not on this machine: from PyPI
+        "$PY" -m pip install --quiet cmake ninja
+        PATH="$(dirname "$PY"):$PATH"
+    fi
     cmake -S "$work/src/vendor/llama.cpp" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
