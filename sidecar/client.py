@@ -310,23 +310,26 @@ class Pool:
         conn = self._idle_one() or await self._acquire()
         reused = conn.used > 0
         try:
-            return await conn.start(request)
+            return await self._start(conn, request)
         except ConnectionBroken:
-            conn.finished(False)
             if not reused or conn.received:
                 raise
-        except BaseException:
-            conn.finished(False)
-            raise
         # The upstream closed a kept-alive connection under this request before answering: it never handled
         # it. Once more, on a new connection.
         self.stale_retries += 1
-        conn = await self._acquire(fresh=True)
+        return await self._start(await self._acquire(fresh=True), request)
+
+    @staticmethod
+    async def _start(conn: Connection, request: bytes) -> Response:
+        """Write the request and wait for the head; on any failure or cancellation the connection is closed."""
+        started = False
         try:
-            return await conn.start(request)
-        except BaseException:
-            conn.finished(False)
-            raise
+            response = await conn.start(request)
+            started = True
+            return response
+        finally:
+            if not started:
+                conn.finished(False)
 
     def _encode(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
         lines = [f"{method} {target} HTTP/1.1", f"host: {self.host_header}"]
@@ -369,12 +372,14 @@ class Pool:
             if self._idle and not fresh:
                 return await self._acquire()
         self._open += 1
+        new: Connection | None = None
         try:
-            return await self._connect()
-        except BaseException:
-            self._open -= 1
-            self._wake_one()
-            raise
+            new = await self._connect()
+            return new
+        finally:
+            if new is None:  # failed or cancelled: the place it held is free again
+                self._open -= 1
+                self._wake_one()
 
     async def _connect(self) -> Connection:
         if self._closing:
@@ -389,9 +394,9 @@ class Pool:
                     server_hostname=self.host if self.tls else None,
                 )
         except TimeoutError:
-            raise ConnectFailed(f"connecting to the upstream timed out after {self.connect_timeout:g}s") from None
+            raise ConnectFailed(f"timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:
-            raise ConnectFailed(f"cannot connect to the upstream: {exc.strerror or exc}") from None
+            raise ConnectFailed(str(exc.strerror or exc)) from None
         return conn
 
     def put_back(self, conn: Connection) -> None:

@@ -83,7 +83,7 @@ class BatchWriter:
         self._fd = -1
         self._segment = 0
         self._store_down = False
-        self.written = self.spooled = self.dropped = self.dead = self.store_errors = 0
+        self.written = self.spooled = self.dropped = self.dead = self.store_errors = self.failed_cycles = 0
         self.flush_seconds = 0.0
         self.flushes = 0
 
@@ -144,6 +144,7 @@ class BatchWriter:
                 if self._store_down or self._has_spool():
                     await self._replay()
             except Exception:  # the writer must outlive any surprise; the rows stay in the spool
+                self.failed_cycles += 1
                 log.exception("writer cycle failed")
                 await asyncio.sleep(interval)
             if self._closing and not self._queue:
@@ -279,6 +280,12 @@ class BatchWriter:
             },
         )
         yield counter("sidecar_writer_store_errors", "Failed store writes.", ("table",), {label: self.store_errors})
+        yield counter(
+            "sidecar_writer_failed_cycles",
+            "Flush cycles ended by an unexpected error.",
+            ("table",),
+            {label: self.failed_cycles},
+        )
         yield counter("sidecar_writer_flush_seconds", "Time spent flushing.", ("table",), {label: self.flush_seconds})
         yield counter("sidecar_writer_flushes", "Flush cycles.", ("table",), {label: self.flushes})
 
