@@ -175,12 +175,7 @@ class Aggregate:
         self.usage: dict[str, Any] | None = None
         self.text_completion = False
 
-    def add(self, event: dict[str, Any] | Chunk) -> None:
-        if isinstance(event, dict):
-            try:
-                event = msgspec.convert(event, Chunk)
-            except msgspec.ValidationError:
-                return
+    def add(self, event: Chunk) -> None:
         if not self.head:
             self.head = {k: v for k in _HEAD if (v := getattr(event, k)) is not None}
             self.text_completion = event.object == "text_completion"

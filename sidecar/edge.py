@@ -33,10 +33,6 @@ from sidecar.errors import PayloadTooLarge, RequestTimeout
 _REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
 )
-_HEAD_TIMEOUT_BODY = (
-    b'{"error":{"message":"The request head did not arrive in time.","type":"invalid_request_error",'
-    b'"param":null,"code":"request_timeout"}}'
-)
 
 
 class BodyTimeout(Exception):
@@ -109,7 +105,8 @@ class EdgeHandler(web.RequestHandler):
         if self._messages or self._request_in_progress or self.transport is None:
             return
         if self._head_bytes:  # a client mid-head gets told why; an idle connection is just closed
-            self.transport.write(_REQUEST_TIMEOUT % len(_HEAD_TIMEOUT_BODY) + _HEAD_TIMEOUT_BODY)
+            body = RequestTimeout("The request head did not arrive in time.").body()
+            self.transport.write(_REQUEST_TIMEOUT % len(body) + body)
         self.force_close()
 
     def _watch_body(self, payload: StreamReader) -> None:

@@ -94,7 +94,6 @@ def count_deltas(region: bytes, patterns: Patterns) -> int:
 
 class StreamScanner:
     __slots__ = (
-        "_parsed",
         "_regions",
         "_path",
         "_patterns",
@@ -127,17 +126,7 @@ class StreamScanner:
         self._tail = b""
         self._sep = b""
         self._spaced = False
-        self._regions: list[bytes] | None = [] if keep_events else None  # complete events, kept for `parsed`
-        self._parsed: list[dict[str, Any]] | None = None
-
-    @property
-    def parsed(self) -> list[dict[str, Any]]:
-        """The stream's JSON events (only when kept, e.g. for audit), parsed once, when first asked for."""
-        if self._regions is None:
-            return []
-        if self._parsed is None:
-            self._parsed = parse_events(self._regions, self.sep)
-        return self._parsed
+        self._regions: list[bytes] | None = [] if keep_events else None  # complete events, kept for audit
 
     @property
     def regions(self) -> list[bytes]:

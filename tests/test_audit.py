@@ -12,10 +12,11 @@ import sys
 import time
 
 import aiohttp
+import msgspec
 import orjson
 import pytest
 
-from sidecar.audit import Aggregate, AuditPolicy, decode_chunks, sampled
+from sidecar.audit import Aggregate, AuditPolicy, Chunk, decode_chunks, sampled
 from sidecar.config import AuditCfg
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
@@ -95,7 +96,7 @@ def test_aggregate_tool_calls_reasoning_and_choices():
         {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}},
     ]
     for e in events:
-        agg.add(e)
+        agg.add(msgspec.convert(e, Chunk))
     out = agg.result()
     # The same events as one stream, through the typed decode and the short loop for plain content chunks.
     plain = [{"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]} for i in range(3)]
@@ -104,7 +105,7 @@ def test_aggregate_tool_calls_reasoning_and_choices():
     fast.add_all(decode_chunks([b"\n\n".join(regions) + b"\n\ndata: [DONE]"], b"\n\n"))
     slow = Aggregate()
     for e in events[:1] + plain + events[1:]:
-        slow.add(e)
+        slow.add(msgspec.convert(e, Chunk))
     assert fast.result() == slow.result()
     assert fast.result()["choices"][0]["message"]["content"] == "t0 t1 t2 "
     assert out["id"] == "c1" and out["object"] == "chat.completion" and out["usage"]["total_tokens"] == 12

@@ -17,6 +17,14 @@ from tests.fake_upstream import Script
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 CHUNKS = 2048  # of 64 KiB: 128 MiB, more than the kernel's socket buffers can hold
 ANSWER = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [], "usage": {"total_tokens": 1}})
+
+
+def json_answer(extra_headers: bytes = b"") -> bytes:
+    """A whole 200 answer carrying ANSWER, as raw bytes on the wire."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra_headers
+    return head + b"Content-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER
+
+
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -77,11 +85,7 @@ async def post_through(sidecar_factory: Any, raw: bytes) -> tuple[int, bytes]:
 
 
 async def test_informational_heads_before_the_answer_are_skipped(sidecar_factory):
-    raw = (
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
-        + b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER)
-        + ANSWER
-    )
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n" + json_answer()
     assert await post_through(sidecar_factory, raw) == (200, ANSWER)
 
 
@@ -108,10 +112,7 @@ async def test_idle_connections_older_than_the_keepalive_timeout_are_not_reused(
         try:
             while True:
                 await read_request(reader)
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER)
-                    + ANSWER
-                )
+                writer.write(json_answer())
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -170,23 +171,18 @@ async def test_a_fast_upstream_and_a_slow_client_pause_instead_of_buffering(side
 
 
 async def test_a_response_header_beyond_ascii_does_not_break_the_answer(sidecar_factory):
-    raw = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Note: caf\xe9 \xff\r\n"
-        + b"Content-Length: %d\r\n\r\n" % len(ANSWER)
-        + ANSWER
-    )
+    raw = json_answer(b"X-Note: caf\xe9 \xff\r\n")
     assert await post_through(sidecar_factory, raw) == (200, ANSWER)
 
 
 async def test_bytes_after_a_complete_answer_retire_the_connection(sidecar_factory):
     connections = 0
-    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
         await read_request(reader)
-        writer.write(ok + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")  # an answer nobody asked for
+        writer.write(json_answer() + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")  # an answer nobody asked for
         await writer.drain()
         await reader.read()
         writer.close()
