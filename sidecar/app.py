@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -87,6 +88,12 @@ def _audit_bus(s: Settings, store: Store) -> AuditBus:
     return AuditBus(sinks)
 
 
+def _writer_status(writer: BatchWriter, bus: AuditBus | None) -> Callable[[], dict[str, dict[str, Any]]]:
+    """Where each table's rows are going, for `/readyz`: the request log and the `db` audit sink."""
+    writers = [writer, *(sink.writer for sink in (bus.sinks if bus is not None else ()) if isinstance(sink, DbSink))]
+    return lambda: {w.name: w.status() for w in writers}
+
+
 def server_args(settings: Settings) -> dict[str, object]:
     """Keyword arguments for aiohttp's connection handler (also used by tests' servers through the app)."""
     return {
@@ -126,7 +133,7 @@ def create_app(settings: Settings) -> web.Application:
     if bus is not None:
         metrics.add_collector(bus.collect)
     proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor)
-    health = Health(upstream, state, store)
+    health = Health(upstream, state, store, _writer_status(writer, bus))
 
     app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
     app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = upstream, metrics, state, proxy

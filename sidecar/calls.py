@@ -7,6 +7,7 @@ streaming flag, the output budget and whether the client asked for a usage chunk
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/res
 USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _OUTPUT_BUDGET_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 MAX_TOKENS_CEILING = 10_000_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,8 @@ def parse(method: str, path: str, body: bytes, max_depth: int = 64) -> Call:
         raise BadRequest(
             "`model` must be a non-empty string of at most 256 characters.", param="model", code="invalid_value"
         )
+    if model is not None and _CONTROL.search(model):
+        raise BadRequest("`model` must not contain control characters.", param="model", code="invalid_value")
     stream = _flag(doc, "stream")
     tools = bool(doc.get("tools") or doc.get("functions"))
     return Call(path, body, doc, model, stream and path in STREAMING_PATHS, _budget(doc), _client_usage(doc), tools)

@@ -95,6 +95,7 @@ class WriterCfg:
     flush_interval_ms: int = 200
     queue_size: int = 100_000
     spool: bool = True
+    spool_max_bytes: int = 1024 * 1024 * 1024
     drain_timeout: float = 10.0
 
 
@@ -147,6 +148,7 @@ _POSITIVE = {
     "writer.max_rows",
     "writer.flush_interval_ms",
     "writer.queue_size",
+    "writer.spool_max_bytes",
     "audit.queue_size",
     "audit.max_payload_bytes",
 }

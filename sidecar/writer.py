@@ -1,14 +1,20 @@
 """BatchWriter: request records into the store in batches, off the hot path, losing none.
 
-`put(row)` is synchronous and never awaits. With the spool on, it also appends the row to the current
-journal segment (one `write(2)` into the page cache: it survives the process being killed). A flush cycle
-rotates the segment, takes every queued row and inserts them in batches of `max_rows` with
-`ON CONFLICT (request_id) DO NOTHING`; when they are all in, the old segment is deleted. If the store is
-unreachable the segment is fsynced and kept: it *is* the spool, replayed (idempotently) once the store
-answers again, also at the next start. A batch the store rejects for its data is retried row by row, each
-failing row sanitised once and, if still refused, written to a dead-letter file, so one poison row cannot
-lose the others. Without the spool, rows wait in memory up to `queue_size` and are dropped (and counted)
-beyond it. On close the queue and spool are drained within `drain_timeout`.
+`put(row)` is synchronous, never awaits and never raises. With the spool on it appends the row to the current
+journal segment (`sidecar.spool`: one `write(2)` into the page cache, so a killed process loses nothing) and
+queues it. A flush cycle rotates the segment, inserts the queued rows in batches of `max_rows` with
+`ON CONFLICT (request_id) DO NOTHING`, and deletes the old segment once they are all in.
+
+While the store is unreachable the segment is kept: it *is* the spool. Rows then go to the current segment
+only (one segment appended to for the whole outage, closed at 16 MiB), the store is probed with a backoff
+(at most 2 s apart), and the spool is replayed, oldest first and idempotently, once it answers (also at the
+next start). A batch the store rejects for its data is retried row by row, each failing row sanitised once
+and, if still refused, written to a dead-letter file, so one poison row cannot lose the others.
+
+A journal that cannot take a row (disk full, I/O error, read-only volume, or `spool_max_bytes` reached) never
+changes a response: the row is held in memory instead, up to `queue_size` rows, and goes to the store as
+usual; only beyond that are rows dropped, counted and logged. Without the spool every row takes that path.
+On close the queue and spool are drained within `drain_timeout`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from prometheus_client.metrics_core import Metric
 
 from sidecar.config import WriterCfg
 from sidecar.metrics import counter, gauge
+from sidecar.spool import Segment, Spool
 from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("sidecar.writer")
@@ -36,11 +43,13 @@ Row = dict[str, Any]
 Line = bytes  # one row, JSON-encoded: what the journal holds and what the store unpacks
 _MAX_TEXT = 4096
 _INT64 = 2**63 - 1
+_MAX_BACKOFF = 2.0  # a store that is down is probed at most this far apart
 
 
 def _clean(value: Any) -> Any:
     if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")[:_MAX_TEXT]
+        # PostgreSQL's text refuses NUL; lone surrogates are not UTF-8: neither may cost a row its place.
+        return value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:_MAX_TEXT]
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and not -_INT64 <= value <= _INT64:
@@ -76,39 +85,65 @@ class BatchWriter:
         self.cfg = cfg
         self.name = name
         self.dir = Path(spool_dir)
-        self._queue: deque[Line] = deque()
+        self.spool = Spool(spool_dir, name, cfg.spool_max_bytes) if cfg.spool else None
+        self._queue: deque[Line] = deque()  # journaled rows (in the current segment) on their way to the store
+        self._held: deque[Line] = deque()  # rows in no journal (failing, full or off): memory only, bounded
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._fd = -1
-        self._segment = 0
-        self._store_down = False
+        self._down = False  # the store refused the last write: journaled rows stay in the spool only
+        self._unqueued = False  # the current segment holds rows that are not in `_queue`
+        self._probe_at = 0.0
+        self._backoff = 0.0
+        self._dropping = False
         self.written = self.spooled = self.dropped = self.dead = self.store_errors = self.failed_cycles = 0
+        self.unjournaled = 0
         self.flush_seconds = 0.0
         self.flushes = 0
+        self.cycles = 0  # loop turns of the writing task, flushing or not
 
     # --- hot path ---------------------------------------------------------------------------------------
     def put(self, row: Row) -> Line:
-        """Queue one row; never awaits, never blocks on the store. Returns the row's JSON line."""
+        """Queue one row; never awaits, never raises, never blocks on the store. Returns the row's JSON line."""
         line = _dump(row)
-        if self.cfg.spool:
-            os.write(self._fd, line + b"\n")
-        elif len(self._queue) >= self.cfg.queue_size:
-            self.dropped += 1
-            return line
-        self._queue.append(line)
-        if len(self._queue) >= self.cfg.max_rows:
+        spool = self.spool
+        if spool is not None and spool.append(line + b"\n"):
+            if self._down:
+                self.spooled += 1  # on disk only: replayed when the store answers again
+            else:
+                self._queue.append(line)
+        else:
+            if spool is not None:
+                self.unjournaled += 1
+            if len(self._held) >= self.cfg.queue_size:
+                self._drop(1)
+                return line
+            self._held.append(line)
+        if len(self._queue) + len(self._held) >= self.cfg.max_rows:
             self._wake.set()
         return line
 
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        if not self._dropping:
+            self._dropping = True
+            log.error(
+                "rows dropped: neither the journal nor the store can take them and writer.queue_size is reached",
+                extra={"fields": {"table": self.name, "held": len(self._held)}},
+            )
+
+    def _hold(self, lines: list[Line]) -> None:
+        """Rows in no journal that the store did not take: back in memory, within `queue_size`."""
+        room = max(0, self.cfg.queue_size - len(self._held))
+        self._held.extendleft(reversed(lines[:room]))
+        if len(lines) > room:
+            self._drop(len(lines) - room)
+
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self.cfg.spool:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            existing = self._segments()
-            self._segment = (existing[-1][0] + 1) if existing else 1
-            self._open_segment()
-        await self._replay()
+        if self.spool is not None:
+            self.spool.open()
+            await self._recover()  # what an earlier run left
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"writer-{self.name}")
 
     @property
@@ -119,18 +154,30 @@ class BatchWriter:
     async def close(self) -> None:
         """Drain: write what is queued (and spooled) within the drain timeout, then stop."""
         self._closing = True
+        self._probe_at = 0.0  # one last try, whatever the backoff
         self._wake.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, self.cfg.drain_timeout)
             except TimeoutError:
-                log.error("writer drain timed out", extra={"fields": {"queued": len(self._queue)}})
+                log.error("writer drain timed out", extra={"fields": {"table": self.name, "queued": self.queued()}})
             self._task = None
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            self._remove_if_empty(self._path(self._segment))
+        self._keep_held()
+        if self.spool is not None:
+            self.spool.close()
+
+    def _keep_held(self) -> None:
+        """At close, rows only in memory go to the journal if it takes them now; the rest are lost, and said so."""
+        held, self._held = list(self._held), deque()
+        if not held:
+            return
+        kept = sum(1 for line in held if self.spool is not None and self.spool.append(line + b"\n"))
+        if kept < len(held):
+            self.dropped += len(held) - kept
+            log.error(
+                "rows lost at shutdown: neither the store nor the journal could take them",
+                extra={"fields": {"table": self.name, "rows": len(held) - kept}},
+            )
 
     async def _run(self) -> None:
         interval = self.cfg.flush_interval_ms / 1000.0
@@ -139,37 +186,99 @@ class BatchWriter:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
+            self.cycles += 1
             try:
                 await self.flush()
-                if self._store_down or self._has_spool():
-                    await self._replay()
             except Exception:  # the writer must outlive any surprise; the rows stay in the spool
                 self.failed_cycles += 1
                 log.exception("writer cycle failed")
                 await asyncio.sleep(interval)
-            if self._closing and not self._queue:
+            if self._closing and (self._down or not (self._queue or self._held)):
                 return
 
     # --- flushing -----------------------------------------------------------------------------------------
     async def flush(self) -> None:
-        if not self._queue:
+        """One cycle: replay the spool if there is one (or probe a store that was down), then write the queue."""
+        spool = self.spool
+        if (self._down or (spool is not None and spool.pending)) and not await self._recover():
+            return
+        if not self._queue and not self._held:
             return
         started = time.perf_counter()
-        rows = list(self._queue)
+        rows, held = list(self._queue), list(self._held)
         self._queue.clear()
-        old = self._rotate() if self.cfg.spool else None
-        ok = await self._insert(rows)
-        if old is not None:
-            if ok:
-                old.unlink(missing_ok=True)
-            else:
-                self.spooled += len(rows)
-        elif not ok:  # no spool: keep them in memory for the next cycle, within the bound
-            room = max(0, self.cfg.queue_size - len(self._queue))
-            self._queue.extendleft(reversed(rows[:room]))
-            self.dropped += max(0, len(rows) - room)
+        self._held.clear()
+        old = spool.rotate(keep=False) if spool is not None and rows else None
+        if await self._insert(rows + held):
+            if spool is not None:
+                spool.discard(old)
+            if self._dropping and not self._held:
+                self._dropping = False
+                log.warning("rows are written again", extra={"fields": {"table": self.name, "dropped": self.dropped}})
+        else:
+            if spool is not None and old is not None:
+                spool.keep(old)
+            self.spooled += len(rows)
+            self._hold(held)
+            self._went_down()
         self.flushes += 1
         self.flush_seconds += time.perf_counter() - started
+
+    def _went_down(self) -> None:
+        """The store is unreachable: journaled rows wait in the spool (the current segment too), not in memory."""
+        now = time.monotonic()
+        self._backoff = min(_MAX_BACKOFF, max(self.cfg.flush_interval_ms / 1000.0, self._backoff * 2))
+        self._probe_at = now + self._backoff
+        if self._down:
+            return
+        self._down = True
+        self._unqueued = True  # from now on the current segment is spool too
+        self.spooled += len(self._queue)
+        self._queue.clear()
+
+    async def _recover(self) -> bool:
+        """Replay spooled segments, oldest first; True when the spool is empty and the store takes rows."""
+        if self._down and time.monotonic() < self._probe_at:
+            return False
+        spool = self.spool
+        while spool is not None:
+            if not spool.pending:
+                if not self._unqueued:
+                    break
+                spool.rotate(keep=True)  # the segment written while the store was down: replay it too
+                self._unqueued = False
+                continue
+            segment = spool.pending[0]
+            if not await self._replay(spool, segment):
+                self._went_down()
+                return False
+            spool.discard(segment)
+        if self._down:
+            self._down = False
+            self._backoff = 0.0
+            log.warning("store available again; spool replayed", extra={"fields": {"table": self.name}})
+        return True
+
+    async def _replay(self, spool: Spool, segment: Segment) -> bool:
+        rows_in = 0
+        while True:
+            try:
+                rows, offset = await asyncio.to_thread(Spool.read, segment, self.cfg.max_rows)
+            except OSError as exc:
+                log.error(
+                    "spool segment unreadable; skipped",
+                    extra={"fields": {"segment": segment.path.name, "error": exc.strerror or str(exc)}},
+                )
+                return True
+            if offset == segment.offset:
+                break
+            if rows and not await self._insert(rows):
+                return False
+            spool.advance(segment, offset)
+            rows_in += len(rows)
+        if rows_in:
+            log.info("spool replayed", extra={"fields": {"rows": rows_in, "segment": segment.path.name}})
+        return True
 
     async def _insert(self, rows: list[Line]) -> bool:
         """Insert rows in batches; False if the store is unreachable (nothing is lost: the caller keeps them)."""
@@ -178,13 +287,14 @@ class BatchWriter:
             batch = rows[i : i + size]
             try:
                 self.written += await self._store_insert(batch)
-                self._store_down = False
             except StoreError as exc:
                 self.store_errors += 1
                 if exc.transient:
-                    if not self._store_down:
-                        log.warning("store unavailable; spooling rows", extra={"fields": {"error": str(exc)}})
-                    self._store_down = True
+                    if not self._down:
+                        log.warning(
+                            "store unavailable; spooling rows",
+                            extra={"fields": {"table": self.name, "error": str(exc)[:200]}},
+                        )
                     return False
                 if not await self._one_by_one(batch):
                     return False
@@ -194,7 +304,7 @@ class BatchWriter:
         return await self._insert_rows(rows)
 
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._held)
 
     async def _one_by_one(self, batch: list[Line]) -> bool:
         for row in batch:
@@ -204,7 +314,6 @@ class BatchWriter:
                     break
                 except StoreError as exc:
                     if exc.transient:
-                        self._store_down = True
                         return False
             else:
                 self._dead_letter(row)
@@ -212,62 +321,45 @@ class BatchWriter:
 
     def _dead_letter(self, row: Line) -> None:
         self.dead += 1
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.dir / f"{self.name}.dead.jsonl", "ab") as f:
-            f.write(row + b"\n")
+        path = self.dir / f"{self.name}.dead.jsonl"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, row + b"\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error(
+                "row refused by the store and not dead-lettered",
+                extra={"fields": {"bytes": len(row), "error": exc.strerror or str(exc)}},
+            )
+            return
         log.error("row refused by the store; dead-lettered", extra={"fields": {"bytes": len(row)}})
 
-    # --- spool segments -----------------------------------------------------------------------------------
-    def _path(self, n: int) -> Path:
-        return self.dir / f"{self.name}.{n:08d}.jsonl"
-
-    def _segments(self) -> list[tuple[int, Path]]:
-        if not self.dir.exists():
-            return []
-        out = []
-        for p in self.dir.glob(f"{self.name}.*.jsonl"):
-            middle = p.name[len(self.name) + 1 : -len(".jsonl")]
-            if middle.isdigit():
-                out.append((int(middle), p))
-        return sorted(out)
-
-    def _open_segment(self) -> None:
-        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-
-    def _rotate(self) -> Path:
-        """Close the current segment (its rows are the ones just taken) and start the next one."""
-        old_fd, old = self._fd, self._path(self._segment)
-        self._segment += 1
-        self._open_segment()
-        if self._store_down:
-            os.fsync(old_fd)  # it may be the spool for a while: make it durable
-        os.close(old_fd)
-        return old
-
-    def _has_spool(self) -> bool:
-        return any(n != self._segment for n, _ in self._segments())
-
-    async def _replay(self) -> None:
-        for n, path in self._segments():
-            if n == self._segment and self._fd >= 0:
-                continue
-            rows = list(_read_rows(path))
-            if rows and not await self._insert(rows):
-                return  # still down: try again next cycle
-            path.unlink(missing_ok=True)
-            if rows:
-                log.info("spool replayed", extra={"fields": {"rows": len(rows), "segment": path.name}})
-
-    @staticmethod
-    def _remove_if_empty(path: Path) -> None:
-        with contextlib.suppress(OSError):
-            if path.stat().st_size == 0:
-                path.unlink()
+    # --- state --------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """For `/readyz` detail: where rows are going now (no error text: that is for the logs)."""
+        spool = self.spool
+        return {
+            "store": "down" if self._down else "ok",
+            "journal": spool.state if spool is not None else "off",
+            "held_rows": len(self._held),
+            "spool_bytes": spool.used_bytes if spool is not None else 0,
+            "dropped_rows": self.dropped,
+        }
 
     # --- metrics ------------------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
         label = (self.name,)
-        yield gauge("sidecar_writer_queue_depth", "Rows waiting to be written.", ("table",), {label: len(self._queue)})
+        spool = self.spool
+        yield gauge("sidecar_writer_queue_depth", "Rows waiting to be written.", ("table",), {label: self.queued()})
+        yield gauge(
+            "sidecar_writer_held_rows",
+            "Rows held only in memory (the journal failed, is full, or is off).",
+            ("table",),
+            {label: len(self._held)},
+        )
         yield counter(
             "sidecar_writer_rows",
             "Rows by what happened to them.",
@@ -275,9 +367,38 @@ class BatchWriter:
             {
                 (*label, "written"): self.written,
                 (*label, "spooled"): self.spooled,
+                (*label, "unjournaled"): self.unjournaled,
                 (*label, "dropped"): self.dropped,
                 (*label, "dead_lettered"): self.dead,
             },
+        )
+        yield gauge(
+            "sidecar_writer_store_up", "1 while the store takes rows.", ("table",), {label: 0 if self._down else 1}
+        )
+        state = spool.state if spool is not None else "off"
+        yield gauge(
+            "sidecar_writer_journal_state",
+            "The journal's state: 1 for the current one.",
+            ("table", "state"),
+            {(*label, s): int(s == state) for s in ("ok", "failing", "full", "off")},
+        )
+        yield counter(
+            "sidecar_writer_journal_failures",
+            "Journal appends that failed (disk full, I/O error, read-only volume).",
+            ("table",),
+            {label: spool.failures if spool is not None else 0},
+        )
+        yield gauge(
+            "sidecar_writer_spool_bytes",
+            "Bytes in the journal not yet in the store.",
+            ("table",),
+            {label: spool.used_bytes if spool is not None else 0},
+        )
+        yield gauge(
+            "sidecar_writer_spool_segments",
+            "Spooled segments waiting for replay.",
+            ("table",),
+            {label: len(spool.pending) if spool is not None else 0},
         )
         yield counter("sidecar_writer_store_errors", "Failed store writes.", ("table",), {label: self.store_errors})
         yield counter(
@@ -288,17 +409,6 @@ class BatchWriter:
         )
         yield counter("sidecar_writer_flush_seconds", "Time spent flushing.", ("table",), {label: self.flush_seconds})
         yield counter("sidecar_writer_flushes", "Flush cycles.", ("table",), {label: self.flushes})
-
-
-def _read_rows(path: Path) -> Iterator[Line]:
-    with open(path, "rb") as f:
-        for line in f:
-            if line.endswith(b"\n"):  # a torn last line (killed mid-write) is skipped, not fatal
-                try:
-                    orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                yield line.rstrip(b"\n")
 
 
 def _sanitised_line(line: Line) -> Line:

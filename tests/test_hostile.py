@@ -35,6 +35,8 @@ CASES = {
     "case variant": b"GET /V1/Models HTTP/1.1\r\n" + H + b"\r\n",
     "absolute form": b"GET http://evil/v1/models HTTP/1.1\r\n" + H + b"\r\n",
     "vllm admin route": b"POST /v1/load_lora_adapter HTTP/1.1\r\n" + H + b"Content-Length: 2\r\n\r\n{}",
+    "NUL in model": CHAT + H + b'Content-Length: 37\r\n\r\n{"model": "a\\u0000b", "messages": []}',
+    "escape in model": CHAT + H + b'Content-Length: 37\r\n\r\n{"model": "a\\u001bb", "messages": []}',
     "gzip body": CHAT + H + b"Content-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}",
     "declared body too large": CHAT + H + b"Content-Length: 99999999\r\n\r\n{",
     "chunked body too large": CHAT
