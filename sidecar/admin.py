@@ -7,6 +7,7 @@ are OpenAI-shaped; the store being down is a 503, never a 500.
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,15 +42,20 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return doc
 
 
-def int_param(request: web.Request, name: str, default: int | None, low: int = 0, high: int | None = None) -> Any:
+_INT64 = 2**63 - 1
+
+
+def int_param(request: web.Request, name: str, default: int | None, low: int = 0, high: int = _INT64) -> Any:
     raw = request.query.get(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = int(raw) if len(raw) <= 20 else None
     except ValueError:
-        raise BadRequest(f"`{name}` must be an integer.", param=name) from None
-    if value < low or (high is not None and value > high):
+        value = None
+    if value is None:
+        raise BadRequest(f"`{name}` must be an integer.", param=name)
+    if value < low or value > high:
         raise BadRequest(f"`{name}` is out of range.", param=name)
     return value
 
@@ -59,9 +65,12 @@ def float_param(request: web.Request, name: str) -> float | None:
     if raw is None:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise BadRequest(f"`{name}` must be epoch seconds.", param=name) from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise BadRequest(f"`{name}` must be epoch seconds.", param=name)
+    return value
 
 
 def since_param(request: web.Request, default_seconds: float = 86400.0) -> float:
@@ -70,9 +79,12 @@ def since_param(request: web.Request, default_seconds: float = 86400.0) -> float
     if raw is None:
         return time.time() - default_seconds
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        return time.time() - parse_duration(raw)
+        return time.time() - parse_duration(raw, "since")
+    if not math.isfinite(value):
+        raise BadRequest("`since` must be epoch seconds or a duration such as 24h.", param="since")
+    return value
 
 
 def page_query(request: web.Request) -> RequestQuery:
@@ -81,9 +93,12 @@ def page_query(request: web.Request) -> RequestQuery:
     if cursor:
         at, _, rid = cursor.partition(":")
         try:
-            before = (float(at), rid)
+            when = float(at)
         except ValueError:
-            raise BadRequest("`before` must be a cursor from a previous page.", param="before") from None
+            when = math.nan
+        if not math.isfinite(when):
+            raise BadRequest("`before` must be a cursor from a previous page.", param="before")
+        before = (when, rid)
     return RequestQuery(
         key_id=request.query.get("key_id"),
         outcome=request.query.get("outcome"),

@@ -19,7 +19,7 @@ from sidecar.audit_sinks import AuditBus, Sink
 from sidecar.audit_sinks.db import DbSink
 from sidecar.audit_sinks.files import JsonlSink, StderrSink
 from sidecar.auth import Authenticator
-from sidecar.config import Settings, read_secret
+from sidecar.config import Settings, read_secret, retention_seconds
 from sidecar.health import Health, RunState
 from sidecar.keys import KeyAdmin, load_pepper, load_static_keys
 from sidecar.leases import LeaseManager
@@ -27,6 +27,8 @@ from sidecar.logs import RequestLog
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.records import RequestRecord
+from sidecar.rejects import RejectSampler
+from sidecar.retention import Retention
 from sidecar.store import open_store
 from sidecar.store.base import Store
 from sidecar.upstream import Upstream
@@ -46,12 +48,15 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 def record_finisher(
     metrics: Metrics, writer: BatchWriter, request_log: RequestLog | None
-) -> Callable[[RequestRecord], None]:
-    """The terminal hook every record goes through exactly once: metrics, the store, the request log line."""
+) -> Callable[[RequestRecord, bool], None]:
+    """The terminal hook every record goes through exactly once: metrics, then (when `keep`: see
+    `sidecar.rejects`) the store and the request log line."""
 
-    def finish(rec: RequestRecord) -> None:
+    def finish(rec: RequestRecord, keep: bool) -> None:
         metrics.observe(metrics.route(rec.path), rec.status, rec.outcome, rec.latency_ms / 1000.0, rec.ttft_ms)
         metrics.count_tokens(rec.prompt_tokens, rec.completion_tokens)
+        if not keep:
+            return
         line = writer.put(rec.as_row())
         if request_log is not None:
             request_log.write_line(line)  # the same JSON the store gets: one line per request
@@ -132,7 +137,11 @@ def create_app(settings: Settings) -> web.Application:
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     if bus is not None:
         metrics.add_collector(bus.collect)
-    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor)
+    rejects = RejectSampler(s.server.reject_rows_per_minute)
+    metrics.add_collector(rejects.collect)
+    retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
+    metrics.add_collector(retention.collect)
+    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects)
     health = Health(upstream, state, store, _writer_status(writer, bus))
 
     app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
@@ -146,23 +155,17 @@ def create_app(settings: Settings) -> web.Application:
 
     async def close_log() -> None:
         proxy.ticker.close()
+        rejects.summary()
         if request_log is not None:
             request_log.close()
-
-    async def close_bus() -> None:
-        if bus is not None:
-            await bus.close(s.writer.drain_timeout)
-
-    async def start_bus() -> None:
-        if bus is not None:
-            await bus.start()
 
     # Opened in this order, closed in reverse: the writer and the audit sinks drain before the store closes.
     app.cleanup_ctx.extend(
         [
             _resource(open_store_, store.close),
+            _resource(retention.start, retention.close),
             _resource(writer.start, writer.close),
-            _resource(start_bus, close_bus),
+            _bus_resource(bus, s.writer.drain_timeout),
             _resource(_nothing, close_log),
             _resource(upstream.open, upstream.close),
         ]
@@ -173,7 +176,23 @@ def create_app(settings: Settings) -> web.Application:
     router.add_get("/metrics", metrics.handle)
     Admin(admin_token, keys, store, auth).add_routes(router)
     router.add_get("/v1/usage", OwnUsage(auth, store).handle)
-    for path in sorted(upstream.paths):  # exact paths resolve in one dict lookup
+    _proxied_routes(router, proxy, upstream.paths)
+    return app
+
+
+def _proxied_routes(router: web.UrlDispatcher, proxy: Proxy, paths: frozenset[str]) -> None:
+    for path in sorted(paths):  # exact paths resolve in one dict lookup
         router.add_route("*", path, proxy.handle)
     router.add_route("*", "/{tail:.*}", proxy.handle)  # everything else: our 404/405, in OpenAI's shape
-    return app
+
+
+def _bus_resource(bus: AuditBus | None, drain_timeout: float) -> CleanupCtx:
+    async def start() -> None:
+        if bus is not None:
+            await bus.start()
+
+    async def stop() -> None:
+        if bus is not None:
+            await bus.close(drain_timeout)
+
+    return _resource(start, stop)

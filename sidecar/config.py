@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -19,6 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "SIDECAR_"
+_DURATION = re.compile(r"^(\d{1,12})([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = 100 * 366 * 86400  # a century: anything longer is a typo (and would overflow a timestamp)
 
 
 class ConfigError(ValueError):
@@ -41,6 +45,7 @@ class ServerCfg:
     body_timeout: float = 60.0
     drain_grace: float = 5.0
     drain_timeout: float = 30.0
+    reject_rows_per_minute: int = 60
     admin_token: str = field(default="", metadata={"secret": True})
     admin_token_file: str = ""
 
@@ -67,6 +72,8 @@ class StoreCfg:
     url: str = "sqlite:///./data/sidecar.db"
     pool_size: int = 4
     op_timeout: float = 10.0
+    retention: str = "90d"
+    retention_interval: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,7 @@ _POSITIVE = {
     "upstream.max_response_bytes",
     "upstream.pool_size",
     "store.pool_size",
+    "store.retention_interval",
     "auth.cache_ttl",
     "limits.default_max_tokens",
     "limits.queue_size",
@@ -275,11 +283,27 @@ def _check(s: Settings) -> None:
             raise ConfigError(f"upstream.extra_paths: {path!r} is not a canonical /v1/ path")
     if not s.store.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError("store.url: must be sqlite:///PATH or postgresql://...")
+    if s.store.retention not in ("", "0") and duration(s.store.retention) is None:
+        raise ConfigError(f"store.retention: expected a duration such as 90d or 0 (keep), got {s.store.retention!r}")
     if not 0.0 <= s.audit.sample_rate <= 1.0:
         raise ConfigError(f"audit.sample_rate: must be between 0 and 1, got {s.audit.sample_rate}")
     for sink in s.audit.sinks:
         if sink not in ("stderr", "jsonl", "db"):
             raise ConfigError(f"audit.sinks: unknown sink {sink!r} (stderr, jsonl, db)")
+
+
+def duration(text: str) -> float | None:
+    """Seconds in `30d`, `12h`, `15m`, `45s`, `2w`; None when it is not such a duration or over a century."""
+    m = _DURATION.match(text.strip())
+    if m is None:
+        return None
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    return float(seconds) if seconds <= MAX_DURATION else None
+
+
+def retention_seconds(store: StoreCfg) -> float:
+    """How long request and audit rows are kept; 0 keeps them forever."""
+    return 0.0 if store.retention in ("", "0") else duration(store.retention) or 0.0
 
 
 def read_secret(name: str, value: str, path: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from sidecar.config import duration
 from sidecar.errors import BadRequest, NotFound
 from sidecar.store.base import AdminEvent, KeyRow, Store
 
@@ -35,8 +36,6 @@ _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 ID_LEN, SECRET_LEN, CHECK_LEN = 12, 32, 6
 KEY_LEN = len(PREFIX) + ID_LEN + 1 + SECRET_LEN + CHECK_LEN
 _KEY_RE = re.compile(rf"sk-sc-([0-9a-z]{{{ID_LEN}}})-([0-9A-Za-z]{{{SECRET_LEN}}})([0-9A-Za-z]{{{CHECK_LEN}}})")
-_DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 LIMIT_FIELDS = ("concurrency", "rpm", "tpm")
 EDITABLE = ("name", "concurrency", "rpm", "tpm", "models", "expires_at", "audit")
 
@@ -97,11 +96,11 @@ def load_pepper(inline: str, path: str, data_dir: str) -> bytes:
     return value.encode()
 
 
-def parse_duration(text: str) -> float:
-    m = _DURATION_RE.match(text.strip())
-    if not m:
-        raise BadRequest(f"Invalid duration {text!r}: use e.g. 30d, 12h, 15m.", param="expires_in")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+def parse_duration(text: str, param: str = "expires_in") -> float:
+    seconds = duration(text)
+    if seconds is None:
+        raise BadRequest(f"Invalid duration {text[:40]!r}: use e.g. 30d, 12h, 15m (at most a century).", param=param)
+    return seconds
 
 
 def load_static_keys(path: str) -> dict[str, KeyRow]:

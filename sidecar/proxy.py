@@ -37,6 +37,7 @@ from sidecar.errors import (
 from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
+from sidecar.rejects import REJECT_STATUSES, RejectSampler
 from sidecar.sse import StreamScanner, usage_from
 from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream, allowed_methods
@@ -103,9 +104,11 @@ class Proxy:
         auth: Authenticator,
         leases: LeaseManager,
         metrics: Metrics,
-        finish: Callable[[RequestRecord], None],
+        finish: Callable[[RequestRecord, bool], None],
         auditor: Auditor | None = None,
+        rejects: RejectSampler | None = None,
     ) -> None:
+        self.rejects = rejects
         self.ticker = Ticker()
         self.auditor = auditor
         self.limits = limits
@@ -147,9 +150,11 @@ class Proxy:
         lease: Lease | None = None
         capture: Capture | None = None
         ex: Exchange | None = None
+        authenticated = False
         try:
             self._check_route(request.method, path)
             principal = self.auth.known(request.headers) or await self.auth.authenticate(request.headers)
+            authenticated = True
             rec.key_id = principal.key_id
             call = await self._read_call(request, path, rec)
             if self.auditor is not None:
@@ -178,7 +183,9 @@ class Proxy:
             self.active.discard(task)
             if self._idle is not None and not self.active:
                 self._idle.set()
-            self._finish(rec.finish())
+            rejects = self.rejects  # a reject before any key is known: recorded within a per-source rate
+            keep = authenticated or rec.status not in REJECT_STATUSES or rejects is None or rejects.keep(request.remote)
+            self._finish(rec.finish(), keep)
             if capture is not None:
                 self._audit(capture, rec, ex)
 

@@ -70,6 +70,14 @@ class PostgresStore(SqlStore):
         except (psycopg.Error, TimeoutError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from None
 
+    async def _execute(self, sql: str, params: Params = ()) -> int:
+        try:
+            async with asyncio.timeout(self.op_timeout), self.pool.connection() as conn, conn.cursor() as cur:
+                await cur.execute(sql.encode(), list(params))
+                return max(cur.rowcount, 0)
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
         try:
             async with (

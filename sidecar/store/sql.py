@@ -23,6 +23,7 @@ from sidecar.store.base import (
 
 Params = Sequence[Any]
 AUDIT_COLUMNS = ("request_id", "key_id", "emitted_at", "record")
+RETAINED = {"request_log": "started_at", "audit_records": "emitted_at"}  # tables under store.retention: time column
 
 
 class SqlStore:
@@ -36,6 +37,10 @@ class SqlStore:
 
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
         """Run statements in one transaction: all or nothing."""
+        raise NotImplementedError
+
+    async def _execute(self, sql: str, params: Params = ()) -> int:
+        """Run one statement on its own; the number of rows it changed."""
         raise NotImplementedError
 
     def _sql(self, sql: str) -> str:
@@ -157,6 +162,17 @@ class SqlStore:
         )
         names = (by, "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed")
         return [dict(zip(names, (r[0], *map(int, r[1:])), strict=True)) for r in rows]
+
+    async def delete_older(self, table: str, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` of the oldest rows of `request_log` or `audit_records` from before `cutoff`."""
+        column = RETAINED[table]
+        return await self._execute(
+            self._sql(
+                f"DELETE FROM {table} WHERE request_id IN "
+                f"(SELECT request_id FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT ?)"
+            ),
+            (cutoff, limit),
+        )
 
     # --- audit records -----------------------------------------------------------------------------------
     async def insert_audit(self, lines: Sequence[bytes]) -> int:

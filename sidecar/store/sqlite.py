@@ -79,6 +79,13 @@ class SqliteStore(SqlStore):
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
+    async def _execute(self, sql: str, params: Params = ()) -> int:
+        try:
+            async with self.db.execute(sql, params) as cur:
+                return max(cur.rowcount, 0)
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from None
+
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
         db = self.db
         try:
