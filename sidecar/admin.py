@@ -7,23 +7,29 @@ are OpenAI-shaped; the store being down is a 503, never a 500.
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client.metrics_core import Metric
 
 from sidecar.auth import Authenticator, StoreUnavailable
 from sidecar.edge import read_body
 from sidecar.errors import BadRequest, NotFound, SidecarError, Unauthorized
 from sidecar.keys import KeyAdmin, parse_duration
+from sidecar.metrics import counter
 from sidecar.records import new_request_id
+from sidecar.rejects import RejectSampler
 from sidecar.store.base import USAGE_GROUPS, RequestQuery, Store, StoreError
 
 Handler = Callable[[web.Request, str], Awaitable[Any]]
 MAX_PAGE = 1000
+_FAILURES_LOGGED_PER_MINUTE = 10
+log = logging.getLogger("sidecar.admin")
 
 
 def json_response(doc: Any, request_id: str, status: int = 200) -> web.Response:
@@ -121,6 +127,17 @@ class Admin:
         self.keys = keys
         self.store = store
         self.auth = auth
+        self.token_failures = 0
+        # Every failure is counted; the log gets the first few a minute per address, then a summary line.
+        self._failure_log = RejectSampler(_FAILURES_LOGGED_PER_MINUTE, "admin token failures not logged one by one")
+
+    def collect(self) -> Iterator[Metric]:
+        yield counter(
+            "sidecar_admin_auth_failures",
+            "Admin API requests refused for a missing or wrong admin token.",
+            (),
+            {(): self.token_failures},
+        )
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/admin/keys", self._wrap(self.list_keys))
@@ -162,6 +179,12 @@ class Admin:
         value = request.headers.get("authorization", "")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token):
+            self.token_failures += 1
+            if self._failure_log.keep(request.remote):
+                fields = {"peer": request.remote, "method": request.method, "path": request.path[:200]}
+                log.warning(
+                    "admin token rejected" if value else "admin request without a token", extra={"fields": fields}
+                )
             raise Unauthorized("A valid admin token is required.", code="invalid_admin_token")
 
     @staticmethod

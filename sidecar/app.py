@@ -20,6 +20,7 @@ from sidecar.audit_sinks.db import DbSink
 from sidecar.audit_sinks.files import JsonlSink, StderrSink
 from sidecar.auth import Authenticator
 from sidecar.config import Settings, read_secret, retention_seconds
+from sidecar.edge import server_header
 from sidecar.health import Health, RunState
 from sidecar.keys import KeyAdmin, load_pepper, load_static_keys
 from sidecar.leases import LeaseManager
@@ -118,7 +119,7 @@ def create_app(settings: Settings) -> web.Application:
     s = settings
     api_key = read_secret("upstream.api_key", s.upstream.api_key, s.upstream.api_key_file)
     admin_token = read_secret("server.admin_token", s.server.admin_token, s.server.admin_token_file)
-    upstream = Upstream(s.upstream, s.upstream.url, api_key)
+    upstream = Upstream(s.upstream, s.upstream.url, api_key, s.server.trusted_proxies)
     metrics = Metrics(upstream.paths)
     state = RunState()
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout)
@@ -129,25 +130,23 @@ def create_app(settings: Settings) -> web.Application:
     keys = KeyAdmin(store, pepper)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
     writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
-    metrics.add_collector(writer.collect)
-    metrics.add_collector(upstream.collect)
-    metrics.add_collector(leases.collect)
     finish = record_finisher(metrics, writer, request_log)
     bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
-    if bus is not None:
-        metrics.add_collector(bus.collect)
     rejects = RejectSampler(s.server.reject_rows_per_minute)
-    metrics.add_collector(rejects.collect)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
-    metrics.add_collector(retention.collect)
     proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects)
     health = Health(upstream, state, store, _writer_status(writer, bus))
+    admin = Admin(admin_token, keys, store, auth)
+    collectors = [writer.collect, upstream.collect, leases.collect, rejects.collect, retention.collect, admin.collect]
+    for collect in [*collectors, *([bus.collect] if bus is not None else [])]:
+        metrics.add_collector(collect)
 
     app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
     app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = upstream, metrics, state, proxy
     app[STORE], app[LEASES], app[AUTH], app[KEYS] = store, leases, auth, keys
     app[WRITER] = writer
+    app.on_response_prepare.append(server_header)
 
     async def open_store_() -> None:
         await store.open()
@@ -174,7 +173,7 @@ def create_app(settings: Settings) -> web.Application:
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)
     router.add_get("/metrics", metrics.handle)
-    Admin(admin_token, keys, store, auth).add_routes(router)
+    admin.add_routes(router)
     router.add_get("/v1/usage", OwnUsage(auth, store).handle)
     _proxied_routes(router, proxy, upstream.paths)
     return app

@@ -113,9 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup(settings.server.log_level)
     try:
         if args.command == "serve":
-            from sidecar.runner import run
+            from sidecar.runner import StartFailed, run
 
-            return run(settings)
+            try:
+                return run(settings)
+            except StartFailed as exc:
+                print(f"sidecar: {exc}", file=sys.stderr)
+                return 1
         from sidecar.commands import run_command
 
         return asyncio.run(run_command(args, settings))

@@ -126,7 +126,7 @@ async def _usage(args: argparse.Namespace, store: Store) -> int:
             ],
         )
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         sys.stdout.write(out.getvalue())
     else:
         cols = [args.by, "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed"]
@@ -135,6 +135,14 @@ async def _usage(args: argparse.Namespace, store: Store) -> int:
         for row in table:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text, never runs: a string starting with `=`, `+`, `-`, `@`, tab or CR (a
+    formula, in Excel, LibreOffice and Google Sheets) gets a leading `'` (OWASP's advice for CSV injection)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 async def _audit_export(args: argparse.Namespace, store: Store) -> int:

@@ -7,6 +7,7 @@ A leaf module: imports nothing of ours. Every option has a default here and a do
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -46,6 +47,7 @@ class ServerCfg:
     drain_grace: float = 5.0
     drain_timeout: float = 30.0
     reject_rows_per_minute: int = 60
+    trusted_proxies: tuple[str, ...] = ()
     admin_token: str = field(default="", metadata={"secret": True})
     admin_token_file: str = ""
 
@@ -273,6 +275,11 @@ def _check(s: Settings) -> None:
             raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {value!r}")
     if not 1 <= s.server.port <= 65535 and s.server.port != 0:
         raise ConfigError(f"server.port: must be 1-65535, got {s.server.port}")
+    for net in s.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies: {net!r} is not an address or network (CIDR)") from None
     url = s.upstream.url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(f"upstream.url: must start with http:// or https://, got {url!r}")
@@ -326,13 +333,32 @@ def summary(settings: Settings) -> dict[str, dict[str, Any]]:
             for f in dataclasses.fields(cfg)
         }
     out["store"]["url"] = mask_url(settings.store.url)
+    out["upstream"]["url"] = mask_url(settings.upstream.url)
     return out
 
 
+_SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key", "apikey", "key"})
+
+
 def mask_url(url: str) -> str:
-    """A database URL with its password replaced, fit for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A URL with every credential in it replaced by `***` (the userinfo password, and query parameters such as
+    `password=`, `sslpassword=`, `token=`), fit for logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "***"  # not a URL we can take apart: say nothing of it
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}"
+    query = "&".join(_mask_param(p) for p in parts.query.split("&")) if parts.query else ""
+    if netloc == parts.netloc and query == parts.query:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _mask_param(param: str) -> str:
+    name, eq, _ = param.partition("=")
+    return f"{name}=***" if eq and name.lower() in _SECRET_PARAMS else param

@@ -14,6 +14,11 @@ likes. nginx's `client_header_timeout` and `client_body_timeout` are the model:
 
 Idle keep-alive connections keep aiohttp's own timer (`server.keepalive_timeout`).
 
+A request aiohttp cannot parse (bare LF line endings, a control byte in a header, an oversized line, ambiguous
+framing) is answered here, not by aiohttp's default, which echoes the raw head (an `Authorization` line
+included) in a text/plain 400 and logs it with a traceback: the answer is an OpenAI-shaped JSON error that
+names what was wrong, the log line names the error's kind and the peer, and neither quotes the head.
+
 This reads two attributes of aiohttp's `RequestHandler` (`_messages`, the parsed requests not yet handled, and
 `_request_in_progress`) and sets `_lingering_time`; pyproject pins aiohttp below the next minor release, and
 tests/test_edge.py fails if their meaning changes.
@@ -25,10 +30,25 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from aiohttp.streams import StreamReader
 
-from sidecar.errors import PayloadTooLarge, RequestTimeout
+from sidecar.errors import BadRequest, PayloadTooLarge, RequestTimeout, SidecarError
+from sidecar.records import new_request_id
+
+SERVER = "sidecar"  # the `Server` header: no version (aiohttp's default names its own and Python's)
+
+# What a parse error was, in words, by aiohttp's exception class (the first match in this order wins).
+_PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (http_exceptions.LineTooLong, "a request line or header line is too long"),
+    (http_exceptions.BadStatusLine, "the request line is malformed (or lines do not end with CRLF)"),
+    (http_exceptions.BadHttpMethod, "the request method is not valid"),
+    (http_exceptions.InvalidURLError, "the request target is not valid"),
+    (http_exceptions.InvalidHeader, "a header is malformed"),
+    (http_exceptions.TransferEncodingError, "the body's transfer encoding is malformed"),
+    (http_exceptions.ContentLengthError, "the body's length is malformed"),
+    (http_exceptions.BadHttpMessage, "the request head is malformed"),
+)
 
 _REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
@@ -90,6 +110,32 @@ class EdgeHandler(web.RequestHandler):
         if self._body is not None and self._body.is_eof():
             self._stop_body()
 
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's last-resort answer (a parse error, or an exception that escaped a handler), without ever
+        quoting the request: `message` and `str(exc)` of a parse error hold the raw head."""
+        what = next((text for cls, text in _PARSE_ERRORS if isinstance(exc, cls)), None)
+        fields = {"peer": request.remote, "status": status, "error": type(exc).__name__ if exc else None}
+        if what is not None:
+            self.logger.warning("unparseable request: %s", what, extra={"fields": fields})
+            err: SidecarError = BadRequest(f"Malformed HTTP request: {what}.", code="malformed_request")
+            err.status = status if 400 <= status < 500 else 400
+        else:  # our own bug: the traceback (code locations, never the request) is for the log
+            self.logger.error("request failed", exc_info=exc, extra={"fields": fields})
+            err = SidecarError("The server failed to handle the request.", code="internal_error")
+            err.status = status
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had started: the connection can only be closed")
+        headers = {"server": SERVER, "x-request-id": new_request_id()}
+        resp = web.Response(status=err.status, body=err.body(), content_type="application/json", headers=headers)
+        resp.force_close()
+        return resp
+
     def _arm_head(self) -> None:
         if self._limits.header_timeout > 0:
             self._head_timer = self._loop.call_later(self._limits.header_timeout, self._head_expired)
@@ -140,6 +186,11 @@ class EdgeServer(web.Server):
 
     def __call__(self) -> EdgeHandler:
         return EdgeHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
+
+
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: every response says `Server: sidecar`, so aiohttp's versioned default is not sent."""
+    response.headers["Server"] = SERVER
 
 
 class EdgeRunner(web.AppRunner):

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.config import duration
+from sidecar.config import ConfigError, duration, read_secret
 from sidecar.errors import BadRequest, NotFound
 from sidecar.store.base import AdminEvent, KeyRow, Store
 
@@ -74,15 +74,22 @@ def hash_secret(pepper: bytes, secret: str) -> str:
     return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
 
 
+MIN_PEPPER = 16  # characters; a generated pepper has 64 (32 random bytes, hex)
+
+
 def load_pepper(inline: str, path: str, data_dir: str) -> bytes:
-    """The HMAC pepper: configured, from a secret file, or generated once into the data directory."""
+    """The HMAC pepper: configured, from a secret file, or generated once into the data directory.
+
+    A pepper shorter than `MIN_PEPPER` characters (an empty file, a placeholder) is refused: with it, every
+    key hash is an HMAC under a guessable key.
+    """
     if path:
-        return Path(path).read_text(encoding="utf-8").strip().encode()
+        return _checked(read_secret("auth.pepper_file", "", path), "auth.pepper_file")
     if inline:
-        return inline.encode()
+        return _checked(inline, "auth.pepper")
     stored = Path(data_dir) / "pepper"
     if stored.exists():
-        return stored.read_text(encoding="utf-8").strip().encode()
+        return _checked(stored.read_text(encoding="utf-8").strip(), f"the pepper in {stored}")
     stored.parent.mkdir(parents=True, exist_ok=True)
     value = secrets.token_hex(32)
     fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -94,6 +101,15 @@ def load_pepper(inline: str, path: str, data_dir: str) -> bytes:
         stored,
     )
     return value.encode()
+
+
+def _checked(pepper: str, name: str) -> bytes:
+    if len(pepper) < MIN_PEPPER:
+        raise ConfigError(
+            f"{name}: the pepper is {len(pepper)} characters; at least {MIN_PEPPER} are required "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    return pepper.encode()
 
 
 def parse_duration(text: str, param: str = "expires_in") -> float:

@@ -1,7 +1,9 @@
 """Structured logging: one JSON object per line on stderr.
 
-Callers pass structured data as `extra={"fields": {...}}`; it is merged into the line. Nothing here knows
-about secrets: callers only ever log key ids and masked settings.
+Callers pass structured data as `extra={"fields": {...}}`; it is merged into the line. Our own code only ever
+logs key ids and masked settings; as a second line of defence every line, whoever wrote it (aiohttp, asyncio,
+psycopg, ...), goes through `scrub()` before it is written: bearer tokens, `sk-` keys, credential headers and
+passwords in URLs are replaced by `***`.
 """
 
 from __future__ import annotations
@@ -9,12 +11,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 import orjson
 
 REQUEST_LOGGER = "sidecar.request"
+_SECRETS = (
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s\"'\\,;]+"), r"\1\2***"),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), "sk-***"),
+    (
+        # the value runs to the end of its line, also in JSON-escaped text (`\n`), over `\x01`-style escapes
+        re.compile(
+            r"(?i)\b(authorization|proxy-authorization|x-api-key|api-key|cookie|set-cookie)(\s*[:=]\s*)"
+            r"(?:[^\r\n\"'\\]|\\(?![nr\"']))+"
+        ),
+        r"\1\2***",
+    ),
+    (re.compile(r"(?i)(\w+://[^/\s:@\"']*:)[^@\s\"'/]+@"), r"\1***@"),
+    (re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api_key|apikey|access_token)=[^&\s\"'\\]+"), r"\1=***"),
+)
+
+
+def scrub(text: str) -> str:
+    """`text` with anything that looks like a credential replaced by `***`."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,7 +54,7 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        return scrub(orjson.dumps(line, default=str).decode())
 
 
 def setup(level: str) -> None:

@@ -280,7 +280,7 @@ class Proxy:
     async def _send(self, request: web.Request, ex: Exchange) -> Response:
         up = self.upstream
         target = up.target(ex.call.path, request.raw_path.partition("?")[2])
-        headers = up.request_headers(request.headers, ex.rec.request_id)
+        headers = up.request_headers(request.headers, ex.rec.request_id, request.remote)
         try:
             return await up.send(request.method, target, headers, ex.call.upstream_body())
         except ConnectFailed as exc:

@@ -28,7 +28,12 @@ REJECT_STATUSES = frozenset({401, 404, 405})
 
 
 class RejectSampler:
-    def __init__(self, per_minute: int) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        summary: str = "unauthenticated requests rejected without a row (over server.reject_rows_per_minute)",
+    ) -> None:
+        self.message = summary
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self._sources: dict[str, tuple[float, float]] = {}  # address -> (tokens, stamp)
@@ -67,7 +72,7 @@ class RejectSampler:
         self._summary_at = (now or time.monotonic()) + SUMMARY_EVERY
         if self._skipped_since:
             log.warning(
-                "unauthenticated requests rejected without a row (over server.reject_rows_per_minute)",
+                self.message,
                 extra={"fields": {"requests": self._skipped_since, "sources": len(self._skipping_from)}},
             )
         self._skipped_since = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from dataclasses import replace
 from aiohttp import web
 
 from sidecar.app import KEYS, PROXY, STATE, create_app
-from sidecar.config import Settings, summary
+from sidecar.config import ConfigError, Settings, StoreCfg, mask_url, summary
 from sidecar.demo_upstream import create_demo_app
 from sidecar.edge import EdgeLimits, EdgeRunner
 from sidecar.logs import event
+from sidecar.store.base import StoreError
 
 log = logging.getLogger("sidecar.runner")
 
@@ -82,8 +84,18 @@ class Server:
         await self.runner.cleanup()
 
 
+class StartFailed(Exception):
+    """The sidecar could not start (the port is taken, the store cannot be opened): one line says why."""
+
+
 async def serve(settings: Settings, announce: Callable[[str], None] | None = None) -> int:
     demo: web.AppRunner | None = None
+    if not settings.upstream.url and settings.store.url != StoreCfg().url:
+        # The demo mints a key: in a store that production replicas share, that key would work there too.
+        raise ConfigError(
+            "upstream.url: not set, so the bundled demo upstream would start, but it runs only with the default "
+            f"SQLite store, not {mask_url(settings.store.url)}; give --upstream URL"
+        )
     if not settings.upstream.url:
         demo, url = await start_demo_upstream()
         settings = replace(settings, upstream=replace(settings.upstream, url=url))
@@ -101,7 +113,7 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        await server.start()
+        await _start(server)
         event(log, "listening", host=settings.server.host, port=server.port, settings=summary(settings))
         key = await _demo_key(server) if demo is not None and settings.auth.enabled else None
         if announce is not None:
@@ -115,6 +127,20 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
     return 0
 
 
+async def _start(server: Server) -> None:
+    """Start, or undo what was started (store, writer, tasks) and say in one line why not."""
+    cfg = server.settings.server
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.runner.cleanup()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartFailed(f"cannot listen on {cfg.host}:{cfg.port}: {reason}") from None
+    except StoreError as exc:
+        await server.runner.cleanup()
+        raise StartFailed(f"cannot open the store {mask_url(server.settings.store.url)}: {exc}") from None
+
+
 async def _demo_key(server: Server) -> str:
     """A key for trying the demo out (valid one day), so the printed curl line works as it is."""
     created = await server.app[KEYS].create({"name": "demo", "expires_in": "1d"}, "serve:demo")
@@ -126,7 +152,7 @@ def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> st
     model = "demo" if demo else "MODEL"
     auth = f"-H 'authorization: Bearer {key}' " if key else ""
     return (
-        f"sidecar listening on http://{host}:{port}  (upstream {settings.upstream.url})\n"
+        f"sidecar listening on http://{host}:{port}  (upstream {mask_url(settings.upstream.url)})\n"
         f"try:  curl -s http://{host}:{port}/v1/chat/completions {auth}-H 'content-type: application/json' "
         f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "hello there"}}]}}\''
     )

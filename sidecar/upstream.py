@@ -10,6 +10,7 @@ anything the `Connection` header names, and the client's credentials never cross
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
@@ -34,19 +35,29 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# Set by us from the peer's address (a client's own claims are kept only from a trusted proxy): vLLM's uvicorn
+# believes these from 127.0.0.1, so an unchecked one would let any client choose the address vLLM logs.
+_FORWARDING = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip"}
+)
+_TRUSTED_FORWARDING = ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
 # Never forwarded to the upstream: the framing we rebuild, the client's credentials, cookies and our own id.
-_REQUEST_DROP = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "cookie",
-    "expect",
-    "accept-encoding",
-    "x-request-id",
-    "content-encoding",
-}
+_REQUEST_DROP = (
+    _FORWARDING
+    | HOP_BY_HOP
+    | {
+        "host",
+        "content-length",
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "expect",
+        "accept-encoding",
+        "x-request-id",
+        "content-encoding",
+    }
+)
 # Never relayed to the client: the framing our server rebuilds and the upstream's request id (ours replaces it).
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "set-cookie", "date", "server"}
 
@@ -73,8 +84,9 @@ def filter_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dict[str
 
 
 class Upstream:
-    def __init__(self, cfg: UpstreamCfg, url: str, api_key: str) -> None:
+    def __init__(self, cfg: UpstreamCfg, url: str, api_key: str, trusted_proxies: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
+        self._trusted = tuple(ipaddress.ip_network(net, strict=False) for net in trusted_proxies)
         base = url.rstrip("/")
         # The URL is the OpenAI base URL (`http://vllm:8000/v1`); a bare origin works too.
         self._prefix = base[:-3] if base.endswith("/v1") else base
@@ -118,13 +130,29 @@ class Upstream:
         """The request target on the upstream: its base path (if the URL has one), our path, the query."""
         return f"{self._base}{path}?{query}" if query else self._base + path
 
-    def request_headers(self, incoming: Mapping[str, str], request_id: str) -> dict[str, str] | CIMultiDict[str]:
+    def request_headers(
+        self, incoming: Mapping[str, str], request_id: str, peer: str | None
+    ) -> dict[str, str] | CIMultiDict[str]:
         headers = filter_headers(incoming, _REQUEST_DROP)
         headers["x-request-id"] = request_id
+        if peer is not None:
+            claimed = incoming.get("x-forwarded-for") if self._trusted and self._is_trusted(peer) else None
+            headers["x-forwarded-for"] = f"{claimed}, {peer}" if claimed else peer
+            if claimed is not None:
+                for name in _TRUSTED_FORWARDING:
+                    if (value := incoming.get(name)) is not None:
+                        headers[name] = value
         headers["accept-encoding"] = "identity"  # the proxy reads usage out of the body it relays
         if self._auth:
             headers["authorization"] = self._auth
         return headers
+
+    def _is_trusted(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted)
 
     @staticmethod
     def response_headers(incoming: Mapping[str, str], request_id: str) -> dict[str, str] | CIMultiDict[str]:

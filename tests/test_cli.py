@@ -31,15 +31,15 @@ async def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20)
 
 async def test_serve_with_demo_upstream_and_sigterm(tmp_path):
     port = free_port()
-    env = {
-        **os.environ,
-        "SIDECAR_SERVER_DATA_DIR": str(tmp_path),
-        "SIDECAR_STORE_URL": f"sqlite:///{tmp_path}/s.db",
-        "SIDECAR_SERVER_DRAIN_GRACE": "0",
-    }
-    env.pop("SIDECAR_UPSTREAM_URL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    env = {**os.environ, "SIDECAR_SERVER_DRAIN_GRACE": "0"}
+    for name in ("SIDECAR_UPSTREAM_URL", "SIDECAR_STORE_URL", "SIDECAR_SERVER_DATA_DIR"):
+        env.pop(name, None)
+    proc = subprocess.Popen(  # the demo runs with the default store only: ./data/sidecar.db, here in tmp_path
+        [sys.executable, "-m", "sidecar", "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines: list[str] = []
     try:

@@ -102,6 +102,24 @@ async def test_admin_api_end_to_end_with_audit_rows(keyed, fake):
     assert key not in text and key.split("-")[3] not in text and ADMIN not in text
 
 
+async def test_huge_numbers_in_queries_are_400s_not_500s(keyed):
+    async with aiohttp.ClientSession() as s:
+        _, created, _ = await admin(s, "POST", keyed.url + "/admin/keys", {"name": "q"})
+        auth = {"authorization": f"Bearer {created['key']}"}
+        for query in ("9" * 400 + "d", "1e999", "nan", "inf", "-9" * 30 + "s"):
+            async with s.get(keyed.url + "/v1/usage", params={"since": query}, headers=auth) as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == "since", query
+        for path in (
+            "/admin/audit?before=" + "9" * 400,
+            "/admin/audit?limit=" + "9" * 40,
+            "/admin/requests?before=1e999:x",
+            "/admin/requests?since=nan",
+            "/admin/usage?since=999999999999d",
+        ):
+            status, body, _ = await admin(s, "GET", keyed.url + path)
+            assert status == 400 and body["error"]["type"] == "invalid_request_error", path
+
+
 async def test_admin_api_is_off_without_a_token(fake, sidecar_factory):
     running = await sidecar_factory(fake.url, auth__enabled=True)
     async with aiohttp.ClientSession() as s:
@@ -157,7 +175,7 @@ async def test_cli_keys_end_to_end(tmp_path, fake, sidecar_factory):
 
 async def test_static_keys_file(tmp_path, fake, sidecar_factory):
     pepper = tmp_path / "pepper"
-    pepper.write_text("static-pepper\n")
+    pepper.write_text("static-pepper-0123456789\n")
     out = subprocess.run(
         [sys.executable, "-m", "sidecar", "keys", "create", "--name", "svc", "--static"],
         env={**os.environ, "SIDECAR_AUTH_PEPPER_FILE": str(pepper)},
