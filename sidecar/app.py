@@ -119,7 +119,8 @@ def create_app(settings: Settings) -> web.Application:
     s = settings
     api_key = read_secret("upstream.api_key", s.upstream.api_key, s.upstream.api_key_file)
     admin_token = read_secret("server.admin_token", s.server.admin_token, s.server.admin_token_file)
-    upstream = Upstream(s.upstream, s.upstream.url, api_key, s.server.trusted_proxies)
+    queue = (s.limits.queue_size, s.limits.queue_timeout)
+    upstream = Upstream(s.upstream, s.upstream.url, api_key, s.server.trusted_proxies, queue)
     metrics = Metrics(upstream.paths)
     state = RunState()
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout)

@@ -267,6 +267,14 @@ class Aggregate:
             if isinstance(function.arguments, str):
                 entry["arguments"].append(function.arguments)
 
+    def size(self) -> int:
+        """Characters of content, reasoning, text and tool arguments aggregated so far."""
+        total = 0
+        for slot in self.choices.values():
+            total += sum(map(len, slot["content"])) + sum(map(len, slot["reasoning"])) + sum(map(len, slot["text"]))
+            total += sum(sum(map(len, t["arguments"])) for t in slot["tools"].values())
+        return total
+
     def result(self) -> dict[str, Any]:
         choices = []
         for index in sorted(self.choices, key=_order):
@@ -305,8 +313,10 @@ def build_record(
     response: Any,
     complete: bool,
     cap: int,
+    request_digest: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    """The audit record for one request and its JSON line, capped at `cap` bytes (metadata always kept)."""
+    """The audit record for one request and its JSON line, within `cap` bytes: over it, the request and the
+    response are cut field by field (`shrink`); only if that is not enough are they left out (metadata stays)."""
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "request_id": rec["request_id"],
@@ -324,16 +334,119 @@ def build_record(
         "emitted_at": time.time(),
         "complete": complete,
         "truncated": False,
-        "request": {"headers": request_headers, "body": request_body},
+        "request": {"headers": request_headers, "body": request_body, **(request_digest or {})},
         "response": response,
     }
     line = orjson.dumps(record, default=str)
     if len(line) > cap:
-        record["request"] = {"headers": request_headers, "body": None}
+        record["request"]["body"] = shrink(request_body, cap // 3)
+        record["response"] = shrink(response, cap // 3)
+        record["truncated"] = True
+        line = orjson.dumps(record, default=str)
+    if len(line) > cap:
+        record["request"] = {"headers": request_headers, "body": None, **(request_digest or {})}
         record["response"] = None
         record["truncated"] = True
         line = orjson.dumps(record, default=str)
     return record, line + b"\n"
+
+
+def shrink(doc: Any, budget: int) -> Any:
+    """`doc` cut to about `budget` bytes of JSON, field by field: a long string keeps its start and says its
+    length and sha256, a long array keeps its first items and says how many it had; every key stays, so padding
+    one field cannot push the rest of a request out of the record."""
+    limit = max(64, budget // 4)
+    while True:
+        out = _cut(doc, limit, max(8, limit // 16))
+        if limit <= 64 or len(orjson.dumps(out, default=str)) <= budget:
+            return out
+        limit //= 2
+
+
+def _cut(value: Any, limit: int, items: int) -> Any:
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return value
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+        return {"truncated": True, "length": len(value), "sha256": digest, "prefix": value[:limit]}
+    if isinstance(value, list):
+        kept = [_cut(v, limit, items) for v in value[:items]]
+        return kept if len(value) <= items else [*kept, {"truncated": True, "items": len(value)}]
+    if isinstance(value, dict):
+        return {k: _cut(v, limit, items) for k, v in value.items()}
+    return value
+
+
+class StreamCapture:
+    """An audited stream's events, folded into one `Aggregate` every `FOLD_BYTES` of raw events, so it holds at
+    most that much raw SSE plus the aggregated content; past the payload cap of content, folding stops and the
+    response says `truncated`."""
+
+    FOLD_BYTES = 256 * 1024
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.aggregate = Aggregate()
+        self.truncated = False
+
+    def fold(self, regions: list[bytes], sep: bytes) -> None:
+        if self.truncated or not regions:
+            return
+        self.aggregate.add_all(decode_chunks(regions, sep))
+        if self.aggregate.size() > self.cap:
+            self.truncated = True
+
+    def result(self) -> dict[str, Any]:
+        out = self.aggregate.result()
+        if self.truncated:
+            out["truncated"] = True
+        return out
+
+
+class BodyCapture:
+    """A response body as audit keeps it: whole (decoded) up to the payload cap, else its first `cap` bytes with
+    its length and sha256, so a huge answer costs at most the cap and is never decoded whole."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._parts: list[bytes] = []
+        self._kept = 0
+        self.length = 0
+        self._sha = hashlib.sha256()
+
+    @classmethod
+    def whole(cls, body: bytes, cap: int) -> Any:
+        if len(body) <= cap:
+            return _json_or_text(body)
+        capture = cls(cap)
+        capture.add(body)
+        return capture.result()
+
+    def add(self, data: bytes) -> None:
+        self.length += len(data)
+        self._sha.update(data)
+        if self._kept < self.cap:
+            part = data[: self.cap - self._kept]
+            self._parts.append(part)
+            self._kept += len(part)
+
+    def result(self) -> Any:
+        body = b"".join(self._parts)
+        if self.length <= self.cap:
+            return _json_or_text(body)
+        return {
+            "truncated": True,
+            "length": self.length,
+            "sha256": self._sha.hexdigest(),
+            "prefix": body.decode("utf-8", "replace"),
+        }
+
+
+def _json_or_text(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
 
 
 @dataclass
@@ -342,6 +455,8 @@ class Capture:
 
     headers: dict[str, str]
     body: Any
+    digest: dict[str, Any]  # the raw body's length and sha256: what it was, even when the body is cut
+    stream: StreamCapture | None = None
 
 
 class Auditor:
@@ -353,25 +468,27 @@ class Auditor:
         self.emit = emit
 
     def capture(
-        self, request_id: str, key_audit: str | None, headers: Mapping[str, str], doc: dict[str, Any] | None
+        self,
+        request_id: str,
+        key_audit: str | None,
+        headers: Mapping[str, str],
+        doc: dict[str, Any] | None,
+        body: bytes = b"",
     ) -> Capture | None:
+        """What to keep of an audited request (None: not audited). A body over half the payload cap is cut field by
+        field at once, so a padded request costs the cap, not its size, while the proxy waits for the answer."""
         if not self.policy.wants(request_id, key_audit, doc):
             return None
-        return Capture(self.policy.headers(headers), self.policy.redact(doc))
+        kept = self.policy.redact(doc)
+        if len(body) > self.cap // 2:
+            kept = shrink(kept, self.cap // 2)
+        digest = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        return Capture(self.policy.headers(headers), kept, digest)
 
-    def finish(
-        self,
-        capture: Capture,
-        row: Mapping[str, Any],
-        response: Any,
-        stream: tuple[list[bytes], bytes] | None,
-        complete: bool,
-    ) -> None:
-        """Build and emit the record; `stream` is the response's events as (regions, separator) when streamed."""
-        if stream is not None:
-            agg = Aggregate()
-            agg.add_all(decode_chunks(*stream))
-            response = agg.result()
+    def finish(self, capture: Capture, row: Mapping[str, Any], response: Any, complete: bool) -> None:
+        """Build and emit the record; a streamed response is the aggregate of `capture.stream`."""
+        if capture.stream is not None:
+            response = capture.stream.result()
         record, line = build_record(
             rec=row,
             endpoint=str(row.get("path")),
@@ -380,5 +497,6 @@ class Auditor:
             response=self.policy.redact(response),
             complete=complete,
             cap=self.cap,
+            request_digest=capture.digest,
         )
         self.emit(record, line)

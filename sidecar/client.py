@@ -7,7 +7,10 @@ request head it already has, parses the answer with llhttp (httptools), and hand
 This client costs ~10 µs a request.
 
 What it does, and no more:
-- one origin (http or https), a pool of keep-alive connections, at most `limit` open, waiters queued in order;
+- one origin (http or https), a pool of keep-alive connections. It opens what the requests admitted by the
+  proxy's limits need (the pool is never the sidecar's concurrency limit) and keeps at most `max_idle` idle
+  ones; only when an operator caps open connections (`max_open`) do requests wait for one, in order, at most
+  `max_waiters` of them for at most `wait_timeout` (then `PoolExhausted`); every wait is measured (`on_wait`);
   idle connections older than `keepalive_timeout` are closed instead of reused (upstreams close theirs at 5 s);
 - `send()` writes the request and returns when the response head is in; the body is read whole (`read`, with
   a size cap) or chunk by chunk (`readany`); the connection goes back to the pool only after a complete,
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -48,6 +51,10 @@ class ConnectionBroken(UpstreamFailure):
 
 class ResponseTooLarge(UpstreamFailure):
     pass
+
+
+class PoolExhausted(UpstreamFailure):
+    """`max_open` connections are busy and the wait for one is over its bound (queue length or time)."""
 
 
 class Response:
@@ -283,7 +290,16 @@ class Connection(asyncio.Protocol):
 class Pool:
     """Keep-alive connections to one origin."""
 
-    def __init__(self, url: str, limit: int, keepalive_timeout: float, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_idle: int,
+        keepalive_timeout: float,
+        connect_timeout: float,
+        max_open: int = 0,
+        max_waiters: int = 256,
+        wait_timeout: float = 30.0,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"upstream URL must be http(s)://host[:port]/..., not {url!r}")
@@ -293,7 +309,11 @@ class Pool:
         default = (self.tls and self.port == 443) or (not self.tls and self.port == 80)
         netloc = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = netloc if default else f"{netloc}:{self.port}"
-        self.limit = limit
+        self.max_idle = max_idle
+        self.max_open = max_open
+        self.max_waiters = max_waiters
+        self.wait_timeout = wait_timeout
+        self.on_wait: Callable[[float], None] | None = None  # told how long each waiting request waited
         self.keepalive_timeout = keepalive_timeout
         self.connect_timeout = connect_timeout
         self.loop = asyncio.get_running_loop()
@@ -350,27 +370,41 @@ class Pool:
             self.done_with(conn)
         return None
 
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _full(self) -> bool:
+        return 0 < self.max_open <= self._open
+
     async def _acquire(self, fresh: bool = False) -> Connection:
         if not fresh and (conn := self._idle_one()) is not None:
             return conn
-        if fresh and self._open >= self.limit and self._idle:
+        if fresh and self._full() and self._idle:
             conn = self._idle.popleft()  # make room for the new connection a retry needs
             conn.abort()
             self.done_with(conn)
-        while self._open >= self.limit:
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
+        if self._full():
+            started = self.loop.time()
             try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken and cancelled at once: the place goes to the next in line
-                raise
+                async with asyncio.timeout(self.wait_timeout):
+                    while self._full():
+                        await self._wait_for_place()
+                        if self._idle and not fresh and (conn := self._idle_one()) is not None:
+                            return conn
+            except TimeoutError:
+                raise PoolExhausted(f"no upstream connection free within {self.wait_timeout:g}s") from None
             finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            if self._idle and not fresh:
-                return await self._acquire()
+                if self.on_wait is not None:
+                    self.on_wait(self.loop.time() - started)
         self._open += 1
         new: Connection | None = None
         try:
@@ -380,6 +414,21 @@ class Pool:
             if new is None:  # failed or cancelled: the place it held is free again
                 self._open -= 1
                 self._wake_one()
+
+    async def _wait_for_place(self) -> None:
+        if len(self._waiters) >= self.max_waiters:
+            raise PoolExhausted(f"{self.max_waiters} requests already wait for an upstream connection")
+        waiter = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken and cancelled at once: the place goes to the next in line
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     async def _connect(self) -> Connection:
         if self._closing:
@@ -401,7 +450,7 @@ class Pool:
 
     def put_back(self, conn: Connection) -> None:
         conn.idle_since = self.loop.time()
-        if self._closing:
+        if self._closing or len(self._idle) >= self.max_idle:
             conn.abort()
             self.done_with(conn)
             return

@@ -63,6 +63,7 @@ class UpstreamCfg:
     total_timeout: float = 0.0
     keepalive_timeout: float = 4.0
     pool_size: int = 256
+    max_connections: int = 0
     health_path: str = "/health"
     health_timeout: float = 2.0
     max_response_bytes: int = 256 * 1024 * 1024
@@ -89,11 +90,11 @@ class AuthCfg:
 
 @dataclass(frozen=True)
 class LimitsCfg:
-    concurrency: int = 0
+    concurrency: int = 256
     rpm: int = 0
     tpm: int = 0
     default_max_tokens: int = 1024
-    global_concurrency: int = 0
+    global_concurrency: int = 1024
     queue_size: int = 256
     queue_timeout: float = 30.0
 

@@ -31,6 +31,7 @@ _KNOWN_CODES = frozenset(
     {200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 499, 500, 502, 503, 504}
 )
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 UPSTREAM_ERROR_REASONS = ("connect", "timeout_first_byte", "timeout_idle", "status_5xx", "dropped", "protocol")
 
 
@@ -168,4 +169,11 @@ def gauge(name: str, doc: str, labels: tuple[str, ...], values: dict[tuple[str, 
     family = GaugeMetricFamily(name, doc, labels=labels)
     for key, n in values.items():
         family.add_metric(key, n)
+    return family
+
+
+def histogram(name: str, doc: str, hist: Hist) -> Metric:
+    """A histogram family without labels, from a `Hist`."""
+    family = HistogramMetricFamily(name, doc, labels=())
+    family.add_metric((), hist.buckets(), hist.total)
     return family

@@ -14,19 +14,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
-from sidecar.audit import Auditor, Capture
+from sidecar.audit import Auditor, BodyCapture, Capture, StreamCapture
 from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
-from sidecar.client import ConnectFailed, Response, ResponseTooLarge, UpstreamFailure
+from sidecar.client import ConnectFailed, PoolExhausted, Response, UpstreamFailure
 from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.deadline import Deadline, DeadlineExpired, Ticker
 from sidecar.edge import read_body
 from sidecar.errors import (
     BadRequest,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     ShuttingDown,
     SidecarError,
@@ -38,13 +39,14 @@ from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.rejects import REJECT_STATUSES, RejectSampler
-from sidecar.sse import StreamScanner, usage_from
+from sidecar.sse import BodyEnds, StreamScanner, usage_from, usage_object
 from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream, allowed_methods
 
 log = logging.getLogger("sidecar.proxy")
 
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
+_BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +71,14 @@ class Exchange:
     rec: RequestRecord
     lease: Lease
     prompt_estimate: int
-    audit: bool = False
+    capture: Capture | None = None  # set when the request is audited
     response: Any = None  # the non-streaming response, kept for audit
     up: Response | None = None
     resp: web.StreamResponse | None = None
     scanner: StreamScanner | None = None
     clean: bool = False
+    sent: bool = False  # the request went to the upstream (so its prompt was the upstream's to process)
+    raw: bool = False  # a plain (non-SSE) body is being relayed: a failure can only cut the connection
 
 
 def error_response(err: SidecarError, request_id: str) -> web.Response:
@@ -111,6 +115,7 @@ class Proxy:
         self.rejects = rejects
         self.ticker = Ticker()
         self.auditor = auditor
+        self.audit_cap = auditor.cap if auditor is not None else 0
         self.limits = limits
         self.auth = auth
         self.leases = leases
@@ -158,14 +163,14 @@ class Proxy:
             rec.key_id = principal.key_id
             call = await self._read_call(request, path, rec)
             if self.auditor is not None:
-                capture = self.auditor.capture(rec.request_id, principal.audit, request.headers, call.doc)
+                capture = self.auditor.capture(rec.request_id, principal.audit, request.headers, call.doc, call.body)
             if call.doc is not None:
                 principal.check_model(call.model)
             estimate = self._estimate(call)
             lease = self.leases.acquire_now(principal, estimate.reservation) or await self.leases.acquire(
                 principal, estimate.reservation
             )
-            ex = Exchange(call, rec, lease, estimate.prompt, audit=capture is not None)
+            ex = Exchange(call, rec, lease, estimate.prompt, capture=capture)
             return await self._relay(request, ex)
         except SidecarError as err:
             rec.fail(err.status, err.outcome, err.code)
@@ -192,10 +197,11 @@ class Proxy:
     def _audit(self, capture: Capture, rec: RequestRecord, ex: Exchange | None) -> None:
         assert self.auditor is not None
         scanner = ex.scanner if ex is not None else None
-        stream = (scanner.regions, scanner.sep) if scanner is not None else None
+        if scanner is not None and capture.stream is not None:
+            capture.stream.fold(scanner.take_regions(), scanner.sep)
         response = ex.response if ex is not None else None
         complete = rec.outcome == Outcome.COMPLETED and (scanner is None or scanner.done)
-        self.auditor.finish(capture, rec.as_row(), response, stream, complete)
+        self.auditor.finish(capture, rec.as_row(), response, complete)
 
     def _check_route(self, method: str, path: str) -> None:
         if path not in self.upstream.paths:
@@ -247,21 +253,20 @@ class Proxy:
                 return await self._exchange(request, ex, deadline)
         except DeadlineExpired as exc:
             self.metrics.upstream_error("timeout_first_byte" if exc.reason == "first_byte" else "timeout_idle")
-            return await self._fail(ex, UpstreamTimeout(f"The upstream did not answer in time ({exc})."))
+            return await self._fail(request, ex, UpstreamTimeout(f"The upstream did not answer in time ({exc})."))
         except UpstreamBroke as exc:
             self.metrics.upstream_error("dropped")
-            return await self._fail(
-                ex, UpstreamError(f"The upstream connection broke mid-response: {exc}", code="upstream_dropped")
-            )
+            broke = UpstreamError(f"The upstream connection broke mid-response: {exc}", code="upstream_dropped")
+            return await self._fail(request, ex, broke)
         except asyncio.CancelledError:
             if not self.shutting_down or _client_gone(request):
                 raise
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()  # our own shutdown cancel: end the response properly instead
-            return await self._fail(ex, ShuttingDown("The server is shutting down; retry the request."))
+            return await self._fail(request, ex, ShuttingDown("The server is shutting down; retry the request."))
         finally:
-            self._settle(ex)
+            self._settle(ex, _client_gone(request))
             if ex.up is not None:
                 if ex.clean:
                     ex.up.release()
@@ -274,63 +279,119 @@ class Proxy:
         if up.status >= 500:
             self.metrics.upstream_error("status_5xx")
         if not _is_sse(up):
-            return await self._whole(ex, up, deadline)
+            return await self._whole(request, ex, up)
         return await self._stream(request, ex, up, deadline)
 
     async def _send(self, request: web.Request, ex: Exchange) -> Response:
         up = self.upstream
         target = up.target(ex.call.path, request.raw_path.partition("?")[2])
         headers = up.request_headers(request.headers, ex.rec.request_id, request.remote)
+        ex.sent = True
         try:
             return await up.send(request.method, target, headers, ex.call.upstream_body())
         except ConnectFailed as exc:
             self.metrics.upstream_error("connect")
             raise UpstreamError(f"Cannot connect to the upstream: {exc}.", code="upstream_unreachable") from None
+        except PoolExhausted as exc:
+            busy = f"The server is at capacity ({exc}); retry shortly."
+            raise Overloaded(busy, headers={"retry-after": "1"}) from None
         except UpstreamFailure as exc:
             self.metrics.upstream_error("protocol")
             raise UpstreamError(f"The upstream request failed: {exc}.") from None
 
-    async def _whole(self, ex: Exchange, up: Response, deadline: Deadline) -> web.Response:
-        # The body follows its headers at once (generation happened before them): the first-byte limit stays.
+    async def _whole(self, request: web.Request, ex: Exchange, up: Response) -> web.StreamResponse:
+        """A non-streaming answer. Up to `_BUFFERED` bytes it is read whole and sent with one write; a larger one
+        is relayed as it arrives (`_relay_body`), so memory per request stays bounded whatever its size. The
+        body follows its headers at once (generation happened before them): the first-byte limit stays."""
         limit = self.cfg.max_response_bytes
         declared = up.content_length
         if declared is not None and declared > limit:
             raise UpstreamError(f"The upstream response is {declared} bytes, over the configured limit.")
-        try:
-            body = await up.read(limit)
-        except ResponseTooLarge:
-            raise UpstreamError(f"The upstream response is over the configured limit of {limit} bytes.") from None
-        except UpstreamFailure as exc:
-            self.metrics.upstream_error("dropped")
-            raise UpstreamError(f"The upstream response broke: {exc}.", code="upstream_dropped") from None
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await self._read(up.readany):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError(f"The upstream response is over the configured limit of {limit} bytes.")
+            if size > _BUFFERED:
+                return await self._relay_body(request, ex, up, parts, size)
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         ex.clean = True
         rec = ex.rec
-        rec.status = up.status
-        if ex.audit:
-            ex.response = _json_or_text(body)
+        if ex.capture is not None:
+            ex.response = BodyCapture.whole(body, self.audit_cap)
         rec.bytes_out = len(body)
-        if up.status >= 500:
-            rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
-        elif up.status < 300:
-            rec.mark_first_token()  # a whole body: its tokens reach the client all at once, now
-            self._usage_from_body(rec, body)
-            ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
-        headers = self.upstream.response_headers(up.headers, rec.request_id)
+        self._whole_outcome(ex, up.status, body)
+        return web.Response(status=up.status, body=body, headers=self._headers(ex, up))
+
+    async def _relay_body(
+        self, request: web.Request, ex: Exchange, up: Response, parts: list[bytes], size: int
+    ) -> web.StreamResponse:
+        """A large non-streaming body, passed on chunk by chunk; its usage is read from its head or tail."""
+        limit = self.cfg.max_response_bytes
+        resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
+        if up.content_length is not None:
+            resp.content_length = up.content_length
+        try:
+            await resp.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        ex.resp, ex.raw = resp, True
+        capture = BodyCapture(self.audit_cap) if ex.capture is not None else None
+        ends = BodyEnds()
+        data: bytes = b"".join(parts)
+        while data:
+            ends.add(data)
+            if capture is not None:
+                capture.add(data)
+            await self._write(resp, data, ex.rec)
+            data = await self._read(up.readany)
+            size += len(data)
+            if size > limit:
+                raise UpstreamBroke(f"the response is over the configured limit of {limit} bytes")
+        ex.clean = True
+        await resp.write_eof()
+        if capture is not None:
+            ex.response = capture.result()
+        self._whole_outcome(ex, up.status, ends.tail, ends.head)
+        return resp
+
+    def _headers(self, ex: Exchange, up: Response) -> dict[str, str] | CIMultiDict[str]:
+        headers = self.upstream.response_headers(up.headers, ex.rec.request_id)
         headers.update(ex.lease.headers)
-        return web.Response(status=up.status, body=body, headers=headers)
+        return headers
+
+    def _whole_outcome(self, ex: Exchange, status: int, *regions: bytes) -> None:
+        """Status, outcome and usage of a whole (non-streaming) answer; `regions` are searched for usage in turn."""
+        rec = ex.rec
+        rec.status = status
+        if status >= 500:
+            rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
+        elif status < 300:
+            rec.mark_first_token()  # a whole body: its tokens reach the client all at once, now
+            for region in regions:
+                usage = usage_from(usage_object(region))
+                if usage is not None:
+                    rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
+                    break
+            ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
 
     async def _stream(self, request: web.Request, ex: Exchange, up: Response, deadline: Deadline) -> web.StreamResponse:
         rec = ex.rec
         call = ex.call
-        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, ex.audit, call.path, call.tools)
+        audit = ex.capture
+        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, audit is not None, call.path, call.tools)
+        if audit is not None:
+            audit.stream = StreamCapture(self.audit_cap)
         read = up.readany
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
         deadline.first_byte(loop.time())
-        headers = self.upstream.response_headers(up.headers, rec.request_id)
-        headers.update(ex.lease.headers)
-        resp = web.StreamResponse(status=up.status, headers=headers)
+        resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
         rec.status = up.status
+        if up.status >= 500:  # an error, even when it comes as a stream
+            rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
         try:
             await resp.prepare(request)
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:
@@ -339,6 +400,9 @@ class Proxy:
         while chunk:
             rec.chunks += 1
             data = scanner.feed(chunk)
+            if audit is not None and scanner.kept > StreamCapture.FOLD_BYTES:
+                assert audit.stream is not None
+                audit.stream.fold(scanner.take_regions(), scanner.sep)
             if rec.ttft_ms is None and scanner.first_output:
                 rec.mark_first_token()
             if data:
@@ -368,11 +432,16 @@ class Proxy:
             raise ClientGone(str(exc)) from None
         rec.bytes_out += len(data)
 
-    async def _fail(self, ex: Exchange, err: SidecarError) -> web.StreamResponse:
-        """An upstream failure: a JSON error before the stream started, a terminal SSE event after."""
+    async def _fail(self, request: web.Request, ex: Exchange, err: SidecarError) -> web.StreamResponse:
+        """An upstream failure: a JSON error before the answer started, a terminal SSE event after in a stream;
+        in a plain body that started there is no way to say it but to cut the connection short."""
         if ex.resp is None:
             raise err
         ex.rec.outcome, ex.rec.error_code = err.outcome, err.code
+        if ex.raw:
+            if request.transport is not None:
+                request.transport.abort()  # the client sees a truncated body, never a complete-looking one
+            return ex.resp
         try:
             async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
                 await ex.resp.write(sse_error_event(err))
@@ -381,64 +450,19 @@ class Proxy:
             pass  # the client is gone or stuck too; the record already says why the stream ended
         return ex.resp
 
-    def _settle(self, ex: Exchange) -> None:
-        """Usage for a stream: the upstream's usage event, else the output deltas counted so far."""
+    def _settle(self, ex: Exchange, gone: bool) -> None:
+        """Usage for a stream: the upstream's usage event, else the output deltas counted so far. A client gone
+        before any usage was known is charged at least what its body proves: the prompt the upstream got."""
         scanner = ex.scanner
-        if scanner is None:
-            return
         rec = ex.rec
+        if scanner is None:
+            if gone and ex.sent and rec.usage_source == "none":
+                rec.set_usage(ex.prompt_estimate or None, 0, None, "counted")
+                ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
+            return
         if scanner.usage is not None:
             u = scanner.usage
             rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")
         else:
             rec.set_usage(ex.prompt_estimate or None, scanner.deltas, None, "counted")
         ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
-
-    @staticmethod
-    def _usage_from_body(rec: RequestRecord, body: bytes) -> None:
-        usage = usage_from(usage_object(body))
-        if usage is not None:
-            rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
-
-
-def _json_or_text(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace")
-
-
-def usage_object(body: bytes) -> Any:
-    """The top-level `usage` object of a JSON response, found from the end without parsing the whole body.
-
-    Embeddings answers are megabytes of floats with `usage` near the end. A key `"usage"` followed by `:` and
-    `{` cannot come from inside a JSON string (quotes there are escaped), so the last such match is the key.
-    """
-    at = len(body)
-    while True:
-        at = body.rfind(b'"usage"', 0, at)
-        if at < 0:
-            return None
-        i = at + 7
-        while i < len(body) and body[i] in b" \t\r\n":
-            i += 1
-        if i < len(body) and body[i] == 0x3A:  # ':'
-            i += 1
-            while i < len(body) and body[i] in b" \t\r\n":
-                i += 1
-            if i < len(body) and body[i] == 0x7B:  # '{'
-                return _object_at(body, i)
-
-
-def _object_at(body: bytes, start: int) -> Any:
-    # A usage object is small and nests at most one level (`prompt_tokens_details`): try each closing brace.
-    end = start
-    for _ in range(8):
-        end = body.find(b"}", end + 1)
-        if end < 0:
-            return None
-        try:
-            return orjson.loads(body[start : end + 1])
-        except orjson.JSONDecodeError:
-            continue
-    return None

@@ -103,6 +103,7 @@ class StreamScanner:
         "_tail",
         "deltas",
         "done",
+        "kept",
         "first_output",
         "strip_usage",
         "usage",
@@ -127,11 +128,19 @@ class StreamScanner:
         self._sep = b""
         self._spaced = False
         self._regions: list[bytes] | None = [] if keep_events else None  # complete events, kept for audit
+        self.kept = 0  # bytes in `_regions`
 
     @property
     def regions(self) -> list[bytes]:
         """The complete events seen so far, as they came (only when kept): join them with `sep`."""
         return self._regions if self._regions is not None else []
+
+    def take_regions(self) -> list[bytes]:
+        """The complete events kept so far (see `regions`), handed over: the scanner keeps none of them."""
+        if self._regions is None:
+            return []
+        regions, self._regions, self.kept = self._regions, [], 0
+        return regions
 
     @property
     def sep(self) -> bytes:
@@ -184,6 +193,7 @@ class StreamScanner:
             self.done = True
         if self._regions is not None:
             self._regions.append(region)
+            self.kept += len(region)
         at = region.rfind(b'"usage": {' if self._spaced else b'"usage":{')
         if at < 0:
             return None
@@ -253,3 +263,61 @@ def _load_event(event: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+_END = 64 * 1024  # a JSON answer's usage object is found within this of its start or its end
+
+
+class BodyEnds:
+    """The first and last `_END` bytes of a body relayed chunk by chunk: where its `usage` object is."""
+
+    __slots__ = ("_tail", "head")
+
+    def __init__(self) -> None:
+        self.head = b""
+        self._tail = b""
+
+    def add(self, data: bytes) -> None:
+        if len(self.head) < _END:
+            self.head += data[: _END - len(self.head)]
+        self._tail = (self._tail + data)[-_END:] if len(data) < _END else data[-_END:]
+
+    @property
+    def tail(self) -> bytes:
+        return self._tail
+
+
+def usage_object(body: bytes) -> Any:
+    """The top-level `usage` object of a JSON response, found from the end without parsing the whole body.
+
+    Embeddings answers are megabytes of floats with `usage` near the end. A key `"usage"` followed by `:` and
+    `{` cannot come from inside a JSON string (quotes there are escaped), so the last such match is the key.
+    """
+    at = len(body)
+    while True:
+        at = body.rfind(b'"usage"', 0, at)
+        if at < 0:
+            return None
+        i = at + 7
+        while i < len(body) and body[i] in b" \t\r\n":
+            i += 1
+        if i < len(body) and body[i] == 0x3A:  # ':'
+            i += 1
+            while i < len(body) and body[i] in b" \t\r\n":
+                i += 1
+            if i < len(body) and body[i] == 0x7B:  # '{'
+                return _object_at(body, i)
+
+
+def _object_at(body: bytes, start: int) -> Any:
+    # A usage object is small and nests at most one level (`prompt_tokens_details`): try each closing brace.
+    end = start
+    for _ in range(8):
+        end = body.find(b"}", end + 1)
+        if end < 0:
+            return None
+        try:
+            return orjson.loads(body[start : end + 1])
+        except orjson.JSONDecodeError:
+            continue
+    return None

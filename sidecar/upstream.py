@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import Metric
 
 from sidecar.client import Pool, Response, UpstreamFailure
 from sidecar.config import UpstreamCfg
-from sidecar.metrics import counter
+from sidecar.metrics import WAIT_BUCKETS, Hist, counter, gauge, histogram
 
 HOP_BY_HOP = frozenset(
     {
@@ -84,8 +84,17 @@ def filter_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dict[str
 
 
 class Upstream:
-    def __init__(self, cfg: UpstreamCfg, url: str, api_key: str, trusted_proxies: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        cfg: UpstreamCfg,
+        url: str,
+        api_key: str,
+        trusted_proxies: tuple[str, ...] = (),
+        queue: tuple[int, float] = (256, 30.0),
+    ) -> None:
         self.cfg = cfg
+        self._queue_size, self._queue_timeout = queue  # a wait for a connection, when max_connections is set
+        self._waited = Hist(WAIT_BUCKETS)
         self._trusted = tuple(ipaddress.ip_network(net, strict=False) for net in trusted_proxies)
         base = url.rstrip("/")
         # The URL is the OpenAI base URL (`http://vllm:8000/v1`); a bare origin works too.
@@ -98,7 +107,17 @@ class Upstream:
         self._closed = False
 
     async def open(self) -> None:
-        self._pool = Pool(self._prefix, self.cfg.pool_size, self.cfg.keepalive_timeout, self.cfg.connect_timeout)
+        cfg = self.cfg
+        self._pool = Pool(
+            self._prefix,
+            cfg.pool_size,
+            cfg.keepalive_timeout,
+            cfg.connect_timeout,
+            max_open=cfg.max_connections,
+            max_waiters=self._queue_size,
+            wait_timeout=self._queue_timeout,
+        )
+        self._pool.on_wait = self._waited.observe
 
     @property
     def pool(self) -> Pool:
@@ -115,11 +134,29 @@ class Upstream:
         return self._pool is None or self._closed
 
     def collect(self) -> Iterator[Metric]:
+        pool = self._pool
         yield counter(
             "sidecar_upstream_stale_retries",
             "Requests sent again on a fresh connection after a pooled one closed under them.",
             (),
-            {(): self._pool.stale_retries if self._pool is not None else 0},
+            {(): pool.stale_retries if pool is not None else 0},
+        )
+        yield gauge(
+            "sidecar_upstream_connections",
+            "Upstream connections: open (in use or idle) and idle.",
+            ("state",),
+            {("open",): pool.open_connections if pool else 0, ("idle",): pool.idle_connections if pool else 0},
+        )
+        yield gauge(
+            "sidecar_upstream_connection_waiting",
+            "Requests waiting for an upstream connection (only with upstream.max_connections).",
+            (),
+            {(): pool.waiting if pool else 0},
+        )
+        yield histogram(
+            "sidecar_upstream_connection_wait_seconds",
+            "How long requests waited for an upstream connection (only with upstream.max_connections).",
+            self._waited,
         )
 
     def send(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Awaitable[Response]:

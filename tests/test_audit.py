@@ -284,3 +284,46 @@ async def test_disconnect_while_waiting_for_a_whole_answer_is_still_audited(fake
     (record,) = await wait_records(tmp_path / "audit", 1)
     assert record["complete"] is False and record["outcome"] == "client_disconnected"
     assert record["response"] is None and record["request"]["body"]["model"] == CHAT["model"]
+
+
+async def test_a_padded_request_is_cut_field_by_field_not_hidden(fake, sidecar_factory, tmp_path):
+    running = await sidecar_factory(
+        fake.url, audit__capture="all", audit__jsonl_dir=str(tmp_path / "a"), audit__max_payload_bytes=20_000
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/v1/chat/completions", json={**CHAT, "pad": "x" * 200_000}) as r:
+            assert r.status == 200
+    (record,) = await wait_records(tmp_path / "a", 1)
+    body = record["request"]["body"]
+    assert body["messages"][1]["content"] == CANARY_BODY  # the prompt is there
+    assert body["pad"]["truncated"] is True and body["pad"]["length"] == 200_000
+    assert record["request"]["bytes"] > 200_000 and len(record["request"]["sha256"]) == 64
+    assert len(orjson.dumps(record)) <= 20_000
+
+
+async def test_a_long_audited_stream_is_folded_as_it_goes_and_cut_at_the_cap(fake, sidecar_factory, tmp_path):
+    running = await sidecar_factory(
+        fake.url, audit__capture="all", audit__jsonl_dir=str(tmp_path / "a"), audit__max_payload_bytes=20_000
+    )
+    fake.script.chunks = 6000  # ~900 KB of events, ~40 KB of content
+    seen_kept = []
+    proxy = running.server.app[__import__("sidecar.app").app.PROXY]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            async for _ in r.content.iter_chunked(65536):
+                for task in proxy.active:  # what the scanner holds while the stream runs
+                    coro = task.get_coro()
+                    while coro is not None:  # down the await chain to the proxy's frame holding the exchange
+                        ex = coro.cr_frame.f_locals.get("ex") if getattr(coro, "cr_frame", None) else None
+                        if ex is not None and getattr(ex, "scanner", None) is not None:
+                            seen_kept.append(ex.scanner.kept)
+                            break
+                        coro = getattr(coro, "cr_await", None)
+            assert r.status == 200
+    (record,) = await wait_records(tmp_path / "a", 1)
+    content = record["response"]["choices"][0]["message"]["content"]
+    assert record["response"]["truncated"] is True and record["truncated"] is True
+    assert content["truncated"] is True and content["prefix"].startswith("tok0 tok1 tok2")
+    assert record["usage"]["completion_tokens"] == 6000  # usage is the record's, whatever the cut
+    assert len(orjson.dumps(record)) <= 20_000
+    assert seen_kept and max(seen_kept) <= 300_000  # raw events held at any time: about one fold

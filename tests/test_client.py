@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from sidecar.app import UPSTREAM
 from tests.fake_upstream import Script
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
@@ -95,12 +96,37 @@ async def test_a_garbled_response_is_a_502(sidecar_factory):
     assert orjson.loads(body)["error"]["type"] == "upstream_error"
 
 
-async def test_the_pool_never_opens_more_than_its_size(fake, sidecar_factory):
-    fake.script = Script(delay_headers=0.05)
+async def test_the_pool_size_is_an_idle_cap_not_a_concurrency_limit(fake, sidecar_factory):
+    fake.script = Script(delay_headers=0.2)
     running = await sidecar_factory(fake.url, upstream__pool_size=3)
     results = await asyncio.gather(*(post(running.url) for _ in range(20)))
     assert [s for s, _ in results] == [200] * 20
+    assert fake.max_in_flight == 20  # every admitted request ran at once
+    pool = running.server.app[UPSTREAM].pool
+    assert pool.idle_connections == 3 and pool.open_connections == 3  # the rest were closed, not kept
+
+
+async def test_max_connections_caps_open_connections_and_measures_the_wait(fake, sidecar_factory):
+    fake.script = Script(delay_headers=0.05)
+    running = await sidecar_factory(fake.url, upstream__max_connections=3)
+    results = await asyncio.gather(*(post(running.url) for _ in range(20)))
+    assert [s for s, _ in results] == [200] * 20
     assert fake.max_in_flight == 3
+    async with aiohttp.ClientSession() as s, s.get(running.url + "/metrics") as r:
+        text = await r.text()
+    waited = next(
+        line for line in text.splitlines() if line.startswith("sidecar_upstream_connection_wait_seconds_count")
+    )
+    assert float(waited.split()[-1]) >= 17  # all but the first three waited, and each wait was measured
+
+
+async def test_a_full_connection_queue_is_a_503_not_an_unbounded_wait(fake, sidecar_factory):
+    fake.script = Script(delay_headers=0.3)
+    running = await sidecar_factory(fake.url, upstream__max_connections=1, limits__queue_size=2)
+    results = await asyncio.gather(*(post(running.url) for _ in range(10)))
+    statuses = sorted(s for s, _ in results)
+    assert statuses.count(200) >= 3 and statuses.count(503) >= 1 and set(statuses) <= {200, 503}
+    assert fake.max_in_flight == 1
 
 
 async def test_idle_connections_older_than_the_keepalive_timeout_are_not_reused(sidecar_factory):
