@@ -19,12 +19,13 @@ from prometheus_client.metrics_core import Metric
 
 from sidecar.auth import Authenticator, StoreUnavailable
 from sidecar.edge import read_body
-from sidecar.errors import BadRequest, NotFound, SidecarError, Unauthorized
+from sidecar.errors import BadRequest, NotFound, ReportTooSlow, SidecarError, Unauthorized
 from sidecar.keys import KeyAdmin, parse_duration
+from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import counter
 from sidecar.records import new_request_id
 from sidecar.rejects import RejectSampler
-from sidecar.store.base import USAGE_GROUPS, RequestQuery, Store, StoreError
+from sidecar.store.base import USAGE_GROUPS, ReportTimeout, RequestQuery, Store, StoreError
 
 Handler = Callable[[web.Request, str], Awaitable[Any]]
 MAX_PAGE = 1000
@@ -79,18 +80,33 @@ def float_param(request: web.Request, name: str) -> float | None:
     return value
 
 
-def since_param(request: web.Request, default_seconds: float = 86400.0) -> float:
-    """`since` as epoch seconds, or a duration back from now (`24h`, `7d`)."""
+def since_param(request: web.Request, max_days: int, default_seconds: float = 86400.0) -> float:
+    """`since` as epoch seconds, or a duration back from now (`24h`, `7d`), at most `max_days` back."""
     raw = request.query.get("since")
+    now = time.time()
     if raw is None:
-        return time.time() - default_seconds
+        return now - default_seconds
     try:
         value = float(raw)
     except ValueError:
-        return time.time() - parse_duration(raw, "since")
+        value = now - parse_duration(raw, "since")
     if not math.isfinite(value):
         raise BadRequest("`since` must be epoch seconds or a duration such as 24h.", param="since")
+    if value < now - max_days * 86400:
+        raise BadRequest(f"`since` may reach back at most {max_days} days (store.report_max_days).", param="since")
     return value
+
+
+def store_failure(exc: StoreError, doing: str) -> SidecarError:
+    """A store error as the caller sees it: a report that ran too long, or the store unavailable (503s)."""
+    if isinstance(exc, ReportTimeout):
+        return ReportTooSlow("The report took too long and was stopped; ask for a shorter range.")
+    return StoreUnavailable(f"The store is unavailable; {doing}.")
+
+
+def error_response(err: SidecarError, rid: str) -> web.Response:
+    headers = {**err.headers, "x-request-id": rid, "content-type": "application/json"}
+    return web.Response(status=err.status, body=err.body(), headers=headers)
 
 
 def page_query(request: web.Request) -> RequestQuery:
@@ -122,7 +138,8 @@ def page(rows: list[dict[str, Any]], limit: int, time_col: str, id_col: str = "r
 
 
 class Admin:
-    def __init__(self, token: str, keys: KeyAdmin, store: Store, auth: Authenticator) -> None:
+    def __init__(self, token: str, keys: KeyAdmin, store: Store, auth: Authenticator, max_days: int = 366) -> None:
+        self.max_days = max_days
         self.token = token.encode()
         self.keys = keys
         self.store = store
@@ -157,15 +174,9 @@ class Admin:
                 self._check_token(request)
                 result = await handler(request, rid)
             except SidecarError as err:
-                body, headers = err.body(), {**err.headers, "x-request-id": rid, "content-type": "application/json"}
-                return web.Response(status=err.status, body=body, headers=headers)
-            except StoreError:
-                down = StoreUnavailable("The store is unavailable; nothing was changed.")
-                return web.Response(
-                    status=down.status,
-                    body=down.body(),
-                    headers={"x-request-id": rid, "content-type": "application/json"},
-                )
+                return error_response(err, rid)
+            except StoreError as exc:
+                return error_response(store_failure(exc, "nothing was changed"), rid)
             if isinstance(result, web.StreamResponse):
                 return result
             status = 201 if request.method == "POST" else 200
@@ -223,7 +234,7 @@ class Admin:
         by = request.query.get("by", "key")
         if by not in USAGE_GROUPS:
             raise BadRequest("`by` must be key, model or day.", param="by")
-        since = since_param(request)
+        since = since_param(request, self.max_days)
         return {
             "object": "list",
             "since": since,
@@ -241,14 +252,22 @@ class Admin:
 
 
 class OwnUsage:
-    """`GET /v1/usage`: a key holder's own usage summary (`since`, `by=model|day`); never another key's."""
+    """`GET /v1/usage`: a key holder's own usage summary (`since`, `by=model|day`); never another key's.
 
-    def __init__(self, auth: Authenticator, store: Store) -> None:
+    A report costs the store more than a request costs the proxy: each one takes a request from the key's
+    per-minute budget and a concurrency slot while it runs (429 beyond them), reaches back at most
+    `store.report_max_days`, and runs on the store's report connection within `store.report_timeout`.
+    """
+
+    def __init__(self, auth: Authenticator, store: Store, leases: LeaseManager, max_days: int) -> None:
         self.auth = auth
         self.store = store
+        self.leases = leases
+        self.max_days = max_days
 
     async def handle(self, request: web.Request) -> web.Response:
         rid = new_request_id()
+        lease: Lease | None = None
         try:
             principal = await self.auth.authenticate(request.headers)
             if principal.key_id is None:
@@ -256,19 +275,16 @@ class OwnUsage:
             by = request.query.get("by", "model")
             if by not in ("model", "day"):
                 raise BadRequest("`by` must be model or day.", param="by")
-            since = since_param(request)
+            since = since_param(request, self.max_days)
+            lease = self.leases.acquire_local(principal)
             rows = await self.store.usage(since, by, principal.key_id)
         except SidecarError as err:
-            return web.Response(
-                status=err.status,
-                body=err.body(),
-                headers={**err.headers, "x-request-id": rid, "content-type": "application/json"},
-            )
-        except StoreError:
-            down = StoreUnavailable("The store is unavailable; retry shortly.")
-            return web.Response(
-                status=down.status, body=down.body(), headers={"x-request-id": rid, "content-type": "application/json"}
-            )
+            return error_response(err, rid)
+        except StoreError as exc:
+            return error_response(store_failure(exc, "retry shortly"), rid)
+        finally:
+            if lease is not None:
+                lease.release()
         return json_response(
             {"object": "list", "key_id": principal.key_id, "since": since, "by": by, "data": rows}, rid
         )

@@ -123,7 +123,7 @@ def create_app(settings: Settings) -> web.Application:
     upstream = Upstream(s.upstream, s.upstream.url, api_key, s.server.trusted_proxies, queue)
     metrics = Metrics(upstream.paths)
     state = RunState()
-    store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout)
+    store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout, s.store.report_timeout)
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir)
     static = load_static_keys(s.auth.static_keys_file) if s.auth.static_keys_file else {}
     auth = Authenticator(s.auth, s.limits, store, pepper, static)
@@ -138,7 +138,7 @@ def create_app(settings: Settings) -> web.Application:
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects)
     health = Health(upstream, state, store, _writer_status(writer, bus))
-    admin = Admin(admin_token, keys, store, auth)
+    admin = Admin(admin_token, keys, store, auth, s.store.report_max_days)
     collectors = [writer.collect, upstream.collect, leases.collect, rejects.collect, retention.collect, admin.collect]
     for collect in [*collectors, *([bus.collect] if bus is not None else [])]:
         metrics.add_collector(collect)
@@ -175,7 +175,7 @@ def create_app(settings: Settings) -> web.Application:
     router.add_get("/readyz", health.readyz)
     router.add_get("/metrics", metrics.handle)
     admin.add_routes(router)
-    router.add_get("/v1/usage", OwnUsage(auth, store).handle)
+    router.add_get("/v1/usage", OwnUsage(auth, store, leases, s.store.report_max_days).handle)
     _proxied_routes(router, proxy, upstream.paths)
     return app
 

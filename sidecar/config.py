@@ -77,6 +77,8 @@ class StoreCfg:
     op_timeout: float = 10.0
     retention: str = "90d"
     retention_interval: float = 600.0
+    report_timeout: float = 10.0
+    report_max_days: int = 366
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ _POSITIVE = {
     "upstream.pool_size",
     "store.pool_size",
     "store.retention_interval",
+    "store.report_timeout",
+    "store.report_max_days",
     "auth.cache_ttl",
     "limits.default_max_tokens",
     "limits.queue_size",

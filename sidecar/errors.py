@@ -11,6 +11,7 @@
      ├── Overloaded              503  server_overloaded       outcome rate_limited
      ├── UpstreamError           502  upstream_error          outcome upstream_error
      ├── UpstreamTimeout         504  upstream_timeout        outcome upstream_timeout
+     ├── ReportTooSlow           503  server_error            (a usage report past store.report_timeout)
      └── ShuttingDown            503  server_shutting_down    outcome shutdown
 
 A leaf module: it builds plain bytes and a header dict; the web layer wraps them in a response.
@@ -111,6 +112,12 @@ class UpstreamTimeout(SidecarError):
     type = "upstream_timeout"
     code = "upstream_timeout"
     outcome = "upstream_timeout"
+
+
+class ReportTooSlow(SidecarError):
+    status = 503
+    type = "server_error"
+    code = "report_timeout"
 
 
 class ShuttingDown(SidecarError):

@@ -125,6 +125,11 @@ class LeaseManager:
         self.global_active += 1
         return self._admit_holding(principal, estimate, True)
 
+    def acquire_local(self, principal: Principal) -> Lease:
+        """A request of the key's that costs no tokens and no upstream slot (a usage report): one request of
+        its per-minute budget and a concurrency slot while it runs. Raises `RateLimited` beyond them."""
+        return self._admit(principal, 0, False)
+
     async def acquire(self, principal: Principal, estimate: int) -> Lease:
         return self._admit_holding(principal, estimate, await self._acquire_global())
 

@@ -32,6 +32,13 @@ class StoreError(Exception):
         self.transient = transient
 
 
+class ReportTimeout(StoreError):
+    """A report query ran past `store.report_timeout` and was stopped; asking for less (a shorter range) helps."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the report query took longer than {seconds:g}s and was stopped", transient=False)
+
+
 @dataclass(frozen=True)
 class KeyRow:
     id: str

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sidecar.store.base import StoreError
+from sidecar.store.base import ReportTimeout, StoreError
 from sidecar.store.sql import Params, SqlStore, json_array, schema_v1
 
 MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),)
@@ -20,8 +20,17 @@ class PostgresStore(SqlStore):
     placeholder = "%s"
     migrations = MIGRATIONS
 
-    def __init__(self, url: str, pool_size: int = 4, connect_timeout: float = 5.0, op_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+        op_timeout: float = 10.0,
+        report_timeout: float = 10.0,
+    ) -> None:
         self.url = url
+        self.report_timeout = report_timeout
+        self._reports: AsyncConnectionPool | None = None  # report queries: a pool of their own (2 connections)
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         # A network that goes silent (no RST, no FIN) would hold a statement for the TCP timeout, minutes to
@@ -44,8 +53,22 @@ class PostgresStore(SqlStore):
             await self._pool.close()
             self._pool = None
             raise StoreError(f"cannot connect to PostgreSQL: {type(exc).__name__}") from None
+        # Report queries get a pool of their own (connected on first use), so key lookups and health checks
+        # never wait for a connection behind them; the server stops their statements at the report timeout.
+        self._reports = AsyncConnectionPool(
+            self.url,
+            min_size=0,
+            max_size=2,
+            open=False,
+            timeout=self.connect_timeout,
+            kwargs={"autocommit": True, "options": f"-c statement_timeout={int(self.report_timeout * 1000)}"},
+        )
+        await self._reports.open(wait=False)
 
     async def close(self) -> None:
+        if self._reports is not None:
+            await self._reports.close()
+            self._reports = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -76,6 +99,19 @@ class PostgresStore(SqlStore):
                 await cur.execute(sql.encode(), list(params))
                 return max(cur.rowcount, 0)
         except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+
+    async def _report(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        pool = self._reports
+        if pool is None:
+            raise StoreError("store is not open")
+        try:
+            async with asyncio.timeout(self.report_timeout + 1.0), pool.connection() as conn, conn.cursor() as cur:
+                await cur.execute(sql.encode(), list(params))
+                return list(await cur.fetchall())
+        except (psycopg.errors.QueryCanceled, TimeoutError):
+            raise ReportTimeout(self.report_timeout) from None
+        except psycopg.Error as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from None
 
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:

@@ -39,6 +39,11 @@ class SqlStore:
         """Run statements in one transaction: all or nothing."""
         raise NotImplementedError
 
+    async def _report(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        """A report query (usage, request and audit listings): on a connection of its own, so key lookups and
+        health checks never queue behind it, and within the report timeout (`ReportTimeout`)."""
+        return await self._fetch(sql, params)
+
     async def _execute(self, sql: str, params: Params = ()) -> int:
         """Run one statement on its own; the number of rows it changed."""
         raise NotImplementedError
@@ -127,7 +132,7 @@ class SqlStore:
 
     async def requests(self, query: RequestQuery) -> list[dict[str, Any]]:
         where, params = _filters(query, "started_at")
-        rows = await self._fetch(
+        rows = await self._report(
             self._sql(
                 f"SELECT {', '.join(REQUEST_COLUMNS)} FROM request_log {where} "
                 "ORDER BY started_at DESC, request_id DESC LIMIT ?"
@@ -151,7 +156,7 @@ class SqlStore:
         if key_id is not None:
             where += " AND key_id = ?"
             params.append(key_id)
-        rows = await self._fetch(
+        rows = await self._report(
             self._sql(
                 f"SELECT {group} AS grp, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
                 "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), "
@@ -180,7 +185,7 @@ class SqlStore:
 
     async def audit_records(self, query: RequestQuery) -> list[dict[str, Any]]:
         where, params = _filters(query, "emitted_at")
-        rows = await self._fetch(
+        rows = await self._report(
             self._sql(f"SELECT record FROM audit_records {where} ORDER BY emitted_at DESC, request_id DESC LIMIT ?"),
             [*params, query.limit],
         )

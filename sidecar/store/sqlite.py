@@ -12,7 +12,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from sidecar.store.base import StoreError
+from sidecar.store.base import ReportTimeout, StoreError
 from sidecar.store.sql import Params, SqlStore, schema_v1
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
@@ -31,10 +31,12 @@ class SqliteStore(SqlStore):
     placeholder = "?"
     migrations = MIGRATIONS
 
-    def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, path: str, busy_timeout_ms: int = 5000, report_timeout: float = 10.0) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        self.report_timeout = report_timeout
         self._db: aiosqlite.Connection | None = None
+        self._reports: aiosqlite.Connection | None = None  # a second connection (and thread) for report queries
         self._w: sqlite3.Connection | None = None
         self._since_checkpoint = 0
 
@@ -54,8 +56,17 @@ class SqliteStore(SqlStore):
             raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from None
         if fresh:
             os.chmod(self.path, 0o600)  # usage and key hashes: not for other local users
+        try:  # a second connection, with a thread of its own, for report queries
+            self._reports = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reports.execute("PRAGMA query_only=ON")
+            await self._reports.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from None
 
     async def close(self) -> None:
+        if self._reports is not None:
+            await self._reports.close()
+            self._reports = None
         if self._w is not None:
             self._w.close()
             self._w = None
@@ -76,6 +87,20 @@ class SqliteStore(SqlStore):
         try:
             async with self.db.execute(sql, params) as cur:
                 return [tuple(r) for r in await cur.fetchall()]
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from None
+
+    async def _report(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        db = self._reports
+        if db is None:
+            raise StoreError("store is not open")
+        try:
+            async with asyncio.timeout(self.report_timeout):
+                async with db.execute(sql, params) as cur:
+                    return [tuple(r) for r in await cur.fetchall()]
+        except TimeoutError:
+            await db.interrupt()  # thread-safe: the query stops where it is, and the connection is free again
+            raise ReportTimeout(self.report_timeout) from None
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
