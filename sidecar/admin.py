@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import Metric
 from sidecar.auth import Authenticator, StoreUnavailable
 from sidecar.edge import read_body
 from sidecar.errors import BadRequest, NotFound, ReportTooSlow, SidecarError, Unauthorized
-from sidecar.keys import KeyAdmin, parse_duration
+from sidecar.keys import KeyAdmin, listing, parse_duration
 from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import counter
 from sidecar.records import new_request_id
@@ -203,24 +203,36 @@ class Admin:
         return f"admin-api:{request.remote or 'unknown'}"
 
     async def list_keys(self, request: web.Request, rid: str) -> Any:
-        return {"object": "list", "data": [k.public() for k in await self.store.list_keys()]}
+        return {"object": "list", "data": listing(await self.store.list_keys(), self.auth.static.rows())}
 
     async def create_key(self, request: web.Request, rid: str) -> Any:
         created = await self.keys.create(await read_json(request), self._actor(request), rid)
         return {**created.row.public(), "key": created.key}
 
     async def get_key(self, request: web.Request, rid: str) -> Any:
-        row = await self.store.get_key(request.match_info["id"])
+        kid = request.match_info["id"]
+        static = self.auth.static.get(kid)
+        if static is not None:
+            return {**static.public(), "source": "static"}
+        row = await self.store.get_key(kid)
         if row is None:
             raise NotFound("No such key.", code="key_not_found")
-        return row.public()
+        return {**row.public(), "source": "store"}
+
+    def _not_static(self, kid: str) -> None:
+        if self.auth.static.get(kid) is not None:
+            raise BadRequest(
+                "This key comes from auth.static_keys_file: change or remove its line there.", code="static_key"
+            )
 
     async def update_key(self, request: web.Request, rid: str) -> Any:
+        self._not_static(request.match_info["id"])
         row = await self.keys.update(request.match_info["id"], await read_json(request), self._actor(request), rid)
         self.auth.forget(row.id)
         return row.public()
 
     async def revoke_key(self, request: web.Request, rid: str) -> Any:
+        self._not_static(request.match_info["id"])
         row = await self.keys.revoke(request.match_info["id"], self._actor(request), rid)
         self.auth.forget(row.id)
         return row.public()

@@ -22,7 +22,7 @@ from sidecar.auth import Authenticator
 from sidecar.config import Settings, read_secret, retention_seconds
 from sidecar.edge import server_header
 from sidecar.health import Health, RunState
-from sidecar.keys import KeyAdmin, load_pepper, load_static_keys
+from sidecar.keys import KeyAdmin, StaticKeys, load_pepper
 from sidecar.leases import LeaseManager
 from sidecar.logs import RequestLog
 from sidecar.metrics import Metrics
@@ -125,7 +125,7 @@ def create_app(settings: Settings) -> web.Application:
     state = RunState()
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout, s.store.report_timeout)
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir)
-    static = load_static_keys(s.auth.static_keys_file) if s.auth.static_keys_file else {}
+    static = StaticKeys(s.auth.static_keys_file)
     auth = Authenticator(s.auth, s.limits, store, pepper, static)
     leases = LeaseManager(s.limits)
     keys = KeyAdmin(store, pepper)

@@ -1,20 +1,24 @@
 """Authentication: bearer key -> Principal, with a short TTL cache so a request costs no store round trip.
 
 A revoked key stops working within `auth.cache_ttl` on every replica sharing the store (at once on the one
-that revoked it). Keys never appear in errors or logs: only their public id does.
+that revoked it: revocation wins over a lookup still in flight, which looks again instead of caching what it
+read before). While the store is unreachable, keys it confirmed within `auth.max_stale` keep working on their
+last known state; after that, and for keys never seen, requests fail closed with a 503. Static keys come from
+`auth.static_keys_file`, reloaded when it changes. Keys never appear in errors or logs: only their public id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.config import AuthCfg, LimitsCfg
 from sidecar.errors import Forbidden, Unauthorized
-from sidecar.keys import hash_secret, parse_key
+from sidecar.keys import StaticKeys, hash_secret, parse_key
 from sidecar.store.base import KeyRow, Store, StoreError
 
 MISSING = (
@@ -22,6 +26,7 @@ MISSING = (
     "Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
 _MAX_CACHE = 100_000
+log = logging.getLogger("sidecar.auth")
 
 
 class StoreUnavailable(Unauthorized):
@@ -50,6 +55,7 @@ class _Entry:
     row: KeyRow | None
     principal: Principal | None
     until: float
+    fetched: float  # when the store (or the static file) last answered for this key: the start of staleness
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
@@ -67,20 +73,25 @@ class Authenticator:
         limits: LimitsCfg,
         store: Store | None,
         pepper: bytes,
-        static: dict[str, KeyRow] | None = None,
+        static: StaticKeys | None = None,
     ) -> None:
         self.cfg = cfg
         self.limits = limits
         self.store = store
         self.pepper = pepper
-        self.static = static or {}
+        self.static = static or StaticKeys("")
         self._cache: dict[str, _Entry] = {}
+        self._generation: dict[str, int] = {}  # bumped by `forget`: a lookup that saw another one does not count
+        self._serving_stale = False
         self._loading: dict[str, asyncio.Task[_Entry]] = {}
         self._verified: dict[str, tuple[Principal, float]] = {}  # full key -> principal, until
         self.anonymous = Principal(None, "anonymous", limits.concurrency, limits.rpm, limits.tpm)
 
     def forget(self, key_id: str) -> None:
+        """The key changed (revoked, updated): drop what is cached, and what a lookup in flight would cache."""
+        self._generation[key_id] = self._generation.get(key_id, 0) + 1
         self._cache.pop(key_id, None)
+        self._loading.pop(key_id, None)  # later requests start a fresh lookup; the old one caches nothing
         for token in [t for t, (p, _) in self._verified.items() if p.key_id == key_id]:
             del self._verified[token]
 
@@ -108,7 +119,10 @@ class Authenticator:
         if parsed is None:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
         kid, secret = parsed
+        generation = self._generation.get(kid, 0)
         entry = await self._entry(kid)
+        if self._generation.get(kid, 0) != generation:  # forgotten while we waited: ask again
+            return await self.authenticate(headers)
         row = entry.row
         if row is None or not hmac.compare_digest(row.hash, hash_secret(self.pepper, secret)):
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
@@ -139,21 +153,44 @@ class Authenticator:
         return await asyncio.shield(loading)
 
     def _loaded(self, kid: str, task: asyncio.Task[_Entry]) -> None:
-        self._loading.pop(kid, None)
+        if self._loading.get(kid) is task:  # `forget` may have started a newer lookup since
+            del self._loading[kid]
         if not task.cancelled():
             task.exception()  # retrieved here too: every caller may have left before it finished
 
     async def _load(self, kid: str, entry: _Entry | None) -> _Entry:
+        for _ in range(3):
+            generation = self._generation.get(kid, 0)
+            now = time.monotonic()
+            try:
+                row = self.static.get(kid) or (await self.store.get_key(kid) if self.store is not None else None)
+            except StoreError as exc:
+                return self._stale(kid, entry, exc)
+            fresh = _Entry(row, self._principal(row) if row else None, now + self.cfg.cache_ttl, now)
+            if self._generation.get(kid, 0) != generation:
+                continue  # revoked or changed while we read it: what we read may be from before; read again
+            if self._serving_stale:
+                self._serving_stale = False
+                log.warning("key store answering again")
+            if len(self._cache) >= _MAX_CACHE:
+                self._cache.clear()
+            self._cache[kid] = fresh
+            return fresh
+        raise StoreUnavailable("The key changed while it was being looked up; retry.")
+
+    def _stale(self, kid: str, entry: _Entry | None, exc: StoreError) -> _Entry:
+        """The store did not answer: the last known state of a key it confirmed within `max_stale`, else 503."""
         now = time.monotonic()
-        try:
-            row = self.static.get(kid) or (await self.store.get_key(kid) if self.store is not None else None)
-        except StoreError:
-            if entry is not None:  # the store is down: a known key keeps working on its last known state
-                return entry
+        if entry is None or now - entry.fetched > self.cfg.max_stale:
             raise StoreUnavailable("The key store is unavailable; retry shortly.") from None
-        if len(self._cache) >= _MAX_CACHE:
-            self._cache.clear()
-        entry = self._cache[kid] = _Entry(row, self._principal(row) if row else None, now + self.cfg.cache_ttl)
+        if not self._serving_stale:
+            self._serving_stale = True
+            log.warning(
+                "key store unavailable: serving cached keys for up to auth.max_stale",
+                extra={"fields": {"max_stale_s": self.cfg.max_stale, "error": str(exc)[:200]}},
+            )
+        # Asked again after the cache TTL, and never served past max_stale since the store last confirmed it.
+        entry.until = min(now + self.cfg.cache_ttl, entry.fetched + self.cfg.max_stale)
         return entry
 
     def _principal(self, row: KeyRow) -> Principal:

@@ -14,7 +14,7 @@ import orjson
 
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
-from sidecar.keys import KeyAdmin, hash_secret, load_pepper, new_key, parse_duration, validate
+from sidecar.keys import KeyAdmin, StaticKeys, hash_secret, listing, load_pepper, new_key, parse_duration, validate
 from sidecar.store import open_store
 from sidecar.store.base import RequestQuery, Store, StoreError
 
@@ -92,7 +92,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: Store, 
         print(created.key)
         print(f"created key {created.row.id} ({created.row.name}); the key is shown only once", file=sys.stderr)
     elif action == "list":
-        _print([k.public() for k in await store.list_keys()])
+        _print(listing(await store.list_keys(), StaticKeys(settings.auth.static_keys_file).rows()))
     elif action == "show":
         row = await store.get_key(args.id)
         if row is None:

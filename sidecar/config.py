@@ -88,6 +88,7 @@ class AuthCfg:
     pepper_file: str = ""
     static_keys_file: str = ""
     cache_ttl: float = 5.0
+    max_stale: float = 300.0
 
 
 @dataclass(frozen=True)

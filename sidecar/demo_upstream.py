@@ -11,6 +11,7 @@ import hashlib
 import time
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -69,17 +70,20 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-    await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-    for i, word in enumerate(words):
-        await asyncio.sleep(0.02)
-        text = word if i == 0 else " " + word
-        await send({**base, "choices": [{"index": 0, "delta": {"content": text}}]})
-    await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    options = doc.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage"):
-        await send({**base, "choices": [], "usage": _usage(prompt, len(words))})
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    try:
+        await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        for i, word in enumerate(words):
+            await asyncio.sleep(0.02)
+            text = word if i == 0 else " " + word
+            await send({**base, "choices": [{"index": 0, "delta": {"content": text}}]})
+        await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        options = doc.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            await send({**base, "choices": [], "usage": _usage(prompt, len(words))})
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionError):
+        pass  # the client hung up mid-stream: normal for a model server, nothing to report
     return resp
 
 

@@ -135,6 +135,60 @@ def load_static_keys(path: str) -> dict[str, KeyRow]:
     return keys
 
 
+def listing(stored: list[KeyRow], static: list[KeyRow]) -> list[dict[str, Any]]:
+    """Keys as the admin API and `keys list` show them: stored ones, then static ones (read-only there)."""
+    return [{**k.public(), "source": "store"} for k in stored] + [{**k.public(), "source": "static"} for k in static]
+
+
+class StaticKeys:
+    """The keys of `auth.static_keys_file`, reloaded when the file changes: a mounted Kubernetes Secret is
+    updated in place (the kubelet swaps a symlink), so a key removed or revoked there stops working within
+    `auth.cache_ttl` plus a second, without a restart. The file is checked at most once a second (one stat); a
+    version that does not parse keeps the keys last loaded, and is reported once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.keys = load_static_keys(path) if path else {}
+        self._signature = self._stat()
+        self._checked = time.monotonic()
+
+    def get(self, kid: str) -> KeyRow | None:
+        if not self.path:
+            return None
+        self.refresh()
+        return self.keys.get(kid)
+
+    def rows(self) -> list[KeyRow]:
+        self.refresh()
+        return sorted(self.keys.values(), key=lambda r: (r.created_at, r.id))
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if not self.path or now - self._checked < 1.0:
+            return
+        self._checked = now
+        signature = self._stat()
+        if signature == self._signature:
+            return
+        self._signature = signature
+        try:
+            self.keys = load_static_keys(self.path)
+        except (OSError, ValueError) as exc:
+            log.error(
+                "auth.static_keys_file changed but cannot be read; keeping the keys loaded before",
+                extra={"fields": {"error": str(exc)[:300]}},
+            )
+            return
+        log.warning("auth.static_keys_file reloaded", extra={"fields": {"keys": len(self.keys)}})
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 @dataclass(frozen=True)
 class Created:
     key: str  # shown once, never stored

@@ -1,0 +1,156 @@
+"""Key state under pressure: revocation wins over a lookup in flight, a store outage is ridden out for at most
+`auth.max_stale`, static keys reload when their file changes; and the demo upstream takes hang-ups calmly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from sidecar.auth import Authenticator
+from sidecar.config import AuthCfg, LimitsCfg
+from sidecar.errors import Unauthorized
+from sidecar.keys import KeyAdmin, hash_secret, new_key
+from sidecar.store import open_store
+from tests.test_faults import pg_proxy, through
+from tests.test_keys import ADMIN, admin, chat
+
+__all__ = ["pg_proxy"]  # a fixture, imported for the tests below
+PEPPER = b"p" * 32
+
+
+async def test_a_revoke_during_a_slow_lookup_wins(pg_url, pg_proxy):
+    """The lookup reads the key before the revoke commits, and its answer arrives after: it must not be cached."""
+    direct = open_store(pg_url)
+    await direct.open()
+    await direct.migrate()
+    slow = open_store(through(pg_proxy, pg_url))
+    await slow.open()
+    try:
+        created = await KeyAdmin(direct, PEPPER).create({"name": "k"}, actor="test")
+        auth = Authenticator(AuthCfg(cache_ttl=60), LimitsCfg(), slow, PEPPER)
+        headers = {"authorization": f"Bearer {created.key}"}
+        pg_proxy.latency = 0.5  # every answer from PostgreSQL to this replica arrives half a second late
+        lookup = asyncio.create_task(auth.authenticate(headers))
+        await asyncio.sleep(0.2)  # the query has been answered by PostgreSQL; the answer is on its way
+        await KeyAdmin(direct, PEPPER).revoke(created.row.id, actor="test")
+        auth.forget(created.row.id)  # what the admin API does on the replica that revoked
+        with pytest.raises(Unauthorized) as raised:
+            await lookup
+        assert raised.value.code == "key_revoked"
+        assert auth.known(headers) is None
+        with pytest.raises(Unauthorized):
+            await auth.authenticate(headers)
+    finally:
+        pg_proxy.latency = 0
+        await slow.close()
+        await direct.close()
+
+
+async def test_a_store_outage_is_ridden_out_for_max_stale_then_fails_closed(fake, sidecar_factory, pg_server, pg_url):
+    running = await sidecar_factory(
+        fake.url,
+        auth__enabled=True,
+        server__admin_token=ADMIN,
+        store__url=pg_url,
+        store__op_timeout=0.3,
+        auth__cache_ttl=0.2,
+        auth__max_stale=1.5,
+    )
+    async with aiohttp.ClientSession() as s:
+        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "k"})
+        key = created["key"]
+        assert (await chat(s, running.url, key))[0] == 200
+        pg_server.stop()
+        try:
+            confirmed = time.monotonic()
+            statuses = []
+            while time.monotonic() - confirmed < 3.0:
+                status, _ = await chat(s, running.url, key)
+                statuses.append((round(time.monotonic() - confirmed, 1), status))
+                await asyncio.sleep(0.1)
+        finally:
+            pg_server.start()
+    served = [t for t, status in statuses if status == 200]
+    refused = [t for t, status in statuses if status == 503]
+    assert served and max(served) <= 1.6, statuses  # the cached key works for max_stale...
+    assert refused and min(refused) >= 1.4, statuses  # ...then the replica fails closed
+    assert {status for _, status in statuses} <= {200, 503}
+    assert "serving cached keys" in running.log_text()
+
+
+async def test_static_keys_reload_when_the_file_changes_and_are_listed(fake, sidecar_factory, tmp_path):
+    pepper = tmp_path / "pepper-file"
+    pepper.write_text("static-pepper-0123456789\n")
+
+    def line(name: str, revoked: bool = False) -> tuple[str, str, dict]:
+        key, kid, secret = new_key()
+        row = {"id": kid, "name": name, "hash": hash_secret(b"static-pepper-0123456789", secret), "created_at": 1.0}
+        return key, kid, {**row, "revoked_at": time.time() if revoked else None}
+
+    key_a, kid_a, row_a = line("a")
+    key_b, kid_b, row_b = line("b")
+    static = tmp_path / "secret" / "keys.jsonl"
+    static.parent.mkdir()
+
+    def publish(*rows: dict) -> None:  # as the kubelet does: write aside, then swap in atomically
+        tmp = static.parent / ".new"
+        tmp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        os.replace(tmp, static)
+
+    publish(row_a, row_b)
+    running = await sidecar_factory(
+        fake.url,
+        auth__enabled=True,
+        server__admin_token=ADMIN,
+        auth__pepper_file=str(pepper),
+        auth__static_keys_file=str(static),
+        auth__cache_ttl=0.2,
+    )
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, running.url, key_a))[0] == 200
+        assert (await chat(s, running.url, key_b))[0] == 200
+        _, listed, _ = await admin(s, "GET", running.url + "/admin/keys")
+        assert {(k["id"], k["source"]) for k in listed["data"]} == {(kid_a, "static"), (kid_b, "static")}
+        assert all("hash" not in k for k in listed["data"])
+        status, body, _ = await admin(s, "DELETE", f"{running.url}/admin/keys/{kid_a}")
+        assert status == 400 and body["error"]["code"] == "static_key"
+        publish({**row_a, "revoked_at": time.time()})  # a revoked, b removed
+        await asyncio.sleep(1.5)  # the file is checked once a second; the cache lives 0.2 s
+        status, body = await chat(s, running.url, key_a)
+        assert status == 401 and body["error"]["code"] == "key_revoked"
+        status, body = await chat(s, running.url, key_b)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        static.write_text("not json\n")  # a broken update keeps what was loaded
+        await asyncio.sleep(1.3)
+        assert (await chat(s, running.url, key_a))[0] == 401
+    log = running.log_text()
+    assert "static_keys_file reloaded" in log and "cannot be read" in log
+
+
+async def test_the_demo_upstream_takes_a_hang_up_mid_stream_calmly(log_catcher):
+    from aiohttp.test_utils import TestServer
+
+    from sidecar.demo_upstream import create_demo_app
+
+    server = TestServer(create_demo_app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        body = orjson.dumps({"model": "demo", "messages": [{"role": "user", "content": "a b c d e f"}], "stream": True})
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        await reader.readuntil(b"data: ")
+        writer.transport.abort()
+        await asyncio.sleep(0.5)  # the demo tries to send the next words
+    finally:
+        await server.close()
+    text = "\n".join(log_catcher.lines)
+    assert "Traceback" not in text and "Error handling request" not in text, text
