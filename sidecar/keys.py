@@ -90,7 +90,7 @@ def load_pepper(inline: str, path: str, data_dir: str) -> bytes:
     stored = Path(data_dir) / "pepper"
     if stored.exists():
         return _checked(stored.read_text(encoding="utf-8").strip(), f"the pepper in {stored}")
-    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = secrets.token_hex(32)
     fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -25,6 +25,7 @@ from sidecar.app import WRITER
 from sidecar.config import WriterCfg
 from sidecar.records import RequestRecord
 from sidecar.store import open_store
+from sidecar.store.base import RequestQuery
 from sidecar.writer import BatchWriter
 from tests.fake_upstream import Script
 from tests.test_faults import pg_proxy, through
@@ -149,34 +150,34 @@ async def test_journal_and_store_both_gone_hold_queue_size_rows_then_drop(tmp_pa
     assert sum("rows dropped" in line for line in log_catcher.lines) == 1
 
 
-async def test_dead_letter_file_is_private(tmp_path, pg_url):
-    store = open_store(pg_url)
+async def write_one(url: str, spool: Path, row: dict[str, Any]) -> tuple[BatchWriter, list[dict[str, Any]]]:
+    """One row through a real writer into the store at `url`; the writer and what the store holds after."""
+    store = open_store(url)
     await store.open()
     await store.migrate()
-    writer = BatchWriter(store, WriterCfg(flush_interval_ms=10_000), str(tmp_path / "spool"))
+    writer = BatchWriter(store, WriterCfg(flush_interval_ms=10_000), str(spool))
     await writer.start()
-    (row,) = _rows(1)
-    writer.put({**row, "status": "not a number"})  # refused by PostgreSQL even after sanitising
+    writer.put(row)
     await writer.flush()
     await writer.close()
+    stored = await store.requests(RequestQuery())
     await store.close()
+    return writer, stored
+
+
+async def test_dead_letter_file_is_private(tmp_path, pg_url):
+    (row,) = _rows(1)
+    # refused by PostgreSQL even after sanitising
+    writer, _ = await write_one(pg_url, tmp_path / "spool", {**row, "status": "not a number"})
     dead = tmp_path / "spool" / "requests.dead.jsonl"
     assert writer.dead == 1 and dead.exists()
     assert dead.stat().st_mode & 0o777 == 0o600
 
 
 async def test_nul_in_a_text_column_is_stripped_not_dead_lettered(tmp_path, pg_url):
-    store = open_store(pg_url)
-    await store.open()
-    await store.migrate()
-    writer = BatchWriter(store, WriterCfg(flush_interval_ms=10_000), str(tmp_path / "spool"))
-    await writer.start()
     (row,) = _rows(1)
-    writer.put({**row, "model": "a\x00b", "client_request_id": "x\x00", "error_code": "\x00"})
-    await writer.flush()
-    await writer.close()
-    (stored,) = await store.requests(__import__("sidecar.store.base").store.base.RequestQuery())
-    await store.close()
+    poisoned = {**row, "model": "a\x00b", "client_request_id": "x\x00", "error_code": "\x00"}
+    writer, (stored,) = await write_one(pg_url, tmp_path / "spool", poisoned)
     assert writer.dead == 0 and stored["model"] == "ab" and stored["client_request_id"] == "x"
 
 

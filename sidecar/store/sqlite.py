@@ -41,7 +41,7 @@ class SqliteStore(SqlStore):
         self._since_checkpoint = 0
 
     async def open(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fresh = not os.path.exists(self.path)
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
