@@ -92,6 +92,7 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._down = False  # the store refused the last write: journaled rows stay in the spool only
+        self._outage = False  # between the first failed write and the end of the replay (for the log lines)
         self._unqueued = False  # the current segment holds rows that are not in `_queue`
         self._probe_at = 0.0
         self._backoff = 0.0
@@ -229,23 +230,28 @@ class BatchWriter:
         now = time.monotonic()
         self._backoff = min(_MAX_BACKOFF, max(self.cfg.flush_interval_ms / 1000.0, self._backoff * 2))
         self._probe_at = now + self._backoff
-        if self._down:
-            return
-        self._down = True
+        self._down = self._outage = True
         self._unqueued = True  # from now on the current segment is spool too
-        self.spooled += len(self._queue)
+        self.spooled += len(self._queue)  # journaled there: they wait on disk, not in memory
         self._queue.clear()
 
     async def _recover(self) -> bool:
-        """Replay spooled segments, oldest first; True when the spool is empty and the store takes rows."""
+        """Replay spooled segments, oldest first; True when the spool is empty and the store takes rows.
+
+        The writer acts as if the store were back from the first try: rows that arrive meanwhile are queued (and
+        journaled in a fresh segment) as usual, so none can land in a segment that was already replayed. The
+        segment written while the store was down is closed and replayed last, once the older ones went in (so a
+        store still down costs no new file per probe); if any replay fails, the store is down again.
+        """
         if self._down and time.monotonic() < self._probe_at:
             return False
+        self._down = False
         spool = self.spool
         while spool is not None:
             if not spool.pending:
                 if not self._unqueued:
                     break
-                spool.rotate(keep=True)  # the segment written while the store was down: replay it too
+                spool.rotate(keep=True)  # the segment written while the store was down; from here rows are queued
                 self._unqueued = False
                 continue
             segment = spool.pending[0]
@@ -253,8 +259,8 @@ class BatchWriter:
                 self._went_down()
                 return False
             spool.discard(segment)
-        if self._down:
-            self._down = False
+        if self._outage:
+            self._outage = False
             self._backoff = 0.0
             log.warning("store available again; spool replayed", extra={"fields": {"table": self.name}})
         return True
@@ -290,7 +296,7 @@ class BatchWriter:
             except StoreError as exc:
                 self.store_errors += 1
                 if exc.transient:
-                    if not self._down:
+                    if not self._outage:
                         log.warning(
                             "store unavailable; spooling rows",
                             extra={"fields": {"table": self.name, "error": str(exc)[:200]}},

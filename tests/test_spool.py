@@ -279,3 +279,34 @@ async def test_spool_left_by_a_killed_process_is_replayed_at_start(tmp_path):
     assert await store.count_requests() == 6
     await store.close()
     assert not list(spool.glob("requests.*.jsonl"))
+
+
+async def test_rows_put_while_the_spool_is_being_replayed_are_kept(tmp_path, pg_url, pg_proxy):
+    """The store comes back slowly: rows keep arriving while the spool (the current segment too) is replayed."""
+    store = open_store(through(pg_proxy, pg_url), op_timeout=2.0)
+    await store.open()
+    await store.migrate()
+    writer = BatchWriter(store, WriterCfg(flush_interval_ms=10_000, max_rows=3), str(tmp_path / "spool"))
+    await writer.start()
+    rows = _rows(60)
+    for row in rows[:5]:
+        writer.put(row)
+    await pg_proxy.down()
+    await writer.flush()  # the store is gone: the rows are spooled
+    assert writer.status()["store"] == "down"
+    for row in rows[5:10]:
+        writer.put(row)  # written while down: in the current segment only
+    await pg_proxy.up()
+    pg_proxy.latency = 0.05  # every answer late: the replay takes a while
+    writer._probe_at = 0.0  # the backoff is not what this test is about
+    recovery = asyncio.create_task(writer.flush())
+    for row in rows[10:40]:
+        await asyncio.sleep(0.03)
+        writer.put(row)  # arriving during the replay
+    await recovery
+    for row in rows[40:]:
+        writer.put(row)
+    pg_proxy.latency = 0
+    await writer.close()
+    assert await store.count_requests() == 60
+    await store.close()
