@@ -352,9 +352,10 @@ def build_record(
 
 
 def shrink(doc: Any, budget: int) -> Any:
-    """`doc` cut to about `budget` bytes of JSON, field by field: a long string keeps its start and says its
-    length and sha256, a long array keeps its first items and says how many it had; every key stays, so padding
-    one field cannot push the rest of a request out of the record."""
+    """`doc` cut to about `budget` bytes of JSON, field by field: a long string keeps its start and its end and
+    says its length and sha256; a long array keeps its first and last items and says how many it had (the last
+    messages of a conversation are the ones just sent). Every key stays, so padding one field, or a conversation
+    with many small messages, cannot push the rest of a request out of the record."""
     limit = max(64, budget // 4)
     while True:
         out = _cut(doc, limit, max(8, limit // 16))
@@ -368,10 +369,20 @@ def _cut(value: Any, limit: int, items: int) -> Any:
         if len(value) <= limit:
             return value
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-        return {"truncated": True, "length": len(value), "sha256": digest, "prefix": value[:limit]}
+        half = limit // 2
+        return {
+            "truncated": True,
+            "length": len(value),
+            "sha256": digest,
+            "prefix": value[:half],
+            "suffix": value[-half:],
+        }
     if isinstance(value, list):
-        kept = [_cut(v, limit, items) for v in value[:items]]
-        return kept if len(value) <= items else [*kept, {"truncated": True, "items": len(value)}]
+        if len(value) <= items:
+            return [_cut(v, limit, items) for v in value]
+        head, tail = value[: items // 2], value[len(value) - items // 2 :]
+        marker = {"truncated": True, "items": len(value), "omitted": len(value) - len(head) - len(tail)}
+        return [*(_cut(v, limit, items) for v in head), marker, *(_cut(v, limit, items) for v in tail)]
     if isinstance(value, dict):
         return {k: _cut(v, limit, items) for k, v in value.items()}
     return value
@@ -407,18 +418,19 @@ class BodyCapture:
     """A response body as audit keeps it: whole (decoded) up to the payload cap, else its first `cap` bytes with
     its length and sha256, so a huge answer costs at most the cap and is never decoded whole."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, digest_only: bool = False) -> None:
         self.cap = cap
+        self.digest_only = digest_only  # redact_paths are set: a raw prefix could not be redacted, so none is kept
         self._parts: list[bytes] = []
         self._kept = 0
         self.length = 0
         self._sha = hashlib.sha256()
 
     @classmethod
-    def whole(cls, body: bytes, cap: int) -> Any:
+    def whole(cls, body: bytes, cap: int, digest_only: bool = False) -> Any:
         if len(body) <= cap:
             return _json_or_text(body)
-        capture = cls(cap)
+        capture = cls(cap, digest_only)
         capture.add(body)
         return capture.result()
 
@@ -434,12 +446,10 @@ class BodyCapture:
         body = b"".join(self._parts)
         if self.length <= self.cap:
             return _json_or_text(body)
-        return {
-            "truncated": True,
-            "length": self.length,
-            "sha256": self._sha.hexdigest(),
-            "prefix": body.decode("utf-8", "replace"),
-        }
+        out: dict[str, Any] = {"truncated": True, "length": self.length, "sha256": self._sha.hexdigest()}
+        if not self.digest_only:
+            out["prefix"] = body.decode("utf-8", "replace")
+        return out
 
 
 def _json_or_text(body: bytes) -> Any:

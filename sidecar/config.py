@@ -109,6 +109,7 @@ class WriterCfg:
     queue_size: int = 100_000
     spool: bool = True
     spool_max_bytes: int = 1024 * 1024 * 1024
+    spool_segment_bytes: int = 16 * 1024 * 1024
     drain_timeout: float = 10.0
 
 
@@ -165,6 +166,7 @@ _POSITIVE = {
     "writer.flush_interval_ms",
     "writer.queue_size",
     "writer.spool_max_bytes",
+    "writer.spool_segment_bytes",
     "audit.queue_size",
     "audit.max_payload_bytes",
 }

@@ -39,7 +39,7 @@ from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.rejects import REJECT_STATUSES, RejectSampler
-from sidecar.sse import BodyEnds, StreamScanner, usage_from, usage_object
+from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object
 from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream, allowed_methods
 
@@ -71,6 +71,7 @@ class Exchange:
     rec: RequestRecord
     lease: Lease
     prompt_estimate: int
+    output_budget: int = 0  # the output tokens reserved: max_tokens, or the configured default
     capture: Capture | None = None  # set when the request is audited
     response: Any = None  # the non-streaming response, kept for audit
     up: Response | None = None
@@ -116,6 +117,7 @@ class Proxy:
         self.ticker = Ticker()
         self.auditor = auditor
         self.audit_cap = auditor.cap if auditor is not None else 0
+        self.audit_digest_only = auditor is not None and bool(auditor.policy.paths)
         self.limits = limits
         self.auth = auth
         self.leases = leases
@@ -170,7 +172,8 @@ class Proxy:
             lease = self.leases.acquire_now(principal, estimate.reservation) or await self.leases.acquire(
                 principal, estimate.reservation
             )
-            ex = Exchange(call, rec, lease, estimate.prompt, capture=capture)
+            output = estimate.reservation - estimate.prompt
+            ex = Exchange(call, rec, lease, estimate.prompt, output, capture=capture)
             return await self._relay(request, ex)
         except SidecarError as err:
             rec.fail(err.status, err.outcome, err.code)
@@ -279,7 +282,7 @@ class Proxy:
         if up.status >= 500:
             self.metrics.upstream_error("status_5xx")
         if not _is_sse(up):
-            return await self._whole(request, ex, up)
+            return await self._whole(request, ex, up, deadline)
         return await self._stream(request, ex, up, deadline)
 
     async def _send(self, request: web.Request, ex: Exchange) -> Response:
@@ -299,7 +302,7 @@ class Proxy:
             self.metrics.upstream_error("protocol")
             raise UpstreamError(f"The upstream request failed: {exc}.") from None
 
-    async def _whole(self, request: web.Request, ex: Exchange, up: Response) -> web.StreamResponse:
+    async def _whole(self, request: web.Request, ex: Exchange, up: Response, deadline: Deadline) -> web.StreamResponse:
         """A non-streaming answer. Up to `_BUFFERED` bytes it is read whole and sent with one write; a larger one
         is relayed as it arrives (`_relay_body`), so memory per request stays bounded whatever its size. The
         body follows its headers at once (generation happened before them): the first-byte limit stays."""
@@ -315,20 +318,23 @@ class Proxy:
             if size > limit:
                 raise UpstreamError(f"The upstream response is over the configured limit of {limit} bytes.")
             if size > _BUFFERED:
-                return await self._relay_body(request, ex, up, parts, size)
+                return await self._relay_body(request, ex, up, parts, size, deadline)
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         ex.clean = True
         rec = ex.rec
         if ex.capture is not None:
-            ex.response = BodyCapture.whole(body, self.audit_cap)
+            ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
         rec.bytes_out = len(body)
         self._whole_outcome(ex, up.status, body)
         return web.Response(status=up.status, body=body, headers=self._headers(ex, up))
 
     async def _relay_body(
-        self, request: web.Request, ex: Exchange, up: Response, parts: list[bytes], size: int
+        self, request: web.Request, ex: Exchange, up: Response, parts: list[bytes], size: int, deadline: Deadline
     ) -> web.StreamResponse:
-        """A large non-streaming body, passed on chunk by chunk; its usage is read from its head or tail."""
+        """A large non-streaming body, passed on chunk by chunk (the idle limit applies between chunks); its usage
+        object is found wherever it is in the body."""
+        rec = ex.rec
+        rec.status = up.status
         limit = self.cfg.max_response_bytes
         resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
         if up.content_length is not None:
@@ -338,23 +344,29 @@ class Proxy:
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:
             raise ClientGone(str(exc)) from None
         ex.resp, ex.raw = resp, True
-        capture = BodyCapture(self.audit_cap) if ex.capture is not None else None
-        ends = BodyEnds()
+        capture = BodyCapture(self.audit_cap, self.audit_digest_only) if ex.capture is not None else None
+        finder = UsageFinder()
+        loop = asyncio.get_running_loop()
+        deadline.first_byte(loop.time())
         data: bytes = b"".join(parts)
         while data:
-            ends.add(data)
+            finder.add(data)
             if capture is not None:
                 capture.add(data)
-            await self._write(resp, data, ex.rec)
+            await self._write(resp, data, rec)
             data = await self._read(up.readany)
+            deadline.touch(loop.time())
             size += len(data)
             if size > limit:
                 raise UpstreamBroke(f"the response is over the configured limit of {limit} bytes")
         ex.clean = True
-        await resp.write_eof()
         if capture is not None:
             ex.response = capture.result()
-        self._whole_outcome(ex, up.status, ends.tail, ends.head)
+        self._whole_outcome(ex, up.status, finder.region)
+        try:
+            await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
         return resp
 
     def _headers(self, ex: Exchange, up: Response) -> dict[str, str] | CIMultiDict[str]:
@@ -457,7 +469,10 @@ class Proxy:
         rec = ex.rec
         if scanner is None:
             if gone and ex.sent and rec.usage_source == "none":
-                rec.set_usage(ex.prompt_estimate or None, 0, None, "counted")
+                # A whole answer that had started was generated in full before it was sent: without its usage
+                # object, the output budget is what the client may have used.
+                output = ex.output_budget if ex.raw else 0
+                rec.set_usage(ex.prompt_estimate or None, output, None, "counted")
                 ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
             return
         if scanner.usage is not None:

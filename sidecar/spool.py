@@ -28,7 +28,6 @@ import orjson
 
 log = logging.getLogger("sidecar.writer")
 
-SEGMENT_BYTES = 16 * 1024 * 1024  # while the store is down, the current segment is closed at this size
 RETRY_SECONDS = 1.0  # a failing journal is tried again at most this often
 OK, FAILING, FULL = "ok", "failing", "full"
 
@@ -97,12 +96,13 @@ class Spool:
     # --- writing ------------------------------------------------------------------------------------------
     @property
     def used_bytes(self) -> int:
-        """Bytes on disk not yet in the store: pending segments (from their replay offsets) and the current one."""
+        """Bytes of the journal on disk: pending segments (whole: a file is deleted once replayed) and the current."""
         return self._pending_bytes + (self.current.size if self.current is not None else 0)
 
-    def append(self, line: bytes) -> bool:
-        """Journal one row (`line` ends with a newline); False when it is not on disk (the caller keeps it)."""
-        if self.state == FAILING and not self._retry():
+    def append(self, line: bytes, retry: bool = False) -> bool:
+        """Journal one row (`line` ends with a newline); False when it is not on disk (the caller keeps it).
+        A failing journal is tried again at most once a second, or now when `retry` (at shutdown)."""
+        if self.state == FAILING and not self._retry(now=retry):
             return False
         if self.used_bytes + len(line) > self.max_bytes:
             self._set_state(FULL, None)
@@ -132,12 +132,12 @@ class Spool:
         except OSError:
             self._torn = True
 
-    def _retry(self) -> bool:
+    def _retry(self, now: bool = False) -> bool:
         """Whether a failing journal may be tried now (once a second), with a fresh segment when it needs one."""
-        now = time.monotonic()
-        if now < self._retry_at:
+        clock = time.monotonic()
+        if clock < self._retry_at and not now:
             return False
-        self._retry_at = now + RETRY_SECONDS
+        self._retry_at = clock + RETRY_SECONDS
         if self._fd < 0 or self._torn:
             self._torn = False
             self.rotate(keep=True)
@@ -204,13 +204,17 @@ class Spool:
 
     def _add_pending(self, segment: Segment) -> None:
         self.pending.append(segment)
-        self._pending_bytes += segment.size - segment.offset
+        self._pending_bytes += segment.size
 
     def advance(self, segment: Segment, offset: int) -> None:
-        """Replay progress: the segment's rows before `offset` are in the store."""
-        if segment in self.pending:
-            self._pending_bytes -= offset - segment.offset
+        """Replay progress: the segment's rows before `offset` are in the store (its file stays until discarded)."""
         segment.offset = offset
+
+    def set_aside(self, segment: Segment) -> None:
+        """A pending segment that cannot be read now: no longer replayed by this process, left on disk."""
+        if segment in self.pending:
+            self.pending.remove(segment)
+            self._pending_bytes -= segment.size
 
     def discard(self, segment: Segment | None) -> None:
         """A segment whose rows are all in the store."""
@@ -218,7 +222,7 @@ class Spool:
             return
         if segment in self.pending:
             self.pending.remove(segment)
-            self._pending_bytes -= segment.size - segment.offset
+            self._pending_bytes -= segment.size
         with contextlib.suppress(OSError):
             segment.path.unlink(missing_ok=True)
 

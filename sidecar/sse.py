@@ -265,26 +265,30 @@ def _load_event(event: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-_END = 64 * 1024  # a JSON answer's usage object is found within this of its start or its end
+class UsageFinder:
+    """The last `"usage"` key of a JSON body that passes by chunk by chunk, with what follows it (`SPAN` bytes:
+    a usage object is small), wherever it is: vLLM puts `prompt_logprobs` after `usage`, so it need not be near
+    the end. `usage_object(finder.region)` reads it."""
 
-
-class BodyEnds:
-    """The first and last `_END` bytes of a body relayed chunk by chunk: where its `usage` object is."""
-
-    __slots__ = ("_tail", "head")
+    SPAN = 8192
+    _KEY = b'"usage"'
+    __slots__ = ("_carry", "_filling", "region")
 
     def __init__(self) -> None:
-        self.head = b""
-        self._tail = b""
+        self.region = b""
+        self._carry = b""
+        self._filling = False
 
     def add(self, data: bytes) -> None:
-        if len(self.head) < _END:
-            self.head += data[: _END - len(self.head)]
-        self._tail = (self._tail + data)[-_END:] if len(data) < _END else data[-_END:]
-
-    @property
-    def tail(self) -> bytes:
-        return self._tail
+        buf = self._carry + data if self._carry else data
+        at = buf.rfind(self._KEY)
+        if at >= 0:
+            self.region = buf[at : at + self.SPAN]
+            self._filling = len(self.region) < self.SPAN
+        elif self._filling:
+            self.region += data[: self.SPAN - len(self.region)]
+            self._filling = len(self.region) < self.SPAN
+        self._carry = buf[-(len(self._KEY) - 1) :]
 
 
 def usage_object(body: bytes) -> Any:

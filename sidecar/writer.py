@@ -6,7 +6,7 @@ queues it. A flush cycle rotates the segment, inserts the queued rows in batches
 `ON CONFLICT (request_id) DO NOTHING`, and deletes the old segment once they are all in.
 
 While the store is unreachable the segment is kept: it *is* the spool. Rows then go to the current segment
-only (one segment appended to for the whole outage, closed at 16 MiB), the store is probed with a backoff
+only (one segment appended to, closed at `spool_segment_bytes`, 16 MiB), the store is probed with a backoff
 (at most 2 s apart), and the spool is replayed, oldest first and idempotently, once it answers (also at the
 next start). A batch the store rejects for its data is retried row by row, each failing row sanitised once
 and, if still refused, written to a dead-letter file, so one poison row cannot lose the others.
@@ -111,6 +111,8 @@ class BatchWriter:
         if spool is not None and spool.append(line + b"\n"):
             if self._down:
                 self.spooled += 1  # on disk only: replayed when the store answers again
+                if spool.current is not None and spool.current.size >= self.cfg.spool_segment_bytes:
+                    spool.rotate(keep=True)  # a long outage: segments of bounded size, replayed one by one
             else:
                 self._queue.append(line)
         else:
@@ -172,7 +174,7 @@ class BatchWriter:
         held, self._held = list(self._held), deque()
         if not held:
             return
-        kept = sum(1 for line in held if self.spool is not None and self.spool.append(line + b"\n"))
+        kept = sum(1 for line in held if self.spool is not None and self.spool.append(line + b"\n", retry=True))
         if kept < len(held):
             self.dropped += len(held) - kept
             log.error(
@@ -210,7 +212,14 @@ class BatchWriter:
         self._queue.clear()
         self._held.clear()
         old = spool.rotate(keep=False) if spool is not None and rows else None
-        if await self._insert(rows + held):
+        try:
+            ok = await self._insert(rows + held)
+        except asyncio.CancelledError:  # the drain timed out mid-flush: nothing taken here may be lost
+            if spool is not None and old is not None:
+                spool.keep(old)
+            self._hold(held)
+            raise
+        if ok:
             if spool is not None:
                 spool.discard(old)
             if self._dropping and not self._held:
@@ -255,7 +264,11 @@ class BatchWriter:
                 self._unqueued = False
                 continue
             segment = spool.pending[0]
-            if not await self._replay(spool, segment):
+            replayed = await self._replay(spool, segment)
+            if replayed is None:  # unreadable now: left on disk for the next start, never deleted unread
+                spool.set_aside(segment)
+                continue
+            if not replayed:
                 self._went_down()
                 return False
             spool.discard(segment)
@@ -265,17 +278,21 @@ class BatchWriter:
             log.warning("store available again; spool replayed", extra={"fields": {"table": self.name}})
         return True
 
-    async def _replay(self, spool: Spool, segment: Segment) -> bool:
+    async def _replay(self, spool: Spool, segment: Segment) -> bool | None:
+        """True when the segment's rows are all in the store, False when the store failed, None when the segment
+        cannot be read (it is kept as it is)."""
         rows_in = 0
         while True:
             try:
                 rows, offset = await asyncio.to_thread(Spool.read, segment, self.cfg.max_rows)
+            except FileNotFoundError:
+                return True  # nothing left to replay
             except OSError as exc:
                 log.error(
-                    "spool segment unreadable; skipped",
+                    "spool segment unreadable; kept on disk for the next start",
                     extra={"fields": {"segment": segment.path.name, "error": exc.strerror or str(exc)}},
                 )
-                return True
+                return None
             if offset == segment.offset:
                 break
             if rows and not await self._insert(rows):

@@ -7,6 +7,7 @@ import asyncio
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -95,5 +96,62 @@ async def test_an_error_status_streamed_as_sse_is_an_upstream_error(sidecar_fact
                 assert r.status == 503 and b"overloaded" in await r.read()
         (row,) = await running.stored(1)
         assert (row["outcome"], row["status"], row["upstream_status"]) == ("upstream_error", 503, 503)
+    finally:
+        await server.close()
+
+
+def _big_answer(usage_first: bool) -> bytes:
+    """A 1.6 MB chat answer; with `usage_first` its usage object comes before 1.5 MB of prompt_logprobs (vLLM's
+    order), far from both ends."""
+    logprobs = orjson.dumps([{"7": {"logprob": -1.5, "rank": 1, "decoded_token": "x"}}] * 30_000)
+    usage = b'"usage":{"prompt_tokens":30000,"completion_tokens":9,"total_tokens":30009}'
+    head = b'{"id":"c","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant",'
+    head += b'"content":"' + b"w" * 100_000 + b'"},"finish_reason":"stop"}],'
+    if usage_first:
+        return head + usage + b',"prompt_logprobs":' + logprobs + b"}"
+    return head + b'"prompt_logprobs":' + logprobs + b"," + usage + b"}"
+
+
+async def _serve(body: bytes, delay_each: float = 0.0):
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        for at in range(0, len(body), 65536):
+            await resp.write(body[at : at + 65536])
+            if delay_each:
+                await asyncio.sleep(delay_each)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.mark.parametrize("usage_first", [True, False], ids=["usage-then-logprobs", "usage-last"])
+async def test_usage_is_found_anywhere_in_a_large_relayed_answer(sidecar_factory, usage_first):
+    server = await _serve(_big_answer(usage_first))
+    try:
+        running = await sidecar_factory(f"http://127.0.0.1:{server.port}/v1")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(running.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200 and len(await r.read()) > 1_500_000
+        (row,) = await running.stored(1)
+        assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (30000, 9, "upstream")
+    finally:
+        await server.close()
+
+
+async def test_a_client_gone_in_the_middle_of_a_large_answer_is_charged_its_reservation(sidecar_factory):
+    server = await _serve(_big_answer(False), delay_each=0.01)
+    try:
+        running = await sidecar_factory(f"http://127.0.0.1:{server.port}/v1")
+        await _hang_up_after(running.port, "/v1/chat/completions", {**CHAT, "max_tokens": 700}, b"wwwwwwww")
+        (row,) = await running.stored(1)
+        assert row["outcome"] == "client_disconnected" and row["usage_source"] == "counted"
+        assert row["completion_tokens"] == 700 and row["prompt_tokens"] >= 1
     finally:
         await server.close()

@@ -327,3 +327,33 @@ async def test_a_long_audited_stream_is_folded_as_it_goes_and_cut_at_the_cap(fak
     assert record["usage"]["completion_tokens"] == 6000  # usage is the record's, whatever the cut
     assert len(orjson.dumps(record)) <= 20_000
     assert seen_kept and max(seen_kept) <= 300_000  # raw events held at any time: about one fold
+
+
+def test_many_small_messages_cannot_push_the_last_one_out():
+    from sidecar.audit import shrink
+
+    doc = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "pad"}] * 9000 + [{"role": "user", "content": "real"}],
+    }
+    cut = shrink(doc, 20_000)
+    assert cut["messages"][-1] == {"role": "user", "content": "real"}
+    assert any(isinstance(m, dict) and m.get("omitted") for m in cut["messages"])
+    assert len(orjson.dumps(cut)) <= 20_000
+
+
+async def test_with_redact_paths_a_cut_response_keeps_no_raw_prefix(fake, sidecar_factory, tmp_path):
+    running = await sidecar_factory(
+        fake.url,
+        audit__capture="all",
+        audit__jsonl_dir=str(tmp_path / "a"),
+        audit__max_payload_bytes=600,
+        audit__redact_paths=["choices[*].message.content"],
+    )
+    fake.script.chunks = 200  # a response over the cap
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+    (record,) = await wait_records(tmp_path / "a", 1)
+    response = record["response"]
+    assert response is None or (response["truncated"] is True and "prefix" not in response), response

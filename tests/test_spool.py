@@ -310,3 +310,27 @@ async def test_rows_put_while_the_spool_is_being_replayed_are_kept(tmp_path, pg_
     await writer.close()
     assert await store.count_requests() == 60
     await store.close()
+
+
+async def test_a_long_outage_spools_into_segments_of_bounded_size(fake, pg_proxy, pg_url, sidecar_factory):
+    running = await sidecar_factory(
+        fake.url,
+        store__url=through(pg_proxy, pg_url),
+        store__op_timeout=1.0,
+        writer__spool_segment_bytes=8192,
+        writer__flush_interval_ms=20,
+    )
+    spool_dir = Path(running.server.settings.server.data_dir, "spool")
+    async with aiohttp.ClientSession() as s:
+        await pg_proxy.down()
+        try:
+            for _ in range(100):  # ~600 bytes a row: ~60 KB, several segments
+                assert (await stream(s, running.url))[0] == 200
+            await asyncio.sleep(0.1)
+            sizes = [p.stat().st_size for p in spool_dir.glob("requests.*.jsonl")]
+        finally:
+            await pg_proxy.up()
+    # the first one also holds what was queued before the outage was noticed
+    assert len(sizes) >= 4 and sorted(sizes)[-2] < 8192 + 1000, sizes
+    rows = await running.stored(100, timeout=30)
+    assert len(rows) == 100 == len({r["request_id"] for r in rows})
