@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import Metric
 
 from sidecar.auth import Authenticator, StoreUnavailable
 from sidecar.edge import read_body
-from sidecar.errors import BadRequest, NotFound, ReportTooSlow, SidecarError, Unauthorized
+from sidecar.errors import BadRequest, NotFound, RateLimited, ReportTooSlow, SidecarError, Unauthorized
 from sidecar.keys import KeyAdmin, listing, parse_duration
 from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import counter
@@ -276,10 +276,12 @@ class OwnUsage:
         self.store = store
         self.leases = leases
         self.max_days = max_days
+        self._running: set[str] = set()  # keys with a report running: one at a time per key
 
     async def handle(self, request: web.Request) -> web.Response:
         rid = new_request_id()
         lease: Lease | None = None
+        running: str | None = None
         try:
             principal = await self.auth.authenticate(request.headers)
             if principal.key_id is None:
@@ -288,7 +290,11 @@ class OwnUsage:
             if by not in ("model", "day"):
                 raise BadRequest("`by` must be model or day.", param="by")
             since = since_param(request, self.max_days)
+            if principal.key_id in self._running:
+                raise RateLimited("One usage report at a time per key.", headers={"retry-after": "1"})
             lease = self.leases.acquire_local(principal)
+            running = principal.key_id
+            self._running.add(running)
             rows = await self.store.usage(since, by, principal.key_id)
         except SidecarError as err:
             return error_response(err, rid)
@@ -297,6 +303,8 @@ class OwnUsage:
         finally:
             if lease is not None:
                 lease.release()
+            if running is not None:
+                self._running.discard(running)
         return json_response(
             {"object": "list", "key_id": principal.key_id, "since": since, "by": by, "data": rows}, rid
         )

@@ -56,6 +56,7 @@ class _Entry:
     principal: Principal | None
     until: float
     fetched: float  # when the store (or the static file) last answered for this key: the start of staleness
+    static: bool = False  # the key came from the static file: if it leaves the file, it is gone (no store lookup)
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
@@ -162,11 +163,14 @@ class Authenticator:
         for _ in range(3):
             generation = self._generation.get(kid, 0)
             now = time.monotonic()
+            row = self.static.get(kid)
+            static = row is not None
             try:
-                row = self.static.get(kid) or (await self.store.get_key(kid) if self.store is not None else None)
+                if row is None and not (entry is not None and entry.static) and self.store is not None:
+                    row = await self.store.get_key(kid)
             except StoreError as exc:
                 return self._stale(kid, entry, exc)
-            fresh = _Entry(row, self._principal(row) if row else None, now + self.cfg.cache_ttl, now)
+            fresh = _Entry(row, self._principal(row) if row else None, now + self.cfg.cache_ttl, now, static)
             if self._generation.get(kid, 0) != generation:
                 continue  # revoked or changed while we read it: what we read may be from before; read again
             if self._serving_stale:

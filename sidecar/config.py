@@ -290,7 +290,7 @@ def _check(s: Settings) -> None:
             raise ConfigError(f"server.trusted_proxies: {net!r} is not an address or network (CIDR)") from None
     url = s.upstream.url
     if url and not url.startswith(("http://", "https://")):
-        raise ConfigError(f"upstream.url: must start with http:// or https://, got {url!r}")
+        raise ConfigError(f"upstream.url: must start with http:// or https://, got {mask_url(url)!r}")
     if not s.upstream.health_path.startswith("/"):
         raise ConfigError("upstream.health_path: must start with /")
     for path in s.upstream.extra_paths:
@@ -345,22 +345,28 @@ def summary(settings: Settings) -> dict[str, dict[str, Any]]:
     return out
 
 
-_SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key", "apikey", "key"})
+_SECRET_PARAMS = frozenset(
+    {
+        "password", "passwd", "pwd", "pass", "sslpassword", "secret", "client_secret", "token", "access_token",
+        "refresh_token", "api_key", "api-key", "apikey", "key", "sig", "signature", "auth", "credential",
+    }
+)  # fmt: skip
 
 
 def mask_url(url: str) -> str:
-    """A URL with every credential in it replaced by `***` (the userinfo password, and query parameters such as
-    `password=`, `sslpassword=`, `token=`), fit for logs."""
+    """A URL with every credential in it replaced by `***` (the userinfo password, an HTTP URL's user name, and
+    query parameters such as `password=`, `sslpassword=`, `token=`, `sig=`), fit for logs."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return "***"  # not a URL we can take apart: say nothing of it
     netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
     if password is not None:
-        userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{host}"
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    elif at and parts.scheme in ("http", "https"):
+        netloc = f"***@{host}"  # a user name alone in an HTTP URL is a token (`https://TOKEN@host`)
     query = "&".join(_mask_param(p) for p in parts.query.split("&")) if parts.query else ""
     if netloc == parts.netloc and query == parts.query:
         return url

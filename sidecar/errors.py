@@ -5,6 +5,7 @@
      ├── PayloadTooLarge         413  invalid_request_error   outcome bad_request
      ├── RequestTimeout          408  invalid_request_error   outcome bad_request
      ├── NotFound                404  invalid_request_error   outcome bad_request
+     ├── MethodNotAllowed        405  invalid_request_error   outcome bad_request (with `Allow`)
      ├── Unauthorized            401  invalid_request_error   outcome unauthorized
      ├── Forbidden               403  permission_error        outcome unauthorized
      ├── RateLimited             429  requests | tokens       outcome rate_limited
@@ -73,6 +74,11 @@ class RequestTimeout(BadRequest):
 class NotFound(BadRequest):
     status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(BadRequest):
+    status = 405
+    code = "method_not_allowed"
 
 
 class Unauthorized(SidecarError):

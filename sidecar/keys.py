@@ -127,6 +127,8 @@ def load_static_keys(path: str) -> dict[str, KeyRow]:
             continue
         try:
             doc = orjson.loads(line)
+            if not isinstance(doc, dict):
+                raise TypeError("a line must be a JSON object")
             models = doc.pop("models", None)
             row = KeyRow(**{**doc, "models": tuple(models) if models is not None else None})
         except (orjson.JSONDecodeError, TypeError) as exc:

@@ -30,7 +30,14 @@ _SECRETS = (
         r"\1\2***",
     ),
     (re.compile(r"(?i)(\w+://[^/\s:@\"']*:)[^@\s\"'/]+@"), r"\1***@"),
-    (re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api_key|apikey|access_token)=[^&\s\"'\\]+"), r"\1=***"),
+    (re.compile(r"(?i)(https?://)[^/\s:@\"']+@"), r"\1***@"),
+    (
+        re.compile(
+            r"(?i)\b(password|passwd|pwd|sslpassword|secret|client_secret|token|access_token|refresh_token|api_key|"
+            r"api-key|apikey|sig|signature)=[^&\s\"'\\]+"
+        ),
+        r"\1=***",
+    ),
 )
 
 

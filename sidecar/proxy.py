@@ -25,7 +25,7 @@ from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.deadline import Deadline, DeadlineExpired, Ticker
 from sidecar.edge import read_body
 from sidecar.errors import (
-    BadRequest,
+    MethodNotAllowed,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -38,7 +38,7 @@ from sidecar.errors import (
 from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
-from sidecar.rejects import REJECT_STATUSES, RejectSampler
+from sidecar.rejects import RejectSampler
 from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object
 from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream, allowed_methods
@@ -191,8 +191,9 @@ class Proxy:
             self.active.discard(task)
             if self._idle is not None and not self.active:
                 self._idle.set()
-            rejects = self.rejects  # a reject before any key is known: recorded within a per-source rate
-            keep = authenticated or rec.status not in REJECT_STATUSES or rejects is None or rejects.keep(request.remote)
+            # A request that ended before any key was verified costs a row only within a per-source rate.
+            rejects = self.rejects
+            keep = authenticated or rejects is None or rejects.keep(self.upstream.client_address(request))
             self._finish(rec.finish(), keep)
             if capture is not None:
                 self._audit(capture, rec, ex)
@@ -211,11 +212,7 @@ class Proxy:
             raise NotFound(f"Unknown path {path[:200]!r}.", code="unknown_url")
         methods = allowed_methods(path)
         if method not in methods:
-            raise BadRequest(
-                f"Method {method} is not allowed on {path}.",
-                code="method_not_allowed",
-                headers={"allow": ", ".join(methods)},
-            )
+            raise MethodNotAllowed(f"Method {method} is not allowed on {path}.", headers={"allow": ", ".join(methods)})
 
     async def _read_call(self, request: web.Request, path: str, rec: RequestRecord) -> Call:
         limit = self.server.max_body_bytes

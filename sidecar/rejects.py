@@ -1,13 +1,14 @@
 """RejectSampler: what an unauthenticated reject costs, bounded per source.
 
-Requests refused before any key is known (401: no key, a malformed, unknown, revoked or expired key; 404/405:
-a path or method the proxy does not serve) come from anyone, so a flood of them must not grow the disk. Per
-source address the first `per_minute` of them a minute (a token bucket) get their usual `request_log` row,
-journal entry and log line; the rest are only counted (`sidecar_unauthenticated_rejects_total{recorded}`),
-and once a minute, while any are being skipped, one warning line says how many and from how many sources.
-At most `MAX_SOURCES` addresses are tracked; past that the table starts over (a flood from very many
-addresses then records up to `per_minute` rows per address per refill, still bounded by the request rate).
-Requests with a valid key are always recorded: they are what usage is billed from.
+Requests that end before any key is verified (401: no key, a malformed, unknown, revoked or expired key; 404
+and 405: a path or method the proxy does not serve; 503: the key store unreachable for an unknown key) come
+from anyone, so a flood of them must not grow the disk. Per client address the first `per_minute` of them a
+minute (a token bucket) get their usual `request_log` row, journal entry and log line, and all sources together
+at most `GLOBAL_FACTOR` times that (so many addresses, e.g. IPv6, cannot multiply it); the rest are only
+counted (`sidecar_unauthenticated_rejects_total{recorded}`), and once a minute, while any are being skipped,
+one warning line says how many and from how many sources. At most `MAX_SOURCES` addresses are tracked; past
+that the table starts over (the global bucket still holds). Requests with a valid key are always recorded:
+they are what usage is billed from.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger("sidecar.rejects")
 
 MAX_SOURCES = 10_000
 SUMMARY_EVERY = 60.0
-REJECT_STATUSES = frozenset({401, 404, 405})
+GLOBAL_FACTOR = 5
 
 
 class RejectSampler:
@@ -37,6 +38,7 @@ class RejectSampler:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self._sources: dict[str, tuple[float, float]] = {}  # address -> (tokens, stamp)
+        self._all = (self.capacity * GLOBAL_FACTOR, time.monotonic())
         self.recorded = 0
         self.skipped = 0
         self._skipped_since = 0
@@ -49,10 +51,13 @@ class RejectSampler:
         address = source or "unknown"
         tokens, stamp = self._sources.get(address, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - stamp) * self.rate)
-        if tokens >= 1.0:
+        shared = min(self.capacity * GLOBAL_FACTOR, self._all[0] + (now - self._all[1]) * self.rate * GLOBAL_FACTOR)
+        if tokens >= 1.0 and shared >= 1.0:
             self._remember(address, tokens - 1.0, now)
+            self._all = (shared - 1.0, now)
             self.recorded += 1
             return True
+        self._all = (shared, now)
         self._remember(address, tokens, now)
         self.skipped += 1
         self._skipped_since += 1
@@ -81,7 +86,7 @@ class RejectSampler:
     def collect(self) -> Iterator[Metric]:
         yield counter(
             "sidecar_unauthenticated_rejects",
-            "Requests refused before a key was known (401, 404, 405), by whether they got a row.",
+            "Requests that ended before a key was verified, by whether they got a row.",
             ("recorded",),
             {("true",): self.recorded, ("false",): self.skipped},
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Awaitable, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
@@ -183,6 +184,16 @@ class Upstream:
         if self._auth:
             headers["authorization"] = self._auth
         return headers
+
+    def client_address(self, request: Any) -> str | None:
+        """The client's address: the peer's, or the last hop a trusted proxy in front of us added to
+        `X-Forwarded-For`."""
+        peer: str | None = request.remote
+        if peer is not None and self._trusted and self._is_trusted(peer):
+            claimed = request.headers.get("x-forwarded-for")
+            if claimed:
+                return str(claimed).rsplit(",", 1)[-1].strip() or peer
+        return peer
 
     def _is_trusted(self, peer: str) -> bool:
         try:

@@ -111,10 +111,12 @@ class BatchWriter:
         if spool is not None and spool.append(line + b"\n"):
             if self._down:
                 self.spooled += 1  # on disk only: replayed when the store answers again
-                if spool.current is not None and spool.current.size >= self.cfg.spool_segment_bytes:
-                    spool.rotate(keep=True)  # a long outage: segments of bounded size, replayed one by one
             else:
                 self._queue.append(line)
+            if spool.current is not None and spool.current.size >= self.cfg.spool_segment_bytes:
+                # Segments of bounded size, replayed one by one (rows also queued are only inserted twice,
+                # which the store ignores).
+                spool.rotate(keep=True)
         else:
             if spool is not None:
                 self.unjournaled += 1

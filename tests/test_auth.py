@@ -81,6 +81,7 @@ async def test_a_store_outage_is_ridden_out_for_max_stale_then_fails_closed(fake
     assert refused and min(refused) >= 1.4, statuses  # ...then the replica fails closed
     assert {status for _, status in statuses} <= {200, 503}
     assert "serving cached keys" in running.log_text()
+    assert len(await running.stored(len(statuses) + 1, timeout=30)) == len(statuses) + 1  # spooled, then stored
 
 
 async def test_static_keys_reload_when_the_file_changes_and_are_listed(fake, sidecar_factory, tmp_path):
@@ -125,7 +126,7 @@ async def test_static_keys_reload_when_the_file_changes_and_are_listed(fake, sid
         assert status == 401 and body["error"]["code"] == "key_revoked"
         status, body = await chat(s, running.url, key_b)
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
-        static.write_text("not json\n")  # a broken update keeps what was loaded
+        static.write_text("5\n")  # a broken update keeps what was loaded
         await asyncio.sleep(1.3)
         assert (await chat(s, running.url, key_a))[0] == 401
     log = running.log_text()
@@ -154,3 +155,33 @@ async def test_the_demo_upstream_takes_a_hang_up_mid_stream_calmly(log_catcher):
         await server.close()
     text = "\n".join(log_catcher.lines)
     assert "Traceback" not in text and "Error handling request" not in text, text
+
+
+async def test_a_static_key_removed_while_the_store_is_down_stops_working(
+    fake, sidecar_factory, tmp_path, pg_server, pg_url
+):
+    key, kid, secret = new_key()
+    static = tmp_path / "keys.jsonl"
+    static.write_bytes(orjson.dumps({"id": kid, "name": "s", "hash": hash_secret(PEPPER, secret), "created_at": 1.0}))
+    running = await sidecar_factory(
+        fake.url,
+        auth__enabled=True,
+        auth__pepper=PEPPER.decode(),
+        auth__static_keys_file=str(static),
+        auth__cache_ttl=0.2,
+        store__url=pg_url,
+        store__op_timeout=0.3,
+    )
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, running.url, key))[0] == 200
+        pg_server.stop()
+        try:
+            tmp = tmp_path / ".new"
+            tmp.write_text("")
+            os.replace(tmp, static)
+            await asyncio.sleep(1.3)
+            status, body = await chat(s, running.url, key)
+        finally:
+            pg_server.start()
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert len(await running.stored(2, timeout=30)) == 2  # the spooled rows land once PostgreSQL is back

@@ -210,7 +210,7 @@ async def test_unknown_and_tricky_paths_are_404_and_never_forwarded(fake, sideca
                 assert (await r.json())["error"]["code"] == "unknown_url"
                 assert "x-request-id" in r.headers
         async with s.delete(sidecar.url + "/v1/chat/completions") as r:
-            assert r.status == 400 and r.headers["allow"] == "POST"
+            assert r.status == 405 and r.headers["allow"] == "POST"
     assert fake.received == []
 
 

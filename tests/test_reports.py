@@ -66,14 +66,14 @@ async def timed(coro):
 
 @pytest.mark.slow
 async def test_four_big_reports_do_not_stall_another_keys_first_request_or_readyz(fake, sidecar_factory, store_url):
-    running, a, b = await start(fake, sidecar_factory, store_url)
+    running, _, b = await start(fake, sidecar_factory, store_url)
     async with aiohttp.ClientSession() as s:
 
-        async def report():
+        async def report():  # the operator's year-long report (a key holder may run one at a time)
             async with s.get(
-                running.url + "/v1/usage",
+                running.url + "/admin/usage",
                 params={"since": "365d", "by": "day"},
-                headers={"authorization": f"Bearer {a['key']}"},
+                headers={"authorization": f"Bearer {ADMIN}"},
             ) as r:
                 assert r.status == 200, await r.text()
                 return sum(row["requests"] for row in (await r.json())["data"])
@@ -99,7 +99,7 @@ async def test_four_big_reports_do_not_stall_another_keys_first_request_or_ready
         )
     rows = ROWS["sqlite" if store_url.startswith("sqlite") else "postgres"]
     print(f"4 reports over {rows} rows: {spent:.2f} s; meanwhile first request {lookup:.3f} s, readyz {ready:.3f} s")
-    assert totals == [rows] * 4
+    assert all(rows <= total <= rows + 1 for total in totals)  # (+1: the bystander's request, if it was first)
     assert spent > 1.0  # the reports were long enough to have stalled what queued behind them
     assert lookup < 0.3 and ready < 0.3
 
@@ -133,6 +133,14 @@ async def test_reports_are_bounded_in_range_and_count_against_the_keys_limits(fa
             async with s.get(running.url + "/v1/usage", params={"since": "7d"}, headers=headers) as r:
                 statuses.append(r.status)
         assert statuses == [200, 200, 429]
+        _, other, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "one-at-a-time"})
+        others = {"authorization": f"Bearer {other['key']}"}
+        started = [s.get(running.url + "/v1/usage", params={"since": "7d"}, headers=others) for _ in range(3)]
+        answers = await asyncio.gather(*started)
+        codes = sorted(r.status for r in answers)
+        for r in answers:
+            r.release()
+        assert codes[0] == 200 and set(codes) <= {200, 429}
         async with s.post(
             running.url + "/v1/chat/completions", json={"model": "m", "messages": []}, headers=headers
         ) as r:

@@ -112,3 +112,63 @@ async def test_a_flood_of_bad_keys_grows_nothing_without_bound(fake, sidecar_fac
     assert 'sidecar_requests_total{code="401"' in text
     await running.server.runner.cleanup()  # the shutdown summary line
     assert "rejected without a row" in running.log_text()
+
+
+async def test_every_kind_of_pre_auth_reject_is_bounded_also_from_many_addresses(fake, sidecar_factory):
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__reject_rows_per_minute=10, server__trusted_proxies=["127.0.0.0/8"]
+    )
+    wrong_method = b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"
+    unknown_path = b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+
+    async def pipelined(request: bytes, n: int, times: int = 1) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(request * times)
+        count, seen = 0, b""
+        while count < n:
+            data = await asyncio.wait_for(reader.read(1 << 20), 30)
+            if not data:
+                break
+            seen = seen[-32:] + data
+            count += data.count(b"HTTP/1.1 4")
+        writer.close()
+        await writer.wait_closed()
+        return count
+
+    assert await pipelined(wrong_method, 500, 500) == 500
+    assert await pipelined(unknown_path, 500, 500) == 500
+    # 1,000 different client addresses behind a trusted proxy: each one's own bucket is full, the shared one is not
+    spoofed = b"".join(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.%d.%d\r\n"
+        b"Authorization: Bearer sk-bad\r\nContent-Length: 0\r\n\r\n" % (i // 250, i % 250)
+        for i in range(1000)
+    )
+    assert await pipelined(spoofed, 1000) == 1000
+    await asyncio.sleep(0.5)
+    rows = await running.stored()
+    print(f"2,000 pre-auth rejects: {len(rows)} rows")
+    assert len(rows) <= 5 * 10 + 5  # all sources together: at most five times one source's allowance
+    assert len([r for r in rows if r["status"] == 401]) >= 30  # the new addresses had allowances of their own
+    statuses = {r["status"] for r in rows}
+    assert 405 in statuses and statuses <= {401, 404, 405}
+
+
+async def test_a_big_sweep_on_sqlite_does_not_make_the_writer_spool(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, store__retention="30d", store__retention_interval=0.3)
+    store = running.server.app[STORE]
+    for _ in range(20):
+        await store.insert_requests([_row(40) for _ in range(5000)])  # 100,000 old rows
+    async with aiohttp.ClientSession() as s:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30.0
+        served = 0
+        while loop.time() < end:  # traffic all through the sweep, until the old rows are gone
+            async with s.post(running.url + "/v1/chat/completions", json={"model": "m", "messages": []}) as r:
+                assert r.status == 200
+                served += 1
+            if served % 200 == 0 and await store.count_requests() <= served:
+                break
+    await wait_for(lambda: running.server.app[WRITER].queued() == 0, 5)
+    assert await store.count_requests() == served  # the old rows are gone, the new ones are all there
+    writer = running.server.app[WRITER]
+    assert writer.store_errors == 0 and "store unavailable" not in running.log_text()

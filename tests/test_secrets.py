@@ -231,3 +231,25 @@ async def test_usage_csv_neutralises_spreadsheet_formulas(fake, sidecar_factory,
     ).stdout
     cells = {row["model"] for row in csv.DictReader(io.StringIO(out))}
     assert cells == {'\'=HYPERLINK("http://evil","x")', "'+1", "'@SUM(A1)", "'-2", "plain"}, cells
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("https://TOKEN-abc123@host/v1", "TOKEN-abc123"),
+        ("postgresql://bob:pw-777@h/db", "pw-777"),
+        ("postgresql://bob@h/db?password=pw-888&sslmode=require", "pw-888"),
+        ("postgresql://h/db?sslpassword=pw-999", "pw-999"),
+        ("http://h/v1?api-key=k-111&sig=s-222", "k-111"),
+        ("htp://u:pw-333@h", "pw-333"),
+    ],
+)
+def test_every_credential_in_a_url_is_masked(url, secret):
+    from sidecar.config import ConfigError, load, mask_url
+    from sidecar.logs import scrub
+
+    assert secret not in mask_url(url) and secret not in scrub(f"connecting to {url} failed")
+    if url.startswith("htp"):
+        with pytest.raises(ConfigError) as raised:
+            load(None, {}, {"upstream.url": url})
+        assert secret not in str(raised.value)

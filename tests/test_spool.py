@@ -27,6 +27,7 @@ from sidecar.records import RequestRecord
 from sidecar.store import open_store
 from sidecar.store.base import RequestQuery
 from sidecar.writer import BatchWriter
+from tests.conftest import wait_for
 from tests.fake_upstream import Script
 from tests.test_faults import pg_proxy, through
 
@@ -323,8 +324,11 @@ async def test_a_long_outage_spools_into_segments_of_bounded_size(fake, pg_proxy
     spool_dir = Path(running.server.settings.server.data_dir, "spool")
     async with aiohttp.ClientSession() as s:
         await pg_proxy.down()
+        writer = writer_of(running)
         try:
-            for _ in range(100):  # ~600 bytes a row: ~60 KB, several segments
+            assert (await stream(s, running.url))[0] == 200
+            await wait_for(lambda: writer.status()["store"] == "down", 10)  # the outage is noticed
+            for _ in range(99):  # ~600 bytes a row: ~60 KB, several segments
                 assert (await stream(s, running.url))[0] == 200
             await asyncio.sleep(0.1)
             sizes = [p.stat().st_size for p in spool_dir.glob("requests.*.jsonl")]

@@ -61,7 +61,8 @@ class PostgresStore(SqlStore):
             max_size=2,
             open=False,
             timeout=self.connect_timeout,
-            kwargs={"autocommit": True, "options": f"-c statement_timeout={int(self.report_timeout * 1000)}"},
+            kwargs={"autocommit": True},
+            configure=self._configure_report_connection,
         )
         await self._reports.open(wait=False)
 
@@ -100,6 +101,11 @@ class PostgresStore(SqlStore):
                 return max(cur.rowcount, 0)
         except (psycopg.Error, TimeoutError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from None
+
+    async def _configure_report_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # A SET, not the `options` startup parameter: that would replace any `options` in the store URL (a
+        # search_path, say), and PgBouncer refuses it.
+        await conn.execute(f"SET statement_timeout = {int(self.report_timeout * 1000)}".encode())
 
     async def _report(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         pool = self._reports

@@ -13,7 +13,7 @@ import aiosqlite
 import orjson
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import Params, SqlStore, schema_v1
+from sidecar.store.sql import RETAINED, Params, SqlStore, schema_v1
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
@@ -37,6 +37,7 @@ class SqliteStore(SqlStore):
         self.report_timeout = report_timeout
         self._db: aiosqlite.Connection | None = None
         self._reports: aiosqlite.Connection | None = None  # a second connection (and thread) for report queries
+        self._report_lock = asyncio.Lock()
         self._w: sqlite3.Connection | None = None
         self._since_checkpoint = 0
 
@@ -94,12 +95,17 @@ class SqliteStore(SqlStore):
         db = self._reports
         if db is None:
             raise StoreError("store is not open")
+        running = False
         try:
             async with asyncio.timeout(self.report_timeout):
-                async with db.execute(sql, params) as cur:
-                    return [tuple(r) for r in await cur.fetchall()]
+                # One at a time, so that a timeout interrupts this query and not another one.
+                async with self._report_lock:
+                    running = True
+                    async with db.execute(sql, params) as cur:
+                        return [tuple(r) for r in await cur.fetchall()]
         except TimeoutError:
-            await db.interrupt()  # thread-safe: the query stops where it is, and the connection is free again
+            if running:
+                await db.interrupt()  # thread-safe: the query stops where it is, and the connection is free again
             raise ReportTimeout(self.report_timeout) from None
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
@@ -154,6 +160,43 @@ class SqliteStore(SqlStore):
             self._since_checkpoint = 0
             await self._fetch("PRAGMA wal_checkpoint(PASSIVE)")
         return inserted
+
+    async def delete_older(self, table: str, cutoff: float, limit: int) -> int:
+        """Retention on SQLite: on the writer's own connection, in transactions of `_TX_ROWS` rows, like inserts.
+
+        On the main connection a delete would hold SQLite's one write lock while the writer's inserts (which never
+        wait for it) fail and spool; here the two simply take turns on the event loop, about a millisecond each.
+        """
+        column = RETAINED[table]
+        sql = (
+            f"DELETE FROM {table} WHERE request_id IN "
+            f"(SELECT request_id FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT ?)"
+        )
+        db = self._writer()
+        deleted = 0
+        while deleted < limit:
+            n = self._delete_tx(db, sql, (cutoff, min(_TX_ROWS, limit - deleted)))
+            deleted += n
+            if n < _TX_ROWS:
+                break
+            await asyncio.sleep(0)
+        return deleted
+
+    @staticmethod
+    def _delete_tx(db: sqlite3.Connection, sql: str, params: tuple[float, int]) -> int:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            committed = False
+            try:
+                n = db.execute(sql, params).rowcount
+                db.execute("COMMIT")
+                committed = True
+            finally:
+                if not committed and db.in_transaction:
+                    db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from None
+        return max(n, 0)
 
     @staticmethod
     def _insert_tx(db: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]]) -> int:
