@@ -17,7 +17,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.audit import Auditor, BodyCapture, Capture, StreamCapture
+from sidecar.aggregate import StreamCapture
+from sidecar.audit import Auditor, BodyCapture, Capture
 from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
 from sidecar.client import ConnectFailed, PoolExhausted, Response, UpstreamFailure

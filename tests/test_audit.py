@@ -16,7 +16,8 @@ import msgspec
 import orjson
 import pytest
 
-from sidecar.audit import Aggregate, AuditPolicy, Chunk, decode_chunks, sampled
+from sidecar.aggregate import Aggregate, Chunk, decode_chunks
+from sidecar.audit import AuditPolicy, sampled
 from sidecar.config import AuditCfg
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
