@@ -1,8 +1,8 @@
 """Call: what the proxy learns from one request before it goes upstream (pure, no I/O).
 
-`parse(method, path, body)` checks the JSON body of a generation request and extracts the model, the
-streaming flag, the output budget and whether the client asked for a usage chunk. Bad input raises
-`BadRequest` with the field named in `param`, so nothing malformed ever reaches the upstream.
+`parse(method, route, body)` reads the JSON body of a request on a route whose family is JSON and extracts the
+model, the streaming flag, the output budget and whether the client asked for a usage chunk. Only what the
+proxy must reason about is checked (`BadRequest` with the field in `param`); the rest is the upstream's.
 """
 
 from __future__ import annotations
@@ -14,10 +14,17 @@ from typing import Any
 import orjson
 
 from sidecar.errors import BadRequest
+from sidecar.routes import (
+    BUDGET_FIELDS,
+    FAMILIES,
+    GENERATE,
+    JSON_FAMILIES,
+    OTHER,
+    STREAMING,
+    USAGE_OPTION,
+    Route,
+)
 
-STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-_OUTPUT_BUDGET_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 MAX_TOKENS_CEILING = 10_000_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -32,11 +39,12 @@ class Call:
     max_tokens: int | None = None
     client_usage: bool = False
     tools: bool = False  # the request declared tools, so the stream may carry tool-call argument deltas
+    family: str = OTHER
 
     @property
     def wants_hidden_usage(self) -> bool:
         """A stream whose client did not ask for the usage chunk: the proxy asks for it and hides it."""
-        return self.stream and not self.client_usage and self.path in USAGE_OPTION_PATHS
+        return self.stream and not self.client_usage and self.family in USAGE_OPTION
 
     def upstream_body(self) -> bytes:
         """The body sent upstream: the client's bytes, or with `include_usage` added when we need usage."""
@@ -73,9 +81,14 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
     return False
 
 
-def parse(method: str, path: str, body: bytes, max_depth: int = 64) -> Call:
-    if method != "POST" or path == "/v1/models" or path.startswith("/v1/models/"):
-        return Call(path, body, None)
+def parse(method: str, path: str | Route, body: bytes, max_depth: int = 64, content_type: str = "") -> Call:
+    """What the proxy needs to know of a request. Only JSON bodies of the routes whose family is read as JSON
+    are parsed (a multipart upload or an unknown route is passed on untouched); of those, only what the proxy
+    reasons about is checked: `model` (a string, no control characters), `stream` (a boolean), the output
+    budget (a number or null). Everything else is the upstream's to judge."""
+    route = path if isinstance(path, Route) else Route(path, ("POST",), FAMILIES.get(path, OTHER))
+    if method != "POST" or route.family not in JSON_FAMILIES or content_type.startswith("multipart/"):
+        return Call(route.path, body, None, family=route.family)
     if not body:
         raise BadRequest("The request body is empty; a JSON object is required.", code="invalid_body")
     if json_depth_exceeds(body, max_depth):
@@ -93,9 +106,10 @@ def parse(method: str, path: str, body: bytes, max_depth: int = 64) -> Call:
         )
     if model is not None and _CONTROL.search(model):
         raise BadRequest("`model` must not contain control characters.", param="model", code="invalid_value")
-    stream = _flag(doc, "stream")
+    stream = _flag(doc, "stream") and route.family in STREAMING
     tools = bool(doc.get("tools") or doc.get("functions"))
-    return Call(path, body, doc, model, stream and path in STREAMING_PATHS, _budget(doc), _client_usage(doc), tools)
+    usage = _client_usage(doc) if route.family in USAGE_OPTION else False
+    return Call(route.path, body, doc, model, stream, _budget(doc, route.family), usage, tools, route.family)
 
 
 def _flag(doc: dict[str, Any], name: str) -> bool:
@@ -107,16 +121,22 @@ def _flag(doc: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _budget(doc: dict[str, Any]) -> int | None:
-    for name in _OUTPUT_BUDGET_FIELDS:
-        value = doc.get(name)
+def _budget(doc: dict[str, Any], family: str) -> int | None:
+    """The output budget the request names, for the reservation: a positive integer, else None (the default is
+    reserved). Any number, and null, goes on to the upstream as it is (llama-server takes -1 for "no limit");
+    a type no budget can have (a string, a boolean, an object) is a 400, since the proxy cannot reason about it."""
+    where = doc.get("sampling_params") if family == GENERATE else doc
+    if not isinstance(where, dict):
+        return None
+    for name in BUDGET_FIELDS.get(family, ()):
+        value = where.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise BadRequest(f"`{name}` must be a positive integer.", param=name, code="invalid_type")
-        if not 1 <= value <= MAX_TOKENS_CEILING:
-            raise BadRequest(f"`{name}` must be between 1 and {MAX_TOKENS_CEILING}.", param=name, code="invalid_value")
-        return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadRequest(f"`{name}` must be a number.", param=name, code="invalid_type")
+        if isinstance(value, int) and value > 0:
+            return min(value, MAX_TOKENS_CEILING)
+        return None
     return None
 
 

@@ -55,6 +55,8 @@ class ServerCfg:
 @dataclass(frozen=True)
 class UpstreamCfg:
     url: str = ""
+    kind: str = "openai"
+    routes: tuple[str, ...] = ()
     api_key: str = field(default="", metadata={"secret": True})
     api_key_file: str = ""
     connect_timeout: float = 5.0
@@ -144,6 +146,7 @@ SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Settings)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "server.log_level": ("debug", "info", "warning", "error"),
     "audit.capture": ("off", "store_flag", "all"),
+    "upstream.kind": ("openai", "vllm", "llama.cpp", "sglang", "custom"),
 }
 _POSITIVE = {
     "server.max_body_bytes",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -40,13 +41,15 @@ from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.rejects import RejectSampler
-from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object
+from sidecar.routes import GENERATE, NATIVE, NO_OUTPUT, TOKENIZE, Route
+from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 from sidecar.tokens import estimate_prompt
-from sidecar.upstream import Upstream, allowed_methods
+from sidecar.upstream import Upstream
 
 log = logging.getLogger("sidecar.proxy")
 
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
+_OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE})  # answers whose usage is not a `usage` object
 _BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
 
 
@@ -160,11 +163,11 @@ class Proxy:
         ex: Exchange | None = None
         authenticated = False
         try:
-            self._check_route(request.method, path)
+            route = self._check_route(request.method, path)
             principal = self.auth.known(request.headers) or await self.auth.authenticate(request.headers)
             authenticated = True
             rec.key_id = principal.key_id
-            call = await self._read_call(request, path, rec)
+            call = await self._read_call(request, route, rec)
             if self.auditor is not None:
                 capture = self.auditor.capture(rec.request_id, principal.audit, request.headers, call.doc, call.body)
             if call.doc is not None:
@@ -208,14 +211,15 @@ class Proxy:
         complete = rec.outcome == Outcome.COMPLETED and (scanner is None or scanner.done)
         self.auditor.finish(capture, rec.as_row(), response, complete)
 
-    def _check_route(self, method: str, path: str) -> None:
-        if path not in self.upstream.paths:
+    def _check_route(self, method: str, path: str) -> Route:
+        route = self.upstream.routes.get(path)
+        if route is None:
             raise NotFound(f"Unknown path {path[:200]!r}.", code="unknown_url")
-        methods = allowed_methods(path)
-        if method not in methods:
-            raise MethodNotAllowed(f"Method {method} is not allowed on {path}.", headers={"allow": ", ".join(methods)})
+        if method not in route.methods:
+            raise MethodNotAllowed(f"Method {method} is not allowed on {path}.", headers={"allow": route.allow})
+        return route
 
-    async def _read_call(self, request: web.Request, path: str, rec: RequestRecord) -> Call:
+    async def _read_call(self, request: web.Request, route: Route, rec: RequestRecord) -> Call:
         limit = self.server.max_body_bytes
         encoding = request.headers.get("content-encoding")
         if encoding and encoding.strip().lower() != "identity":
@@ -228,7 +232,8 @@ class Proxy:
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise ClientGone(str(exc)) from None
         rec.bytes_in = len(body)
-        call = parse(request.method, path, body, self.server.max_json_depth)
+        content_type = request.headers.get("content-type", "")
+        call = parse(request.method, route, body, self.server.max_json_depth, content_type)
         rec.model = call.model
         rec.stream = call.stream
         return call
@@ -243,7 +248,7 @@ class Proxy:
         if call.doc is None:
             return Estimate(0, 0)
         prompt = estimate_prompt(call.doc, len(call.body))
-        output = 0 if call.path == "/v1/embeddings" else (call.max_tokens or self.limits.default_max_tokens)
+        output = 0 if call.family in NO_OUTPUT else (call.max_tokens or self.limits.default_max_tokens)
         return Estimate(prompt, prompt + output)
 
     async def _relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
@@ -323,7 +328,7 @@ class Proxy:
         if ex.capture is not None:
             ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
         rec.bytes_out = len(body)
-        self._whole_outcome(ex, up.status, body)
+        self._whole_outcome(ex, up.status, body, whole=True)
         return web.Response(status=up.status, body=body, headers=self._headers(ex, up))
 
     async def _relay_body(
@@ -360,7 +365,7 @@ class Proxy:
         ex.clean = True
         if capture is not None:
             ex.response = capture.result()
-        self._whole_outcome(ex, up.status, finder.region)
+        self._whole_outcome(ex, up.status, finder.region, whole=False)
         try:
             await resp.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:
@@ -372,26 +377,31 @@ class Proxy:
         headers.update(ex.lease.headers)
         return headers
 
-    def _whole_outcome(self, ex: Exchange, status: int, *regions: bytes) -> None:
-        """Status, outcome and usage of a whole (non-streaming) answer; `regions` are searched for usage in turn."""
+    def _whole_outcome(self, ex: Exchange, status: int, region: bytes, whole: bool) -> None:
+        """Status, outcome and usage of a whole (non-streaming) answer: its `usage` object, found in `region`
+        (the body, or where a relayed body's last `usage` key was); a body of another shape (llama-server's
+        native `/completion`, a tokenizer's `count`) is read whole when it is (`whole`)."""
         rec = ex.rec
         rec.status = status
         if status >= 500:
             rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
         elif status < 300:
             rec.mark_first_token()  # a whole body: its tokens reach the client all at once, now
-            for region in regions:
-                usage = usage_from(usage_object(region))
-                if usage is not None:
-                    rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
-                    break
+            usage = usage_from(usage_object(region))
+            if usage is None and whole and ex.call.family in _OTHER_USAGE_SHAPES:
+                try:
+                    usage = usage_of(orjson.loads(region))
+                except orjson.JSONDecodeError:
+                    usage = None
+            if usage is not None:
+                rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
             ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
 
     async def _stream(self, request: web.Request, ex: Exchange, up: Response, deadline: Deadline) -> web.StreamResponse:
         rec = ex.rec
         call = ex.call
         audit = ex.capture
-        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, audit is not None, call.path, call.tools)
+        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, audit is not None, call.family, call.tools)
         if audit is not None:
             audit.stream = StreamCapture(self.audit_cap)
         read = up.readany

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from sidecar.routes import CHAT, COMPLETIONS, FAMILIES, GENERATE, NATIVE, OTHER, RESPONSES
+
 DONE = b"[DONE]"
 
 
@@ -38,11 +40,38 @@ def usage_from(obj: Any) -> Usage | None:
     details = obj.get("prompt_tokens_details") or obj.get("input_tokens_details")
     cached = _int_or_none(details.get("cached_tokens")) if isinstance(details, dict) else None
     if prompt is None and completion is None:
-        return None
+        total = _int_or_none(obj.get("total_tokens"))  # a rerank or score answer: all of it is input
+        return Usage(total, 0, cached) if total is not None else None
     if completion is None and "total_tokens" in obj and prompt is not None:
         total = _int_or_none(obj.get("total_tokens"))
         completion = total - prompt if total is not None and total >= prompt else None
     return Usage(prompt, completion, cached)
+
+
+def usage_of(obj: Any) -> Usage | None:
+    """The usage an answer (or a stream event) carries, in any of the shapes servers use: OpenAI's `usage`
+    object (also inside a Responses-API `response`), llama-server's native `tokens_evaluated`/`tokens_predicted`,
+    SGLang's `meta_info`, a tokenizer's `count` (vLLM) or `tokens` list (llama-server)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = usage_from(obj.get("usage"))
+    if usage is not None:
+        return usage
+    response = obj.get("response")
+    if isinstance(response, dict) and (usage := usage_from(response.get("usage"))) is not None:
+        return usage
+    prompt, completion = _int_or_none(obj.get("tokens_evaluated")), _int_or_none(obj.get("tokens_predicted"))
+    if prompt is not None or completion is not None:
+        return Usage(prompt, completion, _int_or_none(obj.get("tokens_cached")))
+    meta = obj.get("meta_info")
+    if isinstance(meta, dict) and (usage := usage_from(meta)) is not None:
+        return usage
+    if (usage := usage_from(obj)) is not None:  # counted at the top level (Anthropic's count_tokens)
+        return usage
+    count = _int_or_none(obj.get("count"))
+    if count is None and isinstance(obj.get("tokens"), list):
+        count = len(obj["tokens"])
+    return Usage(count, 0) if count is not None else None
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -68,13 +97,15 @@ _RESPONSES = ((b'.delta"', b""),)  # `"type":"response.output_text.delta"` and f
 Patterns = tuple[tuple[bytes, bytes], ...]
 
 
-def delta_patterns(path: str, tools: bool, spaced: bool = False) -> Patterns:
+def delta_patterns(family: str, tools: bool, spaced: bool = False) -> Patterns:
+    """The delta patterns for a route family (`sidecar.routes`; a path is looked up there)."""
+    family = FAMILIES.get(family, OTHER) if family.startswith("/") else family
     patterns: Patterns
-    if path.endswith("/responses"):
+    if family == RESPONSES:
         patterns = _RESPONSES
-    elif path.endswith("/completions") and not path.endswith("/chat/completions"):
+    elif family in (COMPLETIONS, GENERATE):
         patterns = _COMPLETIONS
-    else:
+    else:  # chat, and llama-server's native `content` deltas
         patterns = _CHAT + _TOOLS if tools else _CHAT
     if spaced:
         patterns = tuple((k.replace(b'":"', b'": "'), e.replace(b'":"', b'": "')) for k, e in patterns)
@@ -95,7 +126,8 @@ def count_deltas(region: bytes, patterns: Patterns) -> int:
 class StreamScanner:
     __slots__ = (
         "_regions",
-        "_path",
+        "_family",
+        "_usage_key",
         "_patterns",
         "_tools",
         "_sep",
@@ -113,13 +145,14 @@ class StreamScanner:
         self,
         strip_usage: bool = False,
         keep_events: bool = False,
-        path: str = "/v1/chat/completions",
+        family: str = CHAT,
         tools: bool = True,
     ) -> None:
         self.strip_usage = strip_usage
-        self._path = path
+        self._family = FAMILIES.get(family, OTHER) if family.startswith("/") else family
+        self._usage_key = _USAGE_KEYS.get(self._family, b'"usage"')
         self._tools = tools
-        self._patterns = delta_patterns(path, tools)
+        self._patterns = delta_patterns(self._family, tools)
         self.deltas = 0
         self.usage: Usage | None = None
         self.done = False
@@ -156,7 +189,7 @@ class StreamScanner:
                 return b"" if self.strip_usage else chunk
             self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
             if b'": "' in buf:
-                self._patterns = delta_patterns(self._path, self._tools, spaced=True)
+                self._patterns = delta_patterns(self._family, self._tools, spaced=True)
                 self._spaced = True
         cut = buf.rfind(self._sep)
         if cut < 0:
@@ -169,7 +202,8 @@ class StreamScanner:
             return chunk
         if hidden is None:
             return buf[:end]
-        return buf[: hidden[0]] + buf[hidden[1] : end]
+        start, stop, replacement = hidden
+        return buf[:start] + replacement + buf[stop:end]
 
     def flush(self) -> bytes:
         """At the end of the upstream body: scan and return an unterminated trailing event, if any."""
@@ -177,12 +211,19 @@ class StreamScanner:
         if not tail:
             return b""
         hidden = self._account(tail)
-        return b"" if self.strip_usage and hidden is not None else (tail if self.strip_usage else b"")
+        if not self.strip_usage:
+            return b""
+        if hidden is None:
+            return tail
+        start, stop, replacement = hidden  # the unterminated last event stays unterminated
+        return tail[:start] + replacement[: -len(self.sep)] + tail[stop:]
 
-    def _account(self, region: bytes) -> tuple[int, int] | None:
+    def _account(self, region: bytes) -> tuple[int, int, bytes] | None:
         """Account for complete events (`region`, without its final separator).
 
-        Returns the (start, stop) slice of the usage-only event to hide, separator included, or None.
+        Returns (start, stop, replacement) for the event that carries the usage we asked for: the slice to
+        replace, separator included, and what goes there instead (nothing, or the event without `usage`,
+        separator included); None when nothing changes.
         """
         sep = self._sep
         n = count_deltas(region, self._patterns)
@@ -194,30 +235,42 @@ class StreamScanner:
         if self._regions is not None:
             self._regions.append(region)
             self.kept += len(region)
-        at = region.rfind(b'"usage": {' if self._spaced else b'"usage":{')
+        at = region.rfind(self._usage_key)
         if at < 0:
             return None
         start = region.rfind(sep, 0, at)
         start = 0 if start < 0 else start + len(sep)
         stop = region.find(sep, at)
         stop = len(region) if stop < 0 else stop
-        obj = _load_event(region[start:stop])
-        if obj is None or not self._take_usage(obj):
+        event = region[start:stop]
+        obj = _load_event(event)
+        if obj is None:
             return None
-        return start, stop + len(sep)
-
-    def _take_usage(self, obj: dict[str, Any]) -> bool:
-        """Record the usage an event carries; True when it is the usage-only event to hide."""
-        raw = obj.get("usage")
-        if raw is None and obj.get("type") == "response.completed":
-            response = obj.get("response")
-            raw = response.get("usage") if isinstance(response, dict) else None
-        usage = usage_from(raw)
+        usage = usage_of(obj)
         if usage is None:
-            return False
+            return None
         self.usage = usage
-        # Only the usage-only chunk (no choices) is hidden; continuous usage stats on content chunks stay.
-        return self.strip_usage and obj.get("choices") == []
+        # Only the usage chunk we asked for (no choices) changes; continuous usage stats on content chunks stay.
+        if not self.strip_usage or obj.get("choices") != [] or not isinstance(obj.get("usage"), dict):
+            return None
+        rest = {k: v for k, v in obj.items() if k != "usage"}
+        if rest.keys() <= _ENVELOPE:
+            return start, stop + len(sep), b""  # nothing but our usage: the event goes
+        # Other fields too (llama-server's `timings`): the event stays, without the `usage` key we added.
+        return start, stop + len(sep), _without_data(event, sep[: len(sep) // 2]) + b"data: " + orjson.dumps(rest) + sep
+
+
+# What a usage-only chunk holds besides `usage` when nothing else is in it (hidden whole then).
+_ENVELOPE = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier", "choices"})
+# The key that marks the event holding a family's usage (OpenAI's `usage` unless the family says otherwise).
+_USAGE_KEYS = {NATIVE: b'"tokens_predicted"', GENERATE: b'"meta_info"'}
+
+
+def _without_data(event: bytes, eol: bytes) -> bytes:
+    """An event's lines other than `data:` (its `event:`, `id:`, comments), each ending in `eol`."""
+    lines = event.replace(b"\r\n", b"\n").split(b"\n")
+    kept = [line for line in lines if line and not line.startswith(b"data:")]
+    return b"".join(line + eol for line in kept)
 
 
 def events_array(regions: list[bytes], sep: bytes) -> bytes | None:

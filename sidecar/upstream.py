@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Awaitable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 from prometheus_client.metrics_core import Metric
 
+from sidecar import routes
 from sidecar.client import Pool, Response, UpstreamFailure
-from sidecar.config import UpstreamCfg
+from sidecar.config import ConfigError, UpstreamCfg
 from sidecar.metrics import WAIT_BUCKETS, Hist, counter, gauge, histogram
 
 HOP_BY_HOP = frozenset(
@@ -62,8 +63,6 @@ _REQUEST_DROP = (
 # Never relayed to the client: the framing our server rebuilds and the upstream's request id (ours replaces it).
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "set-cookie", "date", "server"}
 
-DEFAULT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models")
-
 
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     value = headers.get("connection")
@@ -103,7 +102,11 @@ class Upstream:
         self._auth = f"Bearer {api_key}" if api_key else None
         self._base = urlsplit(self._prefix).path.rstrip("/")
         self._health_target = cfg.health_path
-        self.paths = frozenset(DEFAULT_PATHS) | frozenset(cfg.extra_paths)
+        try:
+            self.routes = routes.build(cfg.kind, cfg.routes, cfg.extra_paths)
+        except routes.RouteError as exc:
+            raise ConfigError(f"upstream.routes: {exc}") from None
+        self.paths = frozenset(self.routes)
         self._pool: Pool | None = None
         self._closed = False
 
@@ -225,7 +228,3 @@ class Upstream:
 
     def _health_headers(self) -> dict[str, str]:
         return {"authorization": self._auth} if self._auth else {}
-
-
-def allowed_methods(path: str) -> Iterable[str]:
-    return ("GET",) if path == "/v1/models" else ("POST",)

@@ -29,16 +29,45 @@ def test_stream_and_usage_flags():
     assert call({"model": "m"}).upstream_body() == orjson.dumps({"model": "m"})
 
 
-@pytest.mark.parametrize("raw", [b"-1", b"0", b'"300"', b"true", b"1.5", b"NaN", b"1e400", b"99999999999"])
-def test_bad_max_tokens(raw):
-    with pytest.raises(BadRequest) as info:
-        parse("POST", PATH, b'{"model":"m","max_tokens":' + raw + b"}")
-    assert info.value.status == 400
+# The output budget: which values reach the upstream, which the sidecar refuses, and why (see README).
+MAX_TOKENS = [
+    # raw value      reaches upstream  reservation (None: limits.default_max_tokens)  why
+    (b"-1", True, None),  # llama-server: no limit. Not ours to judge; we reserve the default
+    (b"0", True, None),  # the upstream decides what 0 means
+    (b"1", True, 1),
+    (b"2147483648", True, 10_000_000),  # a positive integer: reserved, capped at the ceiling (and the bucket)
+    (b"1.5", True, None),  # a number that is not a positive integer: passed on, default reserved
+    (b"null", True, None),  # absent
+    (b"1e400", False, None),  # not JSON a parser can represent (infinity): 400 invalid_json
+    (b'"3"', False, None),  # a string: no budget the sidecar can reason about: 400
+    (b"true", False, None),  # a boolean: likewise
+]
+
+
+@pytest.mark.parametrize(("raw", "passes", "reserved"), MAX_TOKENS, ids=[m[0].decode() for m in MAX_TOKENS])
+def test_max_tokens_table(raw, passes, reserved):
+    body = b'{"model":"m","max_tokens":' + raw + b"}"
+    if not passes:
+        with pytest.raises(BadRequest) as info:
+            parse("POST", PATH, body)
+        assert info.value.status == 400
+        return
+    c = parse("POST", PATH, body)
+    assert c.max_tokens == reserved and c.upstream_body() == body
 
 
 def test_good_max_tokens():
     assert call({"max_tokens": 300}).max_tokens == 300
     assert call({"max_completion_tokens": 7, "max_tokens": 300}).max_tokens == 7
+    assert parse("POST", "/completion", b'{"prompt":"x","n_predict":9}').max_tokens == 9  # llama-server's own
+    assert parse("POST", "/generate", b'{"text":"x","sampling_params":{"max_new_tokens":5}}').max_tokens == 5
+
+
+def test_routes_that_are_not_json_pass_untouched():
+    multipart = parse("POST", "/v1/audio/transcriptions", b"--x\r\n...", content_type="multipart/form-data; boundary=x")
+    assert multipart.doc is None and multipart.body == b"--x\r\n..."
+    assert parse("POST", "/invocations", b"not json").doc is None  # an unknown shape is the upstream's
+    assert parse("GET", "/props", b"").doc is None
 
 
 def test_depth():

@@ -18,6 +18,7 @@ from sidecar.config import LimitsCfg
 from sidecar.errors import RateLimited
 from sidecar.leases import LeaseManager
 from tests.conftest import wait_for
+from tests.test_calls import MAX_TOKENS
 
 ADMIN = "admin-token"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
@@ -215,17 +216,24 @@ async def test_rate_limit_headers_and_429_shape(fake, limited):
     assert len(fake.received) == 2 and limited.rows[-1]["outcome"] == "rate_limited"
 
 
-@pytest.mark.parametrize("raw", [b"-1", b"0", b"NaN", b"1e400", b'"300"', b"true"])
-async def test_bad_max_tokens_never_reach_the_upstream(fake, limited, raw):
+@pytest.mark.parametrize(("raw", "passes", "reserved"), MAX_TOKENS, ids=[m[0].decode() for m in MAX_TOKENS])
+async def test_max_tokens_values_reach_the_upstream_or_are_refused_as_the_table_says(
+    fake, limited, raw, passes, reserved
+):
+    body = b'{"model":"m","messages":[],"max_tokens":' + raw + b"}"
     async with aiohttp.ClientSession() as s:
         key = await make_key(s, limited.url)
         async with s.post(
             limited.url + "/v1/chat/completions",
-            data=b'{"model":"m","messages":[],"max_tokens":' + raw + b"}",
+            data=body,
             headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
         ) as r:
-            assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
-    assert fake.received == [] and limited.server.app[LEASES].totals() == (0, 0)
+            if passes:
+                assert r.status == 200 and fake.last().body == body  # the upstream's to judge, unchanged
+            else:
+                assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
+                assert fake.received == []
+    assert limited.server.app[LEASES].totals() == (0, 0)
 
 
 async def test_cancellation_at_every_await_point_leaves_nothing_behind(fake, limited):

@@ -84,7 +84,7 @@ def test_usage_on_content_chunks_is_not_hidden():
 
 
 def test_responses_api_events():
-    scanner = StreamScanner(path="/v1/responses")
+    scanner = StreamScanner(family="/v1/responses")
     scanner.feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n')
     scanner.feed(
         b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
