@@ -169,3 +169,48 @@ def test_parse_events_fast_path_equals_event_by_event(raw):
     regions = raw.split(sep)
     half = len(regions) // 2
     assert parse_events([sep.join(regions[:half]), sep.join(regions[half:])], sep) == expected
+
+
+_ENVELOPE = {"id", "object", "created", "model", "system_fingerprint", "service_tier", "choices"}
+_json_scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=12)
+_extras = st.dictionaries(
+    st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10).filter(lambda k: k not in _ENVELOPE | {"usage"}),
+    st.recursive(
+        _json_scalars,
+        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+        max_leaves=6,
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    contents=st.lists(st.tuples(st.text(max_size=8), _extras), min_size=0, max_size=6),
+    usage_extras=_extras,
+    done=st.booleans(),
+    crlf=st.booleans(),
+    cuts=st.lists(st.integers(0, 4000), max_size=8),
+)
+def test_the_hidden_usage_chunk_loses_only_its_usage_key(contents, usage_extras, done, crlf, cuts):
+    """For any stream, the client sees exactly the upstream's events, minus the `usage` key we asked for (and the
+    usage chunk itself when nothing but its envelope is left)."""
+    sep = b"\r\n\r\n" if crlf else b"\n\n"
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    upstream = [{**base, **extra, "choices": [{"index": 0, "delta": {"content": text}}]} for text, extra in contents]
+    usage = {"prompt_tokens": 3, "completion_tokens": len(contents), "total_tokens": 3 + len(contents)}
+    upstream.append({**base, **usage_extras, "choices": [], "usage": usage})
+    body = b"".join(b"data: " + orjson.dumps(e) + sep for e in upstream) + (b"data: [DONE]" + sep if done else b"")
+    scanner = StreamScanner(strip_usage=True)
+    out = b"".join(scanner.feed(part) for part in split(body, sorted(set(cuts)))) + scanner.flush()
+    seen = [e for e in out.split(sep) if e]
+    expected = [orjson.dumps(e) for e in upstream[:-1]]
+    rest = {k: v for k, v in upstream[-1].items() if k != "usage"}
+    if set(rest) - _ENVELOPE:
+        expected.append(orjson.dumps(rest))
+    assert [orjson.loads(e[len(b"data: ") :]) for e in seen if e != b"data: [DONE]"] == [
+        orjson.loads(e) for e in expected
+    ]
+    assert seen[: len(upstream) - 1] == [b"data: " + e for e in expected[: len(upstream) - 1]]  # byte for byte
+    assert (bool(seen) and seen[-1] == b"data: [DONE]") == done
+    assert scanner.usage is not None and scanner.usage.completion_tokens == len(contents)
