@@ -41,7 +41,7 @@ from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.rejects import RejectSampler
-from sidecar.routes import GENERATE, NATIVE, NO_OUTPUT, TOKENIZE, Route
+from sidecar.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, Route
 from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream
@@ -49,7 +49,7 @@ from sidecar.upstream import Upstream
 log = logging.getLogger("sidecar.proxy")
 
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
-_OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE})  # answers whose usage is not a `usage` object
+_OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
 _BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
 
 
@@ -394,7 +394,10 @@ class Proxy:
                 except orjson.JSONDecodeError:
                     usage = None
             if usage is not None:
-                rec.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, "upstream")
+                completion = usage.completion_tokens
+                if completion is None and ex.call.family in NO_OUTPUT:
+                    completion = 0  # nothing is generated there: a count of input tokens is all of it
+                rec.set_usage(usage.prompt_tokens, completion, usage.cached_tokens, "upstream")
             ex.lease.settle(rec.prompt_tokens, rec.completion_tokens)
 
     async def _stream(self, request: web.Request, ex: Exchange, up: Response, deadline: Deadline) -> web.StreamResponse:

@@ -63,6 +63,33 @@ async def reject_bad_bodies(request: web.Request, handler: Any) -> web.StreamRes
         )
 
 
+# Answers of the shapes other servers use, each with a usage of its own kind (tests/test_routes.py).
+SHAPED_ANSWERS: dict[str, Any] = {
+    "/completion": {"content": "hi there", "tokens_evaluated": 7, "tokens_predicted": 2, "stop": True},
+    "/completions": {"content": "hi there", "tokens_evaluated": 7, "tokens_predicted": 2, "stop": True},
+    "/infill": {"content": "x", "tokens_evaluated": 5, "tokens_predicted": 1},
+    "/generate": {"text": "hi", "meta_info": {"prompt_tokens": 6, "completion_tokens": 3}},
+    "/tokenize": {"tokens": [1, 2, 3, 4]},
+    "/detokenize": {"content": "hello"},
+    "/apply-template": {"prompt": "<s>hi"},
+    "/v1/rerank": {"results": [{"index": 0, "relevance_score": 0.5}], "usage": {"total_tokens": 9}},
+    "/rerank": {"results": [{"index": 0, "relevance_score": 0.5}], "usage": {"prompt_tokens": 9, "total_tokens": 9}},
+    "/v2/rerank": {"results": [], "usage": {"total_tokens": 9}},
+    "/reranking": {"results": [], "usage": {"prompt_tokens": 9, "total_tokens": 9}},
+    "/v1/reranking": {"results": [], "usage": {"prompt_tokens": 9, "total_tokens": 9}},
+    "/score": {"data": [{"score": 0.1}], "usage": {"prompt_tokens": 8, "total_tokens": 8}},
+    "/v1/score": {"data": [{"score": 0.1}], "usage": {"prompt_tokens": 8, "total_tokens": 8}},
+    "/pooling": {"data": [{"data": [0.1]}], "usage": {"prompt_tokens": 4, "total_tokens": 4}},
+    "/classify": {"data": [{"label": "a"}], "usage": {"prompt_tokens": 4, "total_tokens": 4}},
+    "/encode": {"embedding": [0.1], "meta_info": {"prompt_tokens": 4, "completion_tokens": 0}},
+    "/embedding": [{"index": 0, "embedding": [[0.1]]}],
+    "/embeddings": {"data": [{"embedding": [0.1]}], "usage": {"prompt_tokens": 3, "total_tokens": 3}},
+    "/chat/completions": {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}},
+    "/v1/messages": {"content": [], "usage": {"input_tokens": 5, "output_tokens": 2}},
+    "/v1/messages/count_tokens": {"input_tokens": 12},
+}
+
+
 def token(i: int) -> str:
     return f"tok{i} "
 
@@ -313,4 +340,7 @@ class FakeUpstream:
 
     async def anything(self, request: web.Request) -> web.Response:
         await self._begin(request)
+        shaped = SHAPED_ANSWERS.get(request.path)
+        if shaped is not None and request.method == "POST":
+            return web.json_response(shaped)
         return web.json_response({"reached": request.path})

@@ -1,0 +1,131 @@
+"""The route table: every preset route family through a real sidecar to the fake upstream (each allowed method
+forwarded, every other one a 405 with `Allow`, usage recorded where the answer carries it), the operator's own
+routes, and the table's refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+from yarl import URL
+
+from sidecar.config import ConfigError, load
+from sidecar.routes import METHODS, PRESETS, RouteError, build, parse_entry
+from tests.fake_upstream import SHAPED_ANSWERS
+
+# (prompt, completion) each answer shape carries; None: no usage in it (recorded as usage_source "none").
+USAGE: dict[str, tuple[int, int] | None] = {
+    "/v1/chat/completions": (11, 5),
+    "/v1/responses": (11, 5),
+    "/v1/completions": (11, 5),
+    "/v1/embeddings": (3, 0),
+    "/completion": (7, 2),
+    "/completions": (7, 2),
+    "/infill": (5, 1),
+    "/generate": (6, 3),
+    "/tokenize": (4, 0),
+    "/v1/rerank": (9, 0),
+    "/rerank": (9, 0),
+    "/v2/rerank": (9, 0),
+    "/reranking": (9, 0),
+    "/v1/reranking": (9, 0),
+    "/score": (8, 0),
+    "/v1/score": (8, 0),
+    "/pooling": (4, 0),
+    "/classify": (4, 0),
+    "/encode": (4, 0),
+    "/embeddings": (3, 0),
+    "/chat/completions": (5, 2),
+    "/v1/messages": (5, 2),
+    "/v1/messages/count_tokens": (12, 0),
+}
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi", "text": "hi"}
+
+
+@pytest.mark.parametrize("kind", ["openai", "vllm", "llama.cpp", "sglang"])
+async def test_every_route_of_a_preset(fake, sidecar_factory, kind):
+    running = await sidecar_factory(fake.url, upstream__kind=kind)
+    table = build(kind, ())
+    expected: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    async with aiohttp.ClientSession() as s:
+        for path, route in sorted(table.items()):
+            for method in sorted(METHODS):
+                data = orjson.dumps(BODY) if method == "POST" else None
+                headers = {"content-type": "application/json"} if data else {}
+                async with s.request(method, running.url + path, data=data, headers=headers) as r:
+                    if method in route.methods:
+                        assert r.status == 200, (path, method, await r.text())
+                        assert fake.last().path == path and fake.last().method == method
+                        expected[r.headers["x-request-id"]] = (path, USAGE.get(path) if method == "POST" else None)
+                    else:
+                        assert r.status == 405, (path, method)
+                        assert r.headers["allow"] == route.allow
+                        assert (await r.json())["error"]["code"] == "method_not_allowed"
+    rows: dict = {}
+    for _ in range(200):  # the 405s have rows too (within the per-source rate): wait for the forwarded ones
+        rows = {r["request_id"]: r for r in await running.stored()}
+        if set(expected) <= set(rows):
+            break
+        await asyncio.sleep(0.05)
+    for rid, (path, usage) in expected.items():
+        row = rows[rid]
+        if usage is None:
+            assert row["usage_source"] == "none" and row["prompt_tokens"] is None, (path, row)
+        else:
+            assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (*usage, "upstream"), path
+
+
+async def test_admin_surfaces_are_in_no_preset(fake, sidecar_factory):
+    admin = ["/slots", "/slots/0", "/lora-adapters", "/metrics", "/props", "/v1/load_lora_adapter", "/sleep"]
+    for kind in PRESETS:
+        table = build(kind, ())
+        assert not {p for p in admin if p != "/props"} & set(table), kind
+        assert "POST" not in table.get("/props", build("custom", ("GET /props",))["/props"]).methods
+    running = await sidecar_factory(fake.url, upstream__kind="llama.cpp")
+    async with aiohttp.ClientSession() as s:
+        for path in admin[:3]:
+            async with s.post(running.url + path, json={}) as r:
+                assert r.status == 404, path
+    assert fake.received == []
+
+
+async def test_operator_routes_add_methods_and_paths(fake, sidecar_factory):
+    running = await sidecar_factory(
+        fake.url, upstream__kind="openai", upstream__routes=["GET,POST /v1/models", "POST /slots/0", "GET /props"]
+    )
+    async with aiohttp.ClientSession() as s:
+        for method, path in (("POST", "/v1/models"), ("GET", "/v1/models"), ("POST", "/slots/0"), ("GET", "/props")):
+            async with s.request(method, running.url + path, json={} if method == "POST" else None) as r:
+                assert r.status == 200, (method, path)
+        async with s.post(running.url + "/tokenize", json={}) as r:
+            assert r.status == 404  # not in the openai preset, not added
+        for path in ("/PROPS", "/props/", "//props", "/./props", "/%70rops"):
+            async with s.get(URL(running.url + path, encoded=True)) as r:  # sent as written
+                assert r.status == 404, path
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["/tokenize", "FETCH /x", "POST tokenize", "POST /a/../b", "POST /a//b", "POST /a%2Fb", "POST /healthz",
+     "GET /admin/keys", "POST /v1/usage", "POST /a?b", "POST /é"],
+)  # fmt: skip
+def test_route_entries_that_are_refused(entry):
+    with pytest.raises(RouteError):
+        parse_entry(entry)
+
+
+def test_a_bad_route_stops_the_start_with_one_line(tmp_path):
+    from sidecar.runner import Server
+
+    settings = load(None, {}, {"upstream.url": "http://127.0.0.1:1/v1", "upstream.routes": ["POST /x/../y"]})
+    with pytest.raises(ConfigError) as raised:
+        Server(settings)
+    assert str(raised.value).startswith("upstream.routes:")
+    with pytest.raises(ConfigError):
+        load(None, {}, {"upstream.kind": "ollama"})
+
+
+def test_every_shaped_answer_has_its_expected_usage():
+    assert set(SHAPED_ANSWERS) - {"/detokenize", "/apply-template", "/embedding"} <= set(USAGE)
