@@ -20,6 +20,7 @@ from sidecar.audit_sinks.db import DbSink
 from sidecar.audit_sinks.files import JsonlSink, StderrSink
 from sidecar.auth import Authenticator
 from sidecar.config import Settings, read_secret, retention_seconds
+from sidecar.cors import Cors
 from sidecar.edge import server_header
 from sidecar.health import Health, RunState
 from sidecar.keys import KeyAdmin, StaticKeys, load_pepper
@@ -136,7 +137,8 @@ def create_app(settings: Settings) -> web.Application:
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     rejects = RejectSampler(s.server.reject_rows_per_minute)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
-    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects)
+    cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
+    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects, cors)
     health = Health(upstream, state, store, _writer_status(writer, bus))
     admin = Admin(admin_token, keys, store, auth, s.store.report_max_days)
     collectors = [writer.collect, upstream.collect, leases.collect, rejects.collect, retention.collect, admin.collect]
@@ -147,7 +149,7 @@ def create_app(settings: Settings) -> web.Application:
     app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = upstream, metrics, state, proxy
     app[STORE], app[LEASES], app[AUTH], app[KEYS] = store, leases, auth, keys
     app[WRITER] = writer
-    app.on_response_prepare.append(server_header)
+    app.on_response_prepare.append(server_header(s.server.server_header))
 
     async def open_store_() -> None:
         await store.open()

@@ -48,6 +48,8 @@ class ServerCfg:
     drain_timeout: float = 30.0
     reject_rows_per_minute: int = 60
     trusted_proxies: tuple[str, ...] = ()
+    server_header: str = ""
+    cors_origins: tuple[str, ...] = ()
     admin_token: str = field(default="", metadata={"secret": True})
     admin_token_file: str = ""
 

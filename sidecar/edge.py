@@ -27,6 +27,7 @@ tests/test_edge.py fails if their meaning changes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,6 @@ from aiohttp.streams import StreamReader
 
 from sidecar.errors import BadRequest, PayloadTooLarge, RequestTimeout, SidecarError
 from sidecar.records import new_request_id
-
-SERVER = "sidecar"  # the `Server` header: no version (aiohttp's default names its own and Python's)
 
 # What a parse error was, in words, by aiohttp's exception class (the first match in this order wins).
 _PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (
@@ -63,6 +62,7 @@ class BodyTimeout(Exception):
 class EdgeLimits:
     header_timeout: float
     body_timeout: float
+    server_name: str = ""  # `server.server_header`: what our own answers say in `Server` (empty: nothing)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -131,7 +131,7 @@ class EdgeHandler(web.RequestHandler):
             err.status = status
         if request.writer.output_size > 0:
             raise ConnectionError("the response had started: the connection can only be closed")
-        headers = {"server": SERVER, "x-request-id": new_request_id()}
+        headers = {"server": self._limits.server_name, "x-request-id": new_request_id()}
         resp = web.Response(status=err.status, body=err.body(), content_type="application/json", headers=headers)
         resp.force_close()
         return resp
@@ -188,9 +188,20 @@ class EdgeServer(web.Server):
         return EdgeHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
 
 
-async def server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: every response says `Server: sidecar`, so aiohttp's versioned default is not sent."""
-    response.headers["Server"] = SERVER
+RELAYED = web.RequestKey("relayed", bool)  # set on a request whose answer is the upstream's, with its headers
+
+
+def server_header(name: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """An `on_response_prepare` hook for `server.server_header`. Set, every answer says it; empty, a relayed
+    answer keeps the upstream's `Server` and one of our own says nothing (an empty value: aiohttp would send its
+    own name and version otherwise)."""
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        # aiohttp has set its own default by now; a relayed answer carries the upstream's (or none).
+        if name or not request.get(RELAYED, False):
+            response.headers["Server"] = name
+
+    return hook
 
 
 class EdgeRunner(web.AppRunner):

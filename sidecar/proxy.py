@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -24,8 +24,9 @@ from sidecar.auth import Authenticator
 from sidecar.calls import Call, parse
 from sidecar.client import ConnectFailed, PoolExhausted, Response, UpstreamFailure
 from sidecar.config import LimitsCfg, ServerCfg
+from sidecar.cors import Cors, is_preflight
 from sidecar.deadline import Deadline, DeadlineExpired, Ticker
-from sidecar.edge import read_body
+from sidecar.edge import RELAYED, read_body
 from sidecar.errors import (
     MethodNotAllowed,
     NotFound,
@@ -41,7 +42,7 @@ from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.rejects import RejectSampler
-from sidecar.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, Route
+from sidecar.routes import GENERATE, MODELS, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, Route
 from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream
@@ -82,12 +83,13 @@ class Exchange:
     resp: web.StreamResponse | None = None
     scanner: StreamScanner | None = None
     clean: bool = False
+    cors: Mapping[str, str] = field(default_factory=dict)  # CORS headers for the answer (server.cors_origins)
     sent: bool = False  # the request went to the upstream (so its prompt was the upstream's to process)
     raw: bool = False  # a plain (non-SSE) body is being relayed: a failure can only cut the connection
 
 
-def error_response(err: SidecarError, request_id: str) -> web.Response:
-    headers = {**err.headers, "x-request-id": request_id, "content-type": "application/json"}
+def error_response(err: SidecarError, request_id: str, extra: Mapping[str, str] | None = None) -> web.Response:
+    headers = {**err.headers, **(extra or {}), "x-request-id": request_id, "content-type": "application/json"}
     return web.Response(status=err.status, body=err.body(), headers=headers)
 
 
@@ -116,8 +118,10 @@ class Proxy:
         finish: Callable[[RequestRecord, bool], None],
         auditor: Auditor | None = None,
         rejects: RejectSampler | None = None,
+        cors: Cors | None = None,
     ) -> None:
         self.rejects = rejects
+        self.cors = cors
         self.ticker = Ticker()
         self.auditor = auditor
         self.audit_cap = auditor.cap if auditor is not None else 0
@@ -162,7 +166,10 @@ class Proxy:
         capture: Capture | None = None
         ex: Exchange | None = None
         authenticated = False
+        cors = self.cors.headers(request.headers) if self.cors is not None else {}
         try:
+            if is_preflight(request):
+                return await self._preflight(request, path, rec)
             route = self._check_route(request.method, path)
             principal = self.auth.known(request.headers) or await self.auth.authenticate(request.headers)
             authenticated = True
@@ -170,18 +177,18 @@ class Proxy:
             call = await self._read_call(request, route, rec)
             if self.auditor is not None:
                 capture = self.auditor.capture(rec.request_id, principal.audit, request.headers, call.doc, call.body)
-            if call.doc is not None:
-                principal.check_model(call.model)
+            if call.doc is not None or (request.method != "GET" and call.family != MODELS):
+                principal.check_model(call.model)  # a body we cannot read names no model a restricted key may use
             estimate = self._estimate(call)
             lease = self.leases.acquire_now(principal, estimate.reservation) or await self.leases.acquire(
                 principal, estimate.reservation
             )
             output = estimate.reservation - estimate.prompt
-            ex = Exchange(call, rec, lease, estimate.prompt, output, capture=capture)
+            ex = Exchange(call, rec, lease, estimate.prompt, output, capture=capture, cors=cors)
             return await self._relay(request, ex)
         except SidecarError as err:
             rec.fail(err.status, err.outcome, err.code)
-            return error_response(err, rec.request_id)
+            return error_response(err, rec.request_id, cors)
         except ClientGone:
             self._mark_gone(request, rec)
             return web.Response(status=CLIENT_CLOSED_REQUEST)  # aiohttp drops it: the socket is closed
@@ -281,6 +288,7 @@ class Proxy:
 
     async def _exchange(self, request: web.Request, ex: Exchange, deadline: Deadline) -> web.StreamResponse:
         ex.up = up = await self._send(request, ex)
+        request[RELAYED] = True
         ex.rec.upstream_status = up.status
         if up.status >= 500:
             self.metrics.upstream_error("status_5xx")
@@ -374,8 +382,41 @@ class Proxy:
 
     def _headers(self, ex: Exchange, up: Response) -> dict[str, str] | CIMultiDict[str]:
         headers = self.upstream.response_headers(up.headers, ex.rec.request_id)
+        if "server" not in headers:
+            headers["server"] = ""  # the upstream named nobody: neither does aiohttp's default
+        if ex.cors:  # ours replace the upstream's
+            for name in [n for n in headers if n.lower().startswith("access-control-")]:
+                del headers[name]
+            headers.update(ex.cors)
         headers.update(ex.lease.headers)
         return headers
+
+    async def _preflight(self, request: web.Request, path: str, rec: RequestRecord) -> web.StreamResponse:
+        """A CORS preflight: answered here when `server.cors_origins` is set, else the upstream's to answer (as
+        it is: a preflight never carries a key, and asks for no work)."""
+        route = self.upstream.routes.get(path)
+        if route is None:
+            raise NotFound(f"Unknown path {path[:200]!r}.", code="unknown_url")
+        if self.cors is not None:
+            resp = self.cors.preflight(request, route)
+            rec.status = resp.status
+            return resp
+        up = self.upstream
+        target = up.target(path, request.raw_path.partition("?")[2])
+        headers = up.request_headers(request.headers, rec.request_id, request.remote)
+        try:
+            async with asyncio.timeout(self.cfg.first_byte_timeout):
+                answer = await up.send("OPTIONS", target, headers, b"")
+                try:
+                    body = await answer.read(1 << 16)
+                finally:
+                    answer.close()
+        except (UpstreamFailure, TimeoutError):
+            raise UpstreamError("The upstream did not answer the preflight.") from None
+        rec.status = rec.upstream_status = answer.status
+        return web.Response(
+            status=answer.status, body=body, headers=up.response_headers(answer.headers, rec.request_id)
+        )
 
     def _whole_outcome(self, ex: Exchange, status: int, region: bytes, whole: bool) -> None:
         """Status, outcome and usage of a whole (non-streaming) answer: its `usage` object, found in `region`

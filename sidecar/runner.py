@@ -45,16 +45,21 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        limits = EdgeLimits(settings.server.header_timeout, settings.server.body_timeout)
+        cfg = settings.server
+        limits = EdgeLimits(cfg.header_timeout, cfg.body_timeout, cfg.server_header)
         self.runner = EdgeRunner(self.app, limits, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         self.port = 0
         self._hurry = asyncio.Event()
 
     async def start(self) -> None:
+        """Listen on every address of `server.host` (comma-separated, e.g. `0.0.0.0,::` for dual stack), all on
+        one port (with port 0, the one the first address got)."""
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.settings.server.host, self.settings.server.port, backlog=1024)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        port = self.settings.server.port
+        for host in hosts(self.settings.server.host):
+            site = web.TCPSite(self.runner, host, port, backlog=1024)
+            await site.start()
+            port = self.port = port or self.runner.addresses[0][1]
 
     def hurry(self) -> None:
         """A second signal: stop waiting for grace and drain."""
@@ -82,6 +87,11 @@ class Server:
             event(log, "drain timeout: cancelling requests", requests=still)
             await proxy.wait_idle(5.0)
         await self.runner.cleanup()
+
+
+def hosts(value: str) -> list[str]:
+    """The listen addresses in `server.host` (`"0.0.0.0,::"` -> ["0.0.0.0", "::"])."""
+    return [h.strip() for h in value.split(",") if h.strip()]
 
 
 class StartFailed(Exception):
@@ -148,7 +158,8 @@ async def _demo_key(server: Server) -> str:
 
 
 def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> str:
-    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    first = hosts(settings.server.host)[0]
+    host = "127.0.0.1" if first in ("0.0.0.0", "::") else (f"[{first}]" if ":" in first else first)
     model = "demo" if demo else "MODEL"
     auth = f"-H 'authorization: Bearer {key}' " if key else ""
     return (

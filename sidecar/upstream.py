@@ -60,8 +60,10 @@ _REQUEST_DROP = (
         "content-encoding",
     }
 )
-# Never relayed to the client: the framing our server rebuilds and the upstream's request id (ours replaces it).
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "set-cookie", "date", "server"}
+# Never relayed to the client: the framing our server rebuilds, the upstream's request id (ours replaces it),
+# and cookies (a model server has none to give; one that did would hand them to every key holder).
+# (`Date` and `Server` are the upstream's: kept, unless `server.server_header` names us.)
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "set-cookie"}
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:

@@ -90,6 +90,10 @@ SHAPED_ANSWERS: dict[str, Any] = {
 }
 
 
+FAKE_DATE = "Mon, 01 Jan 2001 00:00:00 GMT"
+FAKE_CONTENT_TYPE = "application/json;charset=UTF-8"
+
+
 def token(i: int) -> str:
     return f"tok{i} "
 
@@ -183,7 +187,8 @@ class FakeUpstream:
             }
         )
         self.sent[request.headers.get("x-request-id", "")] = body
-        return web.Response(body=body, content_type="application/json")
+        # A date of its own and its own spelling of the content type: what a relay must pass on unchanged.
+        return web.Response(body=body, headers={"content-type": FAKE_CONTENT_TYPE, "date": FAKE_DATE})
 
     def _events(self, doc: dict[str, Any], s: Script) -> list[bytes]:
         base = {

@@ -203,7 +203,7 @@ async def test_slow_postgres_does_not_slow_requests(fake, pg_proxy, pg_url, side
 
 
 @pytest.mark.parametrize(
-    ("at", "retried"), [(b"HTTP/1.1 200", True), (b"Content-Type", False)], ids=["before-any-byte", "mid-head"]
+    ("at", "retried"), [(b"HTTP/1.1 200", True), (b"content-type", False)], ids=["before-any-byte", "mid-head"]
 )
 async def test_reused_connection_reset_is_retried_only_before_any_response_byte(
     fake, upstream_proxy, sidecar_factory, at, retried

@@ -129,3 +129,51 @@ def test_a_bad_route_stops_the_start_with_one_line(tmp_path):
 
 def test_every_shaped_answer_has_its_expected_usage():
     assert set(SHAPED_ANSWERS) - {"/detokenize", "/apply-template", "/embedding"} <= set(USAGE)
+
+
+PREFLIGHT = {"origin": "https://app.example", "access-control-request-method": "POST",
+             "access-control-request-headers": "authorization, content-type"}  # fmt: skip
+
+
+async def test_cors_for_configured_origins(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, auth__enabled=True, server__cors_origins=["https://app.example"])
+    async with aiohttp.ClientSession() as s:
+        async with s.options(running.url + "/v1/chat/completions", headers=PREFLIGHT) as r:
+            assert r.status == 204
+            assert r.headers["access-control-allow-origin"] == "https://app.example"
+            assert r.headers["access-control-allow-methods"] == "POST"
+            assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+            assert r.headers["vary"] == "Origin"
+        async with s.options(
+            running.url + "/v1/chat/completions", headers={**PREFLIGHT, "origin": "https://evil"}
+        ) as r:
+            assert r.status == 403 and "access-control-allow-origin" not in r.headers
+        async with s.options(running.url + "/nope", headers=PREFLIGHT) as r:
+            assert r.status == 404
+        # the answer a page reads: ours (a 401 here) carries the CORS headers too, and exposes our headers
+        async with s.post(
+            running.url + "/v1/chat/completions", json={"model": "m"}, headers={"origin": "https://app.example"}
+        ) as r:
+            assert r.status == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+            assert "x-request-id" in r.headers["access-control-expose-headers"]
+        async with s.post(
+            running.url + "/v1/chat/completions", json={"model": "m"}, headers={"origin": "https://evil"}
+        ) as r:
+            assert "access-control-allow-origin" not in r.headers
+    assert fake.received == []  # preflights are answered here
+
+
+async def test_without_cors_origins_preflights_and_cors_headers_are_the_upstreams(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__routes=["GET /props"])
+    async with aiohttp.ClientSession() as s:
+        async with s.options(running.url + "/props", headers=PREFLIGHT) as r:
+            assert r.status == 200 and (await r.json()) == {"reached": "/props"}
+    assert fake.last().method == "OPTIONS" and fake.last().headers["origin"] == "https://app.example"
+
+
+async def test_listening_on_several_addresses(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, server__host="127.0.0.1,::1")
+    async with aiohttp.ClientSession() as s:
+        for host in ("127.0.0.1", "[::1]"):
+            async with s.get(f"http://{host}:{running.port}/healthz") as r:
+                assert r.status == 200, host

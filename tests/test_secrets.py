@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tests.conftest import free_port, reap
+from tests.fake_upstream import FAKE_CONTENT_TYPE, FAKE_DATE
 from tests.test_cli import wait_listening
 
 KEY = "sk-sc-secretsecret-ABCDEFGHIJKLMNOP"
@@ -84,7 +85,7 @@ async def test_unparseable_heads_are_answered_and_logged_without_the_head(fake, 
             answer = await raw(port, request)
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 400") or head.startswith(b"HTTP/1.0 400"), head
-            assert b"content-type: application/json" in head.lower() and b"server: sidecar\r\n" in head.lower()
+            assert b"content-type: application/json" in head.lower() and b"aiohttp" not in head.lower()
             error = orjson.loads(body)["error"]
             assert error["code"] == "malformed_request" and "Malformed HTTP request" in error["message"]
             assert KEY.encode() not in answer and ADMIN.encode() not in answer and b"Bearer" not in answer
@@ -167,12 +168,23 @@ def test_an_empty_or_short_pepper_file_is_refused(tmp_path, pepper):
     assert "sk-" not in out
 
 
-async def test_server_header_names_no_version(fake, sidecar_factory):
+async def test_server_header_is_the_upstreams_or_the_operators_never_aiohttps(fake, sidecar_factory):
+    """Relayed answers keep the upstream's `Server` (and `Date`); our own name none; `server.server_header` names
+    every answer."""
+    fake_server = "Python/3.11 aiohttp"  # the fake upstream is an aiohttp app: its header, passed on
     running = await sidecar_factory(fake.url)
     async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.headers["server"].startswith(fake_server) and r.headers["date"] == FAKE_DATE
+            assert r.headers["content-type"] == FAKE_CONTENT_TYPE  # parameters exactly as the upstream spelled them
+        for method, path in (("GET", "/healthz"), ("GET", "/nope"), ("GET", "/v1/chat/completions")):
+            async with s.request(method, running.url + path) as r:
+                assert r.headers.getall("server") == [""], (path, r.headers.getall("server"))
+    named = await sidecar_factory(fake.url, server__server_header="gateway")
+    async with aiohttp.ClientSession() as s:
         for method, path in (("POST", "/v1/chat/completions"), ("GET", "/healthz"), ("GET", "/nope")):
-            async with s.request(method, running.url + path, json=CHAT) as r:
-                assert r.headers.getall("server") == ["sidecar"], (path, r.headers.getall("server"))
+            async with s.request(method, named.url + path, json=CHAT) as r:
+                assert r.headers.getall("server") == ["gateway"], (path, r.headers.getall("server"))
 
 
 async def test_forwarded_for_is_the_peer_unless_a_trusted_proxy_sent_it(fake, sidecar_factory):
