@@ -93,6 +93,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "POST /v2/rerank",
         "POST /invocations",
         "GET /version",
+        "GET /health",
     ),
     # llama.cpp's llama-server (tools/server/README.md): its own API and the OpenAI and Anthropic ones.
     "llama.cpp": (
@@ -117,6 +118,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "GET /v1/models",
         "GET /models",
         "GET /props",
+        "GET /health",
+        "GET /v1/health",
     ),
     # SGLang (python/sglang/srt/entrypoints/http_server.py): OpenAI's API and its native generate/encode.
     "sglang": (
@@ -127,6 +130,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "POST /v1/rerank",
         "POST /v1/score",
         "GET /get_model_info",
+        "GET /health",
     ),
     "custom": (),  # only what upstream.routes lists
 }

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from tests.conftest import free_port
@@ -44,7 +45,7 @@ class LlamaServer:
                 str(cache / "bin/llama-server"),
                 *("-m", str(cache / "model.gguf"), "--alias", "tiny"),
                 *("--host", "127.0.0.1", "--port", str(self.port)),
-                *("-c", "8192", "-np", "2", "-t", "2", "--no-warmup", "--seed", "1"),
+                *("-c", "8192", "-np", "2", "-t", "2", "--no-warmup", "--seed", "1", "--reranking"),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -212,3 +213,63 @@ async def test_client_disconnect_stops_generation_on_the_server(sdk, llama):
     assert row["outcome"] == "client_disconnected"
     assert row["usage_source"] == "counted"
     assert 60 <= row["completion_tokens"] <= 100  # what had been produced when the client left, not 3000
+
+
+NATIVE = [
+    ("/tokenize", {"content": "hello world"}),
+    ("/completion", {"prompt": "Tell me about the sidecar", "n_predict": 6, "temperature": 0}),
+    ("/v1/rerank", {"model": "tiny", "query": "sidecar", "documents": ["a proxy", "a boat"]}),
+]
+
+
+async def test_llama_cpp_preset_native_routes_answer_as_llama_server_does(llama, sidecar_factory):
+    """With `upstream.kind = "llama.cpp"`: tokenize, the native completion and rerank through the sidecar give
+    llama-server's own answers (and headers), and each is recorded with the usage its answer carries."""
+    running = await sidecar_factory(llama.url, upstream__kind="llama.cpp")
+    answers = {}
+    async with aiohttp.ClientSession() as s:
+        for path, body in NATIVE:
+            async with s.post(running.url + path, json=body) as r:
+                proxied = (r.status, await r.json(), r.headers)
+            async with s.post(llama.url + path, json=body) as r:
+                direct = (r.status, await r.json(), r.headers)
+            assert proxied[0] == direct[0] == 200, path
+            assert proxied[2]["server"] == direct[2]["server"] == "llama.cpp"
+            assert proxied[2]["content-type"] == direct[2]["content-type"]
+            answers[path] = (proxied[1], direct[1])
+    tokens, ref_tokens = answers["/tokenize"]
+    assert tokens == ref_tokens
+    completion, ref_completion = answers["/completion"]
+    assert completion["content"] == ref_completion["content"]  # greedy: the same text
+    assert completion["tokens_predicted"] == ref_completion["tokens_predicted"] == 6
+    rerank, ref_rerank = answers["/v1/rerank"]
+    assert [r["index"] for r in rerank["results"]] == [r["index"] for r in ref_rerank["results"]]
+    rows = {r["path"]: r for r in await running.stored(3)}
+    assert (rows["/tokenize"]["prompt_tokens"], rows["/tokenize"]["completion_tokens"]) == (len(tokens["tokens"]), 0)
+    native = rows["/completion"]
+    assert (native["prompt_tokens"], native["completion_tokens"]) == (
+        completion["tokens_evaluated"],
+        completion["tokens_predicted"],
+    )
+    assert rows["/v1/rerank"]["prompt_tokens"] == rerank["usage"]["prompt_tokens"]
+    assert all(r["usage_source"] == "upstream" for r in rows.values())
+
+
+async def test_llama_cpp_native_stream_is_relayed_unchanged_and_counted(llama, sidecar_factory):
+    running = await sidecar_factory(llama.url, upstream__kind="llama.cpp")
+    body = {"prompt": "Tell me about the sidecar", "n_predict": 8, "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/completion", json=body) as r:
+            assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
+            raw = await r.read()
+    events = [orjson.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    assert "".join(e.get("content", "") for e in events)  # text arrived
+    last = events[-1]
+    assert last["stop"] is True and last["tokens_predicted"] == 8
+    [row] = await running.stored(1)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (
+        last["tokens_evaluated"],
+        8,
+        "upstream",
+    )
+    assert row["stream"] is True and row["ttft_ms"] is not None
