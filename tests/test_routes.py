@@ -57,7 +57,8 @@ async def test_every_route_of_a_preset(fake, sidecar_factory, kind):
                 async with s.request(method, running.url + path, data=data, headers=headers) as r:
                     if method in route.methods:
                         assert r.status == 200, (path, method, await r.text())
-                        assert fake.last().path == path and fake.last().method == method
+                        if path != "/health":  # the fake's own health handler keeps no record
+                            assert fake.last().path == path and fake.last().method == method
                         expected[r.headers["x-request-id"]] = (path, USAGE.get(path) if method == "POST" else None)
                     else:
                         assert r.status == 405, (path, method)
