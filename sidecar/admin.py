@@ -17,9 +17,17 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import Metric
 
-from sidecar.auth import Authenticator, StoreUnavailable
+from sidecar.auth import Authenticator, bearer_token
 from sidecar.edge import read_body
-from sidecar.errors import BadRequest, NotFound, RateLimited, ReportTooSlow, SidecarError, Unauthorized
+from sidecar.errors import (
+    BadRequest,
+    NotFound,
+    RateLimited,
+    ReportTooSlow,
+    SidecarError,
+    StoreUnavailable,
+    Unauthorized,
+)
 from sidecar.keys import KeyAdmin, listing, parse_duration
 from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import counter
@@ -187,9 +195,9 @@ class Admin:
     def _check_token(self, request: web.Request) -> None:
         if not self.token:
             raise NotFound("The admin API is off: no admin token is configured.", code="unknown_url")
-        value = request.headers.get("authorization", "")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token):
+        value = request.headers.get("authorization")
+        token = bearer_token(value)
+        if token is None or not hmac.compare_digest(token.encode(), self.token):
             self.token_failures += 1
             if self._failure_log.keep(request.remote):
                 fields = {"peer": request.remote, "method": request.method, "path": request.path[:200]}

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.config import AuthCfg, LimitsCfg
-from sidecar.errors import Forbidden, Unauthorized
+from sidecar.errors import Forbidden, StoreUnavailable, Unauthorized
 from sidecar.keys import StaticKeys, hash_secret, parse_key
 from sidecar.store.base import KeyRow, Store, StoreError
 
@@ -27,12 +27,6 @@ MISSING = (
 )
 _MAX_CACHE = 100_000
 log = logging.getLogger("sidecar.auth")
-
-
-class StoreUnavailable(Unauthorized):
-    status = 503
-    type = "server_error"
-    code = "store_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +53,20 @@ class _Entry:
     static: bool = False  # the key came from the static file: if it leaves the file, it is gone (no store lookup)
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value; None for any other scheme or an empty token."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def bearer(headers: Mapping[str, str]) -> str | None:
+    """A client's key: the bearer token, or (without an `Authorization` header) `x-api-key`."""
     value = headers.get("authorization")
     if value is not None:
-        scheme, _, token = value.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        return bearer_token(value)
     return headers.get("x-api-key") or None
 
 
@@ -100,7 +103,9 @@ class Authenticator:
         """The principal without awaiting anything, when auth is off or the key was verified within the TTL."""
         if not self.cfg.enabled:
             return self.anonymous
-        token = bearer(headers)
+        return self._seen(bearer(headers))
+
+    def _seen(self, token: str | None) -> Principal | None:
         seen = self._verified.get(token) if token is not None else None
         if seen is not None and seen[1] > time.monotonic():
             return seen[0]
@@ -113,9 +118,9 @@ class Authenticator:
         if token is None:
             raise Unauthorized(MISSING)
         # A key seen within the TTL skips parsing and hashing (the store row is cached just as long).
-        seen = self._verified.get(token)
-        if seen is not None and seen[1] > time.monotonic():
-            return seen[0]
+        seen = self._seen(token)
+        if seen is not None:
+            return seen
         parsed = parse_key(token)
         if parsed is None:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "SIDECAR_"
@@ -35,7 +35,7 @@ class ServerCfg:
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: str = "./data"
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     request_log: str = "stderr"
     log_flush_ms: int = 100
@@ -57,7 +57,7 @@ class ServerCfg:
 @dataclass(frozen=True)
 class UpstreamCfg:
     url: str = ""
-    kind: str = "openai"
+    kind: Literal["openai", "vllm", "llama.cpp", "sglang", "custom"] = "openai"
     routes: tuple[str, ...] = ()
     api_key: str = field(default="", metadata={"secret": True})
     api_key_file: str = ""
@@ -119,7 +119,7 @@ class WriterCfg:
 
 @dataclass(frozen=True)
 class AuditCfg:
-    capture: str = "off"
+    capture: Literal["off", "store_flag", "all"] = "off"
     sample_rate: float = 1.0
     sinks: tuple[str, ...] = ("jsonl",)
     jsonl_dir: str = ""
@@ -145,11 +145,6 @@ class Settings:
 
 SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Settings)
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "server.log_level": ("debug", "info", "warning", "error"),
-    "audit.capture": ("off", "store_flag", "all"),
-    "upstream.kind": ("openai", "vllm", "llama.cpp", "sglang", "custom"),
-}
 _POSITIVE = {
     "server.max_body_bytes",
     "server.max_json_depth",
@@ -231,6 +226,11 @@ def _build(section: str, cls: type[Any], values: Mapping[str, Any]) -> Any:
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
+    if typing.get_origin(hint) is Literal:  # a choice, declared on the field
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+        return value
     if hint is bool:
         return _to_bool(name, value)
     if hint is int or hint is float:
@@ -281,11 +281,6 @@ def _exact_int(value: float) -> int:
 
 
 def _check(s: Settings) -> None:
-    for dotted, choices in _CHOICES.items():
-        section, option = dotted.split(".")
-        value = getattr(getattr(s, section), option)
-        if value not in choices:
-            raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {value!r}")
     if not 1 <= s.server.port <= 65535 and s.server.port != 0:
         raise ConfigError(f"server.port: must be 1-65535, got {s.server.port}")
     for net in s.server.trusted_proxies:

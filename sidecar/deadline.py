@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Literal
 
 TICK = 0.1
+Limit = Literal["first_byte", "idle", "total"]
 
 
 class DeadlineExpired(Exception):
     """The relay ran out of time; `reason` is `first_byte`, `idle` or `total`."""
 
-    def __init__(self, reason: str, seconds: float) -> None:
+    def __init__(self, reason: Limit, seconds: float) -> None:
         super().__init__(f"{reason} timeout after {seconds:g}s")
         self.reason = reason
         self.seconds = seconds
@@ -67,7 +69,7 @@ class Deadline:
         self._idle = idle
         self._total = total
         self.last: float | None = None  # loop time of the last upstream byte; None before the first
-        self.reason = ""
+        self.reason: Limit | None = None
 
     async def __aenter__(self) -> Deadline:
         loop = asyncio.get_running_loop()
@@ -83,7 +85,7 @@ class Deadline:
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._ticker.discard(self)
-        if not self.reason:
+        if self.reason is None:
             return
         # We cancelled the task: take that request back whatever happened since, then report the timeout.
         if self._task.uncancel() <= self._cancelling and et is asyncio.CancelledError:

@@ -1,21 +1,24 @@
 """Errors a client can see, each rendered in OpenAI's shape `{"error": {message, type, param, code}}`.
 
     SidecarError(status, type, code)          base: carries the HTTP status, extra headers and the outcome
-     ├── BadRequest              400  invalid_request_error   outcome bad_request
-     ├── PayloadTooLarge         413  invalid_request_error   outcome bad_request
-     ├── RequestTimeout          408  invalid_request_error   outcome bad_request
-     ├── NotFound                404  invalid_request_error   outcome bad_request
-     ├── MethodNotAllowed        405  invalid_request_error   outcome bad_request (with `Allow`)
+     ├── BadRequest              400  invalid_request_error   outcome bad_request (and its kinds below)
+     │    ├── PayloadTooLarge    413
+     │    ├── RequestTimeout     408
+     │    ├── NotFound           404
+     │    ├── MethodNotAllowed   405  (with `Allow`)
+     │    └── UnsupportedMediaType 415
      ├── Unauthorized            401  invalid_request_error   outcome unauthorized
-     ├── Forbidden               403  permission_error        outcome unauthorized
+     │    └── Forbidden          403  permission_error        outcome unauthorized
      ├── RateLimited             429  requests | tokens       outcome rate_limited
-     ├── Overloaded              503  server_overloaded       outcome rate_limited
+     │    └── Overloaded         503  server_overloaded       outcome rate_limited
      ├── UpstreamError           502  upstream_error          outcome upstream_error
      ├── UpstreamTimeout         504  upstream_timeout        outcome upstream_timeout
+     ├── StoreUnavailable        503  server_error            outcome store_unavailable (keys cannot be looked up)
      ├── ReportTooSlow           503  server_error            (a usage report past store.report_timeout)
      └── ShuttingDown            503  server_shutting_down    outcome shutdown
 
-A leaf module: it builds plain bytes and a header dict; the web layer wraps them in a response.
+A leaf module (it imports only `records`, another leaf, for the `Outcome` an error ends a request with): it
+builds plain bytes and a header dict; the web layer wraps them in a response.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from collections.abc import Mapping
 
 import orjson
 
+from sidecar.records import Outcome
+
 
 class SidecarError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
-    outcome = "upstream_error"
+    outcome: Outcome = Outcome.UPSTREAM_ERROR
 
     def __init__(
         self,
@@ -58,7 +63,7 @@ class SidecarError(Exception):
 class BadRequest(SidecarError):
     status = 400
     type = "invalid_request_error"
-    outcome = "bad_request"
+    outcome = Outcome.BAD_REQUEST
 
 
 class PayloadTooLarge(BadRequest):
@@ -84,7 +89,7 @@ class MethodNotAllowed(BadRequest):
 class Unauthorized(SidecarError):
     status = 401
     type = "invalid_request_error"
-    outcome = "unauthorized"
+    outcome = Outcome.UNAUTHORIZED
 
 
 class Forbidden(Unauthorized):
@@ -97,7 +102,7 @@ class RateLimited(SidecarError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
-    outcome = "rate_limited"
+    outcome = Outcome.RATE_LIMITED
 
 
 class Overloaded(RateLimited):
@@ -110,14 +115,21 @@ class UpstreamError(SidecarError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
-    outcome = "upstream_error"
+    outcome = Outcome.UPSTREAM_ERROR
 
 
 class UpstreamTimeout(SidecarError):
     status = 504
     type = "upstream_timeout"
     code = "upstream_timeout"
-    outcome = "upstream_timeout"
+    outcome = Outcome.UPSTREAM_TIMEOUT
+
+
+class StoreUnavailable(SidecarError):
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+    outcome = Outcome.STORE_UNAVAILABLE
 
 
 class ReportTooSlow(SidecarError):
@@ -130,7 +142,7 @@ class ShuttingDown(SidecarError):
     status = 503
     type = "server_shutting_down"
     code = "server_shutting_down"
-    outcome = "shutdown"
+    outcome = Outcome.SHUTDOWN
 
 
 class UnsupportedMediaType(BadRequest):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, get_args
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -32,7 +33,10 @@ _KNOWN_CODES = frozenset(
 )
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
-UPSTREAM_ERROR_REASONS = ("connect", "timeout_first_byte", "timeout_idle", "status_5xx", "dropped", "protocol")
+UpstreamErrorReason = Literal[
+    "connect", "timeout_first_byte", "timeout_idle", "timeout_total", "status_5xx", "dropped", "protocol"
+]
+UPSTREAM_ERROR_REASONS: tuple[UpstreamErrorReason, ...] = get_args(UpstreamErrorReason)
 
 
 def code_label(status: int) -> str:
@@ -71,7 +75,7 @@ class Metrics:
         self._requests: dict[tuple[str, int, str], int] = {}
         self._duration: dict[str, Hist] = {}
         self._ttft: dict[str, Hist] = {}
-        self._upstream_errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
+        self._upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
         self._disconnects: dict[str, int] = {}
         self._tokens = {"prompt": 0, "completion": 0}
         self.registry.register(self)
@@ -83,7 +87,7 @@ class Metrics:
     def route(self, path: str) -> str:
         return path if path in self.routes else "other"
 
-    def observe(self, route: str, status: int, outcome: str, seconds: float, ttft_ms: float | None) -> None:
+    def observe(self, route: str, status: int, outcome: Outcome, seconds: float, ttft_ms: float | None) -> None:
         key = (route, status, outcome)
         self._requests[key] = self._requests.get(key, 0) + 1
         hist = self._duration.get(route)
@@ -98,7 +102,7 @@ class Metrics:
         if outcome == Outcome.CLIENT_DISCONNECTED:
             self._disconnects[route] = self._disconnects.get(route, 0) + 1
 
-    def upstream_error(self, reason: str) -> None:
+    def upstream_error(self, reason: UpstreamErrorReason) -> None:
         self._upstream_errors[reason] += 1
 
     def count_tokens(self, prompt: int | None, completion: int | None) -> None:

@@ -25,7 +25,7 @@ from sidecar.calls import Call, parse
 from sidecar.client import ConnectFailed, PoolExhausted, Response, UpstreamFailure
 from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.cors import Cors, is_preflight
-from sidecar.deadline import Deadline, DeadlineExpired, Ticker
+from sidecar.deadline import Deadline, DeadlineExpired, Limit, Ticker
 from sidecar.edge import RELAYED, read_body
 from sidecar.errors import (
     MethodNotAllowed,
@@ -39,7 +39,7 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.leases import Lease, LeaseManager
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, UpstreamErrorReason
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.rejects import RejectSampler
 from sidecar.routes import GENERATE, MODELS, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, Route
@@ -51,6 +51,11 @@ log = logging.getLogger("sidecar.proxy")
 
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
 _OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
+_TIMEOUT_REASONS: dict[Limit, UpstreamErrorReason] = {
+    "first_byte": "timeout_first_byte",
+    "idle": "timeout_idle",
+    "total": "timeout_total",  # counted as idle before: the enum now makes such a slip a type error
+}
 _BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
 
 
@@ -265,7 +270,7 @@ class Proxy:
             async with Deadline(self.ticker, *limits) as deadline:
                 return await self._exchange(request, ex, deadline)
         except DeadlineExpired as exc:
-            self.metrics.upstream_error("timeout_first_byte" if exc.reason == "first_byte" else "timeout_idle")
+            self.metrics.upstream_error(_TIMEOUT_REASONS[exc.reason])
             return await self._fail(request, ex, UpstreamTimeout(f"The upstream did not answer in time ({exc})."))
         except UpstreamBroke as exc:
             self.metrics.upstream_error("dropped")

@@ -10,7 +10,7 @@ import enum
 import os
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 
 class Outcome(enum.StrEnum):
@@ -21,7 +21,11 @@ class Outcome(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     UNAUTHORIZED = "unauthorized"
     BAD_REQUEST = "bad_request"
+    STORE_UNAVAILABLE = "store_unavailable"
     SHUTDOWN = "shutdown"
+
+
+UsageSource = Literal["upstream", "counted", "none"]  # from the answer, counted from the deltas, unknown
 
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the response was sent"
@@ -45,13 +49,13 @@ class RequestRecord:
     model: str | None = None
     stream: bool = False
     status: int = 0
-    outcome: str = Outcome.COMPLETED.value
+    outcome: Outcome = Outcome.COMPLETED
     error_code: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cached_tokens: int | None = None
-    usage_source: str = "none"
+    usage_source: UsageSource = "none"
     upstream_status: int | None = None
     ttft_ms: float | None = None
     latency_ms: float = 0.0
@@ -64,7 +68,7 @@ class RequestRecord:
     def start(cls, method: str, path: str, client_request_id: str | None = None) -> RequestRecord:
         return cls(new_request_id(), method, path, time.time(), time.monotonic(), client_request_id)
 
-    def fail(self, status: int, outcome: str, code: str | None) -> None:
+    def fail(self, status: int, outcome: Outcome, code: str | None) -> None:
         self.status = status
         self.outcome = outcome
         self.error_code = code
@@ -73,7 +77,7 @@ class RequestRecord:
         if self.ttft_ms is None:
             self.ttft_ms = round((time.monotonic() - self.t0) * 1000.0, 3)
 
-    def set_usage(self, prompt: int | None, completion: int | None, cached: int | None, source: str) -> None:
+    def set_usage(self, prompt: int | None, completion: int | None, cached: int | None, source: UsageSource) -> None:
         self.prompt_tokens = prompt
         self.completion_tokens = completion
         self.total_tokens = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
