@@ -16,7 +16,7 @@ from sidecar.config import Settings
 from sidecar.errors import SidecarError
 from sidecar.keys import KeyAdmin, StaticKeys, hash_secret, listing, load_pepper, new_key, parse_duration, validate
 from sidecar.store import open_store
-from sidecar.store.base import RequestQuery, Store, StoreError
+from sidecar.store.base import USAGE_FIELDS, RequestQuery, Store, StoreError
 
 
 def _actor() -> str:
@@ -113,23 +113,12 @@ async def _usage(args: argparse.Namespace, store: Store) -> int:
         _print(rows)
     elif args.format == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(
-            out,
-            fieldnames=[
-                args.by,
-                "requests",
-                "prompt_tokens",
-                "completion_tokens",
-                "total_tokens",
-                "cached_tokens",
-                "failed",
-            ],
-        )
+        writer = csv.DictWriter(out, fieldnames=[args.by, *USAGE_FIELDS])
         writer.writeheader()
         writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         sys.stdout.write(out.getvalue())
     else:
-        cols = [args.by, "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed"]
+        cols = [args.by, *USAGE_FIELDS]
         table = [cols] + [[str(r[c]) for c in cols] for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
         for row in table:

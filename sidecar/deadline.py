@@ -92,11 +92,8 @@ class Deadline:
             limit = {"first_byte": self._first_byte, "idle": self._idle, "total": self._total}[self.reason]
             raise DeadlineExpired(self.reason, limit) from None
 
-    def first_byte(self, now: float) -> None:
-        """The upstream answered: from now on the idle limit applies."""
-        self.last = now
-
     def touch(self, now: float) -> None:
+        """Bytes from the upstream: from the first on, the idle limit applies (before it, the first-byte one)."""
         self.last = now
 
     def due(self, now: float) -> bool:

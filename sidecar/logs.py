@@ -98,9 +98,6 @@ class RequestLog:
         self._buf = bytearray()
         self._handle: asyncio.TimerHandle | None = None
 
-    def write(self, row: dict[str, Any]) -> None:
-        self.write_line(orjson.dumps(row))
-
     def write_line(self, line: bytes) -> None:
         """One JSON object, already encoded (the writer's own encoding of the record is reused)."""
         self._buf += line

@@ -363,7 +363,7 @@ class Proxy:
         capture = BodyCapture(self.audit_cap, self.audit_digest_only) if ex.capture is not None else None
         finder = UsageFinder()
         loop = asyncio.get_running_loop()
-        deadline.first_byte(loop.time())
+        deadline.touch(loop.time())
         data: bytes = b"".join(parts)
         while data:
             finder.add(data)
@@ -456,7 +456,7 @@ class Proxy:
         read = up.readany
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
-        deadline.first_byte(loop.time())
+        deadline.touch(loop.time())
         resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
         rec.status = up.status
         if up.status >= 500:  # an error, even when it comes as a stream

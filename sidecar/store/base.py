@@ -18,6 +18,8 @@ KEY_COLUMNS = (
     "audit", "updated_at",
 )  # fmt: skip
 USAGE_GROUPS = ("key", "model", "day")
+USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed")
+"""The columns of a usage report, after its group (`key`, `model` or `day`)."""
 
 
 class StoreError(Exception):

@@ -14,6 +14,7 @@ import orjson
 from sidecar.store.base import (
     KEY_COLUMNS,
     REQUEST_COLUMNS,
+    USAGE_FIELDS,
     USAGE_GROUPS,
     AdminEvent,
     KeyRow,
@@ -131,7 +132,7 @@ class SqlStore:
         return int((await self._fetch("SELECT COUNT(*) FROM request_log"))[0][0])
 
     async def requests(self, query: RequestQuery) -> list[dict[str, Any]]:
-        where, params = _filters(query, "started_at")
+        where, params = _filters(query, "request_log")
         rows = await self._report(
             self._sql(
                 f"SELECT {', '.join(REQUEST_COLUMNS)} FROM request_log {where} "
@@ -165,7 +166,7 @@ class SqlStore:
             ),
             params,
         )
-        names = (by, "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed")
+        names = (by, *USAGE_FIELDS)
         return [dict(zip(names, (r[0], *map(int, r[1:])), strict=True)) for r in rows]
 
     async def delete_older(self, table: str, cutoff: float, limit: int) -> int:
@@ -184,7 +185,7 @@ class SqlStore:
         return await self._insert_lines("audit_records", AUDIT_COLUMNS, lines)
 
     async def audit_records(self, query: RequestQuery) -> list[dict[str, Any]]:
-        where, params = _filters(query, "emitted_at")
+        where, params = _filters(query, "audit_records")
         rows = await self._report(
             self._sql(f"SELECT record FROM audit_records {where} ORDER BY emitted_at DESC, request_id DESC LIMIT ?"),
             [*params, query.limit],
@@ -196,7 +197,9 @@ def json_array(lines: Sequence[bytes]) -> str:
     return (b"[" + b",".join(lines) + b"]").decode()
 
 
-def _filters(q: RequestQuery, time_col: str) -> tuple[str, list[Any]]:
+def _filters(q: RequestQuery, table: str) -> tuple[str, list[Any]]:
+    """The WHERE clause of a listing of `request_log` or `audit_records` (which has no outcome column)."""
+    time_col = RETAINED[table]
     clauses: list[str] = []
     params: list[Any] = []
     if q.request_id is not None:
@@ -205,7 +208,7 @@ def _filters(q: RequestQuery, time_col: str) -> tuple[str, list[Any]]:
     if q.key_id is not None:
         clauses.append("key_id = ?")
         params.append(q.key_id)
-    if q.outcome is not None and time_col == "started_at":
+    if q.outcome is not None and table == "request_log":
         clauses.append("outcome = ?")
         params.append(q.outcome)
     if q.since is not None:

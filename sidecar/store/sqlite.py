@@ -228,6 +228,3 @@ class SqliteStore(SqlStore):
                 self._w = None
                 raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from None
         return self._w
-
-    async def integrity_check(self) -> str:
-        return str((await self._fetch("PRAGMA integrity_check"))[0][0])
