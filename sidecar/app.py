@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.admin import Admin, OwnUsage
+from sidecar.admin import Admin
 from sidecar.audit import Auditor
 from sidecar.audit_sinks import AuditBus, Sink
 from sidecar.audit_sinks.db import DbSink
@@ -30,10 +30,12 @@ from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.records import RequestRecord
 from sidecar.rejects import RejectSampler
+from sidecar.responses import errors_middleware
 from sidecar.retention import Retention
 from sidecar.store import open_store
 from sidecar.store.base import Store
 from sidecar.upstream import Upstream
+from sidecar.usage import OwnUsage
 from sidecar.writer import BatchWriter
 
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -145,7 +147,11 @@ def create_app(settings: Settings) -> web.Application:
     for collect in [*collectors, *([bus.collect] if bus is not None else [])]:
         metrics.add_collector(collect)
 
-    app = web.Application(client_max_size=s.server.max_body_bytes, handler_args=server_args(s))
+    app = web.Application(
+        client_max_size=s.server.max_body_bytes,
+        handler_args=server_args(s),
+        middlewares=[errors_middleware(proxy.handle)],
+    )
     app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = upstream, metrics, state, proxy
     app[STORE], app[LEASES], app[AUTH], app[KEYS] = store, leases, auth, keys
     app[WRITER] = writer

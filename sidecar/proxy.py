@@ -42,6 +42,7 @@ from sidecar.leases import Lease, LeaseManager
 from sidecar.metrics import Metrics, UpstreamErrorReason
 from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.rejects import RejectSampler
+from sidecar.responses import error_response
 from sidecar.routes import GENERATE, MODELS, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, Route
 from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 from sidecar.tokens import estimate_prompt
@@ -91,11 +92,6 @@ class Exchange:
     cors: Mapping[str, str] = field(default_factory=dict)  # CORS headers for the answer (server.cors_origins)
     sent: bool = False  # the request went to the upstream (so its prompt was the upstream's to process)
     raw: bool = False  # a plain (non-SSE) body is being relayed: a failure can only cut the connection
-
-
-def error_response(err: SidecarError, request_id: str, extra: Mapping[str, str] | None = None) -> web.Response:
-    headers = {**err.headers, **(extra or {}), "x-request-id": request_id, "content-type": "application/json"}
-    return web.Response(status=err.status, body=err.body(), headers=headers)
 
 
 def sse_error_event(err: SidecarError) -> bytes:

@@ -1,0 +1,52 @@
+"""`GET /v1/usage`: a key holder's own usage summary (`since`, `by=model|day`); never another key's.
+
+A report costs the store more than a request costs the proxy: each one takes a request from the key's
+per-minute budget and a concurrency slot while it runs (429 beyond them), one report per key at a time,
+reaches back at most `store.report_max_days`, and runs on the store's report connection within
+`store.report_timeout`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sidecar.auth import Authenticator
+from sidecar.errors import BadRequest, RateLimited
+from sidecar.leases import Lease, LeaseManager
+from sidecar.params import since_param
+from sidecar.responses import json_response, request_id
+from sidecar.store.base import Store
+
+
+class OwnUsage:
+    def __init__(self, auth: Authenticator, store: Store, leases: LeaseManager, max_days: int) -> None:
+        self.auth = auth
+        self.store = store
+        self.leases = leases
+        self.max_days = max_days
+        self._running: set[str] = set()  # keys with a report running: one at a time per key
+
+    async def handle(self, request: web.Request) -> web.Response:
+        lease: Lease | None = None
+        running: str | None = None
+        try:
+            principal = await self.auth.authenticate(request.headers)
+            if principal.key_id is None:
+                raise BadRequest("Usage is per key; authentication is off.", code="no_key")
+            by = request.query.get("by", "model")
+            if by not in ("model", "day"):
+                raise BadRequest("`by` must be model or day.", param="by")
+            since = since_param(request, self.max_days)
+            if principal.key_id in self._running:
+                raise RateLimited("One usage report at a time per key.", headers={"retry-after": "1"})
+            lease = self.leases.acquire_local(principal)
+            running = principal.key_id
+            self._running.add(running)
+            rows = await self.store.usage(since, by, principal.key_id)
+        finally:
+            if lease is not None:
+                lease.release()
+            if running is not None:
+                self._running.discard(running)
+        doc = {"object": "list", "key_id": principal.key_id, "since": since, "by": by, "data": rows}
+        return json_response(doc, request_id(request))
