@@ -17,10 +17,10 @@ from prometheus_client.metrics_core import Metric
 from sidecar.auth import Authenticator, bearer_token
 from sidecar.errors import BadRequest, NotFound, Unauthorized
 from sidecar.keys import KeyAdmin, listing
-from sidecar.metrics import counter
 from sidecar.params import MAX_PAGE, int_param, page, page_query, read_json, since_param
 from sidecar.rejects import RejectSampler
 from sidecar.responses import json_response, request_id
+from sidecar.series import counter
 from sidecar.store.base import USAGE_GROUPS, Store
 
 Handler = Callable[[web.Request, str], Awaitable[Any]]

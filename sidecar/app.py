@@ -8,6 +8,7 @@ imports this module but the CLI, the runner and tests.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from sidecar.auth import Authenticator
 from sidecar.config import Settings, read_secret, retention_seconds
 from sidecar.cors import Cors
 from sidecar.edge import server_header
-from sidecar.health import Health, RunState
+from sidecar.health import Health
 from sidecar.keys import KeyAdmin, StaticKeys, load_pepper
 from sidecar.leases import LeaseManager
 from sidecar.logs import RequestLog
@@ -32,6 +33,7 @@ from sidecar.records import RequestRecord
 from sidecar.rejects import RejectSampler
 from sidecar.responses import errors_middleware
 from sidecar.retention import Retention
+from sidecar.state import RunState
 from sidecar.store import open_store
 from sidecar.store.base import Store
 from sidecar.upstream import Upstream
@@ -118,74 +120,110 @@ def server_args(settings: Settings) -> dict[str, object]:
     }
 
 
-def create_app(settings: Settings) -> web.Application:
+@dataclass(frozen=True)
+class Parts:
+    """Every component of one app, each built from its own slice of the settings."""
+
+    settings: Settings
+    upstream: Upstream
+    metrics: Metrics
+    state: RunState
+    store: Store
+    auth: Authenticator
+    leases: LeaseManager
+    keys: KeyAdmin
+    request_log: RequestLog | None
+    writer: BatchWriter
+    bus: AuditBus | None
+    rejects: RejectSampler
+    retention: Retention
+    proxy: Proxy
+    admin: Admin
+
+
+def build(settings: Settings) -> Parts:
     s = settings
     api_key = read_secret("upstream.api_key", s.upstream.api_key, s.upstream.api_key_file)
     admin_token = read_secret("server.admin_token", s.server.admin_token, s.server.admin_token_file)
     queue = (s.limits.queue_size, s.limits.queue_timeout)
     upstream = Upstream(s.upstream, s.upstream.url, api_key, s.server.trusted_proxies, queue)
     metrics = Metrics(upstream.paths)
-    state = RunState()
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout, s.store.report_timeout)
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir)
-    static = StaticKeys(s.auth.static_keys_file)
-    auth = Authenticator(s.auth, s.limits, store, pepper, static)
+    auth = Authenticator(s.auth, s.limits, store, pepper, StaticKeys(s.auth.static_keys_file))
     leases = LeaseManager(s.limits)
-    keys = KeyAdmin(store, pepper)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
     writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
-    finish = record_finisher(metrics, writer, request_log)
     bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     rejects = RejectSampler(s.server.reject_rows_per_minute)
-    retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
+    finish = record_finisher(metrics, writer, request_log)
     proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects, cors)
-    health = Health(upstream, state, store, _writer_status(writer, bus))
+    keys = KeyAdmin(store, pepper)
+    retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     admin = Admin(admin_token, keys, store, auth, s.store.report_max_days)
-    collectors = [writer.collect, upstream.collect, leases.collect, rejects.collect, retention.collect, admin.collect]
-    for collect in [*collectors, *([bus.collect] if bus is not None else [])]:
-        metrics.add_collector(collect)
+    return Parts(
+        s, upstream, metrics, RunState(), store, auth, leases, keys, request_log, writer, bus, rejects, retention,
+        proxy, admin,
+    )  # fmt: skip
 
+
+def create_app(settings: Settings) -> web.Application:
+    parts = build(settings)
     app = web.Application(
-        client_max_size=s.server.max_body_bytes,
-        handler_args=server_args(s),
-        middlewares=[errors_middleware(proxy.handle)],
+        client_max_size=settings.server.max_body_bytes,
+        handler_args=server_args(settings),
+        middlewares=[errors_middleware(parts.proxy.handle)],
     )
-    app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = upstream, metrics, state, proxy
-    app[STORE], app[LEASES], app[AUTH], app[KEYS] = store, leases, auth, keys
-    app[WRITER] = writer
-    app.on_response_prepare.append(server_header(s.server.server_header))
+    app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = parts.upstream, parts.metrics, parts.state, parts.proxy
+    app[STORE], app[LEASES], app[AUTH], app[KEYS] = parts.store, parts.leases, parts.auth, parts.keys
+    app[WRITER] = parts.writer
+    app.on_response_prepare.append(server_header(settings.server.server_header))
+    p = parts
+    collectors = [p.writer.collect, p.upstream.collect, p.leases.collect, p.rejects.collect, p.retention.collect]
+    for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
+        p.metrics.add_collector(collect)
+    app.cleanup_ctx.extend(_lifecycle(parts))
+    _routes(app.router, parts)
+    return app
+
+
+def _lifecycle(p: Parts) -> list[CleanupCtx]:
+    """The resources, opened in this order and closed in reverse: the writer and the audit sinks drain before
+    the store closes; the upstream pool opens last and closes first."""
 
     async def open_store_() -> None:
-        await store.open()
-        await store.migrate()
+        await p.store.open()
+        await p.store.migrate()
 
     async def close_log() -> None:
-        proxy.ticker.close()
-        rejects.summary()
-        if request_log is not None:
-            request_log.close()
+        if p.request_log is not None:
+            p.request_log.close()
 
-    # Opened in this order, closed in reverse: the writer and the audit sinks drain before the store closes.
-    app.cleanup_ctx.extend(
-        [
-            _resource(open_store_, store.close),
-            _resource(retention.start, retention.close),
-            _resource(writer.start, writer.close),
-            _bus_resource(bus, s.writer.drain_timeout),
-            _resource(_nothing, close_log),
-            _resource(upstream.open, upstream.close),
-        ]
-    )
-    router = app.router
+    async def close_proxy() -> None:
+        p.proxy.ticker.close()
+        p.rejects.summary()
+
+    return [
+        _resource(open_store_, p.store.close),
+        _resource(p.retention.start, p.retention.close),
+        _resource(p.writer.start, p.writer.close),
+        _bus_resource(p.bus, p.settings.writer.drain_timeout),
+        _resource(_nothing, close_log),
+        _resource(_nothing, close_proxy),
+        _resource(p.upstream.open, p.upstream.close),
+    ]
+
+
+def _routes(router: web.UrlDispatcher, p: Parts) -> None:
+    health = Health(p.upstream, p.state, p.store, _writer_status(p.writer, p.bus))
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)
-    router.add_get("/metrics", metrics.handle)
-    admin.add_routes(router)
-    router.add_get("/v1/usage", OwnUsage(auth, store, leases, s.store.report_max_days).handle)
-    _proxied_routes(router, proxy, upstream.paths)
-    return app
+    router.add_get("/metrics", p.metrics.handle)
+    p.admin.add_routes(router)
+    router.add_get("/v1/usage", OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days).handle)
+    _proxied_routes(router, p.proxy, p.upstream.paths)
 
 
 def _proxied_routes(router: web.UrlDispatcher, proxy: Proxy, paths: frozenset[str]) -> None:

@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from sidecar.records import new_request_id
+from sidecar.state import RunState
 from sidecar.store.base import Store, StoreError
 from sidecar.upstream import Upstream
 
 log = logging.getLogger("sidecar.health")
-
-
-@dataclass
-class RunState:
-    """Process-wide run state owned by the app: set by the drain logic, read by the probes and the proxy."""
-
-    draining: bool = False
 
 
 class Health:

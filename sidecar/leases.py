@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import Metric
 from sidecar.auth import Principal
 from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
-from sidecar.metrics import gauge
+from sidecar.series import gauge
 
 
 class Bucket:

@@ -11,7 +11,6 @@ Components other than the proxy register their own small collectors through `add
 from __future__ import annotations
 
 import platform
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, get_args
 
@@ -27,12 +26,12 @@ from prometheus_client.metrics_core import (
 
 from sidecar import __version__
 from sidecar.records import Outcome, new_request_id
+from sidecar.series import Hist
 
 _KNOWN_CODES = frozenset(
     {200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 499, 500, 502, 503, 504}
 )
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 UpstreamErrorReason = Literal[
     "connect", "timeout_first_byte", "timeout_idle", "timeout_total", "status_5xx", "dropped", "protocol"
 ]
@@ -41,28 +40,6 @@ UPSTREAM_ERROR_REASONS: tuple[UpstreamErrorReason, ...] = get_args(UpstreamError
 
 def code_label(status: int) -> str:
     return str(status) if status in _KNOWN_CODES else f"{status // 100}xx"
-
-
-class Hist:
-    """A histogram as plain numbers: one count per bucket (the last is +Inf), a sum and a count."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out, running = [], 0
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
-            running += count
-            out.append((bound, float(running)))
-        return out
 
 
 class Metrics:
@@ -158,26 +135,4 @@ def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> Counter
     family = CounterMetricFamily(name, doc, labels=(label,))
     for value, n in values.items():
         family.add_metric((value,), n)
-    return family
-
-
-def counter(name: str, doc: str, labels: tuple[str, ...], values: dict[tuple[str, ...], float]) -> Metric:
-    """A counter family from plain numbers, for components' own collectors."""
-    family = CounterMetricFamily(name, doc, labels=labels)
-    for key, n in values.items():
-        family.add_metric(key, n)
-    return family
-
-
-def gauge(name: str, doc: str, labels: tuple[str, ...], values: dict[tuple[str, ...], float]) -> Metric:
-    family = GaugeMetricFamily(name, doc, labels=labels)
-    for key, n in values.items():
-        family.add_metric(key, n)
-    return family
-
-
-def histogram(name: str, doc: str, hist: Hist) -> Metric:
-    """A histogram family without labels, from a `Hist`."""
-    family = HistogramMetricFamily(name, doc, labels=())
-    family.add_metric((), hist.buckets(), hist.total)
     return family

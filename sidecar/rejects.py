@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from prometheus_client.metrics_core import Metric
 
-from sidecar.metrics import counter
+from sidecar.series import counter
 
 log = logging.getLogger("sidecar.rejects")
 

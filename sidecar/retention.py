@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from prometheus_client.metrics_core import Metric
 
-from sidecar.metrics import counter
+from sidecar.series import counter
 from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("sidecar.retention")

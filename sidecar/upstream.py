@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 from sidecar import routes
 from sidecar.client import Pool, Response, UpstreamFailure
 from sidecar.config import ConfigError, UpstreamCfg
-from sidecar.metrics import WAIT_BUCKETS, Hist, counter, gauge, histogram
+from sidecar.series import WAIT_BUCKETS, Hist, counter, gauge, histogram
 
 HOP_BY_HOP = frozenset(
     {

@@ -34,7 +34,7 @@ import orjson
 from prometheus_client.metrics_core import Metric
 
 from sidecar.config import WriterCfg
-from sidecar.metrics import counter, gauge
+from sidecar.series import counter, gauge
 from sidecar.spool import Segment, Spool
 from sidecar.store.base import Store, StoreError
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from prometheus_client.metrics_core import Metric
 
-from sidecar.metrics import counter
+from sidecar.series import counter
 
 log = logging.getLogger("sidecar.audit")
 

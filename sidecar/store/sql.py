@@ -1,6 +1,7 @@
 """SqlStore: the queries both backends share, written once over four primitives each backend provides.
 
-Placeholders are written `?` and rewritten to `%s` for PostgreSQL. DDL (types differ) lives in each backend.
+Placeholders are written `?` and rewritten to `%s` for PostgreSQL. The DDL is written once too (`schema_v1`,
+at the end), in each backend's column types, which the backends pass in.
 """
 
 from __future__ import annotations
