@@ -40,6 +40,10 @@ shift || true
 case "$cmd" in
   serve)
     ensure_venv dev
+    # Without an upstream (a flag, the environment or a config file), ask for the bundled demo explicitly.
+    if [[ " $* " != *" --upstream"* && " $* " != *" --config"* && -z "${SIDECAR_UPSTREAM_URL:-}${SIDECAR_CONFIG:-}" ]]; then
+      set -- --demo "$@"
+    fi
     exec .venv/bin/sidecar serve "$@"
     ;;
   install)

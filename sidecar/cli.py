@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument("--port", type=int, help="listen port (server.port)")
     serve.add_argument("--upstream", help="upstream OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    serve.add_argument(
+        "--demo", action="store_true", help="run the bundled demo upstream (to try the sidecar; default store only)"
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
@@ -116,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sidecar.runner import StartFailed, run
 
             try:
-                return run(settings)
+                return run(settings, args.demo)
             except StartFailed as exc:
                 print(f"sidecar: {exc}", file=sys.stderr)
                 return 1

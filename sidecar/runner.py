@@ -98,18 +98,27 @@ class StartFailed(Exception):
     """The sidecar could not start (the port is taken, the store cannot be opened): one line says why."""
 
 
-async def serve(settings: Settings, announce: Callable[[str], None] | None = None) -> int:
-    demo: web.AppRunner | None = None
-    if not settings.upstream.url and settings.store.url != StoreCfg().url:
+def check_upstream(settings: Settings, demo: bool) -> None:
+    """An upstream, or the demo asked for explicitly: an operator who forgot `--upstream` must not get a demo."""
+    if demo and settings.upstream.url:
+        raise ConfigError("upstream.url: --demo runs the bundled demo upstream; leave the upstream unset")
+    if not demo and not settings.upstream.url:
+        raise ConfigError("upstream.url: not set: give --upstream URL (or --demo to try the bundled demo upstream)")
+    if demo and settings.store.url != StoreCfg().url:
         # The demo mints a key: in a store that production replicas share, that key would work there too.
         raise ConfigError(
-            "upstream.url: not set, so the bundled demo upstream would start, but it runs only with the default "
-            f"SQLite store, not {mask_url(settings.store.url)}; give --upstream URL"
+            "store.url: the demo upstream runs only with the default SQLite store (it mints a key there), "
+            f"not {mask_url(settings.store.url)}"
         )
-    if not settings.upstream.url:
+
+
+async def serve(settings: Settings, announce: Callable[[str], None] | None = None, demo_upstream: bool = False) -> int:
+    check_upstream(settings, demo_upstream)
+    demo: web.AppRunner | None = None
+    if demo_upstream:
         demo, url = await start_demo_upstream()
         settings = replace(settings, upstream=replace(settings.upstream, url=url))
-        log.warning("no upstream configured: serving the bundled demo upstream at %s", url)
+        log.warning("--demo: serving the bundled demo upstream at %s", url)
     server = Server(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -169,8 +178,9 @@ def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> st
     )
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, demo: bool = False) -> int:
     """Run `serve` on uvloop (falls back to asyncio's loop where uvloop is unavailable)."""
+    check_upstream(settings, demo)  # before the loop starts: a config error is one line
     try:
         import uvloop
 
@@ -178,4 +188,4 @@ def run(settings: Settings) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms running
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(settings, lambda line: print(line, file=sys.stderr, flush=True)))
+        return runner.run(serve(settings, lambda line: print(line, file=sys.stderr, flush=True), demo))

@@ -35,7 +35,7 @@ async def test_serve_with_demo_upstream_and_sigterm(tmp_path):
     for name in ("SIDECAR_UPSTREAM_URL", "SIDECAR_STORE_URL", "SIDECAR_SERVER_DATA_DIR"):
         env.pop(name, None)
     proc = subprocess.Popen(  # the demo runs with the default store only: ./data/sidecar.db, here in tmp_path
-        [sys.executable, "-m", "sidecar", "serve", "--port", str(port)],
+        [sys.executable, "-m", "sidecar", "serve", "--demo", "--port", str(port)],
         env=env,
         cwd=tmp_path,
         stderr=subprocess.PIPE,
@@ -66,7 +66,7 @@ async def test_serve_with_demo_upstream_and_sigterm(tmp_path):
         out = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == 0, out[1]
     stderr = "".join(lines) + out[1]
-    assert "no upstream configured" in stderr and '"msg":"listening"' in stderr
+    assert "--demo: serving the bundled demo upstream" in stderr and '"msg":"listening"' in stderr
     assert headers["authorization"].split()[1] not in out[1]  # the demo key is printed once, never logged
     assert args[0] == "curl" and f"http://127.0.0.1:{port}/v1/chat/completions" in args
     assert '"request_id":"req_' in stderr and '"outcome":"completed"' in stderr

@@ -136,7 +136,7 @@ async def test_a_taken_port_exits_1_with_one_line(fake, tmp_path):
 async def test_the_demo_refuses_a_store_that_is_not_the_default(tmp_path, pg_url):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "serve", "--port", str(free_port()), "--db", pg_url],
+        [sys.executable, "-m", "sidecar", "serve", "--demo", "--port", str(free_port()), "--db", pg_url],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -145,7 +145,7 @@ async def test_the_demo_refuses_a_store_that_is_not_the_default(tmp_path, pg_url
         check=False,
     )
     assert proc.returncode == 2
-    assert "demo upstream" in proc.stderr and "--upstream" in proc.stderr
+    assert proc.stderr.strip().startswith("sidecar: configuration error: store.url: the demo upstream runs only")
     from sidecar.store import open_store
 
     store = open_store(pg_url)
@@ -155,6 +155,20 @@ async def test_the_demo_refuses_a_store_that_is_not_the_default(tmp_path, pg_url
         assert await store.list_keys() == []  # no key was minted there
     finally:
         await store.close()
+
+
+def test_serve_without_an_upstream_is_an_error_not_a_demo(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--port", str(free_port())],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "sidecar: configuration error: upstream.url: not set: give --upstream URL (or --demo to try the bundled "
+        "demo upstream)"
+    )
+    assert not (tmp_path / "data").exists()  # nothing was started, nothing was written
 
 
 @pytest.mark.parametrize("pepper", ["", "short"])
