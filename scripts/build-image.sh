@@ -3,14 +3,29 @@
 # on a local base image made from a Debian rootfs. Then smoke-test it and print its size.
 #   bash scripts/build-image.sh            # needs root; installs buildah and debootstrap from Debian
 # Env: WORK (scratch dir, default /tmp/sidecar-image), TAG (default localhost/sidecar:dev),
-#      BASE (default localhost/debian-python:3.11), MIRROR (Debian mirror).
+#      BASE (default localhost/debian-python:3.11), MIRROR (default: the Debian archive this machine's apt uses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/sidecar-image}
 TAG=${TAG:-localhost/sidecar:dev}
 BASE=${BASE:-localhost/debian-python:3.11}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
 B=(buildah --storage-driver vfs)
+
+debian_mirror() {
+  # The archive apt itself uses for bookworm: a deb822 `.sources` stanza, or a one-line `sources.list` entry.
+  local uri
+  uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && / bookworm( |$)/ {print u; exit}' /etc/apt/sources.list.d/*.sources \
+    2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list \
+    /etc/apt/sources.list.d/*.list 2>/dev/null || true)
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+MIRROR=${MIRROR:-$(debian_mirror)}
+# and apt's proxy, if it has one (debootstrap reads http_proxy)
+if [ -z "${http_proxy:-}" ] && command -v apt-config >/dev/null; then
+  eval "$(apt-config shell http_proxy Acquire::http::Proxy)"
+  [ -z "${http_proxy:-}" ] || export http_proxy
+fi
 
 need=()
 command -v buildah >/dev/null || need+=(buildah)
