@@ -19,18 +19,21 @@ framing) is answered here, not by aiohttp's default, which echoes the raw head (
 included) in a text/plain 400 and logs it with a traceback: the answer is an OpenAI-shaped JSON error that
 names what was wrong, the log line names the error's kind and the peer, and neither quotes the head.
 
-This reads two attributes of aiohttp's `RequestHandler` (`_messages`, the parsed requests not yet handled, and
-`_request_in_progress`) and sets `_lingering_time`; pyproject pins aiohttp below the next minor release, and
-tests/test_edge.py fails if their meaning changes.
+What this needs of aiohttp's internals is in one place, `AiohttpInternals`: three attributes of its
+`RequestHandler` (`_messages`, the parsed requests not yet handled; `_request_in_progress`; `_lingering_time`,
+set to 0) and the keyword arguments its `Server` keeps (`_kwargs`). `AiohttpInternals.check()` runs when the
+runner is built and fails loudly, naming what is missing, after an aiohttp upgrade that moved them;
+pyproject pins aiohttp's minor version, and tests/test_edge.py checks the meaning as well as the names.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import http_exceptions, web
 from aiohttp.streams import StreamReader
 
@@ -76,6 +79,43 @@ async def read_body(request: web.Request) -> bytes:
         raise RequestTimeout(str(exc)) from None
 
 
+class AiohttpInternals:
+    """Every private attribute of aiohttp that the edge reads or sets, behind one small adapter."""
+
+    HANDLER = ("_messages", "_request_in_progress", "_lingering_time", "_loop")
+    SERVER = ("_kwargs", "_loop")
+    RUNNER = ("_make_server",)
+
+    @staticmethod
+    def check(handler: object, server: object, runner: object = web.AppRunner) -> None:
+        missing = [f"RequestHandler.{a}" for a in AiohttpInternals.HANDLER if not hasattr(handler, a)]
+        missing += [f"Server.{a}" for a in AiohttpInternals.SERVER if not hasattr(server, a)]
+        missing += [f"AppRunner.{a}" for a in AiohttpInternals.RUNNER if not hasattr(runner, a)]
+        if missing:
+            raise RuntimeError(
+                f"aiohttp {aiohttp.__version__} lacks what sidecar/edge.py relies on ({', '.join(missing)}): "
+                "pin aiohttp to the minor version pyproject names, or adapt AiohttpInternals"
+            )
+
+    @staticmethod
+    def parsed(handler: web.RequestHandler) -> Sequence[tuple[object, StreamReader]]:
+        """The requests whose heads are parsed and not yet handled (each a (message, payload) pair)."""
+        return handler._messages
+
+    @staticmethod
+    def in_progress(handler: web.RequestHandler) -> bool:
+        return bool(handler._request_in_progress)
+
+    @staticmethod
+    def no_lingering(handler: web.RequestHandler) -> None:
+        """Close at once, without reading what is left of a request body."""
+        handler._lingering_time = 0.0
+
+    @staticmethod
+    def server_kwargs(server: web.Server) -> dict[str, Any]:
+        return server._kwargs
+
+
 class EdgeHandler(web.RequestHandler):
     __slots__ = ("_body", "_body_timer", "_head_bytes", "_head_timer", "_limits")
 
@@ -98,12 +138,13 @@ class EdgeHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._messages:  # a whole head was parsed: its body, if any, is now on the clock
+        parsed = AiohttpInternals.parsed(self)
+        if parsed:  # a whole head was parsed: its body, if any, is now on the clock
             self._stop_head()
-            payload = self._messages[-1][1]
+            payload = parsed[-1][1]
             if not payload.is_eof() and payload is not self._body:
                 self._watch_body(payload)
-        elif not self._request_in_progress and data:
+        elif not AiohttpInternals.in_progress(self) and data:
             self._head_bytes += len(data)
             if self._head_timer is None:  # the first byte of a kept-alive connection's next request
                 self._arm_head()
@@ -148,7 +189,7 @@ class EdgeHandler(web.RequestHandler):
 
     def _head_expired(self) -> None:
         self._head_timer = None
-        if self._messages or self._request_in_progress or self.transport is None:
+        if AiohttpInternals.parsed(self) or AiohttpInternals.in_progress(self) or self.transport is None:
             return
         if self._head_bytes:  # a client mid-head gets told why; an idle connection is just closed
             body = RequestTimeout("The request head did not arrive in time.").body()
@@ -172,7 +213,7 @@ class EdgeHandler(web.RequestHandler):
         if payload is None or payload.is_eof():
             return
         # The unread rest of the body is garbage now: close after the 408 instead of draining it.
-        self._lingering_time = 0.0
+        AiohttpInternals.no_lingering(self)
         self.close()
         payload.set_exception(BodyTimeout(f"The request body did not arrive within {self._limits.body_timeout:g}s."))
 
@@ -185,7 +226,7 @@ class EdgeServer(web.Server):
         self.limits = limits
 
     def __call__(self) -> EdgeHandler:
-        return EdgeHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
+        return EdgeHandler(self, loop=self._loop, limits=self.limits, **AiohttpInternals.server_kwargs(self))
 
 
 RELAYED = web.RequestKey("relayed", bool)  # set on a request whose answer is the upstream's, with its headers
@@ -213,11 +254,13 @@ class EdgeRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()
-        return EdgeServer(
+        server = EdgeServer(
             self.limits,
             base.request_handler,
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             loop=asyncio.get_running_loop(),
-            **base._kwargs,
+            **AiohttpInternals.server_kwargs(base),
         )
+        AiohttpInternals.check(server(), server)  # at start, loudly, rather than on the first slow client
+        return server

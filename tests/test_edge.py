@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 
 from tests.fake_upstream import Script
 
@@ -144,9 +145,16 @@ async def test_idle_keep_alive_connection_closes_at_the_keepalive_timeout(fake, 
     writer.close()
 
 
-async def test_the_suite_runs_on_uvloop_like_sidecar_serve():
-    import os
+async def test_the_aiohttp_internals_the_edge_relies_on_are_there_and_checked(fake, sidecar_factory):
+    """Run at every start too: an aiohttp upgrade that moves them fails loudly, naming what is gone."""
+    import aiohttp
 
-    loop = asyncio.get_running_loop()
-    expected = "asyncio" if os.environ.get("SIDECAR_TEST_LOOP") == "asyncio" else "uvloop"
-    assert type(loop).__module__.split(".")[0] == expected
+    from sidecar.edge import AiohttpInternals, EdgeServer
+
+    running = await sidecar_factory(fake.url)
+    server = running.server.runner.server
+    assert isinstance(server, EdgeServer)
+    AiohttpInternals.check(server(), server)
+    with pytest.raises(RuntimeError) as raised:
+        AiohttpInternals.check(object(), server)
+    assert "RequestHandler._messages" in str(raised.value) and aiohttp.__version__ in str(raised.value)
