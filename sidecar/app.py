@@ -202,7 +202,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
             p.request_log.close()
 
     async def close_proxy() -> None:
-        p.proxy.ticker.close()
+        p.proxy.relay.ticker.close()
         p.rejects.summary()
 
     return [

@@ -77,15 +77,15 @@ class Server:
         await self._wait(cfg.drain_grace)
         for site in list(self.runner.sites):
             await site.stop()
-        proxy = self.app[PROXY]
+        in_flight = self.app[PROXY].in_flight
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.drain_timeout
-        while proxy.active and loop.time() < deadline and not self._hurry.is_set():
+        while in_flight and loop.time() < deadline and not self._hurry.is_set():
             await self._wait(min(0.05, deadline - loop.time()))
-        still = proxy.cancel_all()
+        still = in_flight.cancel_all()
         if still:
             event(log, "drain timeout: cancelling requests", requests=still)
-            await proxy.wait_idle(5.0)
+            await in_flight.wait_idle(5.0)
         await self.runner.cleanup()
 
 

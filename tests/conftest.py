@@ -223,7 +223,7 @@ async def check_invariants(server: Server) -> None:
     from sidecar.app import LEASES, PROXY
 
     proxy = server.app[PROXY]
-    await wait_for(lambda: not proxy.active, 10)
+    await wait_for(lambda: not proxy.in_flight.tasks, 10)
     assert server.app[LEASES].totals() == (0, 0), "a lease slot or token reservation was left behind"
     assert server.app[LEASES].global_active == 0
 

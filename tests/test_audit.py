@@ -312,7 +312,7 @@ async def test_a_long_audited_stream_is_folded_as_it_goes_and_cut_at_the_cap(fak
     async with aiohttp.ClientSession() as s:
         async with s.post(running.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
             async for _ in r.content.iter_chunked(65536):
-                for task in proxy.active:  # what the scanner holds while the stream runs
+                for task in proxy.in_flight.tasks:  # what the scanner holds while the stream runs
                     coro = task.get_coro()
                     while coro is not None:  # down the await chain to the proxy's frame holding the exchange
                         ex = coro.cr_frame.f_locals.get("ex") if getattr(coro, "cr_frame", None) else None

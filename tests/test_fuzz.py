@@ -105,7 +105,7 @@ def check_after(t: Threaded) -> None:
         assert proxy.rejects is not None
         expected = t.sent - proxy.rejects.skipped  # unauthenticated 404s past the per-source rate get no row
         for _ in range(500):
-            if not proxy.active:
+            if not proxy.in_flight.tasks:
                 break
             await asyncio.sleep(0.01)
         writer = app[WRITER]
@@ -114,7 +114,7 @@ def check_after(t: Threaded) -> None:
             if rows >= expected:
                 break
             await asyncio.sleep(0.02)
-        return writer.alive, app[LEASES].totals(), rows - expected, len(proxy.active)
+        return writer.alive, app[LEASES].totals(), rows - expected, len(proxy.in_flight.tasks)
 
     alive, leases, missing, active = t.call(state())
     assert alive, "the writer died"

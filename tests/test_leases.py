@@ -194,7 +194,7 @@ async def test_200_streams_against_concurrency_8(fake, limited):
             assert body.endswith(b"data: [DONE]\n\n") and "x-ratelimit-limit-requests" in headers
     await wait_for(lambda: len(limited.rows) == 200)
     assert limited.server.app[LEASES].totals() == (0, 0)
-    assert not limited.server.app[PROXY].active
+    assert not limited.server.app[PROXY].in_flight.tasks
 
 
 async def test_rate_limit_headers_and_429_shape(fake, limited):
@@ -255,10 +255,10 @@ async def test_cancellation_at_every_await_point_leaves_nothing_behind(fake, lim
 
             client = asyncio.create_task(request())
             await asyncio.sleep(delay)
-            for task in list(proxy.active):
+            for task in list(proxy.in_flight.tasks):
                 task.cancel()
             with contextlib.suppress(aiohttp.ClientError):
                 await client
-            await wait_for(lambda: not proxy.active)
+            await wait_for(lambda: not proxy.in_flight.tasks)
             assert limited.server.app[LEASES].totals() == (0, 0), f"leak after cancel at {delay:.3f}s"
     await wait_for(lambda: len(limited.rows) == 30)

@@ -270,7 +270,7 @@ async def test_concurrent_streams_share_one_pool(fake, sidecar):
 async def test_finished_requests_leave_no_timers_or_tasks_behind(fake, sidecar):
     import gc
 
-    from sidecar.deadline import Deadline
+    from sidecar.upstream.deadline import Deadline
 
     fake.script.chunks = 3
     for body in (CHAT, {**CHAT, "stream": True}):
@@ -278,7 +278,7 @@ async def test_finished_requests_leave_no_timers_or_tasks_behind(fake, sidecar):
             await post(sidecar.url + "/v1/chat/completions", body)
     gc.collect()
     assert [o for o in gc.get_objects() if isinstance(o, Deadline)] == []
-    assert not sidecar.server.app[__import__("sidecar.app").app.PROXY].active
+    assert not sidecar.server.app[__import__("sidecar.app").app.PROXY].in_flight.tasks
 
 
 async def test_connect_timeout_is_a_fast_502(sidecar_factory):

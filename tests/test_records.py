@@ -276,9 +276,9 @@ async def test_shutdown_cancel_records_every_request(fake, sidecar_factory):
                 return await r.read()
 
         tasks = [asyncio.create_task(one()) for _ in range(5)]
-        await wait_for(lambda: len(proxy.active) == 5)
+        await wait_for(lambda: len(proxy.in_flight.tasks) == 5)
         await asyncio.sleep(0.1)
-        proxy.cancel_all()
+        proxy.in_flight.cancel_all()
         bodies = await asyncio.gather(*tasks)
     for body in bodies:
         assert b"server_shutting_down" in body and b"[DONE]" not in body

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 client for the one upstream: a keep-alive connection pool on asyncio protocols and httptools.
+"""The HTTP/1.1 connection pool to the one upstream: a keep-alive connection pool on asyncio protocols and httptools.
 
 Why not aiohttp's ClientSession: per request it builds a ClientRequest, yarl URLs, header multidicts, a
 ClientResponse, a StreamReader, timers and traces; measured on this machine that is ~70 µs of CPU per small
@@ -57,13 +57,13 @@ class PoolExhausted(UpstreamFailure):
     """`max_open` connections are busy and the wait for one is over its bound (queue length or time)."""
 
 
-class Response:
+class UpstreamResponse:
     """One response: its head, and its body as it arrives."""
 
     __slots__ = (
         "_conn",
         "_data",
-        "_done",
+        "ended",
         "_error",
         "_pending",
         "_waiter",
@@ -81,24 +81,24 @@ class Response:
         self.keep_alive = False
         self._data: deque[bytes] = deque()
         self._pending = 0
-        self._done = False  # the whole body is in `_data`
+        self.ended = False  # the whole body is in `_data`
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    # fed by the connection
+    # fed by the connection (its own use: the proxy reads, and releases or closes)
 
-    def _feed(self, data: bytes) -> None:
+    def deliver(self, data: bytes) -> None:
         self._data.append(data)
         self._pending += len(data)
         self._wake()
         if self._pending > HIGH_WATER and self._conn is not None:
             self._conn.pause()
 
-    def _finish(self) -> None:
-        self._done = True
+    def end(self) -> None:
+        self.ended = True
         self._wake()
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
         self._error = exc
         self._wake()
 
@@ -114,7 +114,7 @@ class Response:
     async def readany(self) -> bytes:
         """What has arrived since the last call (waiting for something), or b"" at the end of the body."""
         while not self._data:
-            if self._done:
+            if self.ended:
                 return b""
             if self._error is not None:
                 raise self._error
@@ -133,7 +133,7 @@ class Response:
 
     async def read(self, limit: int = 0) -> bytes:
         """The whole body (`ResponseTooLarge` past `limit` bytes, when set)."""
-        if self._done and not (limit and self._pending > limit):  # all in already: the usual small answer
+        if self.ended and not (limit and self._pending > limit):  # all in already: the usual small answer
             body = b"".join(self._drain())
             self._pending = 0
             return body
@@ -150,7 +150,7 @@ class Response:
         """Done with a response read to its end: its connection goes back to the pool when it can be reused."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.finished(self._done and self.keep_alive and not self._data)
+            conn.finished(self.ended and self.keep_alive and not self._data)
 
     def close(self) -> None:
         """Done early (or on an error): close the connection, so the upstream stops working on this request."""
@@ -167,8 +167,8 @@ class Connection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.response: Response | None = None
-        self.head: asyncio.Future[Response] | None = None
+        self.response: UpstreamResponse | None = None
+        self.head: asyncio.Future[UpstreamResponse] | None = None
         self.received = 0  # bytes of the current response so far
         self.idle_since = 0.0
         self.used = 0
@@ -197,8 +197,8 @@ class Connection(asyncio.Protocol):
         response = self.response
         head_in = self.head is not None and self.head.done()
         close_delimited = exc is None and not self._chunked and response is not None and response.content_length is None
-        if response is not None and head_in and not response._done and close_delimited:
-            response._finish()  # a body delimited by the connection's close
+        if response is not None and head_in and not response.ended and close_delimited:
+            response.end()  # a body delimited by the connection's close
             return
         reason = f"the upstream closed the connection ({exc or 'EOF'})"
         self._broken(ConnectionBroken(reason))
@@ -217,7 +217,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         response = self.response
-        if response is None or response._done:  # bytes nobody asked for: the connection cannot be trusted
+        if response is None or response.ended:  # bytes nobody asked for: the connection cannot be trusted
             self._stray = True
             self.abort()
 
@@ -247,18 +247,18 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if not self._stray and self.response is not None:
-            self.response._feed(body)
+            self.response.deliver(body)
 
     def on_message_complete(self) -> None:
         response = self.response
         if not self._stray and response is not None and response.status >= 200:
-            response._finish()
+            response.end()
 
     # used by the pool and the response
 
-    def start(self, request: bytes) -> asyncio.Future[Response]:
+    def start(self, request: bytes) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
-        self.response = Response(self)
+        self.response = UpstreamResponse(self)
         self.head = self.loop.create_future()
         self.received = 0
         self._chunked = False
@@ -269,8 +269,8 @@ class Connection(asyncio.Protocol):
     def _broken(self, exc: UpstreamFailure) -> None:
         if self.head is not None and not self.head.done():
             self.head.set_exception(exc)
-        elif self.response is not None and not self.response._done:
-            self.response._fail(exc)
+        elif self.response is not None and not self.response.ended:
+            self.response.fail(exc)
 
     def finished(self, reusable: bool) -> None:
         self.response = None
@@ -324,7 +324,7 @@ class Pool:
         self._closing = False
         self.stale_retries = 0
 
-    async def send(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> Response:
+    async def send(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> UpstreamResponse:
         """Send one request; the response's head is in when this returns."""
         request = self._encode(method, target, headers, body)
         conn = self._idle_one() or await self._acquire()
@@ -340,7 +340,7 @@ class Pool:
         return await self._start(await self._acquire(fresh=True), request)
 
     @staticmethod
-    async def _start(conn: Connection, request: bytes) -> Response:
+    async def _start(conn: Connection, request: bytes) -> UpstreamResponse:
         """Write the request and wait for the head; on any failure or cancellation the connection is closed."""
         started = False
         try:

@@ -19,9 +19,9 @@ from multidict import CIMultiDict
 from prometheus_client.metrics_core import Metric
 
 from sidecar import routes
-from sidecar.client import Pool, Response, UpstreamFailure
 from sidecar.config import ConfigError, UpstreamCfg
 from sidecar.series import WAIT_BUCKETS, Hist, counter, gauge, histogram
+from sidecar.upstream.pool import Pool, UpstreamFailure, UpstreamResponse
 
 HOP_BY_HOP = frozenset(
     {
@@ -165,7 +165,7 @@ class Upstream:
             self._waited,
         )
 
-    def send(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Awaitable[Response]:
+    def send(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Awaitable[UpstreamResponse]:
         """Send one request (see `Pool.send`: the keep-alive race is retried once on a fresh connection)."""
         return self.pool.send(method, target, headers.items(), body)
 

@@ -1,0 +1,309 @@
+"""Relay: an admitted request to the upstream, and its answer to the client, as it arrives.
+
+Before the first byte reaches the client an error is an OpenAI-shaped JSON response; after it, a stream ends
+with an SSE `error` event and no `[DONE]` (so a client can tell a cut stream from a finished one), and a plain
+body is cut short. A whole (non-streaming) answer up to `BUFFERED` bytes is sent in one write; a larger one is
+relayed as it arrives, so memory per request is bounded whatever the size of the answer. Usage is read from
+whatever the answer carries; time limits are the upstream deadlines (first byte, idle, total).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.aggregate import StreamCapture
+from sidecar.audit import BodyCapture
+from sidecar.config import UpstreamCfg
+from sidecar.edge import RELAYED
+from sidecar.errors import Overloaded, ShuttingDown, SidecarError, UpstreamError, UpstreamTimeout
+from sidecar.exchange import Exchange, client_gone
+from sidecar.inflight import InFlight
+from sidecar.metrics import Metrics, UpstreamErrorReason
+from sidecar.records import Outcome, RequestRecord
+from sidecar.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE
+from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
+from sidecar.upstream import Upstream
+from sidecar.upstream.deadline import Deadline, DeadlineExpired, Limit, Ticker
+from sidecar.upstream.pool import ConnectFailed, PoolExhausted, UpstreamFailure, UpstreamResponse
+
+BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
+_ERROR_EVENT_WRITE_TIMEOUT = 5.0
+_OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
+_TIMEOUT_REASONS: dict[Limit, UpstreamErrorReason] = {
+    "first_byte": "timeout_first_byte",
+    "idle": "timeout_idle",
+    "total": "timeout_total",  # counted as idle once: the Literal now makes such a slip a type error
+}
+
+
+class ClientGone(Exception):
+    """The client's connection closed while the proxy was reading its body or writing to it."""
+
+
+class UpstreamBroke(Exception):
+    """The upstream connection failed after its response had started."""
+
+
+def sse_error_event(err: SidecarError) -> bytes:
+    return b"event: error\ndata: " + err.body() + b"\n\n"
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _is_sse(up: UpstreamResponse) -> bool:
+    return up.headers.get("content-type", "").startswith("text/event-stream")
+
+
+class Relay:
+    def __init__(
+        self, upstream: Upstream, metrics: Metrics, in_flight: InFlight, audit_cap: int, digest_only: bool
+    ) -> None:
+        self.upstream = upstream
+        self.cfg: UpstreamCfg = upstream.cfg
+        self.metrics = metrics
+        self.in_flight = in_flight
+        self.ticker = Ticker()
+        self.audit_cap = audit_cap
+        self.audit_digest_only = digest_only  # redact_paths are set: a raw body prefix cannot be kept
+
+    async def relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        cfg = self.cfg
+        try:
+            limits = (cfg.first_byte_timeout, cfg.stream_idle_timeout, cfg.total_timeout)
+            async with Deadline(self.ticker, *limits) as deadline:
+                return await self._exchange(request, ex, deadline)
+        except DeadlineExpired as exc:
+            self.metrics.upstream_error(_TIMEOUT_REASONS[exc.reason])
+            return await self._fail(request, ex, UpstreamTimeout(f"The upstream did not answer in time ({exc})."))
+        except UpstreamBroke as exc:
+            self.metrics.upstream_error("dropped")
+            broke = UpstreamError(f"The upstream connection broke mid-response: {exc}", code="upstream_dropped")
+            return await self._fail(request, ex, broke)
+        except asyncio.CancelledError:
+            if not self.in_flight.shutting_down or client_gone(request):
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own shutdown cancel: end the response properly instead
+            return await self._fail(request, ex, ShuttingDown("The server is shutting down; retry the request."))
+
+    async def _exchange(self, request: web.Request, ex: Exchange, deadline: Deadline) -> web.StreamResponse:
+        ex.up = up = await self._send(request, ex)
+        request[RELAYED] = True
+        ex.rec.upstream_status = up.status
+        if up.status >= 500:
+            self.metrics.upstream_error("status_5xx")
+        if not _is_sse(up):
+            return await self._whole(request, ex, up, deadline)
+        return await self._stream(request, ex, up, deadline)
+
+    async def _send(self, request: web.Request, ex: Exchange) -> UpstreamResponse:
+        up = self.upstream
+        target = up.target(ex.admitted.call.path, request.raw_path.partition("?")[2])
+        headers = up.request_headers(request.headers, ex.rec.request_id, request.remote)
+        ex.sent = True
+        try:
+            return await up.send(request.method, target, headers, ex.admitted.call.upstream_body())
+        except ConnectFailed as exc:
+            self.metrics.upstream_error("connect")
+            raise UpstreamError(f"Cannot connect to the upstream: {exc}.", code="upstream_unreachable") from None
+        except PoolExhausted as exc:
+            busy = f"The server is at capacity ({exc}); retry shortly."
+            raise Overloaded(busy, headers={"retry-after": "1"}) from None
+        except UpstreamFailure as exc:
+            self.metrics.upstream_error("protocol")
+            raise UpstreamError(f"The upstream request failed: {exc}.") from None
+
+    async def _whole(
+        self, request: web.Request, ex: Exchange, up: UpstreamResponse, deadline: Deadline
+    ) -> web.StreamResponse:
+        """A non-streaming answer. Up to `BUFFERED` bytes it is read whole and sent with one write; a larger one
+        is relayed as it arrives (`_relay_body`), so memory per request stays bounded whatever its size. The
+        body follows its headers at once (generation happened before them): the first-byte limit stays."""
+        limit = self.cfg.max_response_bytes
+        declared = up.content_length
+        if declared is not None and declared > limit:
+            raise UpstreamError(f"The upstream response is {declared} bytes, over the configured limit.")
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await self._read(up.readany):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError(f"The upstream response is over the configured limit of {limit} bytes.")
+            if size > BUFFERED:
+                return await self._relay_body(request, ex, up, parts, size, deadline)
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        ex.clean = True
+        rec = ex.rec
+        if ex.capture is not None:
+            ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
+        rec.bytes_out = len(body)
+        self._whole_outcome(ex, up.status, body, whole=True)
+        return web.Response(status=up.status, body=body, headers=self._headers(ex, up))
+
+    async def _relay_body(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        up: UpstreamResponse,
+        parts: list[bytes],
+        size: int,
+        deadline: Deadline,
+    ) -> web.StreamResponse:
+        """A large non-streaming body, passed on chunk by chunk (the idle limit applies between chunks); its usage
+        object is found wherever it is in the body."""
+        rec = ex.rec
+        rec.status = up.status
+        limit = self.cfg.max_response_bytes
+        resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
+        if up.content_length is not None:
+            resp.content_length = up.content_length
+        try:
+            await resp.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        ex.resp, ex.raw = resp, True
+        capture = BodyCapture(self.audit_cap, self.audit_digest_only) if ex.capture is not None else None
+        finder = UsageFinder()
+        loop = asyncio.get_running_loop()
+        deadline.touch(loop.time())
+        data: bytes = b"".join(parts)
+        while data:
+            finder.add(data)
+            if capture is not None:
+                capture.add(data)
+            await self._write(resp, data, rec)
+            data = await self._read(up.readany)
+            deadline.touch(loop.time())
+            size += len(data)
+            if size > limit:
+                raise UpstreamBroke(f"the response is over the configured limit of {limit} bytes")
+        ex.clean = True
+        if capture is not None:
+            ex.response = capture.result()
+        self._whole_outcome(ex, up.status, finder.region, whole=False)
+        try:
+            await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        return resp
+
+    def _headers(self, ex: Exchange, up: UpstreamResponse) -> dict[str, str] | CIMultiDict[str]:
+        headers = self.upstream.response_headers(up.headers, ex.rec.request_id)
+        if "server" not in headers:
+            headers["server"] = ""  # the upstream named nobody: neither does aiohttp's default
+        if ex.cors:  # ours replace the upstream's
+            for name in [n for n in headers if n.lower().startswith("access-control-")]:
+                del headers[name]
+            headers.update(ex.cors)
+        headers.update(ex.admitted.lease.headers)
+        return headers
+
+    def _whole_outcome(self, ex: Exchange, status: int, region: bytes, whole: bool) -> None:
+        """Status, outcome and usage of a whole (non-streaming) answer: its `usage` object, found in `region`
+        (the body, or where a relayed body's last `usage` key was); a body of another shape (llama-server's
+        native `/completion`, a tokenizer's `count`) is read whole when it is (`whole`)."""
+        rec = ex.rec
+        rec.status = status
+        if status >= 500:
+            rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
+        elif status < 300:
+            rec.mark_first_token()  # a whole body: its tokens reach the client all at once, now
+            usage = usage_from(usage_object(region))
+            if usage is None and whole and ex.admitted.call.family in _OTHER_USAGE_SHAPES:
+                try:
+                    usage = usage_of(orjson.loads(region))
+                except orjson.JSONDecodeError:
+                    usage = None
+            if usage is not None:
+                completion = usage.completion_tokens
+                if completion is None and ex.admitted.call.family in NO_OUTPUT:
+                    completion = 0  # nothing is generated there: a count of input tokens is all of it
+                rec.set_usage(usage.prompt_tokens, completion, usage.cached_tokens, "upstream")
+            ex.admitted.lease.settle(rec.prompt_tokens, rec.completion_tokens)
+
+    async def _stream(
+        self, request: web.Request, ex: Exchange, up: UpstreamResponse, deadline: Deadline
+    ) -> web.StreamResponse:
+        rec = ex.rec
+        call = ex.admitted.call
+        audit = ex.capture
+        ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, audit is not None, call.family, call.tools)
+        if audit is not None:
+            audit.stream = StreamCapture(self.audit_cap)
+        read = up.readany
+        loop = asyncio.get_running_loop()
+        chunk = await self._read(read)
+        deadline.touch(loop.time())
+        resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
+        rec.status = up.status
+        if up.status >= 500:  # an error, even when it comes as a stream
+            rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
+        try:
+            await resp.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        ex.resp = resp
+        while chunk:
+            rec.chunks += 1
+            data = scanner.feed(chunk)
+            if audit is not None and scanner.kept > StreamCapture.FOLD_BYTES:
+                assert audit.stream is not None
+                audit.stream.fold(scanner.take_regions(), scanner.sep)
+            if rec.ttft_ms is None and scanner.first_output:
+                rec.mark_first_token()
+            if data:
+                await self._write(resp, data, rec)
+            chunk = await self._read(read)
+            deadline.touch(loop.time())
+        tail = scanner.flush()
+        if tail:
+            await self._write(resp, tail, rec)
+        ex.clean = True
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    async def _read(read: Callable[[], Any]) -> bytes:
+        try:
+            chunk: bytes = await read()
+        except UpstreamFailure as exc:
+            raise UpstreamBroke(str(exc)) from None
+        return chunk
+
+    @staticmethod
+    async def _write(resp: web.StreamResponse, data: bytes, rec: RequestRecord) -> None:
+        try:
+            await resp.write(data)
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        rec.bytes_out += len(data)
+
+    async def _fail(self, request: web.Request, ex: Exchange, err: SidecarError) -> web.StreamResponse:
+        """An upstream failure: a JSON error before the answer started, a terminal SSE event after in a stream;
+        in a plain body that started there is no way to say it but to cut the connection short."""
+        if ex.resp is None:
+            raise err
+        ex.rec.outcome, ex.rec.error_code = err.outcome, err.code
+        if ex.raw:
+            if request.transport is not None:
+                request.transport.abort()  # the client sees a truncated body, never a complete-looking one
+            return ex.resp
+        try:
+            async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
+                await ex.resp.write(sse_error_event(err))
+                await ex.resp.write_eof()
+        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError):
+            pass  # the client is gone or stuck too; the record already says why the stream ended
+        return ex.resp
