@@ -50,7 +50,12 @@ def test_max_tokens_table(raw, passes, reserved):
     if not passes:
         with pytest.raises(BadRequest) as info:
             parse("POST", PATH, body)
-        assert info.value.status == 400
+        err = info.value
+        assert err.status == 400
+        if raw == b"1e400":  # the JSON itself cannot be read
+            assert (err.code, err.param) == ("invalid_json", None)
+        else:  # the field is named, and its type is what is wrong
+            assert (err.code, err.param) == ("invalid_type", "max_tokens")
         return
     c = parse("POST", PATH, body)
     assert c.max_tokens == reserved and c.upstream_body() == body

@@ -151,8 +151,20 @@ async def test_no_headers_in_time_is_a_504(fake, sidecar_factory):
 async def test_headers_but_no_first_event_in_time_is_a_504(fake, sidecar_factory):
     running = await sidecar_factory(fake.url, upstream__first_byte_timeout=0.3)
     fake.script.delay_first = 5
-    status, _, _body = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
-    assert status == 504
+    status, headers, body = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
+    assert status == 504 and headers["content-type"] == "application/json"  # a JSON error: the stream never began
+    error = orjson.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("upstream_timeout", "upstream_timeout") and "first_byte" in error[
+        "message"
+    ]
+    row = (await running.stored(1))[0]
+    assert (row["outcome"], row["status"], row["upstream_status"], row["ttft_ms"]) == (
+        "upstream_timeout",
+        504,
+        200,
+        None,
+    )
+    await wait_for(lambda: fake.last().closed_at is not None, 2)  # and the upstream request was closed
 
 
 async def test_idle_stream_ends_with_an_error_event_and_no_done(fake, sidecar_factory):
