@@ -12,9 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sidecar.tokens import estimate_prompt
+from tests.common import CHAT
 from tests.fake_upstream import Script
-
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_token_id_prompts_count_one_token_per_id():

@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 
 from sidecar.app import UPSTREAM
+from tests.common import CHAT_PATH, post
 from tests.fake_upstream import Script
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
@@ -42,9 +43,9 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length)
 
 
-async def post(url: str, body: bytes = BODY) -> tuple[int, bytes]:
-    async with aiohttp.ClientSession() as s, s.post(url + "/v1/chat/completions", data=body) as r:
-        return r.status, await r.read()
+async def chat(url: str) -> tuple[int, bytes]:
+    status, _, body = await post(url + CHAT_PATH, BODY, {"content-type": "application/json"})
+    return status, body
 
 
 async def test_a_body_delimited_by_the_connections_close(sidecar_factory):
@@ -57,7 +58,7 @@ async def test_a_body_delimited_by_the_connections_close(sidecar_factory):
     server, url = await serve(handler)
     try:
         running = await sidecar_factory(url)
-        assert await post(running.url) == (200, ANSWER)
+        assert await chat(running.url) == (200, ANSWER)
         assert running.rows[0]["outcome"] == "completed"
     finally:
         server.close()
@@ -80,7 +81,7 @@ async def post_through(sidecar_factory: Any, raw: bytes) -> tuple[int, bytes]:
     server, url = await serve(answer_once(raw))
     try:
         running = await sidecar_factory(url)
-        return await post(running.url)
+        return await chat(running.url)
     finally:
         server.close()
 
@@ -99,7 +100,7 @@ async def test_a_garbled_response_is_a_502(sidecar_factory):
 async def test_the_pool_size_is_an_idle_cap_not_a_concurrency_limit(fake, sidecar_factory):
     fake.script = Script(delay_headers=0.2)
     running = await sidecar_factory(fake.url, upstream__pool_size=3)
-    results = await asyncio.gather(*(post(running.url) for _ in range(20)))
+    results = await asyncio.gather(*(chat(running.url) for _ in range(20)))
     assert [s for s, _ in results] == [200] * 20
     assert fake.max_in_flight == 20  # every admitted request ran at once
     pool = running.server.app[UPSTREAM].pool
@@ -109,7 +110,7 @@ async def test_the_pool_size_is_an_idle_cap_not_a_concurrency_limit(fake, sideca
 async def test_max_connections_caps_open_connections_and_measures_the_wait(fake, sidecar_factory):
     fake.script = Script(delay_headers=0.05)
     running = await sidecar_factory(fake.url, upstream__max_connections=3)
-    results = await asyncio.gather(*(post(running.url) for _ in range(20)))
+    results = await asyncio.gather(*(chat(running.url) for _ in range(20)))
     assert [s for s, _ in results] == [200] * 20
     assert fake.max_in_flight == 3
     async with aiohttp.ClientSession() as s, s.get(running.url + "/metrics") as r:
@@ -123,7 +124,7 @@ async def test_max_connections_caps_open_connections_and_measures_the_wait(fake,
 async def test_a_full_connection_queue_is_a_503_not_an_unbounded_wait(fake, sidecar_factory):
     fake.script = Script(delay_headers=0.3)
     running = await sidecar_factory(fake.url, upstream__max_connections=1, limits__queue_size=2)
-    results = await asyncio.gather(*(post(running.url) for _ in range(10)))
+    results = await asyncio.gather(*(chat(running.url) for _ in range(10)))
     statuses = sorted(s for s, _ in results)
     assert statuses.count(200) >= 3 and statuses.count(503) >= 1 and set(statuses) <= {200, 503}
     assert fake.max_in_flight == 1
@@ -147,10 +148,10 @@ async def test_idle_connections_older_than_the_keepalive_timeout_are_not_reused(
     try:
         running = await sidecar_factory(url, upstream__keepalive_timeout=0.3)
         for _ in range(3):
-            assert (await post(running.url))[0] == 200
+            assert (await chat(running.url))[0] == 200
         assert connections == 1  # kept alive between quick requests
         await asyncio.sleep(0.5)
-        assert (await post(running.url))[0] == 200
+        assert (await chat(running.url))[0] == 200
         assert connections == 2  # past the idle timeout: a new connection
     finally:
         server.close()
@@ -216,8 +217,8 @@ async def test_bytes_after_a_complete_answer_retire_the_connection(sidecar_facto
     server, url = await serve(handler)
     try:
         running = await sidecar_factory(url)
-        assert await post(running.url) == (200, ANSWER)
-        assert await post(running.url) == (200, ANSWER)
+        assert await chat(running.url) == (200, ANSWER)
+        assert await chat(running.url) == (200, ANSWER)
         assert connections == 2  # the first connection was not trusted with the second request
     finally:
         server.close()

@@ -7,9 +7,10 @@ import time
 
 import orjson
 
+from tests.common import STREAM
 from tests.conftest import wait_for
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+CHAT = STREAM  # these tests stream
 
 
 async def open_stream(port: int, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

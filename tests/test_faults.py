@@ -21,10 +21,10 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.common import CHAT, CHAT_PATH, post
 from tests.fake_upstream import FakeUpstream, Script
 from tests.faults import Fault, FaultProxy
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
 FAST_TIMEOUTS = {"upstream__first_byte_timeout": 0.6, "upstream__stream_idle_timeout": 0.6}
 
@@ -36,11 +36,6 @@ async def upstream_proxy(fake: FakeUpstream) -> AsyncIterator[FaultProxy]:
     await proxy.start()
     yield proxy
     await proxy.close()
-
-
-async def post(url: str, doc: dict[str, Any]) -> tuple[int, bytes]:
-    async with aiohttp.ClientSession() as s, s.post(url + "/v1/chat/completions", json=doc) as r:
-        return r.status, await r.read()
 
 
 POINTS = {"head": 8, "mid-stream": b"tok2", "usage event": b'"usage"'}
@@ -62,7 +57,7 @@ EXPECTED = {
 async def test_upstream_break_at_each_point(fake, upstream_proxy, sidecar_factory, kind, point):
     running = await sidecar_factory(f"http://{upstream_proxy.url_host}/v1", **FAST_TIMEOUTS)
     upstream_proxy.fault = Fault(kind, at=POINTS[point])
-    status, body = await post(running.url, STREAM)
+    status, _, body = await post(running.url + CHAT_PATH, STREAM)
     want_status, want_outcome = EXPECTED[(kind, point)]
     assert upstream_proxy.faults_hit == 1
     assert status == want_status, body
@@ -85,7 +80,7 @@ async def test_upstream_break_at_each_point(fake, upstream_proxy, sidecar_factor
 async def test_upstream_break_inside_a_json_body(fake, upstream_proxy, sidecar_factory, kind):
     running = await sidecar_factory(f"http://{upstream_proxy.url_host}/v1", **FAST_TIMEOUTS)
     upstream_proxy.fault = Fault(kind, at=b'"usage"')
-    status, body = await post(running.url, CHAT)
+    status, _, body = await post(running.url + CHAT_PATH, CHAT)
     assert status == 502
     assert orjson.loads(body)["error"]["code"] == "upstream_dropped"
     [row] = await running.stored(1)
@@ -114,22 +109,22 @@ async def test_a_late_close_from_the_upstream_does_not_hold_the_client(fake, ups
     loop = asyncio.get_running_loop()
     start = loop.time()
     for doc in (STREAM, CHAT):
-        assert (await post(running.url, doc))[0] == 200
+        assert (await post(running.url + CHAT_PATH, doc))[0] == 200
     assert loop.time() - start < 3.0  # both answered on framing, not on the connection's close
     assert [r["outcome"] for r in await running.stored(2)] == ["completed", "completed"]
 
 
 async def test_upstream_down_then_back(fake, upstream_proxy, sidecar_factory):
     running = await sidecar_factory(f"http://{upstream_proxy.url_host}/v1")
-    assert (await post(running.url, CHAT))[0] == 200
+    assert (await post(running.url + CHAT_PATH, CHAT))[0] == 200
     await upstream_proxy.down()
-    status, body = await post(running.url, CHAT)
+    status, _, body = await post(running.url + CHAT_PATH, CHAT)
     assert status == 502
     assert orjson.loads(body)["error"]["code"] == "upstream_unreachable"
     async with aiohttp.ClientSession() as s, s.get(running.url + "/readyz") as r:
         assert r.status == 503
     await upstream_proxy.up()
-    assert (await post(running.url, STREAM))[0] == 200
+    assert (await post(running.url + CHAT_PATH, STREAM))[0] == 200
     assert [r["outcome"] for r in await running.stored(3)] == ["completed", "upstream_error", "completed"]
 
 
@@ -209,9 +204,9 @@ async def test_reused_connection_reset_is_retried_only_before_any_response_byte(
     fake, upstream_proxy, sidecar_factory, at, retried
 ):
     running = await sidecar_factory(f"http://{upstream_proxy.url_host}/v1")
-    assert (await post(running.url, CHAT))[0] == 200  # the connection is now pooled
+    assert (await post(running.url + CHAT_PATH, CHAT))[0] == 200  # the connection is now pooled
     upstream_proxy.fault = Fault("reset", at=at)  # hits the next response on that pooled connection
-    status, _ = await post(running.url, CHAT)
+    status, _, _ = await post(running.url + CHAT_PATH, CHAT)
     assert upstream_proxy.faults_hit == 1
     assert status == (200 if retried else 502)
     assert len(fake.received) == (3 if retried else 2)

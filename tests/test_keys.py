@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.keys import KEY_LEN, new_key, parse_key
+from tests.common import CHAT
 
 ADMIN = "admin-token-canary-1234"
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_key_format_round_trip():

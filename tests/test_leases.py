@@ -16,11 +16,12 @@ from sidecar.auth import Principal
 from sidecar.config import LimitsCfg
 from sidecar.errors import RateLimited
 from sidecar.leases import LeaseManager
+from tests import common
 from tests.conftest import wait_for
 from tests.test_calls import MAX_TOKENS
 
 ADMIN = "admin-token"
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+CHAT = {**common.CHAT, "max_tokens": 20}
 
 
 class Clock:

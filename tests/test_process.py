@@ -13,10 +13,11 @@ import time
 import aiohttp
 import pytest
 
+from tests.common import STREAM
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+CHAT = STREAM  # these tests stream
 
 
 def start(tmp_path, upstream, port, **env):

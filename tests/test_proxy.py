@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.common import CHAT, post
 from tests.conftest import free_port, wait_for
 from tests.fake_upstream import SHAPED_ANSWERS
-
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-
-
-async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, Any, bytes]:
-    async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers or {}) as r:
-        return r.status, r.headers.copy(), await r.read()
 
 
 async def test_non_streaming_body_is_byte_identical_and_ids_match(fake, sidecar):

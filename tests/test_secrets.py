@@ -18,13 +18,13 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.common import CHAT
 from tests.conftest import free_port, reap
 from tests.fake_upstream import FAKE_CONTENT_TYPE, FAKE_DATE
 from tests.test_cli import wait_listening
 
 KEY = "sk-sc-secretsecret-ABCDEFGHIJKLMNOP"
 ADMIN = "admin-token-0123456789"
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def sidecar(tmp_path: Path, *args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen[str]:

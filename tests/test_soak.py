@@ -22,12 +22,12 @@ from typing import Any
 
 import aiohttp
 
+from tests.common import CHAT
 from tests.conftest import free_port, reap
 from tests.fake_upstream import FakeUpstream, Script
 from tests.faults import Fault, FaultProxy
 from tests.test_cli import wait_listening
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 CHAOS = [
     None,
     None,
