@@ -1,25 +1,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-import sidecar as sidecar_package
 from sidecar.config import Settings, load
 from sidecar.logs import REQUEST_LOGGER
 from sidecar.runner import Server
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import free_port, reap, wait_for
+from tests.invariants import assert_stored, check_invariants, open_resources, sidecar_tasks
+
+pytest_plugins = ["tests.pg_fixtures"]
+__all__ = ["free_port", "reap", "wait_for"]  # imported by the tests from here
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
@@ -168,139 +169,6 @@ async def sidecar_factory(
         await assert_stored(server, logged)
 
 
-def sidecar_tasks(before: set[asyncio.Task[Any]]) -> list[str]:
-    """Tasks started since `before` that are still running sidecar code."""
-    package = str(Path(sidecar_package.__file__).parent) + os.sep
-    left = []
-    for task in asyncio.all_tasks() - before:
-        if not task.done() and any(name.startswith(package) for name in _awaiting(task.get_coro())):
-            left.append(repr(task)[:200])
-    return left
-
-
-def _awaiting(coro: Any) -> Iterator[str]:
-    """The source files of a suspended coroutine and of everything it awaits, down the chain."""
-    while coro is not None:
-        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
-        if code is not None:
-            yield code.co_filename
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-
-
-def _tcp_ports() -> dict[str, tuple[int, int]]:
-    """socket inode -> (local port, remote port) for this machine's TCP sockets."""
-    ports = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(name) as f:
-            for line in list(f)[1:]:
-                cols = line.split()
-                ports[cols[9]] = (int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def open_resources(server: Server) -> list[str]:
-    """This process's descriptors that a stopped sidecar should have closed: files in its data directory, sockets
-    on its port (its listener and accepted connections), and its upstream connection pool."""
-    from sidecar.app import UPSTREAM
-
-    data_dir = os.path.realpath(server.settings.server.data_dir) + os.sep
-    ports = _tcp_ports()
-    left = [] if server.app[UPSTREAM].closed else ["the upstream connection pool"]
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(data_dir):
-            left.append(target)
-        elif target.startswith("socket:[") and ports.get(target[8:-1], (0, 0))[0] == server.port:
-            left.append(f"{target} on port {server.port}")
-    return left
-
-
-async def check_invariants(server: Server) -> None:
-    """After every functional test: no request still running, no lease slot or token reservation left."""
-    from sidecar.app import LEASES, PROXY
-
-    proxy = server.app[PROXY]
-    await wait_for(lambda: not proxy.in_flight.tasks, 10)
-    assert server.app[LEASES].totals() == (0, 0), "a lease slot or token reservation was left behind"
-    assert server.app[LEASES].global_active == 0
-
-
-async def assert_stored(server: Server, request_ids: list[str]) -> None:
-    from sidecar.store import open_store
-    from sidecar.store.base import RequestQuery
-
-    store = open_store(server.settings.store.url)
-    await store.open()
-    try:
-        rows = await store.requests(RequestQuery(limit=1_000_000))
-    finally:
-        await store.close()
-    stored = [r["request_id"] for r in rows]
-    assert len(stored) == len(set(stored)), "duplicate request_log rows"
-    assert set(stored) >= set(request_ids), f"{len(set(request_ids) - set(stored))} requests have no row"
-
-
 @pytest.fixture
 async def sidecar(fake: FakeUpstream, sidecar_factory: Callable[..., Awaitable[Running]]) -> Running:
     return await sidecar_factory(fake.url)
-
-
-def reap(proc: Any, timeout: float = 30) -> int:
-    """End a test's subprocess if it still runs, wait for it, and close its pipes (no ResourceWarning)."""
-    if proc.poll() is None:
-        proc.kill()
-    rc = int(proc.wait(timeout))
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
-    return rc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for(
-    predicate: Callable[[], bool], timeout: float = 5.0, why: Callable[[], str] = lambda: "condition not met in time"
-) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError(why())
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Any:
-    from tests.pg import PgServer, find_bin
-
-    bindir = find_bin()
-    if bindir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL binaries are missing in CI (apt-get install postgresql)")
-        pytest.skip("PostgreSQL binaries not installed (apt-get install postgresql)")
-    server = PgServer(bindir)
-    server.init()
-    yield server
-    server.destroy()
-
-
-@pytest.fixture
-def pg_url(pg_server: Any) -> str:
-    import uuid
-
-    return str(pg_server.create_db("t_" + uuid.uuid4().hex[:12]))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: Any, tmp_path: Any) -> str:
-    """Each store test runs against both backends."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    return str(request.getfixturevalue("pg_url"))
