@@ -19,7 +19,7 @@ from sidecar.errors import BadRequest, NotFound, Unauthorized
 from sidecar.keys import KeyAdmin, listing
 from sidecar.params import MAX_PAGE, int_param, page, page_query, read_json, since_param
 from sidecar.rejects import RejectSampler
-from sidecar.responses import json_response, request_id
+from sidecar.responses import Routes, json_response, request_id
 from sidecar.series import counter
 from sidecar.store.base import USAGE_GROUPS, Store
 
@@ -47,20 +47,20 @@ class Admin:
             {(): self.token_failures},
         )
 
-    def add_routes(self, router: web.UrlDispatcher) -> None:
-        router.add_get("/admin/keys", self._wrap(self.list_keys))
-        router.add_post("/admin/keys", self._wrap(self.create_key))
-        router.add_get("/admin/keys/{id}", self._wrap(self.get_key))
-        router.add_patch("/admin/keys/{id}", self._wrap(self.update_key))
-        router.add_delete("/admin/keys/{id}", self._wrap(self.revoke_key))
-        router.add_get("/admin/audit", self._wrap(self.audit_log))
-        router.add_get("/admin/usage", self._wrap(self.usage))
-        router.add_get("/admin/requests", self._wrap(self.requests))
-        router.add_get("/admin/audit-records", self._wrap(self.audit_records))
+    def add_routes(self, routes: Routes) -> None:
+        routes.add("GET", "/admin/keys", self._wrap(self.list_keys))
+        routes.add("POST", "/admin/keys", self._wrap(self.create_key))
+        routes.add("GET", "/admin/keys/{id}", self._wrap(self.get_key))
+        routes.add("PATCH", "/admin/keys/{id}", self._wrap(self.update_key))
+        routes.add("DELETE", "/admin/keys/{id}", self._wrap(self.revoke_key))
+        routes.add("GET", "/admin/audit", self._wrap(self.audit_log))
+        routes.add("GET", "/admin/usage", self._wrap(self.usage))
+        routes.add("GET", "/admin/requests", self._wrap(self.requests))
+        routes.add("GET", "/admin/audit-records", self._wrap(self.audit_records))
 
     def _wrap(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        """The admin token checked, the handler's result as JSON (201 for a creation); errors are the
-        middleware's to render (`sidecar.responses`)."""
+        """The admin token checked, the handler's result as JSON (201 for a creation); errors are
+        `sidecar.responses.rendered`'s to render."""
 
         async def run(request: web.Request) -> web.StreamResponse:
             rid = request_id(request)

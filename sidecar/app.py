@@ -31,7 +31,7 @@ from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.records import RequestRecord
 from sidecar.rejects import RejectSampler
-from sidecar.responses import errors_middleware
+from sidecar.responses import Routes
 from sidecar.retention import Retention
 from sidecar.state import RunState
 from sidecar.store import open_store
@@ -174,7 +174,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         handler_args=server_args(settings),
-        middlewares=[errors_middleware(parts.proxy.handle)],
     )
     app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = parts.upstream, parts.metrics, parts.state, parts.proxy
     app[STORE], app[LEASES], app[AUTH], app[KEYS] = parts.store, parts.leases, parts.auth, parts.keys
@@ -218,11 +217,12 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
 
 def _routes(router: web.UrlDispatcher, p: Parts) -> None:
     health = Health(p.upstream, p.state, p.store, _writer_status(p.writer, p.bus))
-    router.add_get("/healthz", health.healthz)
-    router.add_get("/readyz", health.readyz)
-    router.add_get("/metrics", p.metrics.handle)
-    p.admin.add_routes(router)
-    router.add_get("/v1/usage", OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days).handle)
+    routes = Routes(router)
+    routes.add("GET", "/healthz", health.healthz)
+    routes.add("GET", "/readyz", health.readyz)
+    routes.add("GET", "/metrics", p.metrics.handle)
+    p.admin.add_routes(routes)
+    routes.add("GET", "/v1/usage", OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days).handle)
     _proxied_routes(router, p.proxy, p.upstream.paths)
 
 
