@@ -2,8 +2,11 @@
 
 A revoked key stops working within `auth.cache_ttl` on every replica sharing the store (at once on the one
 that revoked it: revocation wins over a lookup still in flight, which looks again instead of caching what it
-read before). While the store is unreachable, keys it confirmed within `auth.max_stale` keep working on their
-last known state; after that, and for keys never seen, requests fail closed with a 503. Static keys come from
+read before). A key in use is looked up again in the background once half its TTL has passed, so a busy key
+never waits on the store. While the store is unreachable, keys it confirmed within `auth.max_stale` keep
+working on their last known state without waiting for it: a request waits for the store at most
+`auth.lookup_timeout`, and only when the store was answering a moment ago or the key is not known; after
+`max_stale`, and for keys never seen, requests fail closed with a 503. Static keys come from
 `auth.static_keys_file`, reloaded when it changes. Keys never appear in errors or logs: only their public id.
 """
 
@@ -51,6 +54,7 @@ class _Entry:
     until: float
     fetched: float  # when the store (or the static file) last answered for this key: the start of staleness
     static: bool = False  # the key came from the static file: if it leaves the file, it is gone (no store lookup)
+    refresh_at: float = 0.0  # from then on, a request starts a lookup in the background and is served this entry
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -86,7 +90,8 @@ class Authenticator:
         self.static = static or StaticKeys("")
         self._cache: dict[str, _Entry] = {}
         self._generation: dict[str, int] = {}  # bumped by `forget`: a lookup that saw another one does not count
-        self._serving_stale = False
+        self._serving_stale = False  # the last lookup failed: keys known within max_stale are served at once
+        self.stale_served = 0  # requests served a key's last known state because the store did not answer
         self._loading: dict[str, asyncio.Task[_Entry]] = {}
         self._verified: dict[str, tuple[Principal, float]] = {}  # full key -> principal, until
         self.anonymous = Principal(None, "anonymous", limits.concurrency, limits.rpm, limits.tpm)
@@ -139,7 +144,8 @@ class Authenticator:
         assert entry.principal is not None
         if len(self._verified) >= _MAX_CACHE:
             self._verified.clear()
-        until = entry.until
+        # Verified tokens skip the entry until its refresh is due, so that a request then starts the refresh.
+        until = min(entry.until, entry.refresh_at)
         if row.expires_at is not None:  # never past the key's own expiry
             until = min(until, time.monotonic() + row.expires_at - time.time())
         self._verified[token] = (entry.principal, until)
@@ -147,16 +153,40 @@ class Authenticator:
 
     async def _entry(self, kid: str) -> _Entry:
         entry = self._cache.get(kid)
-        if entry is not None and entry.until > time.monotonic():
+        now = time.monotonic()
+        if entry is not None and entry.until > now:
+            if now >= entry.refresh_at:
+                self._lookup(kid, entry)  # ahead of expiry, in the background: busy keys never wait
             return entry
-        # One store lookup per key at a time: when a busy key's cache entry expires, every request in flight
-        # would otherwise query the store at once. The lookup is a task of its own, so a caller that goes
-        # away does not cancel it for the others.
+        running = kid in self._loading
+        loading = self._lookup(kid, entry)
+        stale = entry if entry is not None and entry.row is not None and self._within_max_stale(entry, now) else None
+        if stale is not None and (self._serving_stale or running):
+            # The store is known to be down, or was asked ahead of expiry and has not answered in half a TTL:
+            # the key's last known state, at once, while the lookup goes on.
+            self.stale_served += 1
+            return stale
+        try:
+            return await asyncio.wait_for(asyncio.shield(loading), self.cfg.lookup_timeout)
+        except TimeoutError:
+            self._store_down(f"no answer within auth.lookup_timeout ({self.cfg.lookup_timeout:g} s)")
+            if stale is None:
+                raise StoreUnavailable("The key store is unavailable; retry shortly.") from None
+            self.stale_served += 1
+            return stale
+
+    def _within_max_stale(self, entry: _Entry, now: float) -> bool:
+        return now - entry.fetched <= self.cfg.max_stale
+
+    def _lookup(self, kid: str, entry: _Entry | None) -> asyncio.Task[_Entry]:
+        """The key's store lookup, started if none is running. One per key at a time: when a busy key's entry
+        expires, every request in flight would otherwise query the store at once. It is a task of its own, so
+        a caller that stops waiting (or goes away) does not cancel it for the others."""
         loading = self._loading.get(kid)
         if loading is None:
             loading = self._loading[kid] = asyncio.get_running_loop().create_task(self._load(kid, entry))
             loading.add_done_callback(lambda task: self._loaded(kid, task))
-        return await asyncio.shield(loading)
+        return loading
 
     def _loaded(self, kid: str, task: asyncio.Task[_Entry]) -> None:
         if self._loading.get(kid) is task:  # `forget` may have started a newer lookup since
@@ -175,7 +205,9 @@ class Authenticator:
                     row = await self.store.get_key(kid)
             except StoreError as exc:
                 return self._stale(kid, entry, exc)
-            fresh = _Entry(row, self._principal(row) if row else None, now + self.cfg.cache_ttl, now, static)
+            ttl = self.cfg.cache_ttl
+            principal = self._principal(row) if row else None
+            fresh = _Entry(row, principal, now + ttl, now, static, refresh_at=now + ttl / 2)
             if self._generation.get(kid, 0) != generation:
                 continue  # revoked or changed while we read it: what we read may be from before; read again
             if self._serving_stale:
@@ -190,17 +222,22 @@ class Authenticator:
     def _stale(self, kid: str, entry: _Entry | None, exc: StoreError) -> _Entry:
         """The store did not answer: the last known state of a key it confirmed within `max_stale`, else 503."""
         now = time.monotonic()
-        if entry is None or now - entry.fetched > self.cfg.max_stale:
+        self._store_down(str(exc))
+        if entry is None or not self._within_max_stale(entry, now):
             raise StoreUnavailable("The key store is unavailable; retry shortly.") from None
+        # Asked again (in the background) after the cache TTL, and never served past max_stale since the store
+        # last confirmed it.
+        entry.until = min(now + self.cfg.cache_ttl, entry.fetched + self.cfg.max_stale)
+        entry.refresh_at = min(now + self.cfg.cache_ttl, entry.until)
+        return entry
+
+    def _store_down(self, error: str) -> None:
         if not self._serving_stale:
             self._serving_stale = True
             log.warning(
                 "key store unavailable: serving cached keys for up to auth.max_stale",
-                extra={"fields": {"max_stale_s": self.cfg.max_stale, "error": str(exc)[:200]}},
+                extra={"fields": {"max_stale_s": self.cfg.max_stale, "error": error[:200]}},
             )
-        # Asked again after the cache TTL, and never served past max_stale since the store last confirmed it.
-        entry.until = min(now + self.cfg.cache_ttl, entry.fetched + self.cfg.max_stale)
-        return entry
 
     def _principal(self, row: KeyRow) -> Principal:
         d = self.limits

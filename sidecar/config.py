@@ -93,6 +93,7 @@ class AuthCfg:
     static_keys_file: str = ""
     cache_ttl: float = 5.0
     max_stale: float = 300.0
+    lookup_timeout: float = 1.0  # the longest a request waits for the key store
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ _POSITIVE = {
     "store.report_timeout",
     "store.report_max_days",
     "auth.cache_ttl",
+    "auth.lookup_timeout",
     "limits.default_max_tokens",
     "limits.queue_size",
     "writer.max_rows",

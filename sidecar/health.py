@@ -1,12 +1,16 @@
 """Probes: `/healthz` (the process answers; never touches the upstream) and `/readyz` (ready for traffic).
 
-`/readyz` says why it is not ready in a word (`store`, `upstream`, `draining`) and where records are going
-(`writers`: the store up or down, the journal ok, failing or full, rows held in memory); error texts go to
-the log, never to the (unauthenticated) caller.
+`/readyz` follows what serving needs, not the store's health: a store outage is ridden out (keys verified
+within `auth.max_stale` keep working, rows spool to the journal), so it must not take every replica out of its
+Service at once. Not ready: `draining`, `upstream` (not reachable), `records` (the store is down and the journal
+cannot take rows: failing or full). It says where records are going (`store`: ok or down, asked within
+`STORE_PING` seconds; `writers`: each writer's store, journal, rows held in memory); error texts go to the log,
+never to the (unauthenticated) caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +24,7 @@ from sidecar.store.base import Store, StoreError
 from sidecar.upstream import Upstream
 
 log = logging.getLogger("sidecar.health")
+STORE_PING = 0.5  # a probe never waits longer on the store (kubelet probes time out after a few seconds)
 
 
 class Health:
@@ -35,6 +40,7 @@ class Health:
         self.store = store
         self.writers = writers
         self._last_reason = ""
+        self._store_down = False
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Answering at all proves the event loop is turning; the upstream is deliberately not asked, so a slow
@@ -43,19 +49,38 @@ class Health:
 
     async def readyz(self, request: web.Request) -> web.Response:
         writers = self.writers()
+        detail = {"store": await self._store(), "writers": writers}
         if self.state.draining:
-            return _json({"status": "draining", "writers": writers}, 503)
-        try:
-            await self.store.ping()
-        except StoreError as exc:
-            self._not_ready("store", str(exc))
-            return _json({"status": "not_ready", "reason": "store", "writers": writers}, 503)
+            return _json({"status": "draining", **detail}, 503)
         ok, reason = await self.upstream.healthy()
         if not ok:
             self._not_ready("upstream", reason)
-            return _json({"status": "not_ready", "reason": "upstream", "writers": writers}, 503)
+            return _json({"status": "not_ready", "reason": "upstream", **detail}, 503)
+        stuck = [name for name, w in writers.items() if w["journal"] in ("failing", "full")]
+        if stuck and detail["store"] == "down":
+            self._not_ready("records", f"store down and journal {writers[stuck[0]]['journal']} ({stuck[0]})")
+            return _json({"status": "not_ready", "reason": "records", **detail}, 503)
         self._last_reason = ""
-        return _json({"status": "ready", "writers": writers}, 200)
+        return _json({"status": "ready", **detail}, 200)
+
+    async def _store(self) -> str:
+        try:
+            await asyncio.wait_for(self.store.ping(), STORE_PING)
+        except (StoreError, TimeoutError) as exc:
+            self._store_log(f"{type(exc).__name__}: {exc}")
+            return "down"
+        self._store_log("")
+        return "ok"
+
+    def _store_log(self, error: str) -> None:
+        """The store's state changes logged once each (probes come every few seconds)."""
+        if bool(error) != self._store_down:
+            self._store_down = bool(error)
+            if error:
+                fields = {"detail": error[:300]}
+                log.warning("store unreachable (still ready: keys are cached, rows spool)", extra={"fields": fields})
+            else:
+                log.info("store reachable")
 
     def _not_ready(self, what: str, detail: str) -> None:
         """Logged once per change of reason (probes come every few seconds)."""

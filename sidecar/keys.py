@@ -56,8 +56,12 @@ def new_key() -> tuple[str, str, str]:
     """A fresh key: (full key string, public id, secret)."""
     kid = "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_LEN))
     secret = "".join(secrets.choice(_B62) for _ in range(SECRET_LEN))
+    return format_key(kid, secret), kid, secret
+
+
+def format_key(kid: str, secret: str) -> str:
     body = f"{PREFIX}{kid}-{secret}"
-    return body + _check(body), kid, secret
+    return body + _check(body)
 
 
 def parse_key(key: str) -> tuple[str, str] | None:

@@ -32,7 +32,7 @@ async def test_a_revoke_during_a_slow_lookup_wins(pg_url, pg_proxy):
     await slow.open()
     try:
         created = await KeyAdmin(direct, PEPPER).create({"name": "k"}, actor="test")
-        auth = Authenticator(AuthCfg(cache_ttl=60), LimitsCfg(), slow, PEPPER)
+        auth = Authenticator(AuthCfg(cache_ttl=60, lookup_timeout=10), LimitsCfg(), slow, PEPPER)  # slow, not down
         headers = {"authorization": f"Bearer {created.key}"}
         pg_proxy.latency = 0.5  # every answer from PostgreSQL to this replica arrives half a second late
         lookup = asyncio.create_task(auth.authenticate(headers))
@@ -185,3 +185,83 @@ async def test_a_static_key_removed_while_the_store_is_down_stops_working(
             pg_server.start()
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert len(await running.stored(2, timeout=30)) == 2  # the spooled rows land once PostgreSQL is back
+
+
+async def _load(session, url, key, seconds, workers=4):
+    """`workers` clients sending chats back to back for `seconds`: (status, latency) of each."""
+    results = []
+    end = time.monotonic() + seconds
+
+    async def client():
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            status, _ = await chat(session, url, key)
+            results.append((status, time.monotonic() - t0))
+
+    await asyncio.gather(*(client() for _ in range(workers)))
+    return results
+
+
+def _p99(results):
+    latencies = sorted(latency for _, latency in results)
+    return latencies[int(len(latencies) * 0.99)]
+
+
+async def test_a_store_outage_under_load_costs_no_latency_and_keeps_the_replica_ready(
+    fake, sidecar_factory, pg_server, pg_url
+):
+    """PostgreSQL stopped (the store's own timeouts at their defaults: 5 s to get a connection): keys in use are
+    refreshed in the background, so no request waits on it; /readyz stays 200 and says the store is down, fast;
+    every row spools and lands once the store is back."""
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, store__url=pg_url, auth__cache_ttl=0.5
+    )
+    async with aiohttp.ClientSession() as s:
+        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "busy"})
+        key = created["key"]
+        before = await _load(s, running.url, key, 1.5)
+        pg_server.stop()
+        try:
+            during = await _load(s, running.url, key, 7.0)  # 14 cache TTLs, past the pool's 5 s wait
+            t0 = time.monotonic()
+            async with s.get(running.url + "/readyz") as r:
+                ready, doc, probe = r.status, await r.json(), time.monotonic() - t0
+        finally:
+            pg_server.start()
+    assert {status for status, _ in before + during} == {200}
+    assert _p99(during) <= _p99(before) + 0.05, (_p99(before), _p99(during))
+    assert max(latency for _, latency in during) < 0.3  # not one request waited on the store (5 s before)
+    assert ready == 200 and doc["store"] == "down"
+    assert probe < 1.0 and "127.0.0.1" not in orjson.dumps(doc).decode()
+    assert "key store unavailable" in running.log_text() and "store unreachable" in running.log_text()
+    assert len(await running.stored(len(before) + len(during), timeout=30)) == len(before) + len(during)
+
+
+async def test_an_idle_key_waits_for_a_dead_store_at_most_lookup_timeout_once(fake, sidecar_factory, pg_server, pg_url):
+    """A key whose entry expired while it was idle: the first request waits at most auth.lookup_timeout, then
+    is served the key's last known state; the next ones do not wait at all. An unknown key is a 503 within it."""
+    running = await sidecar_factory(
+        fake.url,
+        auth__enabled=True,
+        server__admin_token=ADMIN,
+        store__url=pg_url,
+        auth__cache_ttl=0.2,
+        auth__lookup_timeout=0.3,
+    )
+    async with aiohttp.ClientSession() as s:
+        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "idle"})
+        assert (await chat(s, running.url, created["key"]))[0] == 200
+        pg_server.stop()
+        try:
+            await asyncio.sleep(0.5)  # the entry expires, idle
+            timed = []
+            for key in (created["key"], created["key"], created["key"], new_key()[0]):
+                t0 = time.monotonic()
+                status, body = await chat(s, running.url, key)
+                timed.append((status, time.monotonic() - t0, body.get("error", {}).get("code")))
+        finally:
+            pg_server.start()
+    (first, t_first, _), (second, t_second, _), (third, t_third, _), (unknown, t_unknown, code) = timed
+    assert (first, second, third) == (200, 200, 200), timed
+    assert t_first <= 0.6 and t_second < 0.1 and t_third < 0.1, timed
+    assert unknown == 503 and code == "store_unavailable" and t_unknown <= 0.6, timed

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.keys import KEY_LEN, new_key, parse_key
+from sidecar.keys import KEY_LEN, format_key, new_key, parse_key
 from tests.common import CHAT
 
 ADMIN = "admin-token-canary-1234"
@@ -193,6 +193,7 @@ async def test_static_keys_file(tmp_path, fake, sidecar_factory):
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, running.url, key))[0] == 200
         assert running.rows[-1]["key_id"] == parse_key(key)[0]
+    assert parse_key(key)[1].encode() not in static.read_bytes()  # the file holds the hash, never the secret
 
 
 async def test_a_busy_key_whose_cache_expired_is_looked_up_once(tmp_path):
@@ -225,3 +226,53 @@ async def test_a_busy_key_whose_cache_expired_is_looked_up_once(tmp_path):
         assert CountingStore.lookups == 2
     finally:
         await store.close()
+
+
+async def test_a_right_id_with_a_wrong_secret_is_refused_through_compare_digest(keyed, monkeypatch):
+    """The stored hash is compared in constant time: through hmac.compare_digest (recorded here), and a key
+    whose id exists but whose secret is wrong (with a valid checksum) is a 401."""
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    async with aiohttp.ClientSession() as s:
+        _, created, _ = await admin(s, "POST", keyed.url + "/admin/keys", {"name": "w"})
+        kid, secret = parse_key(created["key"])
+        forged = format_key(kid, secret[::-1] if secret[::-1] != secret else "A" * len(secret))
+        monkeypatch.setattr(hmac, "compare_digest", recording)
+        status, doc = await chat(s, keyed.url, forged)
+        assert status == 401 and doc["error"]["code"] == "invalid_api_key"
+        assert len(compared) == 1 and len(compared[0][0]) == 64  # the stored sha256 hex against the candidate's
+        assert (await chat(s, keyed.url, created["key"]))[0] == 200
+        assert len(compared) == 2 and compared[1][0] == compared[1][1]
+
+
+async def test_no_secret_at_rest_in_the_database_files(keyed, store_url, request):
+    """Every byte of the store's files (SQLite with its WAL; PostgreSQL's whole data directory after a
+    checkpoint) holds keys' hashes and ids, never their secrets or the full keys."""
+    import pathlib
+
+    async with aiohttp.ClientSession() as s:
+        made = [(await admin(s, "POST", keyed.url + "/admin/keys", {"name": f"r{i}"}))[1] for i in range(3)]
+        for created in made:
+            assert (await chat(s, keyed.url, created["key"]))[0] == 200
+    await keyed.stored(expect=3)
+    if store_url.startswith("sqlite"):
+        base = pathlib.Path(store_url.removeprefix("sqlite:///"))
+        files = [p for p in base.parent.glob(base.name + "*") if p.is_file()]
+    else:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(store_url, autocommit=True) as conn:
+            await conn.execute("CHECKPOINT")
+        files = [p for p in pathlib.Path(request.getfixturevalue("pg_server").data).rglob("*") if p.is_file()]
+    blob = b"".join(p.read_bytes() for p in files)
+    for created in made:
+        kid, secret = parse_key(created["key"])
+        assert kid.encode() in blob  # the scan reads the files the keys are in
+        assert secret.encode() not in blob and created["key"].encode() not in blob

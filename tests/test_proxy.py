@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import orjson
@@ -176,12 +177,50 @@ async def test_idle_stream_ends_with_an_error_event_and_no_done(fake, sidecar_fa
     await wait_for(lambda: fake.last().closed_at is not None, 2)
 
 
-async def test_slow_but_steady_stream_is_not_idle(fake, sidecar_factory):
-    running = await sidecar_factory(fake.url, upstream__stream_idle_timeout=0.25)
+async def test_slow_but_steady_stream_longer_than_every_timeout_completes(fake, sidecar_factory):
+    """First byte, idle and (off) total limits all shorter than the stream: only silence ends a stream."""
+    running = await sidecar_factory(
+        fake.url, upstream__stream_idle_timeout=0.25, upstream__first_byte_timeout=0.3, upstream__total_timeout=0
+    )
     fake.script.chunks, fake.script.delay_chunks = 8, 0.1  # 0.8 s in all, never 0.25 s quiet
     _, _headers, data = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
-    assert data.endswith(b"data: [DONE]\n\n")
+    assert data.endswith(b"data: [DONE]\n\n") and data.count(b"tok") == 8
     assert running.rows[-1]["outcome"] == "completed"
+
+
+async def test_total_timeout_ends_a_steady_stream_with_an_error_event_on_time(fake, sidecar_factory):
+    running = await sidecar_factory(
+        fake.url, upstream__stream_idle_timeout=5, upstream__first_byte_timeout=5, upstream__total_timeout=0.5
+    )
+    fake.script.chunks, fake.script.delay_chunks = 20, 0.1  # 2 s in all, never quiet
+    t0 = time.monotonic()
+    status, _, data = await post(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
+    elapsed = time.monotonic() - t0
+    assert status == 200 and b"[DONE]" not in data and 0.45 <= elapsed <= 1.0
+    last = orjson.loads(data.rstrip(b"\n").split(b"\n\n")[-1].split(b"data: ", 1)[1])["error"]
+    assert last["code"] == "upstream_timeout" and "total" in last["message"]
+    assert 2 <= data.count(b"tok") <= 7
+    row = running.rows[-1]
+    assert row["outcome"] == "upstream_timeout" and row["completion_tokens"] == data.count(b"tok")
+    async with aiohttp.ClientSession() as session, session.get(running.url + "/metrics") as r:
+        metrics = await r.text()
+    assert 'sidecar_upstream_errors_total{reason="timeout_total"} 1.0' in metrics
+    await wait_for(lambda: fake.last().closed_at is not None, 2)  # the upstream stopped generating
+
+
+async def test_total_timeout_cuts_a_whole_answer_with_a_504(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__first_byte_timeout=5, upstream__total_timeout=0.3)
+    fake.script.delay_headers = 1.0
+    status, _, body = await post(running.url + "/v1/chat/completions", CHAT)
+    assert status == 504 and "total" in orjson.loads(body)["error"]["message"]
+    assert running.rows[-1]["outcome"] == "upstream_timeout"
+
+
+def test_the_upstream_keepalive_is_below_model_servers_idle_timeout():
+    """uvicorn (vLLM, SGLang) closes idle connections after 5 s: reusing one it is closing loses a request."""
+    from sidecar.config import UpstreamCfg
+
+    assert UpstreamCfg().keepalive_timeout < 5
 
 
 async def test_upstream_500_is_passed_through_and_recorded(fake, sidecar):

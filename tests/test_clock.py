@@ -1,0 +1,51 @@
+"""Limits and timeouts run on the monotonic clock: the wall clock may step (NTP, a VM resumed) and must never
+lengthen or cut a deadline, refill a budget or expire a cache. A lint over the modules that keep them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import sidecar
+
+ROOT = Path(sidecar.__file__).parent
+# Every module that measures a duration for a limit, a deadline, a backoff, a cache or a drain.
+TIMED = [
+    "leases.py", "upstream/deadline.py", "upstream/pool.py", "upstream/response.py", "writer.py", "spool.py",
+    "relay.py", "exchange.py", "inflight.py", "edge.py", "runner.py", "rejects.py", "health.py", "cors.py",
+    "audit_sinks/__init__.py", "audit_sinks/files.py", "audit_sinks/db.py",
+]  # fmt: skip
+WALL = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"), ("date", "today")}
+
+
+def wall_clock_reads(tree: ast.AST) -> list[int]:
+    """Lines that read the wall clock: `time.time()`, `datetime.now()`, or such a name imported bare."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if (node.value.id, node.attr) in WALL:
+                lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module in ("time", "datetime"):
+            lines += [node.lineno for alias in node.names if (node.module, alias.name) in WALL]
+    return lines
+
+
+@pytest.mark.parametrize("module", TIMED)
+def test_timed_modules_never_read_the_wall_clock(module):
+    assert wall_clock_reads(ast.parse((ROOT / module).read_text())) == []
+
+
+def test_the_lint_finds_a_wall_clock_read():
+    assert wall_clock_reads(ast.parse("import time\ndeadline = time.time() + 5")) == [2]
+    assert wall_clock_reads(ast.parse("from time import time\n")) == [1]
+    assert wall_clock_reads(ast.parse("from datetime import datetime\nx = datetime.now()")) == [2]
+
+
+def test_auth_reads_the_wall_clock_only_against_stored_wall_times():
+    """auth.py compares a key's `expires_at` (a stored calendar time) with the wall clock, and converts what is
+    left into a monotonic bound for its cache; nothing else in it reads the wall clock."""
+    source = (ROOT / "auth.py").read_text().splitlines()
+    for line in wall_clock_reads(ast.parse("\n".join(source))):
+        assert "expires_at" in source[line - 1], source[line - 1]
