@@ -314,6 +314,7 @@ class BatchWriter:
                 self.written += await self._store_insert(batch)
             except StoreError as exc:
                 self.store_errors += 1
+                self.written += exc.written
                 if exc.transient:
                     if not self._outage:
                         log.warning(

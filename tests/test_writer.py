@@ -70,6 +70,48 @@ async def test_a_row_the_store_refuses_costs_only_itself(store_url, tmp_path):
     await store.close()
 
 
+async def refuse_poison(store_url: str) -> None:
+    """The store itself refuses rows whose model is 'poison': a SQLite trigger, a PostgreSQL CHECK constraint.
+    Nothing in the row is malformed, so sanitising cannot save it."""
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            db.execute(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON request_log WHEN NEW.model = 'poison' "
+                "BEGIN SELECT RAISE(ABORT, 'poison refused'); END"
+            )
+    else:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(store_url, autocommit=True) as conn:
+            await conn.execute("ALTER TABLE request_log ADD CONSTRAINT no_poison CHECK (model <> 'poison')")
+
+
+async def test_a_row_the_store_itself_refuses_among_good_ones_costs_only_itself(store_url, tmp_path):
+    """149 good rows and one the store's own rule refuses, in one flush of 150 (on SQLite: after the first
+    100-row transaction committed): 149 stored and counted, one dead-lettered and counted, the writer alive."""
+    store = await opened(store_url)
+    await refuse_poison(store_url)
+    writer = BatchWriter(store, WriterCfg(max_rows=150, flush_interval_ms=10_000), str(tmp_path / "spool"))
+    await writer.start()
+    batch = rows(150)
+    batch[120] = {**batch[120], "model": "poison"}
+    for row in batch:
+        writer.put(row)
+    await writer.flush()
+    assert await store.count_requests() == 149 and writer.written == 149 and writer.dead == 1
+    dead = [orjson.loads(line) for line in (tmp_path / "spool" / "requests.dead.jsonl").read_bytes().splitlines()]
+    assert [d["request_id"] for d in dead] == [batch[120]["request_id"]]
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in writer.collect() for s in m.samples}
+    assert metrics[("sidecar_writer_rows_total", (("result", "dead_lettered"), ("table", "requests")))] == 1
+    assert metrics[("sidecar_writer_rows_total", (("result", "written"), ("table", "requests")))] == 149
+    for row in rows(5):  # alive: the next rows land
+        writer.put(row)
+    await writer.flush()
+    assert await store.count_requests() == 154 and writer.dead == 1
+    await writer.close()
+    await store.close()
+
+
 async def test_close_drains_what_is_queued(store_url, tmp_path):
     store = await opened(store_url)
     writer = BatchWriter(store, WriterCfg(max_rows=1000, flush_interval_ms=60_000), str(tmp_path / "spool"))

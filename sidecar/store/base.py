@@ -32,6 +32,7 @@ class StoreError(Exception):
     def __init__(self, message: str, transient: bool = True) -> None:
         super().__init__(message)
         self.transient = transient
+        self.written = 0  # rows of the failed call committed before it failed (SQLite commits in chunks)
 
 
 class ReportTimeout(StoreError):

@@ -153,7 +153,11 @@ class SqliteStore(SqlStore):
         db = self._writer()
         inserted = 0
         for i in range(0, len(params), _TX_ROWS):
-            inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
+            try:
+                inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
+            except StoreError as exc:
+                exc.written = inserted  # committed already: a retry of the batch finds them present
+                raise
             await asyncio.sleep(0)  # let requests through between transactions
         self._since_checkpoint += inserted
         if self._since_checkpoint >= _CHECKPOINT_ROWS:

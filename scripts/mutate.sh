@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules that carry the reliability promises, each against the tests that cover it.
+#   bash scripts/mutate.sh                  every group (under 30 minutes on 2 cores)
+#   bash scripts/mutate.sh leases writer    some groups
+#   bash scripts/mutate.sh --show GROUP     the surviving mutants of a group, as diffs
+# Each group runs in its own scratch copy of the tree (/tmp/sidecar-mutation/GROUP), so the checkout is never
+# touched and a rerun only retests what changed. Scores per module go to stdout and to
+# /tmp/sidecar-mutation/scores.txt; a survivor listed in scripts/mutation/equivalent.txt (one line each: the
+# mutant's name, then why no test can kill it) counts as equivalent, not as a survivor. Not part of CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=$ROOT/.venv/bin/python
+SCRATCH=${SIDECAR_MUTATION_DIR:-/tmp/sidecar-mutation}
+[[ -x $PY ]] || bash scripts/dev.sh install >/dev/null
+"$PY" -m pip show mutmut 2>/dev/null | grep -q '^Version: 3.8.1$' || "$PY" -m pip install --quiet "mutmut==3.8.1"
+
+# group: modules to mutate | test files that cover them (PostgreSQL variants left out: the same code paths,
+# a cluster per mutant run would cost more than the rest)
+declare -A MODULES=(
+  [leases]="sidecar/leases.py"
+  [writer]="sidecar/writer.py"
+  [deadline]="sidecar/upstream/deadline.py"
+  [sse]="sidecar/sse.py sidecar/tokens.py"
+  [relay]="sidecar/relay.py sidecar/exchange.py"
+  [auth]="sidecar/auth.py sidecar/keys.py"
+)
+declare -A TESTS=(
+  [leases]="tests/test_leases.py"
+  [writer]="tests/test_writer.py tests/test_records.py"
+  [deadline]="tests/test_proxy.py"
+  [sse]="tests/test_sse.py tests/test_accounting.py tests/test_tokens.py"
+  [relay]="tests/test_disconnect.py tests/test_proxy.py tests/test_records.py"
+  [auth]="tests/test_auth.py tests/test_keys.py"
+)
+ORDER=(leases writer deadline sse relay auth)
+
+toml_list() { printf '['; local sep=""; for x in "$@"; do printf '%s"%s"' "$sep" "$x"; sep=", "; done; printf ']'; }
+
+prepare() {  # a scratch copy of the tracked tree, with the group's mutmut settings
+  local group=$1 dir=$SCRATCH/$1
+  mkdir -p "$dir"
+  git ls-files -z | rsync -a --from0 --files-from=- "$ROOT/" "$dir/"
+  # shellcheck disable=SC2086
+  cat >> "$dir/pyproject.toml" <<EOF
+
+[tool.mutmut]
+source_paths = ["sidecar"]
+only_mutate = $(toml_list ${MODULES[$group]})
+pytest_add_cli_args_test_selection = $(toml_list ${TESTS[$group]})
+pytest_add_cli_args = ["-p", "no:logging", "-p", "no:cacheprovider", "-k", "not postgres", "--durations=0", "-q"]
+timeout_multiplier = 3.0
+timeout_constant = 10.0
+EOF
+}
+
+show() {
+  cd "$SCRATCH/$1"
+  "$PY" -m mutmut results 2>/dev/null | awk -F: '/survived/ {print $1}' | while read -r name; do
+    "$PY" -m mutmut show "$name"
+  done
+}
+
+if [[ ${1:-} == --show ]]; then show "$2"; exit; fi
+groups=("$@"); [[ ${#groups[@]} -gt 0 ]] || groups=("${ORDER[@]}")
+for group in "${groups[@]}"; do
+  [[ -n ${MODULES[$group]:-} ]] || { echo "unknown group: $group (one of: ${ORDER[*]})" >&2; exit 2; }
+  prepare "$group"
+  echo "== $group: ${MODULES[$group]} against ${TESTS[$group]}"
+  start=$SECONDS
+  (cd "$SCRATCH/$group" && "$PY" -m mutmut run --max-children 2 >"$SCRATCH/$group.log" 2>&1) || true
+  (cd "$SCRATCH/$group" && "$PY" -m mutmut results --all true 2>/dev/null) >"$SCRATCH/$group.results"
+  "$PY" scripts/mutation/score.py "$group" "$SCRATCH/$group.results" scripts/mutation/equivalent.txt \
+    "$((SECONDS - start))" | tee -a "$SCRATCH/scores.txt"
+done
