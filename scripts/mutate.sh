@@ -3,9 +3,9 @@
 #   bash scripts/mutate.sh                  every group (under 30 minutes on 2 cores)
 #   bash scripts/mutate.sh leases writer    some groups
 #   bash scripts/mutate.sh --show GROUP     the surviving mutants of a group, as diffs
-# Each group runs in its own scratch copy of the tree (/tmp/sidecar-mutation/GROUP), so the checkout is never
-# touched and a rerun only retests what changed. Scores per module go to stdout and to
-# /tmp/sidecar-mutation/scores.txt; a survivor listed in scripts/mutation/equivalent.txt (one line each: the
+# Each group runs in a fresh scratch copy of the working tree (/tmp/sidecar-mutation/GROUP), so the checkout is
+# never touched and every score is of the tree as it is now. Scores per module go to stdout and to
+# /tmp/sidecar-mutation/scores.txt; a survivor listed in scripts/mutation/equivalent/GROUP.txt (one line each: the
 # mutant's name, then why no test can kill it) counts as equivalent, not as a survivor. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +39,7 @@ toml_list() { printf '['; local sep=""; for x in "$@"; do printf '%s"%s"' "$sep"
 
 prepare() {  # a scratch copy of the tracked tree, with the group's mutmut settings
   local group=$1 dir=$SCRATCH/$1
-  mkdir -p "$dir"
+  rm -rf "$dir" && mkdir -p "$dir"
   git ls-files -z | rsync -a --from0 --files-from=- "$ROOT/" "$dir/"
   # shellcheck disable=SC2086
   cat >> "$dir/pyproject.toml" <<EOF
@@ -70,6 +70,6 @@ for group in "${groups[@]}"; do
   start=$SECONDS
   (cd "$SCRATCH/$group" && "$PY" -m mutmut run --max-children 2 >"$SCRATCH/$group.log" 2>&1) || true
   (cd "$SCRATCH/$group" && "$PY" -m mutmut results --all true 2>/dev/null) >"$SCRATCH/$group.results"
-  "$PY" scripts/mutation/score.py "$group" "$SCRATCH/$group.results" scripts/mutation/equivalent.txt \
+  "$PY" scripts/mutation/score.py "$group" "$SCRATCH/$group.results" "scripts/mutation/equivalent/$group.txt" \
     "$((SECONDS - start))" | tee -a "$SCRATCH/scores.txt"
 done

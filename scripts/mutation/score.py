@@ -1,7 +1,7 @@
 """Scores of one mutation group, per module, from `mutmut results --all true`.
 
 A mutant is killed when a test failed, timed out or the type checker refused it; survived otherwise (including
-"no tests": code that no test of the group runs). A survivor listed in equivalent.txt counts as equivalent.
+"no tests": code that no test of the group runs). A survivor listed in the group's equivalent file counts as equivalent.
 Usage: score.py GROUP RESULTS EQUIVALENT SECONDS
 """
 
