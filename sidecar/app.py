@@ -20,7 +20,7 @@ from sidecar.audit_sinks import AuditBus, Sink
 from sidecar.audit_sinks.db import DbSink
 from sidecar.audit_sinks.files import JsonlSink, StderrSink
 from sidecar.auth import Authenticator
-from sidecar.config import Settings, read_secret, retention_seconds
+from sidecar.config import Settings, mask_url, read_secret, retention_seconds
 from sidecar.cors import Cors
 from sidecar.edge import server_header
 from sidecar.health import Health
@@ -36,6 +36,7 @@ from sidecar.retention import Retention
 from sidecar.state import RunState
 from sidecar.store import open_store
 from sidecar.store.base import Store
+from sidecar.store.opener import Opener
 from sidecar.upstream import Upstream
 from sidecar.usage import OwnUsage
 from sidecar.writer import BatchWriter
@@ -191,10 +192,7 @@ def create_app(settings: Settings) -> web.Application:
 def _lifecycle(p: Parts) -> list[CleanupCtx]:
     """The resources, opened in this order and closed in reverse: the writer and the audit sinks drain before
     the store closes; the upstream pool opens last and closes first."""
-
-    async def open_store_() -> None:
-        await p.store.open()
-        await p.store.migrate()
+    opener = Opener(p.store, mask_url(p.settings.store.url))
 
     async def close_log() -> None:
         if p.request_log is not None:
@@ -205,7 +203,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
         p.rejects.summary()
 
     return [
-        _resource(open_store_, p.store.close),
+        _resource(opener.start, opener.close),
         _resource(p.retention.start, p.retention.close),
         _resource(p.writer.start, p.writer.close),
         _bus_resource(p.bus, p.settings.writer.drain_timeout),

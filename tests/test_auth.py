@@ -265,3 +265,37 @@ async def test_an_idle_key_waits_for_a_dead_store_at_most_lookup_timeout_once(fa
     assert (first, second, third) == (200, 200, 200), timed
     assert t_first <= 0.6 and t_second < 0.1 and t_third < 0.1, timed
     assert unknown == 503 and code == "store_unavailable" and t_unknown <= 0.6, timed
+
+
+async def test_a_replica_started_with_the_store_down_serves_static_keys_and_lands_every_row(
+    fake, sidecar_factory, pg_server, pg_url, tmp_path
+):
+    """PostgreSQL down when the sidecar starts (the database never migrated): it starts, is ready, verifies
+    static keys, spools rows; when PostgreSQL comes back it migrates and every row lands, once."""
+    pepper = b"static-pepper-0123456789"
+    key, kid, secret = new_key()
+    static = tmp_path / "keys.jsonl"
+    static.write_bytes(orjson.dumps({"id": kid, "name": "s", "hash": hash_secret(pepper, secret), "created_at": 1.0}))
+    (tmp_path / "pepper").write_bytes(pepper)
+    pg_server.stop()
+    try:
+        running = await sidecar_factory(
+            fake.url,
+            auth__enabled=True,
+            auth__pepper_file=str(tmp_path / "pepper"),
+            auth__static_keys_file=str(static),
+            store__url=pg_url,
+        )
+        async with aiohttp.ClientSession() as s:
+            statuses = [(await chat(s, running.url, key))[0] for _ in range(20)]
+            unknown, body = await chat(s, running.url, new_key()[0])
+            async with s.get(running.url + "/readyz") as r:
+                ready, doc = r.status, await r.json()
+    finally:
+        pg_server.start()
+    assert statuses == [200] * 20
+    assert unknown == 503 and body["error"]["code"] == "store_unavailable"
+    assert ready == 200 and doc["store"] == "down"
+    rows = await running.stored(21, timeout=30)  # 20 served, 1 refused: all spooled, then stored once
+    assert len(rows) == 21 == len({r["request_id"] for r in rows})
+    assert "store unreachable at start" in running.log_text() and "store reachable" in running.log_text()

@@ -107,7 +107,8 @@ async def test_credentials_in_urls_are_masked_in_every_start_line(fake, tmp_path
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.to_thread(proc.communicate, timeout=30)
     assert "upstream-pw-123" not in err and "bob:***@" in err
-    # A PostgreSQL URL with its password in the query: the store cannot be opened, and says so without it.
+    # A PostgreSQL URL with its password in the query, nothing listening there: the sidecar starts (a store
+    # outage at start is ridden out) and names the store in its warning, without the password.
     bad = sidecar(
         tmp_path,
         "serve",
@@ -116,9 +117,22 @@ async def test_credentials_in_urls_are_masked_in_every_start_line(fake, tmp_path
         SIDECAR_UPSTREAM_URL=fake.url,
         SIDECAR_STORE_URL=f"postgresql://bob@127.0.0.1:{free_port()}/db?password=hunter2-pw&connect_timeout=1",
     )
+    try:
+        await wait_listening(port, bad)
+    finally:
+        bad.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(bad.communicate, timeout=60)
+    assert "store unreachable at start" in err and "hunter2-pw" not in err and "password=***" in err
+
+
+async def test_a_store_that_refuses_the_credentials_exits_1_with_one_line(fake, tmp_path, pg_url):
+    """Wrong credentials are the configuration's fault, not an outage: one line, exit 1, no password."""
+    port = free_port()
+    url = pg_url.replace("postgresql://postgres@", "postgresql://nosuchrole@") + "?password=hunter2-pw"
+    bad = sidecar(tmp_path, "serve", "--port", str(port), SIDECAR_UPSTREAM_URL=fake.url, SIDECAR_STORE_URL=url)
     _, err = await asyncio.to_thread(bad.communicate, timeout=60)
-    assert bad.returncode == 1 and err.strip().splitlines()[-1].startswith("sidecar: cannot open the store")
-    assert "hunter2-pw" not in err and "password=***" in err
+    assert bad.returncode == 1 and err.strip().splitlines()[-1].startswith("sidecar: cannot open the store"), err
+    assert 'role "nosuchrole" does not exist' in err and "hunter2-pw" not in err
 
 
 async def test_a_taken_port_exits_1_with_one_line(fake, tmp_path):

@@ -13,6 +13,10 @@ from sidecar.store.base import ReportTimeout, StoreError
 from sidecar.store.sql import Params, SqlStore, json_array, schema_v1
 
 MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),)
+_PASSING = ("starting up", "shutting down", "recovery", "too many", "remaining connection slots")
+# Errors about the database rather than the rows (a table not migrated yet, a grant missing): rows must wait
+# for the operator, not be dead-lettered one by one.
+_NOT_YET = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.InsufficientPrivilege)
 
 
 class PostgresStore(SqlStore):
@@ -49,10 +53,11 @@ class PostgresStore(SqlStore):
         )
         try:
             await self._pool.open(wait=True, timeout=self.connect_timeout)
-        except (psycopg.Error, TimeoutError) as exc:
+        except (psycopg.Error, TimeoutError):
             await self._pool.close()
             self._pool = None
-            raise StoreError(f"cannot connect to PostgreSQL: {type(exc).__name__}") from None
+            why, lasting = await self._why_not()
+            raise StoreError(f"cannot connect to PostgreSQL: {why}", transient=not lasting) from None
         # Report queries get a pool of their own (connected on first use), so key lookups and health checks
         # never wait for a connection behind them; the server stops their statements at the report timeout.
         self._reports = AsyncConnectionPool(
@@ -65,6 +70,20 @@ class PostgresStore(SqlStore):
             configure=self._configure_report_connection,
         )
         await self._reports.open(wait=False)
+
+    async def _why_not(self) -> tuple[str, bool]:
+        """Why the pool could not connect, from one direct attempt: (reason, lasting). A server that answered
+        with a refusal (FATAL: unknown role, bad password, no such database, pg_hba) will refuse again: the
+        configuration is wrong. Anything else (refused, unreachable, starting up, full) may pass."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=max(1, round(self.connect_timeout)))
+        except psycopg.Error as exc:
+            text = str(exc)
+            fatal = text.partition("FATAL:")[2].strip().splitlines()[0] if "FATAL:" in text else ""
+            lasting = bool(fatal) and not any(word in fatal for word in _PASSING)
+            return (f"the server refused: {fatal}" if fatal else type(exc).__name__), lasting
+        await conn.close()
+        return "PoolTimeout", False
 
     async def close(self) -> None:
         if self._reports is not None:
@@ -145,6 +164,8 @@ class PostgresStore(SqlStore):
             async with asyncio.timeout(self.op_timeout), self.pool.connection() as conn, conn.cursor() as cur:
                 await cur.execute(sql.encode(), [payload])
                 return max(cur.rowcount, 0)
+        except _NOT_YET as exc:  # the schema or a grant is missing: not the rows' fault, they wait in the spool
+            raise StoreError(f"{type(exc).__name__}: {exc}") from None
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, ValueError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}", transient=False) from None
         except (psycopg.Error, TimeoutError) as exc:
