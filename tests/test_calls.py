@@ -64,6 +64,10 @@ def test_max_tokens_table(raw, passes, reserved):
 def test_good_max_tokens():
     assert call({"max_tokens": 300}).max_tokens == 300
     assert call({"max_completion_tokens": 7, "max_tokens": 300}).max_tokens == 7
+    # the one rule for both fields, vLLM's (`max_completion_tokens or max_tokens`): null or 0 defers to the other
+    assert call({"max_completion_tokens": None, "max_tokens": 50}).max_tokens == 50
+    assert call({"max_completion_tokens": 0, "max_tokens": 50}).max_tokens == 50
+    assert call({"max_completion_tokens": 0}).max_tokens is None  # the default is reserved
     assert parse("POST", "/completion", b'{"prompt":"x","n_predict":9}').max_tokens == 9  # llama-server's own
     assert parse("POST", "/generate", b'{"text":"x","sampling_params":{"max_new_tokens":5}}').max_tokens == 5
 

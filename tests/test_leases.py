@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import aiohttp
+import orjson
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -215,6 +216,41 @@ async def test_rate_limit_headers_and_429_shape(fake, limited):
             # 2 requests a minute: the next one is 30 s away, less the moment since the first (rounded up)
             assert 29 <= int(r.headers["retry-after"]) <= 30
     assert len(fake.received) == 2 and limited.rows[-1]["outcome"] == "rate_limited"
+
+
+async def test_token_reservations_over_http_admit_what_the_arithmetic_allows_and_refund(fake, limited):
+    """Five slow streams at max_tokens=300 against a tpm with room for three reservations: exactly three run,
+    two are refused as `tokens`; once they end, each refunds what it reserved and did not use."""
+    from sidecar.tokens import estimate_prompt
+
+    fake.script.chunks, fake.script.delay_chunks = 5, 0.1  # 0.5 s each: all five overlap
+    body = {**CHAT, "stream": True, "max_tokens": 300}
+    reservation = estimate_prompt(body) + 300
+    tpm = 3 * reservation + reservation // 2
+    refill = tpm / 60  # tokens a second
+    async with aiohttp.ClientSession() as s:
+        key = await make_key(s, limited.url, rpm=100000, tpm=tpm)
+        headers = {"authorization": f"Bearer {key}"}
+
+        async def one():
+            async with s.post(limited.url + "/v1/chat/completions", json=body, headers=headers) as r:
+                return r.status, r.headers, await r.read()
+
+        results = await asyncio.gather(*(one() for _ in range(5)))
+        admitted = sorted(int(h["x-ratelimit-remaining-tokens"]) for st, h, _ in results if st == 200)
+        refused = [orjson.loads(b)["error"] for st, _, b in results if st == 429]
+        assert len(admitted) == 3 and len(refused) == 2
+        assert all(e["type"] == "tokens" and e["code"] == "rate_limit_exceeded" for e in refused)
+        for i, remaining in enumerate(reversed(admitted), start=1):  # each one's reservation taken, in turn
+            assert tpm - i * reservation <= remaining <= tpm - i * reservation + refill
+        used = fake.script.prompt_tokens + fake.script.chunks  # the fake's usage per answer
+        async with s.post(limited.url + "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 200
+            remaining = int(r.headers["x-ratelimit-remaining-tokens"])
+            await r.read()
+    # refunded: three answers cost `used` each, not their reservation (without refunds: tpm - 4 reservations)
+    assert tpm - 3 * used - reservation <= remaining <= tpm - reservation
+    await wait_for(lambda: limited.server.app[LEASES].totals() == (0, 0))
 
 
 @pytest.mark.parametrize(("raw", "passes", "reserved"), MAX_TOKENS, ids=[m[0].decode() for m in MAX_TOKENS])
