@@ -15,6 +15,10 @@ from sidecar.records import RequestRecord
 from sidecar.store import open_store
 from sidecar.writer import BatchWriter
 from tests.conftest import wait_for
+from tests.faults import Fault
+from tests.test_faults import pg_proxy, through
+
+__all__ = ["pg_proxy"]  # a fixture, imported for the test below
 
 
 def rows(n: int) -> list[dict[str, Any]]:
@@ -151,5 +155,75 @@ async def test_what_the_store_could_not_take_is_replayed_exactly_once(store_url,
     writer._probe_at = 0.0  # the backoff is not what this test is about
     await writer.flush()
     assert await store.count_requests() == 40
+    await writer.close()
+    await store.close()
+
+
+async def test_a_batch_committed_but_never_acknowledged_is_stored_once(pg_url, pg_proxy, tmp_path):
+    """At least once, exactly one row: PostgreSQL commits a batch and its answer is lost on the way back (the
+    fault proxy holds the connection from the `INSERT 0 n` reply on). The writer times out, spools the batch,
+    replays it when the store answers again, and the store keeps one row each: nothing dead-lettered."""
+    await (await opened(pg_url)).close()  # migrated
+    store = open_store(through(pg_proxy, pg_url), op_timeout=1.0)
+    await store.open()
+    direct = await opened(pg_url)
+    writer = BatchWriter(store, WriterCfg(max_rows=100, flush_interval_ms=10_000), str(tmp_path / "spool"))
+    await writer.start()
+    pg_proxy.fault = Fault("hold", at=b"INSERT 0 ", hold_for=2.0)
+    batch = rows(40)
+    for row in batch:
+        writer.put(row)
+    await writer.flush()  # committed on the server; the answer never came: to the writer, a failure
+    assert pg_proxy.faults_hit == 1 and await direct.count_requests() == 40
+    assert writer.status()["store"] == "down" and list((tmp_path / "spool").glob("requests.*.jsonl"))
+    writer._probe_at = 0.0  # the backoff is not what this test is about
+    for _ in range(50):
+        await writer.flush()
+        if writer.status()["store"] == "ok" and not writer.spool.pending:
+            break
+        writer._probe_at = 0.0
+        await asyncio.sleep(0.1)
+    assert await direct.count_requests() == 40 and writer.dead == 0
+    assert not (tmp_path / "spool" / "requests.dead.jsonl").exists()
+    await writer.close()
+    await store.close()
+    await direct.close()
+
+
+async def test_without_a_spool_a_stalled_store_holds_queue_size_rows_and_drops_the_rest(tmp_path):
+    """writer.spool off and the store locked: up to queue_size rows wait in memory, the rest are dropped and
+    counted, memory stays flat however many come; once the store takes rows again the held ones land."""
+    import tracemalloc
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = await opened(url)
+    writer = BatchWriter(
+        store, WriterCfg(spool=False, queue_size=30, max_rows=100, flush_interval_ms=10_000), str(tmp_path / "spool")
+    )
+    await writer.start()
+    locker = sqlite3.connect(f"{tmp_path}/s.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # every write of the writer's fails: locked
+    for row in rows(40):
+        writer.put(row)
+    await writer.flush()
+    status = writer.status()
+    assert (status["journal"], status["held_rows"], status["dropped_rows"]) == ("off", 30, 10)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for row in rows(20_000):
+        writer.put(row)
+    await writer.flush()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert writer.status()["held_rows"] == 30 and writer.dropped == 20_010
+    assert grown < 256 * 1024, grown  # 20,000 rows of ~600 bytes went through; what stayed is bounded
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in writer.collect() for s in m.samples}
+    assert metrics[("sidecar_writer_rows_total", (("result", "dropped"), ("table", "requests")))] == 20_010
+    assert not (tmp_path / "spool").exists() or not list((tmp_path / "spool").glob("requests.*.jsonl"))
+    locker.execute("ROLLBACK")
+    locker.close()
+    writer._probe_at = 0.0  # the backoff is not what this test is about
+    await writer.flush()
+    assert await store.count_requests() == 30
     await writer.close()
     await store.close()
