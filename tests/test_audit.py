@@ -358,3 +358,53 @@ async def test_with_redact_paths_a_cut_response_keeps_no_raw_prefix(fake, sideca
     (record,) = await wait_records(tmp_path / "a", 1)
     response = record["response"]
     assert response is None or (response["truncated"] is True and "prefix" not in response), response
+
+
+PATHS = {  # how the request ends -> (fake's script, sidecar options, the record's outcome)
+    "completed": ({}, {}, "completed"),
+    "idle-timeout": ({"hang_after": 2}, {"upstream__stream_idle_timeout": 0.3}, "upstream_timeout"),
+    "total-timeout": ({"chunks": 40, "delay_chunks": 0.05}, {"upstream__total_timeout": 0.4}, "upstream_timeout"),
+    "upstream-500": ({"status": 500}, {}, "upstream_error"),
+    "upstream-drop": ({"chunks": 10, "drop_after": 3}, {}, "upstream_error"),
+    "client-gone": ({"chunks": 100, "delay_chunks": 0.02}, {}, "client_disconnected"),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_redaction_holds_on_every_way_a_request_ends(fake, sidecar_factory, tmp_path, path):
+    """The canaries (a credential header, a redacted body path) are absent from the audit record whatever
+    ended the request; and a `request_id` in the client's body is the client's, never the record's."""
+    from tests.test_disconnect import open_stream
+
+    script, options, outcome = PATHS[path]
+    for name, value in script.items():
+        setattr(fake.script, name, value)
+    running = await sidecar_factory(
+        fake.url,
+        audit__capture="store_flag",
+        audit__sinks="jsonl",
+        audit__jsonl_dir=str(tmp_path / "audit"),
+        audit__redact_paths="messages[*].content",
+        **options,
+    )
+    body = {**CHAT, "stream": True, "request_id": "req_client_chosen"}
+    headers = {"authorization": f"Bearer {CANARY_HEADER}", "x-my-token": CANARY_HEADER}
+    if path == "client-gone":
+        reader, writer = await open_stream(running.port, body, headers)
+        seen = b""
+        while seen.count(b"tok") < 3:
+            seen += await reader.read(65536)
+        writer.transport.abort()
+        ours = None
+    else:
+        url = running.url + "/v1/chat/completions"
+        async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers) as r:
+            await r.read()
+            ours = r.headers["x-request-id"]
+    (record,) = await wait_records(tmp_path / "audit", 1)
+    assert record["outcome"] == outcome
+    text = orjson.dumps(record).decode()
+    assert CANARY_HEADER not in text and CANARY_BODY not in text
+    assert record["request_id"].startswith("req_") and record["request_id"] != "req_client_chosen"
+    assert ours is None or record["request_id"] == ours
+    assert record["request"]["body"]["request_id"] == "req_client_chosen"  # the client's field, kept as sent

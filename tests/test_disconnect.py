@@ -13,12 +13,19 @@ from tests.conftest import wait_for
 CHAT = STREAM  # these tests stream
 
 
-async def open_stream(port: int, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_stream(
+    port: int, body: dict, headers: dict[str, str] | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = orjson.dumps(body)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode()
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        + extra
+        + b"Content-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + payload
     )
     await writer.drain()
     return reader, writer
