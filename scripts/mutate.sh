@@ -26,12 +26,18 @@ declare -A MODULES=(
   [auth]="sidecar/auth.py sidecar/keys.py"
 )
 declare -A TESTS=(
-  [leases]="tests/test_leases.py"
-  [writer]="tests/test_writer.py tests/test_records.py"
+  [leases]="tests/test_leases.py tests/test_leases_contract.py"
+  [writer]="tests/test_writer.py tests/test_spool.py"
   [deadline]="tests/test_proxy.py"
-  [sse]="tests/test_sse.py tests/test_accounting.py tests/test_tokens.py"
-  [relay]="tests/test_disconnect.py tests/test_proxy.py tests/test_records.py"
+  [sse]="tests/test_sse.py tests/test_tokens.py"
+  [relay]="tests/test_disconnect.py tests/test_proxy.py"
   [auth]="tests/test_auth.py tests/test_keys.py"
+)
+# and a -k filter: tests that need the session's PostgreSQL or run for seconds, whose promises faster tests of
+# the same group also hold
+declare -A SKIP=(
+  [writer]="not postgres and not ten_minute and not long_outage and not dead_letter_file and not nul_in_a_text and not spool_cap and not being_replayed"
+  [auth]="not postgres and not outage and not store_is_down and not slow_lookup and not demo_upstream"
 )
 ORDER=(leases writer deadline sse relay auth)
 
@@ -48,7 +54,7 @@ prepare() {  # a scratch copy of the tracked tree, with the group's mutmut setti
 source_paths = ["sidecar"]
 only_mutate = $(toml_list ${MODULES[$group]})
 pytest_add_cli_args_test_selection = $(toml_list ${TESTS[$group]})
-pytest_add_cli_args = ["-p", "no:logging", "-p", "no:cacheprovider", "-k", "not postgres", "--durations=0", "-q"]
+pytest_add_cli_args = ["-p", "no:logging", "-p", "no:cacheprovider", "-k", "${SKIP[$group]:-not postgres}", "-q"]
 timeout_multiplier = 3.0
 timeout_constant = 10.0
 EOF
@@ -61,6 +67,18 @@ show() {
   done
 }
 
+run_group() {
+  # mutmut's forced-fail pass aborts tests between a store's open and close, and the aiosqlite threads they
+  # leave keep its process from exiting: once it has printed its summary, it gets 15 s to exit, then is killed.
+  local log=$SCRATCH/$1.log pid
+  (cd "$SCRATCH/$1" && exec "$PY" -m mutmut run --max-children 2) >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && ! grep -q "mutations/second" "$log"; do sleep 2; done
+  for _ in $(seq 15); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
 if [[ ${1:-} == --show ]]; then show "$2"; exit; fi
 groups=("$@"); [[ ${#groups[@]} -gt 0 ]] || groups=("${ORDER[@]}")
 for group in "${groups[@]}"; do
@@ -68,7 +86,7 @@ for group in "${groups[@]}"; do
   prepare "$group"
   echo "== $group: ${MODULES[$group]} against ${TESTS[$group]}"
   start=$SECONDS
-  (cd "$SCRATCH/$group" && "$PY" -m mutmut run --max-children 2 >"$SCRATCH/$group.log" 2>&1) || true
+  run_group "$group"
   (cd "$SCRATCH/$group" && "$PY" -m mutmut results --all true 2>/dev/null) >"$SCRATCH/$group.results"
   "$PY" scripts/mutation/score.py "$group" "$SCRATCH/$group.results" "scripts/mutation/equivalent/$group.txt" \
     "$((SECONDS - start))" | tee -a "$SCRATCH/scores.txt"
