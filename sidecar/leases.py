@@ -165,7 +165,7 @@ class LeaseManager:
         if tok is not None:
             tok.refill(now)
             need = min(estimate, int(tok.capacity))
-            if tok.level < need:
+            if need > 0 and tok.level < need:  # a request that costs no tokens is not refused for them
                 raise RateLimited(
                     f"Rate limit reached: {p.tpm} tokens per minute; this request reserves {need}.",
                     type_="tokens",

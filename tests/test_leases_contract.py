@@ -182,9 +182,9 @@ def test_settle_refunds_and_debits_exactly_once():
     d.release()
     assert tokens.level == -230
     with pytest.raises(RateLimited) as info:
-        leases.acquire_now(p, 0)  # needs 0 tokens, but the bucket is below 0
+        leases.acquire_now(p, 1)  # needs 1 token, and the bucket is below 0
     assert info.value.headers["x-ratelimit-remaining-tokens"] == "0"
-    assert info.value.headers["retry-after"] == "23"  # 230 tokens at 10 a second
+    assert info.value.headers["retry-after"] == "24"  # 231 tokens at 10 a second, rounded up
 
 
 def test_an_unsettled_release_refunds_everything():
@@ -320,6 +320,19 @@ def test_acquire_local_respects_the_request_budget():
     with pytest.raises(RateLimited) as info:
         leases.acquire_local(p)
     assert info.value.type == "requests" and info.value.headers["retry-after"] == "60"
+
+
+async def test_a_key_in_token_debt_still_gets_its_usage_report():
+    """A settle past the reservation leaves the token bucket below zero; a usage report costs no tokens, so it
+    is not refused for them (it was: 'this request reserves 0', retry-after 20)."""
+    leases, _ = manager()
+    p = Principal("k", "k", concurrency=0, rpm=0, tpm=600)
+    lease = await leases.acquire(p, 100)
+    lease.settle(0, 800)
+    lease.release()
+    with pytest.raises(RateLimited):
+        await leases.acquire(p, 1)  # a request that costs tokens waits for the debt to clear
+    leases.acquire_local(p).release()
 
 
 async def test_full_queue_is_overloaded_at_once():
