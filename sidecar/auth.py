@@ -200,8 +200,10 @@ class Authenticator:
             now = time.monotonic()
             row = self.static.get(kid)
             static = row is not None
+            asked = row is None and not (entry is not None and entry.static) and self.store is not None
             try:
-                if row is None and not (entry is not None and entry.static) and self.store is not None:
+                if asked:
+                    assert self.store is not None
                     row = await self.store.get_key(kid)
             except StoreError as exc:
                 return self._stale(kid, entry, exc)
@@ -210,7 +212,7 @@ class Authenticator:
             fresh = _Entry(row, principal, now + ttl, now, static, refresh_at=now + ttl / 2)
             if self._generation.get(kid, 0) != generation:
                 continue  # revoked or changed while we read it: what we read may be from before; read again
-            if self._serving_stale:
+            if self._serving_stale and asked:  # only an answer of the store's says it is back (not a static key)
                 self._serving_stale = False
                 log.warning("key store answering again")
             if len(self._cache) >= _MAX_CACHE:

@@ -16,6 +16,7 @@ import orjson
 from sidecar.errors import BadRequest
 from sidecar.routes import (
     BUDGET_FIELDS,
+    CHAT,
     FAMILIES,
     GENERATE,
     JSON_FAMILIES,
@@ -122,20 +123,22 @@ def _flag(doc: dict[str, Any], name: str) -> bool:
 
 
 def _budget(doc: dict[str, Any], family: str) -> int | None:
-    """The output budget the request names, for the reservation: a positive integer, else None (the default is
-    reserved). Of two fields (`max_completion_tokens`, then `max_tokens`), the first that is neither null nor 0
-    counts, as vLLM reads them. Any number, and null, goes on to the upstream as it is (llama-server takes -1
-    for "no limit"); a type no budget can have (a string, a boolean, an object) is a 400, since the proxy cannot
-    reason about it."""
+    """The output budget the request names, for the reservation: a positive integer (or a float that is one),
+    else None (the default is reserved). Of chat's two fields (`max_completion_tokens`, then `max_tokens`), the
+    first that is neither null nor 0 counts, as vLLM reads them; llama-server's `n_predict` counts whenever it
+    is there. Any number, and null, goes on to the upstream as it is (llama-server takes -1 for "no limit"); a
+    type no budget can have (a string, a boolean, an object) is a 400, since the proxy cannot reason about it."""
     where = doc.get("sampling_params") if family == GENERATE else doc
     if not isinstance(where, dict):
         return None
     for name in BUDGET_FIELDS.get(family, ()):
         value = where.get(name)
-        if value is None or (value == 0 and not isinstance(value, bool)):
-            continue  # absent, null or 0: the next field names the budget, as vLLM reads them (`a or b`)
+        if value is None or (family == CHAT and value == 0 and not isinstance(value, bool)):
+            continue  # absent; or, in a chat, null or 0: the next field names the budget (vLLM's `a or b`)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise BadRequest(f"`{name}` must be a number.", param=name, code="invalid_type")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 300.0 is 300 to the upstream's validation (pydantic's int accepts it)
         if isinstance(value, int) and value > 0:
             return min(value, MAX_TOKENS_CEILING)
         return None

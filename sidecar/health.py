@@ -2,10 +2,11 @@
 
 `/readyz` follows what serving needs, not the store's health: a store outage is ridden out (keys verified
 within `auth.max_stale` keep working, rows spool to the journal), so it must not take every replica out of its
-Service at once. Not ready: `draining`, `upstream` (not reachable), `records` (the store is down and the journal
-cannot take rows: failing or full). It says where records are going (`store`: ok or down, asked within
-`STORE_PING` seconds; `writers`: each writer's store, journal, rows held in memory); error texts go to the log,
-never to the (unauthenticated) caller.
+Service at once. Not ready: `draining`, `upstream` (not reachable), `records` (the store is down, as the probe's
+ping or a writer sees it, and that writer's journal cannot take rows: failing or full). With `writer.spool` off
+rows are held in memory up to `writer.queue_size` during an outage: the operator's choice, not a reason.
+It says where records are going (`store`: ok or down, asked within `STORE_PING` seconds; `writers`: each
+writer's store, journal, rows held in memory); error texts go to the log, never to the (unauthenticated) caller.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ class Health:
         if not ok:
             self._not_ready("upstream", reason)
             return _json({"status": "not_ready", "reason": "upstream", **detail}, 503)
-        stuck = [name for name, w in writers.items() if w["journal"] in ("failing", "full")]
-        if stuck and detail["store"] == "down":
+        stuck = [
+            name
+            for name, w in writers.items()
+            if w["journal"] in ("failing", "full") and (w["store"] == "down" or detail["store"] == "down")
+        ]
+        if stuck:
             self._not_ready("records", f"store down and journal {writers[stuck[0]]['journal']} ({stuck[0]})")
             return _json({"status": "not_ready", "reason": "records", **detail}, 503)
         self._last_reason = ""

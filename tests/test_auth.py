@@ -208,13 +208,25 @@ def _p99(results):
 
 
 async def test_a_store_outage_under_load_costs_no_latency_and_keeps_the_replica_ready(
-    fake, sidecar_factory, pg_server, pg_url
+    fake, sidecar_factory, pg_server, pg_url, tmp_path
 ):
-    """PostgreSQL stopped (the store's own timeouts at their defaults: 5 s to get a connection): keys in use are
-    refreshed in the background, so no request waits on it; /readyz stays 200 and says the store is down, fast;
-    every row spools and lands once the store is back."""
+    """PostgreSQL stopped (the store's own timeouts at their defaults: 5 s to get a connection) under load from a
+    store key and a static key: keys in use are refreshed in the background, so no request waits on the store
+    (a static key's lookups must not make the replica think the store is back); /readyz stays 200 and says the
+    store is down, fast; every row spools and lands once the store is back."""
+    pepper = b"static-pepper-0123456789"
+    static_key, kid, secret = new_key()
+    static = tmp_path / "keys.jsonl"
+    static.write_bytes(orjson.dumps({"id": kid, "name": "s", "hash": hash_secret(pepper, secret), "created_at": 1.0}))
+    (tmp_path / "pepper").write_bytes(pepper)
     running = await sidecar_factory(
-        fake.url, auth__enabled=True, server__admin_token=ADMIN, store__url=pg_url, auth__cache_ttl=0.5
+        fake.url,
+        auth__enabled=True,
+        auth__pepper_file=str(tmp_path / "pepper"),
+        auth__static_keys_file=str(static),
+        server__admin_token=ADMIN,
+        store__url=pg_url,
+        auth__cache_ttl=0.5,
     )
     async with aiohttp.ClientSession() as s:
         _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "busy"})
@@ -222,19 +234,23 @@ async def test_a_store_outage_under_load_costs_no_latency_and_keeps_the_replica_
         before = await _load(s, running.url, key, 1.5)
         pg_server.stop()
         try:
-            during = await _load(s, running.url, key, 7.0)  # 14 cache TTLs, past the pool's 5 s wait
+            during, static_during = await asyncio.gather(  # 14 cache TTLs, past the pool's 5 s wait
+                _load(s, running.url, key, 7.0, workers=3), _load(s, running.url, static_key, 7.0, workers=1)
+            )
             t0 = time.monotonic()
             async with s.get(running.url + "/readyz") as r:
                 ready, doc, probe = r.status, await r.json(), time.monotonic() - t0
         finally:
             pg_server.start()
-    assert {status for status, _ in before + during} == {200}
+    assert {status for status, _ in before + during + static_during} == {200}
     assert _p99(during) <= _p99(before) + 0.05, (_p99(before), _p99(during))
     assert max(latency for _, latency in during) < 0.3  # not one request waited on the store (5 s before)
     assert ready == 200 and doc["store"] == "down"
     assert probe < 1.0 and "127.0.0.1" not in orjson.dumps(doc).decode()
-    assert "key store unavailable" in running.log_text() and "store unreachable" in running.log_text()
-    assert len(await running.stored(len(before) + len(during), timeout=30)) == len(before) + len(during)
+    log = running.log_text()
+    assert "key store unavailable" in log and "store unreachable" in log and "key store answering again" not in log
+    total = len(before) + len(during) + len(static_during)
+    assert len(await running.stored(total, timeout=30)) == total
 
 
 async def test_an_idle_key_waits_for_a_dead_store_at_most_lookup_timeout_once(fake, sidecar_factory, pg_server, pg_url):

@@ -37,6 +37,7 @@ MAX_TOKENS = [
     (b"1", True, 1),
     (b"2147483648", True, 10_000_000),  # a positive integer: reserved, capped at the ceiling (and the bucket)
     (b"1.5", True, None),  # a number that is not a positive integer: passed on, default reserved
+    (b"300.0", True, 300),  # a float that is an integer: what the upstream's validation reads it as
     (b"null", True, None),  # absent
     (b"1e400", False, None),  # not JSON a parser can represent (infinity): 400 invalid_json
     (b'"3"', False, None),  # a string: no budget the sidecar can reason about: 400
@@ -68,6 +69,8 @@ def test_good_max_tokens():
     assert call({"max_completion_tokens": None, "max_tokens": 50}).max_tokens == 50
     assert call({"max_completion_tokens": 0, "max_tokens": 50}).max_tokens == 50
     assert call({"max_completion_tokens": 0}).max_tokens is None  # the default is reserved
+    # llama-server's n_predict counts whenever it is there: 0 there generates nothing, whatever max_tokens says
+    assert parse("POST", "/completion", b'{"prompt":"x","n_predict":0,"max_tokens":9}').max_tokens is None
     assert parse("POST", "/completion", b'{"prompt":"x","n_predict":9}').max_tokens == 9  # llama-server's own
     assert parse("POST", "/generate", b'{"text":"x","sampling_params":{"max_new_tokens":5}}').max_tokens == 5
 

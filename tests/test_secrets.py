@@ -293,3 +293,22 @@ def test_every_credential_in_a_url_is_masked(url, secret):
         with pytest.raises(ConfigError) as raised:
             load(None, {}, {"upstream.url": url})
         assert secret not in str(raised.value)
+
+
+async def test_a_store_that_answers_but_cannot_be_migrated_exits_1_with_one_line(fake, tmp_path, pg_url):
+    """A role without CREATE on the schema (PostgreSQL 15's default for non-owners): not an outage to ride
+    out, a configuration to fix. One line, exit 1."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute("CREATE ROLE visitor LOGIN")
+    try:
+        url = pg_url.replace("postgresql://postgres@", "postgresql://visitor@")
+        port = str(free_port())
+        bad = sidecar(tmp_path, "serve", "--port", port, SIDECAR_UPSTREAM_URL=fake.url, SIDECAR_STORE_URL=url)
+        _, err = await asyncio.to_thread(bad.communicate, timeout=60)
+        assert bad.returncode == 1 and err.strip().splitlines()[-1].startswith("sidecar: cannot open the store"), err
+        assert "InsufficientPrivilege" in err
+    finally:
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            await conn.execute("DROP ROLE visitor")

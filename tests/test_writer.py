@@ -227,3 +227,34 @@ async def test_without_a_spool_a_stalled_store_holds_queue_size_rows_and_drops_t
     assert await store.count_requests() == 30
     await writer.close()
     await store.close()
+
+
+async def test_a_missing_grant_keeps_rows_in_the_spool_not_the_dead_letter_file(pg_url, tmp_path):
+    """A role that may not insert (a grant revoked by mistake) is the database's fault, not the rows': they
+    spool and land, once each, when the grant returns; nothing is dead-lettered."""
+    import psycopg
+
+    await (await opened(pg_url)).close()  # migrated by the owner
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute("CREATE ROLE scribe LOGIN")
+        await conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO scribe")
+    as_scribe = pg_url.replace("postgresql://postgres@", "postgresql://scribe@")
+    store = open_store(as_scribe)
+    await store.open()
+    writer = BatchWriter(store, WriterCfg(max_rows=100, flush_interval_ms=10_000), str(tmp_path / "spool"))
+    await writer.start()
+    for row in rows(25):
+        writer.put(row)
+    await writer.flush()
+    assert writer.dead == 0 and writer.status()["store"] == "down" and writer.status()["spool_bytes"] > 0
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute("GRANT INSERT ON ALL TABLES IN SCHEMA public TO scribe")
+    writer._probe_at = 0.0  # the backoff is not what this test is about
+    await writer.flush()
+    assert await store.count_requests() == 25 and writer.dead == 0
+    assert not (tmp_path / "spool" / "requests.dead.jsonl").exists()
+    await writer.close()
+    await store.close()
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM scribe")
+        await conn.execute("DROP ROLE scribe")

@@ -3,7 +3,8 @@
 A replica started during a store outage still serves: static keys verify, rows spool to the journal, and
 `/readyz` reports the store down without failing. The store is opened (and migrated) as soon as it answers,
 and the writer's probe then replays what spooled. SQLite is a file on this machine: if it cannot be opened
-the configuration is wrong, and the process exits at once instead.
+the configuration is wrong, and the process exits at once instead; so does a PostgreSQL that refuses the
+credentials or the database, or that answers but cannot be migrated (a grant missing).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Opener:
 
     async def start(self) -> None:
         try:
-            await self._open()
+            await self.store.open()
         except StoreError as exc:
             if not exc.transient or self.store.kind != "postgres":
                 raise
@@ -35,30 +36,46 @@ class Opener:
                 extra={"fields": {"store": self.name, "error": str(exc)[:200]}},
             )
             self._task = asyncio.get_running_loop().create_task(self._retry())
+            return
+        await self._migrate()  # a store that answers but cannot be migrated (a grant missing) is a start error
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.store.close()
-
-    async def _open(self) -> None:
         try:
-            await self.store.open()
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            await self.store.close()
+
+    async def _migrate(self) -> None:
+        try:
             await self.store.migrate()
         except StoreError:
-            await self.store.close()  # a pool opened before the migration failed: the next attempt opens anew
+            await self.store.close()
             raise
 
     async def _retry(self) -> None:
-        delay = RETRY_FIRST
+        """Open and migrate until both succeed; each new reason it cannot is logged once (an error for one that
+        will not pass by itself: credentials, a grant), so an operator sees why the store stays away."""
+        delay, last = RETRY_FIRST, ""
         while True:
             await asyncio.sleep(delay)
             try:
-                await self._open()
-            except StoreError:
+                await self.store.open()
+                await self._migrate()
+            except StoreError as exc:
+                reason = str(exc)[:200]
+                if reason != last:
+                    last = reason
+                    level = logging.WARNING if exc.transient else logging.ERROR
+                    log.log(level, "store still unavailable", extra={"fields": {"store": self.name, "error": reason}})
                 delay = min(delay * 2, RETRY_MAX)
                 continue
-            log.info("store reachable: opened and migrated")
+            except Exception:  # never die silently: the store would stay closed for the life of the process
+                log.exception("opening the store failed; trying again", extra={"fields": {"store": self.name}})
+                await self.store.close()
+                delay = RETRY_MAX
+                continue
+            log.info("store reachable: opened and migrated", extra={"fields": {"store": self.name}})
             return

@@ -13,7 +13,23 @@ from sidecar.store.base import ReportTimeout, StoreError
 from sidecar.store.sql import Params, SqlStore, json_array, schema_v1
 
 MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),)
-_PASSING = ("starting up", "shutting down", "recovery", "too many", "remaining connection slots")
+
+
+def _text(exc: BaseException) -> str:
+    """An error in one line: psycopg's server errors go on with the statement and a caret on lines of their own."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+_PASSING = (
+    "starting up",
+    "shutting down",
+    "recovery",
+    "accepting connections",  # a standby or a restore not yet consistent
+    "terminating connection",
+    "too many",
+    "remaining connection slots",
+)
 # Errors about the database rather than the rows (a table not migrated yet, a grant missing): rows must wait
 # for the operator, not be dead-lettered one by one.
 _NOT_YET = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.InsufficientPrivilege)
@@ -79,7 +95,7 @@ class PostgresStore(SqlStore):
             conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=max(1, round(self.connect_timeout)))
         except psycopg.Error as exc:
             text = str(exc)
-            fatal = text.partition("FATAL:")[2].strip().splitlines()[0] if "FATAL:" in text else ""
+            fatal = (text.partition("FATAL:")[2].strip().splitlines() or [""])[0] if "FATAL:" in text else ""
             lasting = bool(fatal) and not any(word in fatal for word in _PASSING)
             return (f"the server refused: {fatal}" if fatal else type(exc).__name__), lasting
         await conn.close()
@@ -111,7 +127,7 @@ class PostgresStore(SqlStore):
                 await cur.execute(sql.encode(), list(params))
                 return list(await cur.fetchall())
         except (psycopg.Error, TimeoutError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+            raise StoreError(_text(exc)) from None
 
     async def _execute(self, sql: str, params: Params = ()) -> int:
         try:
@@ -119,7 +135,7 @@ class PostgresStore(SqlStore):
                 await cur.execute(sql.encode(), list(params))
                 return max(cur.rowcount, 0)
         except (psycopg.Error, TimeoutError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+            raise StoreError(_text(exc)) from None
 
     async def _configure_report_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # A SET, not the `options` startup parameter: that would replace any `options` in the store URL (a
@@ -137,7 +153,7 @@ class PostgresStore(SqlStore):
         except (psycopg.errors.QueryCanceled, TimeoutError):
             raise ReportTimeout(self.report_timeout) from None
         except psycopg.Error as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+            raise StoreError(_text(exc)) from None
 
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
         try:
@@ -150,7 +166,7 @@ class PostgresStore(SqlStore):
                 for sql, params in statements:
                     await cur.execute(sql.encode(), list(params))
         except (psycopg.Error, TimeoutError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+            raise StoreError(_text(exc)) from None
 
     async def _insert_lines(self, table: str, columns: Sequence[str], lines: Sequence[bytes]) -> int:
         # One statement over a JSON array: PostgreSQL unpacks the rows, not Python.
@@ -165,8 +181,8 @@ class PostgresStore(SqlStore):
                 await cur.execute(sql.encode(), [payload])
                 return max(cur.rowcount, 0)
         except _NOT_YET as exc:  # the schema or a grant is missing: not the rows' fault, they wait in the spool
-            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+            raise StoreError(_text(exc)) from None
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, ValueError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}", transient=False) from None
+            raise StoreError(_text(exc), transient=False) from None
         except (psycopg.Error, TimeoutError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from None
+            raise StoreError(_text(exc)) from None
