@@ -27,7 +27,7 @@ declare -A MODULES=(
 )
 declare -A TESTS=(
   [leases]="tests/test_leases.py tests/test_leases_contract.py"
-  [writer]="tests/test_writer.py tests/test_spool.py"
+  [writer]="tests/test_writer.py tests/test_spool.py tests/test_writer_contract.py"
   [deadline]="tests/test_deadline.py tests/test_proxy.py"
   [sse]="tests/test_sse.py tests/test_tokens.py"
   [relay]="tests/test_disconnect.py tests/test_proxy.py"
@@ -54,7 +54,7 @@ prepare() {  # a scratch copy of the tracked tree, with the group's mutmut setti
 source_paths = ["sidecar"]
 only_mutate = $(toml_list ${MODULES[$group]})
 pytest_add_cli_args_test_selection = $(toml_list ${TESTS[$group]})
-pytest_add_cli_args = ["-p", "no:logging", "-p", "no:cacheprovider", "-k", "${SKIP[$group]:-not postgres}", "-q"]
+pytest_add_cli_args = ["-x", "-p", "no:logging", "-p", "no:cacheprovider", "-k", "${SKIP[$group]:-not postgres}", "-q"]
 timeout_multiplier = 3.0
 timeout_constant = 10.0
 EOF
