@@ -63,7 +63,7 @@ async def test_a_verified_token_skips_the_store_until_its_refresh_is_due(store):
     assert auth.known(headers(created.key)) is None  # its refresh is due: the next request goes through it
 
 
-async def test_an_outage_serves_known_keys_at_once_until_max_stale_then_fails_closed(store):
+async def test_a_closed_store_serves_known_keys_at_once_until_max_stale_then_fails_closed(store):
     created = await KeyAdmin(store, PEPPER).create({"name": "k"}, actor="test")
     auth = Authenticator(AuthCfg(cache_ttl=0.1, max_stale=0.6), LimitsCfg(), store, PEPPER)
     await auth.authenticate(headers(created.key))
