@@ -27,14 +27,18 @@ def main(group: str, results: str, equivalent: str, seconds: str) -> None:
         name, sep, status = line.strip().rpartition(": ")
         if not sep:
             continue
-        kind = "killed" if status in KILLED else "equivalent" if name in known else "survived"
+        if status == "not checked":  # a run stopped before it reached this mutant
+            kind = "unchecked"
+        else:
+            kind = "killed" if status in KILLED else "equivalent" if name in known else "survived"
         counts.setdefault(module_of(name), Counter())[kind] += 1
     for module, c in sorted(counts.items()):
         real = c["killed"] + c["survived"]
         score = 100.0 * c["killed"] / real if real else 100.0
         print(
-            f"{group:9} {module:32} mutants {real + c['equivalent']:4}  killed {c['killed']:4}  "
+            f"{group:9} {module:32} mutants {real + c['equivalent'] + c['unchecked']:4}  killed {c['killed']:4}  "
             f"survived {c['survived']:3}  equivalent {c['equivalent']:3}  score {score:5.1f}%  ({seconds} s)"
+            + (f"  unchecked {c['unchecked']}" if c["unchecked"] else "")
         )
 
 
