@@ -222,6 +222,7 @@ class BatchWriter:
             self._hold(held)
             raise
         if ok:
+            self._back()
             if spool is not None:
                 spool.discard(old)
             if self._dropping and not self._held:
@@ -258,6 +259,7 @@ class BatchWriter:
             return False
         self._down = False
         spool = self.spool
+        replayed_any = False
         while spool is not None:
             if not spool.pending:
                 if not self._unqueued:
@@ -274,11 +276,16 @@ class BatchWriter:
                 self._went_down()
                 return False
             spool.discard(segment)
+            replayed_any = True
+        if replayed_any:  # the store took rows: it is back (with nothing to replay, the next insert tells)
+            self._back()
+        return True
+
+    def _back(self) -> None:
         if self._outage:
             self._outage = False
             self._backoff = 0.0
             log.warning("store available again; spool replayed", extra={"fields": {"table": self.name}})
-        return True
 
     async def _replay(self, spool: Spool, segment: Segment) -> bool | None:
         """True when the segment's rows are all in the store, False when the store failed, None when the segment
@@ -438,7 +445,10 @@ class BatchWriter:
 
 
 def _sanitised_line(line: Line) -> Line:
+    """The line made storable, for a second try; a line that is no row at all stays as it is (and is
+    dead-lettered as it was found)."""
     try:
-        return _dump(sanitise(orjson.loads(line)))
+        row = orjson.loads(line)
     except orjson.JSONDecodeError:
-        return b"{}"
+        return line
+    return _dump(sanitise(row)) if isinstance(row, dict) else line

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 import pytest
 
 from sidecar.auth import Authenticator, bearer, bearer_token
@@ -158,3 +159,244 @@ async def test_a_key_s_limits_and_models_come_from_its_row_or_the_defaults(store
     d = await auth.authenticate(headers(default.key))
     assert (d.concurrency, d.rpm, d.tpm, d.models) == (7, 8, 9, None)
     d.check_model(None)  # no list: any model, or none
+
+
+# --- exact values: errors, principals, the verified cache, stale counts and their log lines ---------------------
+def busy(store, rows: int = 2_000_000):
+    """A real query that keeps the store's connection busy for a while (~0.5-1 s): lookups queue behind it."""
+    sql = f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows}) SELECT count(*) FROM c"
+    return asyncio.ensure_future(store.db.execute(sql))
+
+
+def test_check_model_names_the_model_refused():
+    from sidecar.auth import Principal
+    from sidecar.errors import Forbidden
+
+    p = Principal("id", "n", 1, 2, 3, frozenset({"a"}))
+    with pytest.raises(Forbidden) as raised:
+        p.check_model("b")
+    assert (raised.value.message, raised.value.param, raised.value.code) == (
+        "This key may not use model 'b'.", "model", "model_not_allowed",
+    )  # fmt: skip
+    with pytest.raises(Forbidden) as raised:
+        p.check_model(None)
+    assert raised.value.message == "This key may not use model None." and raised.value.param == "model"
+    p.check_model("a")
+    Principal("id", "n", 1, 2, 3).check_model("anything")
+
+
+def test_bearer_token_edge_cases():
+    assert bearer_token("Bearer a b") == "a b" and bearer_token("BEARER x") == "x"
+    assert bearer_token("Bearer") is None and bearer_token("Bearerx y") is None and bearer_token("") is None
+    assert bearer({}) is None and bearer({"authorization": "Bearer k"}) == "k"
+
+
+async def test_refusals_carry_exact_messages_and_codes(store):
+    from sidecar.auth import MISSING
+    from sidecar.keys import format_key, parse_key
+
+    admin = KeyAdmin(store, PEPPER)
+    good = await admin.create({"name": "g"}, actor="t")
+    gone = await admin.create({"name": "r"}, actor="t")
+    await admin.revoke(gone.row.id, actor="t")
+    old = await admin.create({"name": "e", "expires_at": time.time() - 1}, actor="t")
+    auth = Authenticator(AuthCfg(), LimitsCfg(), store, PEPPER)
+
+    async def refusal(hdrs):
+        with pytest.raises(Unauthorized) as raised:
+            await auth.authenticate(hdrs)
+        return raised.value.message, raised.value.code
+
+    assert await refusal({}) == (MISSING, None)
+    assert await refusal(headers("nonsense")) == ("Incorrect API key provided.", "invalid_api_key")
+    kid, _ = parse_key(good.key)
+    wrong_secret = format_key(kid, "A" * 32)
+    assert await refusal(headers(wrong_secret)) == ("Incorrect API key provided.", "invalid_api_key")
+    unknown, _, _ = new_key()
+    assert await refusal(headers(unknown)) == ("Incorrect API key provided.", "invalid_api_key")
+    assert await refusal(headers(gone.key)) == ("This API key has been revoked.", "key_revoked")
+    assert await refusal(headers(old.key)) == ("This API key has expired.", "key_expired")
+    assert (await auth.authenticate(headers(good.key))).key_id == good.row.id
+    assert (await auth.authenticate({"x-api-key": good.key})).name == "g"
+    assert auth.known(headers(wrong_secret)) is None and auth.known(headers(old.key)) is None
+    assert auth.stale_served == 0
+
+
+async def test_a_principal_carries_the_row_s_audit_and_zero_limits(store):
+    admin = KeyAdmin(store, PEPPER)
+    on = await admin.create({"name": "on", "audit": "on", "rpm": 0, "tpm": 0, "concurrency": 0}, actor="t")
+    auth = Authenticator(AuthCfg(), LimitsCfg(concurrency=7, rpm=8, tpm=9), store, PEPPER)
+    p = await auth.authenticate(headers(on.key))
+    assert (p.key_id, p.name, p.concurrency, p.rpm, p.tpm, p.models, p.audit) == (
+        on.row.id, "on", 0, 0, 0, None, "on",
+    )  # fmt: skip
+    assert auth.anonymous.name == "anonymous" and auth.anonymous.key_id is None and auth.anonymous.audit is None
+
+
+async def test_a_verified_token_is_never_trusted_past_the_key_s_expiry(store):
+    created = await KeyAdmin(store, PEPPER).create({"name": "k", "expires_at": time.time() + 0.4}, actor="t")
+    auth = Authenticator(AuthCfg(cache_ttl=30), LimitsCfg(), store, PEPPER)
+    assert (await auth.authenticate(headers(created.key))).key_id == created.row.id
+    assert auth.known(headers(created.key)) is not None
+    await asyncio.sleep(0.45)
+    assert auth.known(headers(created.key)) is None
+    with pytest.raises(Unauthorized) as raised:
+        await auth.authenticate(headers(created.key))
+    assert raised.value.code == "key_expired"
+
+
+async def test_forget_drops_that_key_only_and_a_revoke_is_seen_at_once(store):
+    admin = KeyAdmin(store, PEPPER)
+    a = await admin.create({"name": "a"}, actor="t")
+    b = await admin.create({"name": "b"}, actor="t")
+    auth = Authenticator(AuthCfg(cache_ttl=30), LimitsCfg(), store, PEPPER)
+    auth.forget("never-seen")  # nothing cached, nothing in flight: no error
+    await auth.authenticate(headers(a.key))
+    await auth.authenticate(headers(b.key))
+    await admin.revoke(a.row.id, actor="t")
+    assert (await auth.authenticate(headers(a.key))).key_id == a.row.id  # cached: another replica's revoke
+    auth.forget(a.row.id)
+    assert auth.known(headers(a.key)) is None and auth.known(headers(b.key)) is not None
+    with pytest.raises(Unauthorized) as raised:
+        await auth.authenticate(headers(a.key))
+    assert raised.value.code == "key_revoked"
+    assert (await auth.authenticate(headers(b.key))).key_id == b.row.id
+
+
+async def test_a_forget_during_a_lookup_makes_it_look_again(store):
+    admin = KeyAdmin(store, PEPPER)
+    a = await admin.create({"name": "a"}, actor="t")
+    auth = Authenticator(AuthCfg(cache_ttl=30, lookup_timeout=30), LimitsCfg(), store, PEPPER)
+    hold = busy(store)
+    await asyncio.sleep(0.05)
+    request = asyncio.ensure_future(auth.authenticate(headers(a.key)))
+    await asyncio.sleep(0.05)  # its lookup waits behind the busy query
+    auth.forget(a.row.id)  # what it reads may be from before: it reads again, and the request asks again
+    await hold
+    assert (await request).key_id == a.row.id
+    assert auth.known(headers(a.key)) is not None
+
+
+async def test_stale_serving_is_counted_and_logged_once_with_its_cause(store, log_catcher):
+    created = await KeyAdmin(store, PEPPER).create({"name": "k"}, actor="test")
+    auth = Authenticator(AuthCfg(cache_ttl=0.2, max_stale=60), LimitsCfg(), store, PEPPER)
+    await auth.authenticate(headers(created.key))
+    await store.close()
+    await asyncio.sleep(0.25)  # past the TTL: this request waits for the lookup, which fails at once
+    assert (await auth.authenticate(headers(created.key))).key_id == created.row.id
+    assert auth.stale_served == 0  # answered by the lookup itself (its last known state)
+    assert (await auth.authenticate(headers(created.key))).key_id == created.row.id  # verified: no lookup
+    down = [line for line in log_catcher.lines if "key store unavailable" in line]
+    assert down == [
+        "key store unavailable: serving cached keys for up to auth.max_stale"
+        "{'max_stale_s': 60, 'error': 'store is not open'}"
+    ]
+    for n in (1, 2):
+        await asyncio.sleep(0.25)  # the store is known to be down: served at once, looked up in the background
+        assert (await auth.authenticate(headers(created.key))).key_id == created.row.id
+        assert auth.stale_served == n
+        await asyncio.sleep(0.05)  # the background lookup fails and extends the entry by a TTL
+        assert (await auth.authenticate(headers(created.key))).key_id == created.row.id  # entry extended
+        assert auth.stale_served == n
+    assert sum("key store unavailable" in line for line in log_catcher.lines) == 1
+    assert not any("answering again" in line for line in log_catcher.lines)
+
+
+async def test_the_store_down_log_line_keeps_200_characters_of_the_error(log_catcher):
+    auth = Authenticator(AuthCfg(max_stale=7), LimitsCfg(), None, PEPPER)
+    auth._store_down("e" * 300)
+    auth._store_down("second")
+    lines = [line for line in log_catcher.lines if "key store unavailable" in line]
+    assert lines == [
+        "key store unavailable: serving cached keys for up to auth.max_stale"
+        f"{{'max_stale_s': 7, 'error': '{'e' * 200}'}}"
+    ]
+
+
+async def test_an_unknown_key_waits_at_most_lookup_timeout_for_a_busy_store(store, log_catcher):
+    auth = Authenticator(AuthCfg(lookup_timeout=0.1), LimitsCfg(), store, PEPPER)
+    unknown, _, _ = new_key()
+    hold = busy(store)
+    await asyncio.sleep(0.02)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as raised:
+        await auth.authenticate(headers(unknown))
+    assert time.monotonic() - t0 < 0.4
+    assert raised.value.message == "The key store is unavailable; retry shortly."
+    assert [line for line in log_catcher.lines if "key store unavailable" in line] == [
+        "key store unavailable: serving cached keys for up to auth.max_stale"
+        "{'max_stale_s': 300.0, 'error': 'no answer within auth.lookup_timeout (0.1 s)'}"
+    ]
+    await hold
+    await settle()
+    assert auth.stale_served == 0
+
+
+async def test_a_known_key_past_its_ttl_waits_lookup_timeout_then_is_served_stale(store):
+    created = await KeyAdmin(store, PEPPER).create({"name": "k"}, actor="test")
+    auth = Authenticator(AuthCfg(cache_ttl=0.1, lookup_timeout=0.15), LimitsCfg(), store, PEPPER)
+    await auth.authenticate(headers(created.key))
+    await asyncio.sleep(0.12)
+    hold = busy(store)
+    await asyncio.sleep(0.02)
+    t0 = time.monotonic()
+    assert (await auth.authenticate(headers(created.key))).key_id == created.row.id
+    waited = time.monotonic() - t0
+    assert 0.1 <= waited < 0.45 and auth.stale_served == 1
+    t0 = time.monotonic()  # the store is now known to be slow: the next request does not wait
+    assert (await auth.authenticate(headers(created.key))).key_id == created.row.id
+    assert time.monotonic() - t0 < 0.05 and auth.stale_served == 2
+    await hold
+    await settle()
+
+
+async def test_a_refresh_ahead_that_fails_past_max_stale_leaves_no_unretrieved_error(store, log_catcher):
+    import gc
+
+    created = await KeyAdmin(store, PEPPER).create({"name": "k"}, actor="test")
+    auth = Authenticator(AuthCfg(cache_ttl=1.0, max_stale=0.05), LimitsCfg(), store, PEPPER)
+    await auth.authenticate(headers(created.key))
+    await store.close()
+    await asyncio.sleep(0.55)  # refresh due, entry still valid, past max_stale: the background lookup fails
+    assert (await auth.authenticate(headers(created.key))).key_id == created.row.id
+    await settle()
+    gc.collect()
+    await settle()
+    assert not any("never retrieved" in line for line in log_catcher.lines)
+
+
+async def test_a_static_key_verifies_without_the_store_and_stops_when_it_leaves_the_file(store, tmp_path, log_catcher):
+    from sidecar.keys import StaticKeys, format_key, hash_secret
+
+    kid, secret = "abcdefabcdef", "S" * 32
+    key = format_key(kid, secret)
+    row = {"id": kid, "name": "static", "hash": hash_secret(PEPPER, secret), "created_at": 1.0, "rpm": 3}
+    path = tmp_path / "static.jsonl"
+    path.write_text(orjson.dumps(row).decode() + "\n")
+    stored = await KeyAdmin(store, PEPPER).create({"name": "k"}, actor="test")
+    auth = Authenticator(AuthCfg(cache_ttl=0.2, max_stale=60), LimitsCfg(), store, PEPPER, StaticKeys(str(path)))
+    p = await auth.authenticate(headers(key))
+    assert (p.key_id, p.name, p.rpm) == (kid, "static", 3)
+    await auth.authenticate(headers(stored.key))
+    await store.close()
+    await asyncio.sleep(0.25)
+    await auth.authenticate(headers(stored.key))  # the store is down (logged)
+    assert (await auth.authenticate(headers(key))).key_id == kid  # the static file still answers
+    await settle()
+    assert not any("answering again" in line for line in log_catcher.lines)  # a static key says nothing of it
+    path.write_text("")
+    await asyncio.sleep(1.05)
+    await auth.authenticate(headers(key))  # the store is down: its last state, while the file is read again
+    await settle()
+    with pytest.raises(Unauthorized) as raised:
+        await auth.authenticate(headers(key))  # gone from the file: not served stale, not asked of the store
+    assert raised.value.code == "invalid_api_key"
+    assert auth.static.get(kid) is None
+
+
+async def test_no_store_and_no_static_key_is_a_401():
+    auth = Authenticator(AuthCfg(), LimitsCfg(), None, PEPPER)
+    unknown, _, _ = new_key()
+    with pytest.raises(Unauthorized) as raised:
+        await auth.authenticate(headers(unknown))
+    assert raised.value.code == "invalid_api_key"

@@ -258,3 +258,64 @@ async def test_a_missing_grant_keeps_rows_in_the_spool_not_the_dead_letter_file(
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
         await conn.execute("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM scribe")
         await conn.execute("DROP ROLE scribe")
+
+
+async def test_a_row_sqlite_cannot_bind_costs_only_itself(tmp_path):
+    """A column holding an object (SQLite cannot bind it) was a 'transient' error: the batch spooled and was
+    retried for ever, and no later row landed. It is the row's fault: dead-lettered alone."""
+    store = await opened(f"sqlite:///{tmp_path}/s.db")
+    writer = BatchWriter(store, WriterCfg(max_rows=100, flush_interval_ms=10_000), str(tmp_path / "spool"))
+    await writer.start()
+    batch = rows(10)
+    batch[4] = {**batch[4], "model": {"nested": 1}}
+    for row in batch:
+        writer.put(row)
+    await writer.flush()
+    assert await store.count_requests() == 9 and writer.dead == 1 and writer.status()["store"] == "ok"
+    for row in rows(3):
+        writer.put(row)
+    await writer.flush()
+    assert await store.count_requests() == 12
+    await writer.close()
+    await store.close()
+
+
+async def test_a_spooled_line_that_is_not_an_object_does_not_stall_the_start(tmp_path):
+    """A segment left by an earlier run with a line that is JSON but not a row (`1`, `[]`): start() raised and
+    every cycle failed. Now that line is dead-lettered and the rows around it land."""
+    store = await opened(f"sqlite:///{tmp_path}/s.db")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = rows(4)
+    lines = [orjson.dumps(good[0]), orjson.dumps(good[1]), b"1", b"[]", orjson.dumps(good[2]), orjson.dumps(good[3])]
+    (spool / "requests.00000000000000000001.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    writer = BatchWriter(store, WriterCfg(max_rows=100, flush_interval_ms=10_000), str(spool))
+    await writer.start()
+    assert await store.count_requests() == 4 and writer.dead == 2
+    writer.put(rows(1)[0])
+    await writer.flush()
+    assert await store.count_requests() == 5
+    await writer.close()
+    await store.close()
+
+
+async def test_an_outage_without_a_journal_is_logged_once_and_backs_off(tmp_path, log_catcher):
+    """Nothing spooled (no journal): a probe used to declare the store back before anything reached it, so
+    the log flapped every probe and the backoff never grew."""
+    store = await opened(f"sqlite:///{tmp_path}/s.db")
+    writer = BatchWriter(store, WriterCfg(spool=False, max_rows=100, flush_interval_ms=20), str(tmp_path / "spool"))
+    await writer.start()
+    locker = sqlite3.connect(f"{tmp_path}/s.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    writer.put(rows(1)[0])
+    await asyncio.sleep(1.0)  # probes at 20, 40, 80, 160, 320 ms... (about 6 in a second, not 50)
+    probes = writer.store_errors
+    assert 3 <= probes <= 10, probes
+    locker.execute("ROLLBACK")
+    locker.close()
+    await wait_for(lambda: writer.written == 1, 5)
+    lines = log_catcher.lines
+    assert sum("store unavailable" in line for line in lines) == 1
+    assert sum("store available again" in line for line in lines) == 1
+    await writer.close()
+    await store.close()

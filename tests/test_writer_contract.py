@@ -124,6 +124,8 @@ def samples(writer: BatchWriter) -> dict[str, float]:
         for s in family.samples:
             labels = dict(s.labels)
             assert labels.pop("table") == writer.name, s
+            named = {"sidecar_writer_rows_total": ["result"], "sidecar_writer_journal_state": ["state"]}
+            assert list(labels) == named.get(s.name, []), s
             key = "/".join([s.name, *labels.values()])
             assert key not in out, key
             out[key] = s.value
@@ -276,14 +278,21 @@ async def test_rows_are_journaled_then_inserted_in_batches_of_max_rows(tmp_path,
     lines = [writer.put(row) for row in batch]
     assert (spool / "requests.00000001.jsonl").read_bytes() == body(lines)  # one append per row, in order
     assert writer.queued() == 25 and writer.status()["spool_bytes"] == len(body(lines))
+    started = time.perf_counter()
     await writer.flush()  # three batches: 10, 10, 5
+    took = time.perf_counter() - started
     assert await stored_ids(store) == {r["request_id"] for r in batch}
     values = samples(writer)
-    assert values.pop(FLUSH_SECONDS) > 0
+    first = values.pop(FLUSH_SECONDS)
+    assert 0 < first <= took  # the time this flush took, no more
     assert values == expect(rows_written=25, flushes=1)
     assert segments(spool) == ["requests.00000002.jsonl"]  # the written segment is gone; a fresh one is open
     await writer.flush()  # nothing queued: not a flush
-    assert without_time(samples(writer)) == expect(rows_written=25, flushes=1)
+    assert samples(writer) == {**expect(rows_written=25, flushes=1), FLUSH_SECONDS: first}
+    writer.put(rows(1)[0])
+    await writer.flush()
+    assert samples(writer)[FLUSH_SECONDS] > first  # a counter: this flush's time is added
+    assert without_time(samples(writer)) == expect(rows_written=26, flushes=2)
     await writer.close()
     assert segments(spool) == [] and wlog.records == []
 
@@ -351,6 +360,7 @@ async def test_without_a_journal_held_rows_wait_for_the_store_within_queue_size(
     for row in batch:
         writer.put(row)
     await writer.flush()  # refused: exactly queue_size rows go back to memory, none dropped
+    await writer.flush()  # within the backoff (2 s): not tried again
     assert writer.status() == {"store": "down", "journal": "off", "held_rows": 3, "spool_bytes": 0, "dropped_rows": 0}
     assert without_time(samples(writer)) == expect(
         queue_depth=3, held_rows=3, rows_written=3, store_up=0, journal_state="off", store_errors=1, flushes=2

@@ -20,7 +20,15 @@ _CHECKPOINT_ROWS = 5000
 
 
 def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
-    return tuple(map(orjson.loads(line).get, columns))
+    """A row's column values; a row that is not an object, or a value SQLite cannot bind (an object, an
+    array), is the row's fault: TypeError, so that it is refused alone instead of stalling the writer."""
+    row = orjson.loads(line)
+    if not isinstance(row, dict):
+        raise TypeError(f"a row is a JSON object, not {type(row).__name__}")
+    values = tuple(map(row.get, columns))
+    if any(isinstance(v, dict | list) for v in values):
+        raise TypeError("a column value is an object or an array")
+    return values
 
 
 MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),)
