@@ -30,7 +30,7 @@ declare -A TESTS=(
   [writer]="tests/test_writer.py tests/test_spool.py tests/test_writer_contract.py"
   [deadline]="tests/test_deadline.py tests/test_proxy.py"
   [sse]="tests/test_sse.py tests/test_tokens.py tests/test_sse_contract.py"
-  [relay]="tests/test_disconnect.py tests/test_proxy.py"
+  [relay]="tests/test_relay_contract.py tests/test_disconnect.py tests/test_proxy.py"
   [auth]="tests/test_auth_contract.py tests/test_keys_contract.py tests/test_auth.py tests/test_keys.py"
 )
 # and a -k filter: tests that need the session's PostgreSQL or run for seconds, whose promises faster tests of

@@ -1,0 +1,652 @@
+"""The relay's contract end to end over real sockets: exact bytes, status, headers, request log rows, metrics,
+and whether the upstream connection was reused or closed, for whole, large, streamed and failed answers."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.common import CHAT, CHAT_PATH, STREAM, post
+from tests.conftest import free_port, wait_for
+
+BIG = 1_500_000  # over relay.BUFFERED (1 MiB): relayed as it arrives
+
+
+def big_body(size: int = BIG) -> bytes:
+    head = b'{"id":"x","pad":"'
+    tail = b'","usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}'
+    return head + b"a" * (size - len(head) - len(tail)) + tail
+
+
+class Upstream:
+    """A tiny aiohttp upstream whose one handler a test sets; it records the peers (connections) it served."""
+
+    def __init__(self) -> None:
+        self.handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+        self.peers: list[Any] = []
+        self.cancelled = 0
+        self.url = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None and self.handler is not None
+        self.peers.append(request.transport.get_extra_info("peername"))
+        await request.read()
+        try:
+            return await self.handler(request)
+        except (asyncio.CancelledError, ConnectionError):
+            self.cancelled += 1
+            raise
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_route("*", "/{tail:.*}", up._handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    up.url = f"http://127.0.0.1:{server.port}/v1"
+    yield up
+    await server.close()
+
+
+async def metrics(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        return await r.text()
+
+
+def errors_line(reason: str, n: int = 1) -> str:
+    return f'sidecar_upstream_errors_total{{reason="{reason}"}} {float(n)}'
+
+
+def last_event_error(data: bytes) -> dict[str, Any]:
+    last = data.rstrip(b"\n").split(b"\n\n")[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    return orjson.loads(last.split(b"data: ", 1)[1])["error"]
+
+
+# --- whole answers ---------------------------------------------------------------------------------------------
+
+
+async def test_whole_answer_row_is_exact_and_connection_is_reused(fake, sidecar):
+    for _ in range(2):
+        status, headers, body = await post(sidecar.url + CHAT_PATH, CHAT)
+        assert status == 200 and body == fake.sent[headers["x-request-id"]]
+        assert headers["content-length"] == str(len(body))
+    row = sidecar.rows[-1]
+    assert (row["outcome"], row["status"], row["upstream_status"], row["error_code"]) == ("completed", 200, 200, None)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (11, 5, "upstream")
+    assert row["bytes_out"] == len(body) and row["ttft_ms"] is not None
+    assert [r.closed_at for r in fake.received] == [None, None]
+    text = await metrics(sidecar.url)
+    counts = [line for line in text.splitlines() if line.startswith("sidecar_upstream_errors_total{")]
+    assert counts and all(line.endswith(" 0.0") for line in counts)
+
+
+async def test_upstream_server_header_and_forwarding_headers(fake, sidecar):
+    async with aiohttp.ClientSession() as s, s.get(sidecar.url + "/v1/models?x=1?y=2") as r:
+        assert r.status == 200
+        server = r.headers.get("server")
+    assert fake.last().query == "x=1?y=2"
+    assert fake.last().headers["x-forwarded-for"] == "127.0.0.1"
+    assert server is not None and server.startswith("Python/")  # the upstream's own (aiohttp's) Server header
+
+
+async def test_no_server_and_no_content_type_from_upstream(sidecar_factory):
+    """A bare HTTP/1.1 upstream that names no server and no content type: a whole answer, and no Server either."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{"usage":1}')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        running = await sidecar_factory(f"http://127.0.0.1:{port}/v1")
+        status, headers, body = await post(running.url + CHAT_PATH, CHAT)
+        assert status == 200 and body == b'{"usage":1}'
+        assert headers.get("server") == ""
+        row = running.rows[-1]
+        assert row["outcome"] == "completed" and row["bytes_out"] == 11 and row["chunks"] == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_cors_headers_replace_the_upstreams(upstream, sidecar_factory):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"ok": 1}, headers={"Access-Control-Allow-Origin": "*", "access-control-max-age": "9", "x-up": "1"}
+        )
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url, server__cors_origins="http://app.example")
+    status, headers, body = await post(running.url + CHAT_PATH, CHAT, {"Origin": "http://app.example"})
+    assert status == 200 and orjson.loads(body) == {"ok": 1}
+    assert headers.getall("access-control-allow-origin") == ["http://app.example"]
+    assert "access-control-max-age" not in headers and headers["x-up"] == "1"
+    assert headers["vary"] == "Origin"
+    status, headers, _ = await post(running.url + CHAT_PATH, CHAT)  # no origin: no CORS, the upstream's dropped
+    assert status == 200 and headers.get("access-control-allow-origin") == "*"
+
+
+async def test_upstream_400_whole_has_no_ttft_and_no_usage(fake, sidecar):
+    fake.script.status = 400
+    status, _, body = await post(sidecar.url + CHAT_PATH, CHAT)
+    assert status == 400 and orjson.loads(body)["error"]["message"] == "fake failure"
+    row = sidecar.rows[-1]
+    assert (row["status"], row["upstream_status"], row["ttft_ms"], row["usage_source"]) == (400, 400, None, "none")
+    assert row["error_code"] != "upstream_status"
+
+
+async def test_upstream_500_whole_row_and_metric(fake, sidecar):
+    fake.script.status = 503
+    status, _, body = await post(sidecar.url + CHAT_PATH, CHAT)
+    assert status == 503 and orjson.loads(body)["error"]["message"] == "fake failure"
+    row = sidecar.rows[-1]
+    assert (row["outcome"], row["error_code"], row["status"], row["upstream_status"]) == (
+        "upstream_error",
+        "upstream_status",
+        503,
+        503,
+    )
+    assert row["ttft_ms"] is None and row["bytes_out"] == len(body)
+    assert errors_line("status_5xx") in await metrics(sidecar.url)
+
+
+async def test_embeddings_usage_counts_no_output(fake, sidecar):
+    status, _, body = await post(sidecar.url + "/v1/embeddings", {"model": "m", "input": ["a", "b"]})
+    assert status == 200 and len(orjson.loads(body)["data"]) == 2
+    row = sidecar.rows[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (6, 0, "upstream")
+
+
+async def test_native_completion_usage_is_read_from_its_own_shape(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__kind="llama.cpp")
+    status, _, body = await post(running.url + "/completion", {"prompt": "hi", "n_predict": 4})
+    assert status == 200 and orjson.loads(body)["content"] == "hi there"
+    row = running.rows[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (7, 2, "upstream")
+
+
+async def test_native_completion_that_is_not_json_has_no_usage(upstream, sidecar_factory):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"not json {", content_type="application/json")
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url, upstream__kind="llama.cpp")
+    status, _, body = await post(running.url + "/completion", {"prompt": "hi"})
+    assert status == 200 and body == b"not json {"
+    row = running.rows[-1]
+    assert row["outcome"] == "completed" and row["usage_source"] == "none" and row["ttft_ms"] is not None
+
+
+async def test_declared_length_over_the_limit_is_a_502_and_closes(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__max_response_bytes=100)
+    status, _, body = await post(running.url + CHAT_PATH, CHAT)
+    err = orjson.loads(body)["error"]
+    assert status == 502 and err["type"] == "upstream_error"
+    assert re.fullmatch(r"The upstream response is (\d+) bytes, over the configured limit\.", err["message"])
+    row = running.rows[-1]
+    assert (row["outcome"], row["status"], row["upstream_status"]) == ("upstream_error", 502, 200)
+
+
+async def test_chunked_whole_over_the_limit_is_a_502(upstream, sidecar_factory):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(4):
+            await resp.write(b"x" * 40)
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url, upstream__max_response_bytes=100)
+    status, _, body = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 502
+    assert "over the configured limit of 100 bytes" in orjson.loads(body)["error"]["message"]
+    assert running.rows[-1]["outcome"] == "upstream_error"
+    running2_status, _, _ = await post(running.url + CHAT_PATH, CHAT)
+    assert running2_status == 502 and len(upstream.peers) == 2 and upstream.peers[0] != upstream.peers[1]
+
+
+async def test_chunked_whole_answer_exactly_at_limit_is_sent(upstream, sidecar_factory):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b"y" * 60)
+        await asyncio.sleep(0.01)
+        await resp.write(b"z" * 40)
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url, upstream__max_response_bytes=100)
+    for _ in range(2):
+        status, headers, body = await post(running.url + CHAT_PATH, CHAT)
+        assert status == 200 and body == b"y" * 60 + b"z" * 40 and headers["content-length"] == "100"
+    assert running.rows[-1]["bytes_out"] == 100
+    assert len(upstream.peers) == 2 and upstream.peers[0] == upstream.peers[1]  # released, reused
+
+
+# --- large whole answers (relayed as they arrive) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_large_whole_answer_is_relayed_with_its_usage(upstream, sidecar_factory, declared):
+    body = big_body()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json", "x-up": "y"})
+        if declared:
+            resp.content_length = len(body)
+        await resp.prepare(request)
+        for i in range(0, len(body), 200_000):
+            await resp.write(body[i : i + 200_000])
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    for _ in range(2):
+        status, headers, got = await post(running.url + CHAT_PATH, CHAT)
+        assert status == 200 and got == body and headers["x-up"] == "y"
+        assert headers.get("content-length") == (str(len(body)) if declared else None)
+    row = running.rows[-1]
+    assert (row["outcome"], row["status"], row["upstream_status"], row["error_code"]) == ("completed", 200, 200, None)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (7, 3, "upstream")
+    assert row["bytes_out"] == len(body) and row["ttft_ms"] is not None
+    assert upstream.peers[0] == upstream.peers[1]  # a complete answer: the connection went back to the pool
+
+
+async def test_large_whole_500_is_an_upstream_error(upstream, sidecar_factory):
+    body = big_body()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=500, body=body, content_type="application/json")
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    status, _, got = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 500 and got == body
+    row = running.rows[-1]
+    assert (row["outcome"], row["error_code"], row["status"], row["usage_source"]) == (
+        "upstream_error",
+        "upstream_status",
+        500,
+        "none",
+    )
+    assert row["ttft_ms"] is None and row["bytes_out"] == len(body)
+
+
+async def test_large_whole_answer_over_the_limit_is_cut_short(upstream, sidecar_factory):
+    body = big_body()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 100_000):
+            await resp.write(body[i : i + 100_000])
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url, upstream__max_response_bytes=1_300_000)
+    got = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with aiohttp.ClientSession() as s, s.post(running.url + CHAT_PATH, json=CHAT) as r:
+            assert r.status == 200
+            async for part in r.content.iter_any():
+                got += part
+    assert body.startswith(got) and 1_048_576 < len(got) <= 1_300_000
+    await wait_for(lambda: len(running.rows) == 1)
+    row = running.rows[-1]
+    assert (row["outcome"], row["error_code"], row["status"], row["upstream_status"]) == (
+        "upstream_error",
+        "upstream_dropped",
+        200,
+        200,
+    )
+    assert row["bytes_out"] == len(got)
+    assert errors_line("dropped") in await metrics(running.url)
+
+
+async def test_client_gone_during_a_large_whole_answer_is_charged_its_budget(upstream, sidecar_factory):
+    body = big_body()
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(body[:1_100_000])
+        await release.wait()
+        await resp.write(body[1_100_000:])
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    payload = orjson.dumps({**CHAT, "max_tokens": 50})
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + payload
+    )
+    await writer.drain()
+    seen = 0
+    while seen < 1_000_000:
+        seen += len(await reader.read(65536))
+    writer.transport.abort()
+    await wait_for(lambda: upstream.cancelled == 1, 3)
+    await wait_for(lambda: len(running.rows) == 1)
+    release.set()
+    row = running.rows[0]
+    assert (row["outcome"], row["status"], row["error_code"]) == ("client_disconnected", 499, "client_disconnected")
+    assert (row["completion_tokens"], row["usage_source"]) == (50, "counted") and row["prompt_tokens"] > 0
+
+
+async def test_client_gone_before_a_whole_answer_is_charged_its_prompt(fake, sidecar):
+    fake.script.delay_headers = 30
+    _reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    payload = orjson.dumps({**CHAT, "max_tokens": 50})
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + payload
+    )
+    await writer.drain()
+    await wait_for(lambda: len(fake.received) == 1)
+    writer.close()
+    await wait_for(lambda: fake.last().closed_at is not None, 3)
+    await wait_for(lambda: len(sidecar.rows) == 1)
+    row = sidecar.rows[0]
+    assert (row["outcome"], row["status"], row["error_code"]) == ("client_disconnected", 499, "client_disconnected")
+    assert (row["completion_tokens"], row["usage_source"]) == (0, "counted") and row["prompt_tokens"] > 0
+    assert row["upstream_status"] is None
+
+
+# --- streams ----------------------------------------------------------------------------------------------------
+
+
+async def test_stream_row_is_exact_and_connection_is_reused(fake, sidecar):
+    fake.script.chunks, fake.script.cached_tokens = 3, 2
+    body = {**STREAM, "stream_options": {"include_usage": True}}
+    for _ in range(2):
+        status, headers, data = await post(sidecar.url + CHAT_PATH, body)
+        assert status == 200 and data == fake.sent[headers["x-request-id"]]
+        assert headers["content-type"] == "text/event-stream" and headers["cache-control"] == "no-cache"
+    row = sidecar.rows[-1]
+    assert (row["outcome"], row["status"], row["upstream_status"], row["error_code"]) == ("completed", 200, 200, None)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (11, 3, "upstream")
+    assert row["cached_tokens"] == 2
+    assert row["bytes_out"] == len(data) and row["chunks"] >= 1 and row["ttft_ms"] is not None
+    assert [r.closed_at for r in fake.received] == [None, None]
+
+
+async def test_stream_chunks_are_counted_one_by_one(fake, sidecar):
+    fake.script.chunks, fake.script.delay_chunks = 3, 0.03
+    _, headers, data = await post(sidecar.url + CHAT_PATH, {**STREAM, "stream_options": {"include_usage": True}})
+    assert data == fake.sent[headers["x-request-id"]]
+    row = sidecar.rows[-1]
+    assert row["chunks"] == 7 and row["bytes_out"] == len(data)  # role, 3 tokens, finish, usage, [DONE]
+
+
+async def test_stream_with_no_output_has_no_ttft(fake, sidecar):
+    fake.script.chunks = 0
+    _, _, data = await post(sidecar.url + CHAT_PATH, STREAM)
+    assert data.endswith(b"data: [DONE]\n\n")
+    row = sidecar.rows[-1]
+    assert row["ttft_ms"] is None and row["outcome"] == "completed" and row["completion_tokens"] == 0
+
+
+async def test_stream_tail_without_a_final_separator_is_relayed(upstream, sidecar_factory):
+    events = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\ndata: [DONE]'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events)
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    status, _, data = await post(running.url + CHAT_PATH, {**STREAM, "stream_options": {"include_usage": True}})
+    assert status == 200 and data == events
+    row = running.rows[-1]
+    assert row["bytes_out"] == len(events) and row["outcome"] == "completed"
+    assert (row["completion_tokens"], row["usage_source"]) == (1, "counted") and row["prompt_tokens"] > 0
+
+
+async def test_stream_500_is_passed_on_and_recorded(upstream, sidecar_factory):
+    events = b'data: {"error":{"message":"boom"}}\n\n'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=500, headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events)
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    status, headers, data = await post(running.url + CHAT_PATH, STREAM)
+    assert status == 500 and data == events and headers["content-type"] == "text/event-stream"
+    row = running.rows[-1]
+    assert (row["outcome"], row["error_code"], row["status"], row["upstream_status"]) == (
+        "upstream_error",
+        "upstream_status",
+        500,
+        500,
+    )
+    assert errors_line("status_5xx") in await metrics(running.url)
+
+
+async def test_stream_status_other_than_200_is_kept(upstream, sidecar_factory):
+    events = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\ndata: [DONE]\n\n'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=203, headers={"content-type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        await resp.write(events)
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    status, _, data = await post(running.url + CHAT_PATH, STREAM)
+    assert status == 203 and data == events
+    assert running.rows[-1]["status"] == 203 and running.rows[-1]["outcome"] == "completed"
+
+
+async def test_drop_mid_stream_message_metric_and_closed(fake, sidecar):
+    fake.script.chunks, fake.script.drop_after = 10, 3
+    _, _, data = await post(sidecar.url + CHAT_PATH, STREAM)
+    err = last_event_error(data)
+    assert err["code"] == "upstream_dropped" and err["message"].startswith(
+        "The upstream connection broke mid-response: "
+    )
+    assert len(err["message"]) > len("The upstream connection broke mid-response: ")
+    row = sidecar.rows[-1]
+    assert row["bytes_out"] == data.rindex(b"event: error") and row["ttft_ms"] is not None
+    assert errors_line("dropped") in await metrics(sidecar.url)
+
+
+async def test_idle_timeout_message_and_metric(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__stream_idle_timeout=0.2)
+    fake.script.hang_after = 1
+    _, _, data = await post(running.url + CHAT_PATH, STREAM)
+    err = last_event_error(data)
+    assert err["code"] == "upstream_timeout" and err["message"].startswith("The upstream did not answer in time (")
+    assert "idle" in err["message"]
+    assert running.rows[-1]["bytes_out"] == data.rindex(b"event: error")
+    text = await metrics(running.url)
+    assert errors_line("timeout_idle") in text and errors_line("timeout_first_byte", 0) in text
+    await wait_for(lambda: fake.last().closed_at is not None, 2)
+
+
+async def test_first_byte_timeout_metric(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__first_byte_timeout=0.2)
+    fake.script.delay_headers = 3
+    status, _, body = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 504
+    assert orjson.loads(body)["error"]["message"].startswith("The upstream did not answer in time (")
+    assert errors_line("timeout_first_byte") in await metrics(running.url)
+
+
+async def test_connect_failure_metric_and_message(sidecar_factory):
+    running = await sidecar_factory(f"http://127.0.0.1:{free_port()}/v1")
+    status, _, body = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 502
+    assert orjson.loads(body)["error"]["message"].startswith("Cannot connect to the upstream: ")
+    assert errors_line("connect") in await metrics(running.url)
+    row = running.rows[-1]
+    assert row["upstream_status"] is None and row["error_code"] == "upstream_unreachable"
+
+
+async def test_client_gone_mid_stream_row(fake, sidecar):
+    fake.script.chunks, fake.script.delay_chunks = 100, 0.01
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    payload = orjson.dumps(STREAM)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + payload
+    )
+    await writer.drain()
+    seen = b""
+    while seen.count(b"tok") < 3:
+        seen += await reader.read(65536)
+    writer.transport.abort()
+    await wait_for(lambda: fake.last().closed_at is not None, 3)
+    await wait_for(lambda: len(sidecar.rows) == 1)
+    row = sidecar.rows[0]
+    assert (row["outcome"], row["status"], row["error_code"]) == ("client_disconnected", 499, "client_disconnected")
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] >= 3 and row["usage_source"] == "counted"
+
+
+# --- audit ------------------------------------------------------------------------------------------------------
+
+
+def audit_records(path: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name in sorted(glob.glob(f"{path}/audit-*.jsonl*")):
+        with open(name, "rb") as f:
+            out += [orjson.loads(line) for line in f if line.strip()]
+    return out
+
+
+async def audited(sidecar_factory: Any, url: str, tmp_path: Any, **options: Any) -> Any:
+    return await sidecar_factory(
+        url, audit__capture="all", audit__jsonl_dir=str(tmp_path / "audit"), writer__flush_interval_ms=10, **options
+    )
+
+
+async def test_audit_of_whole_stream_and_cut_stream(fake, sidecar_factory, tmp_path):
+    running = await audited(sidecar_factory, fake.url, tmp_path)
+    fake.script.chunks = 4
+    _, _, whole = await post(running.url + CHAT_PATH, CHAT)
+    await post(running.url + CHAT_PATH, {**STREAM, "stream_options": {"include_usage": True}})
+    fake.script.drop_after = 2
+    await post(running.url + CHAT_PATH, STREAM)
+    fake.script.drop_after, fake.script.no_done = None, True
+    await post(running.url + CHAT_PATH, STREAM)
+    await wait_for(lambda: len(audit_records(tmp_path / "audit")) == 4, 5)
+    plain, streamed, cut, no_done = sorted(audit_records(tmp_path / "audit"), key=lambda r: r["timings"]["started_at"])
+    assert plain["complete"] is True and plain["response"] == orjson.loads(whole)
+    assert streamed["complete"] is True and streamed["usage"]["completion_tokens"] == 4
+    assert streamed["response"]["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 "
+    assert streamed["response"]["usage"]["completion_tokens"] == 4
+    assert cut["complete"] is False and cut["outcome"] == "upstream_error"
+    assert cut["response"]["choices"][0]["message"]["content"] == "tok0 tok1 "
+    assert no_done["complete"] is False and no_done["outcome"] == "completed"
+
+
+async def test_audit_of_a_large_whole_answer(upstream, sidecar_factory, tmp_path):
+    body = big_body()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    upstream.handler = handler
+    running = await audited(sidecar_factory, upstream.url, tmp_path, audit__max_payload_bytes=20_000)
+    status, _, got = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 200 and got == body
+    await wait_for(lambda: len(audit_records(tmp_path / "audit")) == 1, 5)
+    (record,) = audit_records(tmp_path / "audit")
+    assert record["complete"] is True and record["usage"]["completion_tokens"] == 3
+    assert record["response"] is not None and len(orjson.dumps(record)) <= 20_000
+
+
+async def test_audit_of_a_long_stream_folds(fake, sidecar_factory, tmp_path):
+    running = await audited(sidecar_factory, fake.url, tmp_path)
+    fake.script.chunks = 2500  # ~375 KB of events: over one fold
+    _, _, data = await post(running.url + CHAT_PATH, STREAM)
+    assert data.count(b"tok") == 2500
+    await wait_for(lambda: len(audit_records(tmp_path / "audit")) == 1, 5)
+    (record,) = audit_records(tmp_path / "audit")
+    content = record["response"]["choices"][0]["message"]["content"]
+    text = content if isinstance(content, str) else content["prefix"]
+    assert text.startswith("tok0 tok1 tok2 ") and record["usage"]["completion_tokens"] == 2500
+
+
+# --- capacity and shutdown --------------------------------------------------------------------------------------
+
+
+async def test_no_upstream_connection_free_is_a_503_with_retry_after(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__max_connections=1, limits__queue_timeout=0.1)
+    fake.script.delay_headers = 0.4
+    first = asyncio.create_task(post(running.url + CHAT_PATH, CHAT))
+    await wait_for(lambda: len(fake.received) == 1)
+    status, headers, body = await post(running.url + CHAT_PATH, CHAT)
+    err = orjson.loads(body)["error"]
+    assert status == 503 and headers["retry-after"] == "1" and err["code"] == "server_overloaded"
+    assert err["message"].startswith("The server is at capacity (") and err["message"].endswith("retry shortly.")
+    assert (await first)[0] == 200
+
+
+async def test_shutdown_mid_stream_ends_it_with_an_error_event(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, server__drain_timeout=0.2)
+    fake.script.chunks, fake.script.delay_chunks = 100, 0.02
+    async with aiohttp.ClientSession() as s, s.post(running.url + CHAT_PATH, json=STREAM) as r:
+        first = await r.content.readuntil(b"tok1 ")
+        drain = asyncio.create_task(running.server.drain())
+        data = first + await r.read()
+        assert r.status == 200
+    await drain
+    err = last_event_error(data)
+    assert err["code"] == "server_shutting_down" and b"[DONE]" not in data
+    row = running.rows[-1]
+    assert (row["outcome"], row["status"], row["error_code"]) == ("shutdown", 200, "server_shutting_down")
+    assert row["usage_source"] == "counted" and row["completion_tokens"] >= 2
+    await wait_for(lambda: fake.last().closed_at is not None, 2)
+
+
+async def test_shutdown_while_waiting_for_a_whole_answer_is_a_503(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, server__drain_timeout=0.2)
+    fake.script.delay_headers = 3
+    task = asyncio.create_task(post(running.url + CHAT_PATH, CHAT))
+    await wait_for(lambda: len(fake.received) == 1)
+    await running.server.drain()
+    status, _, body = await task
+    assert status == 503 and orjson.loads(body)["error"]["code"] == "server_shutting_down"
+    row = running.rows[-1]
+    assert (row["outcome"], row["status"], row["error_code"]) == ("shutdown", 503, "server_shutting_down")
