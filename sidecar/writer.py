@@ -277,7 +277,8 @@ class BatchWriter:
                 return False
             spool.discard(segment)
             replayed_any = True
-        if replayed_any:  # the store took rows: it is back (with nothing to replay, the next insert tells)
+            self._backoff = 0.0  # the store took rows: should it fail again, probing starts over
+        if replayed_any:  # with nothing to replay, the next insert tells whether the store is back
             self._back()
         return True
 
