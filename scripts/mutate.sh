@@ -46,7 +46,7 @@ toml_list() { printf '['; local sep=""; for x in "$@"; do printf '%s"%s"' "$sep"
 prepare() {  # a scratch copy of the tracked tree, with the group's mutmut settings
   local group=$1 dir=$SCRATCH/$1
   rm -rf "$dir" && mkdir -p "$dir"
-  git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- "$ROOT/" "$dir/"  # new files too
+  git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$dir"  # new files too
   # shellcheck disable=SC2086
   cat >> "$dir/pyproject.toml" <<EOF
 
