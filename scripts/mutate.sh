@@ -19,7 +19,7 @@ SCRATCH=${SIDECAR_MUTATION_DIR:-/tmp/sidecar-mutation}
 # a cluster per mutant run would cost more than the rest)
 declare -A MODULES=(
   [leases]="sidecar/leases.py"
-  [writer]="sidecar/writer.py"
+  [writer]="sidecar/writer.py sidecar/rows.py"
   [deadline]="sidecar/upstream/deadline.py"
   [sse]="sidecar/sse.py sidecar/tokens.py"
   [relay]="sidecar/relay.py sidecar/exchange.py"

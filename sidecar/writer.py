@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -30,45 +29,16 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 from prometheus_client.metrics_core import Metric
 
 from sidecar.config import WriterCfg
+from sidecar.rows import Line, Row, dump, sanitised_line
 from sidecar.series import counter, gauge
 from sidecar.spool import Segment, Spool
 from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("sidecar.writer")
-Row = dict[str, Any]
-Line = bytes  # one row, JSON-encoded: what the journal holds and what the store unpacks
-_MAX_TEXT = 4096
-_INT64 = 2**63 - 1
 _MAX_BACKOFF = 2.0  # a store that is down is probed at most this far apart
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        # PostgreSQL's text refuses NUL; lone surrogates are not UTF-8: neither may cost a row its place.
-        return value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:_MAX_TEXT]
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and not -_INT64 <= value <= _INT64:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def sanitise(row: Row) -> Row:
-    """A copy a database will take: valid UTF-8 text of bounded size, 64-bit integers, finite floats."""
-    return {name: _clean(value) for name, value in row.items()}
-
-
-def _dump(row: Row) -> bytes:
-    try:
-        return orjson.dumps(row)
-    except (orjson.JSONEncodeError, TypeError):
-        return orjson.dumps(sanitise(row), default=str)
 
 
 class BatchWriter:
@@ -106,7 +76,7 @@ class BatchWriter:
     # --- hot path ---------------------------------------------------------------------------------------
     def put(self, row: Row) -> Line:
         """Queue one row; never awaits, never raises, never blocks on the store. Returns the row's JSON line."""
-        line = _dump(row)
+        line = dump(row)
         spool = self.spool
         if spool is not None and spool.append(line + b"\n"):
             if self._down:
@@ -342,7 +312,7 @@ class BatchWriter:
 
     async def _one_by_one(self, batch: list[Line]) -> bool:
         for row in batch:
-            for attempt in (row, _sanitised_line(row)):
+            for attempt in (row, sanitised_line(row)):
                 try:
                     self.written += await self._store_insert([attempt])
                     break
@@ -443,13 +413,3 @@ class BatchWriter:
         )
         yield counter("sidecar_writer_flush_seconds", "Time spent flushing.", ("table",), {label: self.flush_seconds})
         yield counter("sidecar_writer_flushes", "Flush cycles.", ("table",), {label: self.flushes})
-
-
-def _sanitised_line(line: Line) -> Line:
-    """The line made storable, for a second try; a line that is no row at all stays as it is (and is
-    dead-lettered as it was found)."""
-    try:
-        row = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return line
-    return _dump(sanitise(row)) if isinstance(row, dict) else line
