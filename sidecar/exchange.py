@@ -62,7 +62,6 @@ class Exchange:
         "resp",
         "response",
         "scanner",
-        "sent",
         "up",
     )
 
@@ -88,7 +87,6 @@ class Exchange:
         self.resp: web.StreamResponse | None = None  # our answer to the client, once it has started
         self.response: Any = None  # a whole answer's body as audit keeps it
         self.scanner: StreamScanner | None = None
-        self.sent = False  # the request went to the upstream (so its prompt was the upstream's to process)
         self.raw = False  # a plain (non-SSE) body is being relayed: a failure can only cut the connection
         self.clean = False  # the upstream's answer was read to its end
 
@@ -134,9 +132,10 @@ class Exchange:
                 rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")
             else:
                 rec.set_usage(prompt, scanner.deltas, None, "counted")
-        elif gone and self.sent and rec.usage_source == "none":
-            # A whole answer that had started was generated in full before it was sent: without its usage
-            # object, the output budget is what the client may have used.
+        elif gone and rec.usage_source == "none":
+            # Admitted means sent (the relay sends before its first await): the prompt was the upstream's to
+            # process. A whole answer that had started was generated in full before it was sent: without its
+            # usage object, the output budget is what the client may have used.
             rec.set_usage(prompt, admission.output_budget if self.raw else 0, None, "counted")
         admission.lease.settle(rec.prompt_tokens, rec.completion_tokens)
 

@@ -7,6 +7,8 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from sidecar.errors import ShuttingDown
+
 log = logging.getLogger("sidecar.inflight")
 
 
@@ -29,6 +31,17 @@ class InFlight:
         for task in self.tasks:
             task.cancel()
         return len(self.tasks)
+
+    def shutdown_cancel(self, client_gone: bool) -> ShuttingDown | None:
+        """In a request's `except CancelledError`: our own shutdown cancel, with the client still there, is taken
+        back (uncancelled) and becomes the error the request ends with; None for any other cancel, which must
+        propagate."""
+        if not self.shutting_down or client_gone:
+            return None
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return ShuttingDown("The server is shutting down; retry the request.")
 
     async def wait_idle(self, timeout: float) -> None:
         if not self.tasks:

@@ -95,6 +95,11 @@ class Proxy:
                 except SidecarError as err:
                     rec.fail(err.status, err.outcome, err.code)
                     return error_response(err, rec.request_id, cors)
+                except asyncio.CancelledError:  # a shutdown before the answer started (queued, reading the body)
+                    if (stop := self.in_flight.shutdown_cancel(client_gone(request))) is None:
+                        raise
+                    rec.fail(stop.status, stop.outcome, stop.code)
+                    return error_response(stop, rec.request_id, cors)
                 except ClientGone:
                     ex.ended_early(client_gone(request))
                     return web.Response(status=CLIENT_CLOSED_REQUEST)  # aiohttp drops it: the socket is closed
@@ -146,8 +151,8 @@ class Proxy:
             raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
         try:
             body = await read_body(request)
-        except (ConnectionError, aiohttp.ClientError) as exc:
-            raise ClientGone(str(exc)) from None
+        except (ConnectionError, aiohttp.ClientError):
+            raise ClientGone from None
         rec.bytes_in = len(body)
         content_type = request.headers.get("content-type", "")
         call = parse(request.method, route, body, self.server.max_json_depth, content_type)

@@ -22,7 +22,7 @@ from sidecar.aggregate import StreamCapture
 from sidecar.audit import BodyCapture
 from sidecar.config import UpstreamCfg
 from sidecar.edge import RELAYED
-from sidecar.errors import Overloaded, ShuttingDown, SidecarError, UpstreamError, UpstreamTimeout
+from sidecar.errors import Overloaded, SidecarError, UpstreamError, UpstreamTimeout
 from sidecar.exchange import Exchange, client_gone
 from sidecar.inflight import InFlight
 from sidecar.metrics import Metrics, UpstreamErrorReason
@@ -44,7 +44,8 @@ _TIMEOUT_REASONS: dict[Limit, UpstreamErrorReason] = {
 
 
 class ClientGone(Exception):
-    """The client's connection closed while the proxy was reading its body or writing to it."""
+    """The client's connection closed while the proxy was reading its body or writing to it (no text: it is
+    caught by type, and the record says what happened)."""
 
 
 class UpstreamBroke(Exception):
@@ -55,9 +56,9 @@ def sse_error_event(err: SidecarError) -> bytes:
     return b"event: error\ndata: " + err.body() + b"\n\n"
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _is_sse(up: UpstreamResponse) -> bool:
@@ -90,12 +91,9 @@ class Relay:
             broke = UpstreamError(f"The upstream connection broke mid-response: {exc}", code="upstream_dropped")
             return await self._fail(request, ex, broke)
         except asyncio.CancelledError:
-            if not self.in_flight.shutting_down or client_gone(request):
+            if (stop := self.in_flight.shutdown_cancel(client_gone(request))) is None:
                 raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # our own shutdown cancel: end the response properly instead
-            return await self._fail(request, ex, ShuttingDown("The server is shutting down; retry the request."))
+            return await self._fail(request, ex, stop)  # our own shutdown cancel: end the response properly
 
     async def _exchange(self, request: web.Request, ex: Exchange, deadline: Deadline) -> web.StreamResponse:
         ex.up = up = await self._send(request, ex)
@@ -111,7 +109,6 @@ class Relay:
         up = self.upstream
         target = up.target(ex.admitted.call.path, request.raw_path.partition("?")[2])
         headers = up.request_headers(request.headers, ex.rec.request_id, request.remote)
-        ex.sent = True
         try:
             return await up.send(request.method, target, headers, ex.admitted.call.upstream_body())
         except ConnectFailed as exc:
@@ -171,8 +168,8 @@ class Relay:
             resp.content_length = up.content_length
         try:
             await resp.prepare(request)
-        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
-            raise ClientGone(str(exc)) from None
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None
         ex.resp, ex.raw = resp, True
         capture = BodyCapture(self.audit_cap, self.audit_digest_only) if ex.capture is not None else None
         finder = UsageFinder()
@@ -195,8 +192,8 @@ class Relay:
         self._whole_outcome(ex, up.status, finder.region, whole=False)
         try:
             await resp.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
-            raise ClientGone(str(exc)) from None
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None
         return resp
 
     def _headers(self, ex: Exchange, up: UpstreamResponse) -> dict[str, str] | CIMultiDict[str]:
@@ -231,7 +228,6 @@ class Relay:
                 if completion is None and ex.admitted.call.family in NO_OUTPUT:
                     completion = 0  # nothing is generated there: a count of input tokens is all of it
                 rec.set_usage(usage.prompt_tokens, completion, usage.cached_tokens, "upstream")
-            ex.admitted.lease.settle(rec.prompt_tokens, rec.completion_tokens)
 
     async def _stream(
         self, request: web.Request, ex: Exchange, up: UpstreamResponse, deadline: Deadline
@@ -252,8 +248,8 @@ class Relay:
             rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
         try:
             await resp.prepare(request)
-        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
-            raise ClientGone(str(exc)) from None
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None
         ex.resp = resp
         while chunk:
             rec.chunks += 1
@@ -286,8 +282,8 @@ class Relay:
     async def _write(resp: web.StreamResponse, data: bytes, rec: RequestRecord) -> None:
         try:
             await resp.write(data)
-        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
-            raise ClientGone(str(exc)) from None
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None
         rec.bytes_out += len(data)
 
     async def _fail(self, request: web.Request, ex: Exchange, err: SidecarError) -> web.StreamResponse:
@@ -297,13 +293,19 @@ class Relay:
             raise err
         ex.rec.outcome, ex.rec.error_code = err.outcome, err.code
         if ex.raw:
-            if request.transport is not None:
-                request.transport.abort()  # the client sees a truncated body, never a complete-looking one
+            _abort(request)  # the client sees a truncated body, never a complete-looking one
             return ex.resp
         try:
             async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
                 await ex.resp.write(sse_error_event(err))
                 await ex.resp.write_eof()
         except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError):
-            pass  # the client is gone or stuck too; the record already says why the stream ended
+            _abort(request)  # the client is gone or stuck too; the record already says why the stream ended
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Not a cancel of ours: aiohttp keeps the drain waiter that the deadline cancelled while a client
+            # that stopped reading held the write, and hands it back on the next write. The client is stuck.
+            _abort(request)
         return ex.resp

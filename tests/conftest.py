@@ -39,12 +39,15 @@ class RecordCatcher(logging.Handler):
         super().__init__(logging.INFO)
         self.rows: list[dict[str, Any]] = []
         self.lines: list[str] = []
+        self.tracebacks: list[str] = []  # aiohttp's "Error handling request": a handler raised, a defect
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = record.__dict__.get("fields")
         if record.name == REQUEST_LOGGER and isinstance(fields, dict):
             self.rows.append(dict(fields))
         self.lines.append(self.format(record) + repr(record.__dict__.get("fields")))
+        if record.name.startswith("aiohttp") and record.exc_info and record.levelno >= logging.ERROR:
+            self.tracebacks.append(self.format(record) + "\n" + logging.Formatter().formatException(record.exc_info))
 
 
 @pytest.fixture
@@ -156,6 +159,7 @@ async def sidecar_factory(
         await asyncio.sleep(0)
         loop.set_exception_handler(previous)
     assert not unhandled, f"unhandled errors in the event loop: {unhandled}"
+    assert not log_catcher.tracebacks, f"a handler raised: {log_catcher.tracebacks}"
     await wait_for(lambda: not sidecar_tasks(tasks_before), 3.0, lambda: f"tasks left: {sidecar_tasks(tasks_before)}")
     for server in started:
         await wait_for(lambda: not open_resources(server), 3.0, lambda: f"left open: {open_resources(server)}")

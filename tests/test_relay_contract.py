@@ -634,6 +634,7 @@ async def test_shutdown_mid_stream_ends_it_with_an_error_event(fake, sidecar_fac
     await drain
     err = last_event_error(data)
     assert err["code"] == "server_shutting_down" and b"[DONE]" not in data
+    assert err["message"] == "The server is shutting down; retry the request."
     row = running.rows[-1]
     assert (row["outcome"], row["status"], row["error_code"]) == ("shutdown", 200, "server_shutting_down")
     assert row["usage_source"] == "counted" and row["completion_tokens"] >= 2
@@ -650,3 +651,351 @@ async def test_shutdown_while_waiting_for_a_whole_answer_is_a_503(fake, sidecar_
     assert status == 503 and orjson.loads(body)["error"]["code"] == "server_shutting_down"
     row = running.rows[-1]
     assert (row["outcome"], row["status"], row["error_code"]) == ("shutdown", 503, "server_shutting_down")
+
+
+# --- more of the contract: boundaries, usage shapes, token refunds, shutdown paths, stuck clients ---------------
+
+ADMIN = "relay-admin-token"
+
+
+async def raw_request(port: int, body: dict[str, Any], rcvbuf: int | None = None) -> Any:
+    """A client on a raw socket that sends one request and reads nothing unless the test says so."""
+    import socket
+
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    payload = orjson.dumps(body)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + payload
+    )
+    await writer.drain()
+    return reader, writer
+
+
+def json_answer(doc: dict[str, Any], status: int = 200) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+    return handler
+
+
+def paced_body(parts: list[bytes], pause: float) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A chunked JSON body: the first part at once, then each next one after `pause` seconds."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(pause)
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
+
+    return handler
+
+
+async def test_declared_length_exactly_at_the_limit_is_sent(upstream, sidecar_factory):
+    upstream.handler = json_answer({"id": "x", "pad": "p" * 50})
+    size = len(orjson.dumps({"id": "x", "pad": "p" * 50}))
+    running = await sidecar_factory(upstream.url, upstream__max_response_bytes=size)
+    status, headers, body = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 200 and len(body) == size and headers["content-length"] == str(size)
+
+
+async def test_a_chunked_answer_of_exactly_buffered_bytes_is_sent_whole(upstream, sidecar_factory):
+    from sidecar.relay import BUFFERED
+
+    body = big_body(BUFFERED)
+    upstream.handler = paced_body([body[:600_000], body[600_000:]], 0.0)
+    running = await sidecar_factory(upstream.url)
+    status, headers, got = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 200 and got == body and headers["content-length"] == str(BUFFERED)  # one write, not chunked
+
+
+async def test_a_relayed_answer_exactly_at_the_limit_is_sent(upstream, sidecar_factory):
+    body = big_body()
+    upstream.handler = paced_body([body[i : i + 300_000] for i in range(0, len(body), 300_000)], 0.0)
+    running = await sidecar_factory(upstream.url, upstream__max_response_bytes=len(body))
+    status, _, got = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 200 and got == body and running.rows[-1]["outcome"] == "completed"
+
+
+async def test_a_relayed_answer_has_the_idle_limit_between_chunks_not_the_first_byte_one(upstream, sidecar_factory):
+    """Pauses longer than first_byte_timeout but shorter than stream_idle_timeout: the answer completes."""
+    body = big_body()
+    upstream.handler = paced_body([body[:1_100_000], body[1_100_000:1_300_000], body[1_300_000:]], 0.5)
+    running = await sidecar_factory(upstream.url, upstream__first_byte_timeout=0.3, upstream__stream_idle_timeout=2)
+    status, _, got = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 200 and got == body and running.rows[-1]["outcome"] == "completed"
+
+
+async def test_a_relayed_answer_that_stalls_past_the_idle_limit_is_cut(upstream, sidecar_factory):
+    body = big_body()
+    upstream.handler = paced_body([body[:1_100_000], body[1_100_000:]], 1.5)
+    running = await sidecar_factory(upstream.url, upstream__stream_idle_timeout=0.3)
+    got = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with aiohttp.ClientSession() as s, s.post(running.url + CHAT_PATH, json=CHAT) as r:
+            async for part in r.content.iter_any():
+                got += part
+    assert body.startswith(got) and len(got) < len(body)
+    await wait_for(lambda: len(running.rows) == 1)
+    row = running.rows[0]
+    assert (row["outcome"], row["error_code"], row["status"]) == ("upstream_timeout", "upstream_timeout", 200)
+    assert errors_line("timeout_idle") in await metrics(running.url)
+
+
+async def test_shutdown_mid_relayed_answer_cuts_it(upstream, sidecar_factory):
+    body = big_body()
+    upstream.handler = paced_body([body[:1_100_000], body[1_100_000:]], 3)
+    running = await sidecar_factory(upstream.url, server__drain_timeout=0.2)
+    got = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with aiohttp.ClientSession() as s, s.post(running.url + CHAT_PATH, json=CHAT) as r:
+            while len(got) < 1_000_000:
+                got += await r.content.read(65536)
+            drain = asyncio.create_task(running.server.drain())
+            async for part in r.content.iter_any():
+                got += part
+    await drain
+    assert body.startswith(got) and len(got) < len(body)
+    row = running.rows[-1]
+    assert (row["outcome"], row["error_code"], row["status"]) == ("shutdown", "server_shutting_down", 200)
+
+
+async def test_a_3xx_whole_answer_is_passed_on_without_usage(upstream, sidecar_factory):
+    doc = {"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    upstream.handler = json_answer(doc, status=300)
+    running = await sidecar_factory(upstream.url)
+    status, _, body = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 300 and orjson.loads(body) == doc
+    row = running.rows[-1]
+    assert (row["status"], row["usage_source"], row["completion_tokens"], row["ttft_ms"]) == (300, "none", None, None)
+
+
+@pytest.mark.parametrize(
+    ("path", "usage", "expected"),
+    [
+        ("/v1/embeddings", {"prompt_tokens": 4}, (4, 0)),  # nothing generated: no output is zero output
+        ("/v1/embeddings", {"prompt_tokens": 4, "completion_tokens": 2}, (4, 2)),  # the upstream's word wins
+        (CHAT_PATH, {"prompt_tokens": 4}, (4, None)),  # a chat answer that does not say: unknown, not zero
+    ],
+)
+async def test_usage_without_output_tokens(upstream, sidecar_factory, path, usage, expected):
+    upstream.handler = json_answer({"object": "x", "usage": usage})
+    running = await sidecar_factory(upstream.url)
+    body = {"model": "m", "input": "a"} if "embeddings" in path else CHAT
+    status, _, _ = await post(running.url + path, body)
+    row = running.rows[-1]
+    assert status == 200 and (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (
+        *expected,
+        "upstream",
+    )
+
+
+async def test_a_whole_answer_keeps_its_cached_tokens(fake, sidecar):
+    fake.script.cached_tokens = 6
+    await post(sidecar.url + CHAT_PATH, CHAT)
+    row = sidecar.rows[-1]
+    assert (row["prompt_tokens"], row["cached_tokens"], row["usage_source"]) == (11, 6, "upstream")
+
+
+async def make_key(url: str, **fields: Any) -> str:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url + "/admin/keys", json={"name": "t", **fields}, headers={"authorization": f"Bearer {ADMIN}"}) as r,
+    ):
+        assert r.status == 201
+        key: str = (await r.json())["key"]
+        return key
+
+
+async def test_token_refunds_count_prompt_and_output_on_whole_and_streamed_answers(fake, sidecar_factory):
+    """tpm=600 refills 10 tokens a second. Each answer uses 11 prompt + 5 output tokens; once it has ended, its
+    reservation is settled to that, as the next answer's x-ratelimit-remaining-tokens shows."""
+    from sidecar.tokens import estimate_prompt
+
+    running = await sidecar_factory(fake.url, auth__enabled=True, server__admin_token=ADMIN)
+    key = await make_key(running.url, rpm=100000, tpm=600)
+    auth = {"authorization": f"Bearer {key}"}
+    fake.script.chunks = 5
+    whole = {**CHAT, "max_tokens": 50}
+    reservation = estimate_prompt(whole) + 50
+
+    async def remaining(body: dict[str, Any]) -> int:
+        status, headers, _ = await post(running.url + CHAT_PATH, body, auth)
+        assert status == 200
+        return int(headers["x-ratelimit-remaining-tokens"])
+
+    assert 600 - reservation <= await remaining(whole) <= 600 - reservation + 3
+    assert 600 - 16 - reservation <= await remaining(whole) <= 600 - 16 - reservation + 3
+    await remaining({**STREAM, "max_tokens": 50, "stream_options": {"include_usage": True}})
+    assert 600 - 48 - reservation <= await remaining(whole) <= 600 - 48 - reservation + 5
+
+
+async def test_tool_call_arguments_are_counted_when_the_request_declared_tools(upstream, sidecar_factory):
+    def event(delta: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+
+    call = {"index": 0, "function": {"arguments": "{}"}}
+    events = event({"role": "assistant"}) + b"".join(event({"tool_calls": [call]}) for _ in range(4))
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    status, _, data = await post(running.url + CHAT_PATH, {**STREAM, "tools": tools})
+    assert status == 200 and data == events + b"data: [DONE]\n\n"
+    row = running.rows[-1]
+    assert (row["completion_tokens"], row["usage_source"]) == (4, "counted")
+
+
+async def test_a_stream_tail_is_relayed_when_the_usage_we_asked_for_is_hidden(upstream, sidecar_factory):
+    events = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\ndata: [DONE]'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events)
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    status, _, data = await post(running.url + CHAT_PATH, STREAM)  # no include_usage: the sidecar asks, hides
+    assert status == 200 and data == events
+    assert running.rows[-1]["bytes_out"] == len(events)
+
+
+async def test_a_finished_stream_returns_its_connection_and_a_cut_one_closes_it(upstream, sidecar_factory):
+    gate = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
+        if request.query.get("hold"):
+            await gate.wait()
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url)
+    for _ in range(2):
+        assert (await post(running.url + CHAT_PATH, STREAM))[0] == 200
+    assert upstream.peers[0] == upstream.peers[1]  # released to the pool, reused
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + CHAT_PATH + "?hold=1", json=STREAM) as r:
+            await r.content.readuntil(b"\n\n")
+        await wait_for(lambda: upstream.cancelled == 1, 3)  # the cut stream's connection was closed
+        gate.set()
+        assert (await post(running.url + CHAT_PATH, STREAM))[0] == 200
+    assert upstream.peers[3] != upstream.peers[2]
+
+
+async def test_an_invalid_upstream_answer_is_a_502_with_the_protocol_metric(sidecar_factory):
+    done = asyncio.Event()
+
+    async def bad(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await reader.read()  # until the sidecar closes a connection it cannot use
+        writer.close()
+        await writer.wait_closed()
+        done.set()
+
+    server = await asyncio.start_server(bad, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        running = await sidecar_factory(f"http://127.0.0.1:{port}/v1")
+        status, _, body = await post(running.url + CHAT_PATH, CHAT)
+        message = orjson.loads(body)["error"]["message"]
+        assert status == 502 and message.startswith("The upstream request failed: invalid response from the upstream")
+        assert errors_line("protocol") in await metrics(running.url)
+        await asyncio.wait_for(done.wait(), 3)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_dropped_stream_says_what_broke(fake, sidecar):
+    fake.script.chunks, fake.script.drop_after = 10, 3
+    _, _, data = await post(sidecar.url + CHAT_PATH, STREAM)
+    message = last_event_error(data)["message"]
+    assert re.fullmatch(r"The upstream connection broke mid-response: .*(clos|reset|broke|EOF|lost).*", message, re.I)
+    assert not message.endswith("None")
+
+
+async def test_a_client_that_stops_reading_is_cut_at_the_idle_limit_and_recorded_as_a_timeout(
+    upstream, sidecar_factory
+):
+    """The client reads nothing; the sidecar's write waits on it past stream_idle_timeout: the stream is cut,
+    the row says timeout (it said `shutdown`, status 200, before: aiohttp hands back the drain waiter the
+    deadline cancelled), the lease is released, and the upstream connection closed."""
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 60_000 + b'"}}]}\n\n'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(200):  # 12 MB: more than every socket buffer between here and the client
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    upstream.handler = handler
+    running = await sidecar_factory(upstream.url, upstream__stream_idle_timeout=0.3)
+    reader, writer = await raw_request(running.port, STREAM, rcvbuf=4096)
+    await wait_for(lambda: len(running.rows) == 1, 5)
+    row = running.rows[0]
+    assert (row["outcome"], row["error_code"], row["status"]) == ("upstream_timeout", "upstream_timeout", 200)
+    assert 0 < row["bytes_out"] < 200 * len(chunk)
+    await wait_for(lambda: upstream.cancelled == 1, 3)
+    got = b""
+    while part := await reader.read(1 << 20):  # what was in flight, then the end: the sidecar closed it
+        got += part
+    assert b"[DONE]" not in got
+    writer.close()
+
+
+async def test_shutdown_with_the_client_already_gone_records_a_disconnect(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, server__drain_timeout=0.1)
+    fake.script.chunks, fake.script.delay_chunks = 5, 2
+    reader, writer = await raw_request(running.port, STREAM)
+    seen = b""
+    while b"tok0" not in seen:
+        seen += await reader.read(65536)
+    writer.transport.abort()
+    await asyncio.sleep(0.2)  # the sidecar waits on the upstream: it notices the client only now
+    await running.server.drain()
+    row = running.rows[-1]
+    assert (row["outcome"], row["error_code"]) == ("client_disconnected", "client_disconnected")
+
+
+async def test_shutdown_while_queued_for_admission_is_a_503(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, server__drain_timeout=0.2, limits__global_concurrency=1)
+    fake.script.chunks, fake.script.delay_chunks = 50, 0.05
+    first = asyncio.create_task(post(running.url + CHAT_PATH, STREAM))
+    await wait_for(lambda: len(fake.received) == 1)
+    second = asyncio.create_task(post(running.url + CHAT_PATH, CHAT))
+    await asyncio.sleep(0.1)
+    await running.server.drain()
+    await first
+    status, _, body = await second
+    assert status == 503 and orjson.loads(body)["error"]["code"] == "server_shutting_down"
+    queued = next(r for r in running.rows if not r["stream"])
+    assert (queued["outcome"], queued["status"], queued["error_code"]) == ("shutdown", 503, "server_shutting_down")
