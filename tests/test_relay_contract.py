@@ -999,3 +999,45 @@ async def test_shutdown_while_queued_for_admission_is_a_503(fake, sidecar_factor
     assert status == 503 and orjson.loads(body)["error"]["code"] == "server_shutting_down"
     queued = next(r for r in running.rows if not r["stream"])
     assert (queued["outcome"], queued["status"], queued["error_code"]) == ("shutdown", 503, "server_shutting_down")
+
+
+async def test_requests_without_a_verified_key_cost_a_row_only_within_the_reject_rate(fake, sidecar_factory):
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, server__reject_rows_per_minute=1
+    )
+    key = await make_key(running.url)
+    for _ in range(4):
+        assert (await post(running.url + CHAT_PATH, CHAT, {"authorization": "Bearer sk-sc-wrong"}))[0] == 401
+    for _ in range(3):
+        assert (await post(running.url + CHAT_PATH, CHAT, {"authorization": f"Bearer {key}"}))[0] == 200
+    outcomes = [r["outcome"] for r in running.rows]
+    assert outcomes.count("unauthorized") == 1 and outcomes.count("completed") == 3  # every verified one kept
+
+
+async def test_the_audit_record_of_a_request_that_got_no_answer_has_no_response(fake, sidecar_factory, tmp_path):
+    running = await audited(sidecar_factory, fake.url, tmp_path, upstream__first_byte_timeout=0.2)
+    fake.script.delay_headers = 3
+    assert (await post(running.url + CHAT_PATH, CHAT))[0] == 504
+    await wait_for(lambda: len(audit_records(tmp_path / "audit")) == 1, 5)
+    (record,) = audit_records(tmp_path / "audit")
+    assert record["response"] is None and record["complete"] is False and record["outcome"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize("size", [50_000, BIG])  # read whole / relayed as it arrives
+async def test_with_redact_paths_an_audited_answer_over_the_cap_keeps_only_its_digest(
+    upstream, sidecar_factory, tmp_path, size
+):
+    body = big_body(size)
+    upstream.handler = json_answer(orjson.loads(body))
+    running = await audited(
+        sidecar_factory,
+        upstream.url,
+        tmp_path,
+        audit__max_payload_bytes=20_000,
+        audit__redact_paths=["choices[*].message.content"],
+    )
+    status, _, got = await post(running.url + CHAT_PATH, CHAT)
+    assert status == 200 and orjson.loads(got) == orjson.loads(body)
+    await wait_for(lambda: len(audit_records(tmp_path / "audit")) == 1, 5)
+    response = audit_records(tmp_path / "audit")[0]["response"]
+    assert response["truncated"] is True and response["length"] == len(got) and "prefix" not in response

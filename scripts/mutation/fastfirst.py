@@ -3,7 +3,8 @@
 mutmut hands each mutant's tests to pytest as an unordered set and stops at the first failure (`-x`), so a
 mutant that a 10 ms test kills can still wait for a 5 s test that happened to come first. With the durations
 mutmut measured in its stats pass (`mutmut-stats.json`, beside the tests it runs), the quick tests go first.
-Loaded by scripts/mutate.sh with `-p scripts.mutation.fastfirst`; never part of the normal suite.
+scripts/mutate.sh copies it into the scratch tree's tests/ and loads it with `-p tests.mutation_fastfirst`;
+never part of the normal suite.
 """
 
 from __future__ import annotations
