@@ -55,7 +55,6 @@ class Exchange:
         "authenticated",
         "admission",
         "capture",
-        "clean",
         "cors",
         "raw",
         "rec",
@@ -88,7 +87,6 @@ class Exchange:
         self.response: Any = None  # a whole answer's body as audit keeps it
         self.scanner: StreamScanner | None = None
         self.raw = False  # a plain (non-SSE) body is being relayed: a failure can only cut the connection
-        self.clean = False  # the upstream's answer was read to its end
 
     async def __aenter__(self) -> Exchange:
         return self
@@ -107,7 +105,7 @@ class Exchange:
             self.ended_early(gone)  # cancelled: the client left, or the server is shutting down
         self._settle(gone)
         if self.up is not None:
-            self.up.release() if self.clean else self.up.close()
+            self.up.release()  # back to the pool when its answer was read to the end, else closed
         if self.admission is not None:
             self.admission.lease.release()
         self._finish(self.rec.finish(), self.authenticated or self._keep(self._request))

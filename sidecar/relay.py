@@ -141,7 +141,6 @@ class Relay:
             if size > BUFFERED:
                 return await self._relay_body(request, ex, up, parts, size, deadline)
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        ex.clean = True
         rec = ex.rec
         if ex.capture is not None:
             ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
@@ -186,7 +185,6 @@ class Relay:
             size += len(data)
             if size > limit:
                 raise UpstreamBroke(f"the response is over the configured limit of {limit} bytes")
-        ex.clean = True
         if capture is not None:
             ex.response = capture.result()
         self._whole_outcome(ex, up.status, finder.region, whole=False)
@@ -266,7 +264,6 @@ class Relay:
         tail = scanner.flush()
         if tail:
             await self._write(resp, tail, rec)
-        ex.clean = True
         await resp.write_eof()
         return resp
 
