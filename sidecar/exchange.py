@@ -102,7 +102,7 @@ class Exchange:
     ) -> None:
         gone = client_gone(self._request)
         if et is not None and issubclass(et, BaseException) and not issubclass(et, Exception):
-            self.ended_early(gone)  # cancelled: the client left, or the server is shutting down
+            self.ended_early()  # cancelled: the client left
         self._settle(gone)
         if self.up is not None:
             self.up.release()  # back to the pool when its answer was read to the end, else closed
@@ -112,12 +112,11 @@ class Exchange:
         if self.capture is not None:
             self._hand_off_audit()
 
-    def ended_early(self, gone: bool) -> None:
-        """The handler stopped before the end: the client went away, or (client still there) a shutdown."""
-        if gone:
-            self.rec.fail(CLIENT_CLOSED_REQUEST, Outcome.CLIENT_DISCONNECTED, "client_disconnected")
-        else:
-            self.rec.fail(self.rec.status or 503, Outcome.SHUTDOWN, "server_shutting_down")
+    def ended_early(self) -> None:
+        """The handler stopped before the end because the client went away. A cancel reaching the exchange is
+        that too: our own drain's cancel is answered as a 503 where it lands (`InFlight.shutdown_cancel`), and
+        the web server's stop without a drain closes the socket before it cancels."""
+        self.rec.fail(CLIENT_CLOSED_REQUEST, Outcome.CLIENT_DISCONNECTED, "client_disconnected")
 
     def _settle(self, gone: bool) -> None:
         rec, scanner, admission = self.rec, self.scanner, self.admission

@@ -101,7 +101,7 @@ class Proxy:
                     rec.fail(stop.status, stop.outcome, stop.code)
                     return error_response(stop, rec.request_id, cors)
                 except ClientGone:
-                    ex.ended_early(client_gone(request))
+                    ex.ended_early()
                     return web.Response(status=CLIENT_CLOSED_REQUEST)  # aiohttp drops it: the socket is closed
         finally:
             self.metrics.in_flight -= 1
