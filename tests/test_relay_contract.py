@@ -1041,4 +1041,3 @@ async def test_with_redact_paths_an_audited_answer_over_the_cap_keeps_only_its_d
     await wait_for(lambda: len(audit_records(tmp_path / "audit")) == 1, 5)
     response = audit_records(tmp_path / "audit")[0]["response"]
     assert response["truncated"] is True and response["length"] == len(got) and "prefix" not in response
-
