@@ -1041,3 +1041,13 @@ async def test_with_redact_paths_an_audited_answer_over_the_cap_keeps_only_its_d
     await wait_for(lambda: len(audit_records(tmp_path / "audit")) == 1, 5)
     response = audit_records(tmp_path / "audit")[0]["response"]
     assert response["truncated"] is True and response["length"] == len(got) and "prefix" not in response
+
+
+async def test_a_large_answer_on_a_native_route_keeps_the_usage_object_it_carries(upstream, sidecar_factory):
+    body = big_body()
+    upstream.handler = paced_body([body[i : i + 400_000] for i in range(0, len(body), 400_000)], 0.0)
+    running = await sidecar_factory(upstream.url, upstream__kind="llama.cpp")
+    status, _, got = await post(running.url + "/completion", {"prompt": "hi"})
+    assert status == 200 and got == body
+    row = running.rows[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (7, 3, "upstream")
