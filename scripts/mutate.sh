@@ -36,7 +36,7 @@ declare -A TESTS=(
 # and a -k filter: tests that need the session's PostgreSQL or run for seconds, whose promises faster tests of
 # the same group also hold
 declare -A SKIP=(
-  [writer]="not postgres and not ten_minute and not long_outage and not dead_letter_file and not nul_in_a_text and not spool_cap and not being_replayed"
+  [writer]="not postgres and not never_acknowledged and not ten_minute and not long_outage and not dead_letter_file and not nul_in_a_text and not spool_cap and not being_replayed"
   [auth]="not postgres and not outage and not store_is_down and not slow_lookup and not demo_upstream and not started_with_the_store_down and not reload_at_most_once and not cli_keys_end_to_end"
 )
 ORDER=(leases writer deadline sse relay auth)
