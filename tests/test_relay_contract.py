@@ -74,6 +74,52 @@ def last_event_error(data: bytes) -> dict[str, Any]:
     return orjson.loads(last.split(b"data: ", 1)[1])["error"]
 
 
+def paced_body(
+    parts: list[bytes], pause: float, status: int = 200, content_type: str = "application/json"
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream handler with a chunked body: the first part at once, then each next one after `pause` s."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers={"content-type": content_type})
+        await resp.prepare(request)
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(pause)
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
+
+    return handler
+
+
+def sse_answer(
+    events: bytes, status: int = 200, content_type: str = "text/event-stream"
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream handler that sends `events` as one streamed body."""
+    return paced_body([events], 0.0, status, content_type)
+
+
+async def raw_request(port: int, body: dict[str, Any], rcvbuf: int | None = None) -> Any:
+    """A client on a raw socket that sends one request and reads nothing unless the test says so."""
+    import socket
+
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    payload = orjson.dumps(body)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + payload
+    )
+    await writer.drain()
+    return reader, writer
+
+
 # --- whole answers ---------------------------------------------------------------------------------------------
 
 
@@ -340,15 +386,7 @@ async def test_client_gone_during_a_large_whole_answer_is_charged_its_budget(ups
 
     upstream.handler = handler
     running = await sidecar_factory(upstream.url)
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-    payload = orjson.dumps({**CHAT, "max_tokens": 50})
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(payload)).encode()
-        + b"\r\n\r\n"
-        + payload
-    )
-    await writer.drain()
+    reader, writer = await raw_request(running.port, {**CHAT, "max_tokens": 50})
     seen = 0
     while seen < 1_000_000:
         seen += len(await reader.read(65536))
@@ -363,15 +401,7 @@ async def test_client_gone_during_a_large_whole_answer_is_charged_its_budget(ups
 
 async def test_client_gone_before_a_whole_answer_is_charged_its_prompt(fake, sidecar):
     fake.script.delay_headers = 30
-    _reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-    payload = orjson.dumps({**CHAT, "max_tokens": 50})
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
-        + str(len(payload)).encode()
-        + b"\r\n\r\n"
-        + payload
-    )
-    await writer.drain()
+    _reader, writer = await raw_request(sidecar.port, {**CHAT, "max_tokens": 50})
     await wait_for(lambda: len(fake.received) == 1)
     writer.close()
     await wait_for(lambda: fake.last().closed_at is not None, 3)
@@ -419,14 +449,7 @@ async def test_stream_with_no_output_has_no_ttft(fake, sidecar):
 async def test_stream_tail_without_a_final_separator_is_relayed(upstream, sidecar_factory):
     events = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\ndata: [DONE]'
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(events)
-        await resp.write_eof()
-        return resp
-
-    upstream.handler = handler
+    upstream.handler = sse_answer(events)
     running = await sidecar_factory(upstream.url)
     status, _, data = await post(running.url + CHAT_PATH, {**STREAM, "stream_options": {"include_usage": True}})
     assert status == 200 and data == events
@@ -438,14 +461,7 @@ async def test_stream_tail_without_a_final_separator_is_relayed(upstream, sideca
 async def test_stream_500_is_passed_on_and_recorded(upstream, sidecar_factory):
     events = b'data: {"error":{"message":"boom"}}\n\n'
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(status=500, headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(events)
-        await resp.write_eof()
-        return resp
-
-    upstream.handler = handler
+    upstream.handler = sse_answer(events, status=500)
     running = await sidecar_factory(upstream.url)
     status, headers, data = await post(running.url + CHAT_PATH, STREAM)
     assert status == 500 and data == events and headers["content-type"] == "text/event-stream"
@@ -462,14 +478,7 @@ async def test_stream_500_is_passed_on_and_recorded(upstream, sidecar_factory):
 async def test_stream_status_other_than_200_is_kept(upstream, sidecar_factory):
     events = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\ndata: [DONE]\n\n'
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(status=203, headers={"content-type": "text/event-stream; charset=utf-8"})
-        await resp.prepare(request)
-        await resp.write(events)
-        await resp.write_eof()
-        return resp
-
-    upstream.handler = handler
+    upstream.handler = sse_answer(events, status=203, content_type="text/event-stream; charset=utf-8")
     running = await sidecar_factory(upstream.url)
     status, _, data = await post(running.url + CHAT_PATH, STREAM)
     assert status == 203 and data == events
@@ -523,15 +532,7 @@ async def test_connect_failure_metric_and_message(sidecar_factory):
 
 async def test_client_gone_mid_stream_row(fake, sidecar):
     fake.script.chunks, fake.script.delay_chunks = 100, 0.01
-    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-    payload = orjson.dumps(STREAM)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
-        + str(len(payload)).encode()
-        + b"\r\n\r\n"
-        + payload
-    )
-    await writer.drain()
+    reader, writer = await raw_request(sidecar.port, STREAM)
     seen = b""
     while seen.count(b"tok") < 3:
         seen += await reader.read(65536)
@@ -658,46 +659,9 @@ async def test_shutdown_while_waiting_for_a_whole_answer_is_a_503(fake, sidecar_
 ADMIN = "relay-admin-token"
 
 
-async def raw_request(port: int, body: dict[str, Any], rcvbuf: int | None = None) -> Any:
-    """A client on a raw socket that sends one request and reads nothing unless the test says so."""
-    import socket
-
-    sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    payload = orjson.dumps(body)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(payload)).encode()
-        + b"\r\n\r\n"
-        + payload
-    )
-    await writer.drain()
-    return reader, writer
-
-
 def json_answer(doc: dict[str, Any], status: int = 200) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
-
-    return handler
-
-
-def paced_body(parts: list[bytes], pause: float) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """A chunked JSON body: the first part at once, then each next one after `pause` seconds."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": "application/json"})
-        await resp.prepare(request)
-        for i, part in enumerate(parts):
-            if i:
-                await asyncio.sleep(pause)
-            await resp.write(part)
-        await resp.write_eof()
-        return resp
 
     return handler
 
@@ -867,14 +831,7 @@ async def test_tool_call_arguments_are_counted_when_the_request_declared_tools(u
 async def test_a_stream_tail_is_relayed_when_the_usage_we_asked_for_is_hidden(upstream, sidecar_factory):
     events = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\ndata: [DONE]'
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(events)
-        await resp.write_eof()
-        return resp
-
-    upstream.handler = handler
+    upstream.handler = sse_answer(events)
     running = await sidecar_factory(upstream.url)
     status, _, data = await post(running.url + CHAT_PATH, STREAM)  # no include_usage: the sidecar asks, hides
     assert status == 200 and data == events
