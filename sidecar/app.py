@@ -23,7 +23,7 @@ from sidecar.auth import Authenticator
 from sidecar.config import Settings, mask_url, read_secret, retention_seconds
 from sidecar.cors import Cors
 from sidecar.edge import server_header
-from sidecar.health import Health
+from sidecar.health import Health, not_found
 from sidecar.keys import KeyAdmin, StaticKeys, load_pepper
 from sidecar.leases import LeaseManager
 from sidecar.logs import RequestLog
@@ -50,6 +50,7 @@ LEASES = web.AppKey("leases", LeaseManager)
 AUTH = web.AppKey("auth", Authenticator)
 KEYS = web.AppKey("keys", KeyAdmin)
 WRITER = web.AppKey("writer", BatchWriter)
+OPS = web.AppKey("ops", web.Application)  # the operations port's app, when `server.ops_port` is set
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 
@@ -185,7 +186,15 @@ def create_app(settings: Settings) -> web.Application:
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))
-    _routes(app.router, parts)
+    ops = app
+    if settings.server.ops_port:
+        # Its own app (no resources of its own: the main app's cleanup contexts own them), so the client port's
+        # router never holds an operations route.
+        ops = app[OPS] = web.Application(handler_args=server_args(settings))
+        ops.on_response_prepare.append(server_header(settings.server.server_header))
+    _routes(app.router, ops.router, parts)
+    if ops is not app:
+        Routes(ops.router).add("*", "/{tail:.*}", not_found)
     return app
 
 
@@ -213,13 +222,18 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
     ]
 
 
-def _routes(router: web.UrlDispatcher, p: Parts) -> None:
-    health = Health(p.upstream, p.state, p.store, _writer_status(p.writer, p.bus))
-    routes = Routes(router)
-    routes.add("GET", "/healthz", health.healthz)
-    routes.add("GET", "/readyz", health.readyz)
-    routes.add("GET", "/metrics", p.metrics.handle)
-    p.admin.add_routes(routes)
+def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) -> None:
+    """Client routes on `router`; operations routes on `ops_router` (the same one when there is no ops port).
+    The probes answer on both: a kubelet may probe either port."""
+    health = Health(p.upstream, p.state, p.store, _writer_status(p.writer, p.bus), lambda: len(p.proxy.in_flight))
+    routes, ops = Routes(router), Routes(ops_router)
+    for probes in {id(router): routes, id(ops_router): ops}.values():
+        probes.add("GET", "/healthz", health.healthz)
+        probes.add("GET", "/readyz", health.readyz)
+    ops.add("GET", "/metrics", p.metrics.handle)
+    ops.add("GET", "/drain", health.drain)
+    ops.add("POST", "/drain", health.drain)
+    p.admin.add_routes(ops)
     routes.add("GET", "/v1/usage", OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days).handle)
     _proxied_routes(router, p.proxy, p.upstream.paths)
 

@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 class ServerCfg:
     host: str = "127.0.0.1"
     port: int = 8080
+    ops_port: int = 0  # /metrics, /admin/*, /drain on their own port; 0: all on `port`
     data_dir: str = "./data"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -285,6 +286,10 @@ def _exact_int(value: float) -> int:
 def _check(s: Settings) -> None:
     if not 1 <= s.server.port <= 65535 and s.server.port != 0:
         raise ConfigError(f"server.port: must be 1-65535, got {s.server.port}")
+    if s.server.ops_port > 65535:
+        raise ConfigError(f"server.ops_port: must be 1-65535 (or 0: off), got {s.server.ops_port}")
+    if s.server.ops_port and s.server.ops_port == s.server.port:
+        raise ConfigError(f"server.ops_port: must differ from server.port ({s.server.port}); 0 turns it off")
     for net in s.server.trusted_proxies:
         try:
             ipaddress.ip_network(net, strict=False)

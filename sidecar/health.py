@@ -12,6 +12,7 @@ writer's store, journal, rows held in memory); error texts go to the log, never 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from sidecar.errors import Forbidden, NotFound
 from sidecar.records import new_request_id
 from sidecar.state import RunState
 from sidecar.store.base import Store, StoreError
@@ -35,11 +37,13 @@ class Health:
         state: RunState,
         store: Store,
         writers: Callable[[], dict[str, dict[str, Any]]] = dict,
+        in_flight: Callable[[], int] = int,
     ) -> None:
         self.upstream = upstream
         self.state = state
         self.store = store
         self.writers = writers
+        self.in_flight = in_flight
         self._last_reason = ""
         self._store_down = False
 
@@ -68,6 +72,18 @@ class Health:
         self._last_reason = ""
         return _json({"status": "ready", **detail}, 200)
 
+    async def drain(self, request: web.Request) -> web.Response:
+        """`POST /drain` starts the drain SIGTERM would (readyz 503, grace, listener closed, in-flight requests
+        finish) without ending the process; `GET` only reports. For vLLM's preStop in the same pod: a native
+        sidecar gets SIGTERM only after vLLM has exited, too late to drain the streams vLLM serves. Loopback
+        only: anyone else could take the replica out of service."""
+        if not _loopback(request):
+            raise Forbidden("/drain is only served to the loopback address.", code="loopback_only")
+        if request.method == "POST":
+            self.state.request_drain()
+        doc = {"draining": self.state.draining, "drained": self.state.drained, "in_flight": self.in_flight()}
+        return _json(doc, 200)
+
     async def _store(self) -> str:
         try:
             await asyncio.wait_for(self.store.ping(), STORE_PING)
@@ -92,6 +108,22 @@ class Health:
         if detail != self._last_reason:
             self._last_reason = detail
             log.warning("not ready", extra={"fields": {"reason": what, "detail": detail[:300]}})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    """Anything else on the operations port: it never relays."""
+    raise NotFound(f"Unknown path {request.path[:200]!r} on the operations port.", code="unknown_url")
+
+
+def _loopback(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    try:
+        address = ipaddress.ip_address(peer[0]) if peer is not None else None
+    except ValueError:  # a Unix socket's peer name is no address
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1
+    return address is not None and address.is_loopback
 
 
 def _json(doc: dict[str, Any], status: int) -> web.Response:

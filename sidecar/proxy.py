@@ -26,6 +26,7 @@ from sidecar.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    ShuttingDown,
     SidecarError,
     UnsupportedMediaType,
     UpstreamError,
@@ -94,7 +95,10 @@ class Proxy:
                     return await self._pipeline(request, path, ex)
                 except SidecarError as err:
                     rec.fail(err.status, err.outcome, err.code)
-                    return error_response(err, rec.request_id, cors)
+                    answer = error_response(err, rec.request_id, cors)
+                    if isinstance(err, ShuttingDown):
+                        answer.force_close()  # a kept-alive connection must not bring more work to a drained proxy
+                    return answer
                 except asyncio.CancelledError:  # a shutdown before the answer started (queued, reading the body)
                     if (stop := self.in_flight.shutdown_cancel(client_gone(request))) is None:
                         raise
@@ -107,6 +111,8 @@ class Proxy:
             self.metrics.in_flight -= 1
 
     async def _pipeline(self, request: web.Request, path: str, ex: Exchange) -> web.StreamResponse:
+        if self.in_flight.shutting_down:  # drained (`POST /drain`), still running: nothing new may start
+            raise ShuttingDown("The server is shutting down; retry the request.")
         if is_preflight(request):
             return await self._preflight(request, path, ex.rec)
         route = self._check_route(request.method, path)

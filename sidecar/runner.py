@@ -1,10 +1,12 @@
 """Running the app: listen, wait for SIGTERM/SIGINT, drain gracefully, exit.
 
-Drain order: `/readyz` turns 503 at once; new connections are still served for `drain_grace` seconds
+Drain order (on SIGTERM, or earlier on `POST /drain` from loopback, which drains without exiting): `/readyz`
+turns 503 at once; new connections are still served for `drain_grace` seconds
 (Kubernetes takes a while to drop the pod from its endpoints); then the listener closes; in-flight requests
 may finish within `drain_timeout`; what is still running then is cancelled (streams get a terminal SSE error
 event and a `shutdown` record); finally the cleanup contexts close (writer and audit drain there).
-A second signal skips what is left of the grace and the drain wait.
+A second signal skips what is left of the grace and the drain wait. The operations port (`server.ops_port`)
+stays open until the end, so the drain can be watched and metrics scraped.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from sidecar.app import KEYS, PROXY, STATE, create_app
+from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, StoreCfg, mask_url, summary
 from sidecar.demo_upstream import create_demo_app
 from sidecar.edge import EdgeLimits, EdgeRunner
@@ -49,17 +51,28 @@ class Server:
         limits = EdgeLimits(cfg.header_timeout, cfg.body_timeout, cfg.server_header)
         self.runner = EdgeRunner(self.app, limits, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         self.port = 0
+        self.ops_port = 0
         self._hurry = asyncio.Event()
+        self._drain: asyncio.Task[None] | None = None
+        self.ops_runner: EdgeRunner | None = None
+        if OPS in self.app:
+            ops = self.app[OPS]
+            self.ops_runner = EdgeRunner(ops, limits, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+            self.app.on_shutdown.append(self._close_ops)  # whoever cleans the main runner up closes this too
+        self.app[STATE].request_drain = self.begin_drain
 
     async def start(self) -> None:
         """Listen on every address of `server.host` (comma-separated, e.g. `0.0.0.0,::` for dual stack), all on
-        one port (with port 0, the one the first address got)."""
+        one port (with port 0, the one the first address got); the operations port likewise."""
         await self.runner.setup()
-        port = self.settings.server.port
-        for host in hosts(self.settings.server.host):
-            site = web.TCPSite(self.runner, host, port, backlog=1024)
-            await site.start()
-            port = self.port = port or self.runner.addresses[0][1]
+        self.port = await _listen(self.runner, self.settings.server.host, self.settings.server.port)
+        if self.ops_runner is not None:
+            await self.ops_runner.setup()
+            self.ops_port = await _listen(self.ops_runner, self.settings.server.host, self.settings.server.ops_port)
+
+    async def _close_ops(self, _: web.Application) -> None:
+        if self.ops_runner is not None:
+            await self.ops_runner.cleanup()
 
     def hurry(self) -> None:
         """A second signal: stop waiting for grace and drain."""
@@ -70,9 +83,21 @@ class Server:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), seconds)
 
+    def begin_drain(self) -> None:
+        """Start the drain once (SIGTERM or `POST /drain`); the process keeps running until `drain` ends it."""
+        if self._drain is None:
+            self.app[STATE].draining = True
+            self._drain = asyncio.ensure_future(self._drain_requests())
+
     async def drain(self) -> None:
+        """Drain (or finish the drain `POST /drain` started), then close everything."""
+        self.begin_drain()
+        assert self._drain is not None
+        await self._drain
+        await self.runner.cleanup()
+
+    async def _drain_requests(self) -> None:
         cfg = self.settings.server
-        self.app[STATE].draining = True
         event(log, "draining", grace_s=cfg.drain_grace, drain_timeout_s=cfg.drain_timeout)
         await self._wait(cfg.drain_grace)
         for site in list(self.runner.sites):
@@ -86,7 +111,16 @@ class Server:
         if still:
             event(log, "drain timeout: cancelling requests", requests=still)
             await in_flight.wait_idle(5.0)
-        await self.runner.cleanup()
+        self.app[STATE].drained = True
+        event(log, "drained")
+
+
+async def _listen(runner: web.AppRunner, host_list: str, port: int) -> int:
+    for host in hosts(host_list):
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        port = port or runner.addresses[-1][1]
+    return port
 
 
 def hosts(value: str) -> list[str]:
@@ -133,7 +167,8 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
         loop.add_signal_handler(sig, on_signal)
     try:
         await _start(server)
-        event(log, "listening", host=settings.server.host, port=server.port, settings=summary(settings))
+        ops = {"ops_port": server.ops_port} if server.ops_port else {}
+        event(log, "listening", host=settings.server.host, port=server.port, **ops, settings=summary(settings))
         key = await _demo_key(server) if demo is not None and settings.auth.enabled else None
         if announce is not None:
             announce(_curl_hint(settings, server.port, demo is not None, key))

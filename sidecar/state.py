@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def _no_drain() -> None:
+    return None
 
 
 @dataclass
 class RunState:
     draining: bool = False
+    drained: bool = False  # the drain has finished: no request is in flight and no new one is taken
+    # Starts the drain without stopping the process (`POST /drain`); the runner sets it when it listens.
+    request_drain: Callable[[], None] = field(default=_no_drain)
