@@ -17,11 +17,12 @@ from prometheus_client.metrics_core import Metric
 from sidecar.auth import Authenticator, bearer_token
 from sidecar.errors import BadRequest, NotFound, Unauthorized
 from sidecar.keys import KeyAdmin, listing
-from sidecar.params import MAX_PAGE, int_param, page, page_query, read_json, since_param
+from sidecar.params import MAX_PAGE, int_param, only_params, page, page_query, read_json, since_param, time_param
 from sidecar.rejects import RejectSampler
 from sidecar.responses import Routes, json_response, request_id
 from sidecar.series import counter
-from sidecar.store.base import USAGE_GROUPS, Store
+from sidecar.store.base import USAGE_FIELDS, USAGE_GROUPS, Store
+from sidecar.tables import csv_text
 
 Handler = Callable[[web.Request, str], Awaitable[Any]]
 _FAILURES_LOGGED_PER_MINUTE = 10
@@ -66,6 +67,8 @@ class Admin:
             rid = request_id(request)
             self._check_token(request)
             result = await handler(request, rid)
+            if isinstance(result, web.StreamResponse):  # a listing in another format (CSV)
+                return result
             return json_response(result, rid, 201 if request.method == "POST" else 200)
 
         return run
@@ -124,26 +127,33 @@ class Admin:
         return row.public()
 
     async def audit_log(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ("limit", "before"))
         limit = int_param(request, "limit", 100, 1, MAX_PAGE)
         rows = await self.store.admin_events(limit, int_param(request, "before", None, 0))
         return {"object": "list", "data": rows, "next_before": rows[-1]["id"] if len(rows) == limit else None}
 
     async def usage(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ("since", "until", "by", "key_id", "model", "format"))
         by = request.query.get("by", "key")
         if by not in USAGE_GROUPS:
             raise BadRequest("`by` must be key, model or day.", param="by")
-        since = since_param(request, self.max_days)
-        return {
-            "object": "list",
-            "since": since,
-            "by": by,
-            "data": await self.store.usage(since, by, request.query.get("key_id")),
-        }
+        fmt = request.query.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise BadRequest("`format` must be json or csv.", param="format")
+        since, until = since_param(request, self.max_days), time_param(request, "until")
+        query = request.query
+        rows = await self.store.usage(since, by, query.get("key_id"), until, query.get("model"))
+        if fmt == "csv":
+            body = csv_text([by, *USAGE_FIELDS], rows)
+            return web.Response(text=body, content_type="text/csv", headers={"x-request-id": rid})
+        return {"object": "list", "since": since, "until": until, "by": by, "data": rows}
 
     async def requests(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ("key_id", "model", "outcome", "since", "until", "limit", "before", "request_id"))
         query = page_query(request)
         return page(await self.store.requests(query), query.limit, "started_at")
 
     async def audit_records(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ("key_id", "since", "until", "limit", "before", "request_id"))
         query = page_query(request)
         return page(await self.store.audit_records(query), query.limit, "emitted_at")

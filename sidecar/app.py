@@ -151,7 +151,7 @@ def build(settings: Settings) -> Parts:
     upstream = Upstream(s.upstream, s.upstream.url, api_key, s.server.trusted_proxies, queue)
     metrics = Metrics(upstream.paths)
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout, s.store.report_timeout)
-    pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir)
+    pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir, create=True)
     auth = Authenticator(s.auth, s.limits, store, pepper, StaticKeys(s.auth.static_keys_file))
     leases = LeaseManager(s.limits)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
@@ -162,7 +162,7 @@ def build(settings: Settings) -> Parts:
     cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
     finish = record_finisher(metrics, writer, request_log)
     proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects, cors)
-    keys = KeyAdmin(store, pepper)
+    keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     admin = Admin(admin_token, keys, store, auth, s.store.report_max_days)
     return Parts(
@@ -201,7 +201,7 @@ def create_app(settings: Settings) -> web.Application:
 def _lifecycle(p: Parts) -> list[CleanupCtx]:
     """The resources, opened in this order and closed in reverse: the writer and the audit sinks drain before
     the store closes; the upstream pool opens last and closes first."""
-    opener = Opener(p.store, mask_url(p.settings.store.url))
+    opener = Opener(p.store, mask_url(p.settings.store.url), p.keys.check_pepper)
 
     async def close_log() -> None:
         if p.request_log is not None:

@@ -28,42 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         "--demo", action="store_true", help="run the bundled demo upstream (to try the sidecar; default store only)"
     )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
-    create = keys.add_parser("create", help="create a key; prints it once")
-    _common(create)
-    create.add_argument("--name", required=True)
-    _key_fields(create)
-    create.add_argument(
-        "--static", action="store_true", help="do not store it: print a line for auth.static_keys_file instead"
-    )
-    for name in ("list",):
-        _common(keys.add_parser(name, help="list keys"))
-    for name in ("show", "revoke"):
-        p = keys.add_parser(name, help=f"{name} a key")
-        _common(p)
-        p.add_argument("id")
-    update = keys.add_parser("update", help="change a key's name, limits, models, expiry or audit setting")
-    _common(update)
-    update.add_argument("id")
-    update.add_argument("--name")
-    _key_fields(update)
-
-    audit_log = sub.add_parser("audit-log", help="show the admin audit log")
-    _common(audit_log)
-    audit_log.add_argument("--limit", type=int, default=50)
-
-    audit = sub.add_parser("audit", help="audit records").add_subparsers(dest="action", required=True)
-    export = audit.add_parser("export", help="print audit records from the db sink as JSON lines")
-    _common(export)
-    export.add_argument("--since", default="24h", help="e.g. 24h, 7d")
-    export.add_argument("--key-id")
-
-    usage = sub.add_parser("usage", help="usage report from the store")
-    _common(usage)
-    usage.add_argument("--since", default="24h", help="e.g. 24h, 7d")
-    usage.add_argument("--by", choices=("key", "model", "day"), default="key")
-    usage.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _keys_parser(sub)
+    _reports_parser(sub)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema")
     _common(migrate)
@@ -74,12 +40,75 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keys_parser(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="create a key; prints it once")
+    _common(create)
+    create.add_argument("--name", required=True)
+    _key_fields(create)
+    create.add_argument(
+        "--static", action="store_true", help="do not store it: print a line for auth.static_keys_file instead"
+    )
+    listing = keys.add_parser("list", help="list keys (stored and static)")
+    _common(listing)
+    _format(listing)
+    for name in ("show", "revoke"):
+        p = keys.add_parser(name, help=f"{name} a key")
+        _common(p)
+        p.add_argument("id", help="the key's id, or its name")
+    update = keys.add_parser("update", help="change a key's name, limits, models, expiry or audit setting")
+    _common(update)
+    update.add_argument("id", help="the key's id, or its name")
+    update.add_argument("--name")
+    _key_fields(update)
+
+
+def _reports_parser(sub: Any) -> None:
+    audit_log = sub.add_parser("audit-log", help="show the admin audit log")
+    _common(audit_log)
+    audit_log.add_argument("--limit", type=int, default=50)
+
+    audit = sub.add_parser("audit", help="audit records").add_subparsers(dest="action", required=True)
+    export = audit.add_parser("export", help="print audit records from the db and jsonl sinks as JSON lines")
+    _common(export)
+    _window(export)
+    export.add_argument("--key", "--key-id", dest="key", help="one key's records (id or name)")
+
+    usage = sub.add_parser("usage", help="usage report from the store")
+    _common(usage)
+    _window(usage)
+    usage.add_argument("--by", choices=("key", "model", "day"), default="key")
+    usage.add_argument("--key", help="one key (id or name)")
+    usage.add_argument("--model", help="one model")
+    _format(usage)
+
+    requests = sub.add_parser("requests", help="list request rows, newest first (the admin API's filters)")
+    _common(requests)
+    _window(requests)
+    requests.add_argument("--key", help="one key (id or name)")
+    requests.add_argument("--model")
+    requests.add_argument("--outcome", help="e.g. completed, rate_limited, client_disconnected, upstream_error")
+    requests.add_argument("--request-id")
+    requests.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
+    _format(requests)
+
+
+def _window(p: argparse.ArgumentParser) -> None:
+    when = "a duration back from now (24h, 7d), a date (2026-11-01), an ISO time or epoch seconds"
+    p.add_argument("--since", default="24h", help=f"from: {when} (default 24h)")
+    p.add_argument("--until", help="until (not included), in the same forms; default now")
+
+
+def _format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+
 def _key_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=int, help="requests per minute (default: limits.rpm)")
     p.add_argument("--tpm", type=int, help="tokens per minute (default: limits.tpm)")
     p.add_argument("--concurrency", type=int, help="concurrent requests (default: limits.concurrency)")
-    p.add_argument("--models", help="comma-separated allowed models (default: all)")
-    p.add_argument("--expires-in", help="e.g. 30d, 12h")
+    p.add_argument("--models", help="comma-separated allowed models; '*' for all (the default)")
+    p.add_argument("--expires-in", help="e.g. 30d, 12h; 'never' clears an expiry")
     p.add_argument("--audit", choices=("on", "off", "default"), help="force audit capture for this key")
 
 

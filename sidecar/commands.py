@@ -1,22 +1,38 @@
-"""The store-facing CLI commands: keys, audit-log, migrate, usage. Each opens the store, acts, closes it."""
+"""The store-facing CLI commands: keys, requests, usage, audit, audit-log, migrate. Each opens the store, acts,
+closes it. Only `migrate` (and `serve`) create a store; only `serve` creates a pepper: a command pointed at the
+wrong place fails with one line instead of acting on an empty database or hashing with a pepper of its own."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import getpass
-import io
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from sidecar.config import Settings
+from sidecar.audit_sinks.files import read_jsonl
+from sidecar.config import Settings, mask_url
 from sidecar.errors import SidecarError
-from sidecar.keys import KeyAdmin, StaticKeys, hash_secret, listing, load_pepper, new_key, parse_duration, validate
+from sidecar.keys import KeyAdmin, StaticKeys, check_pepper, hash_secret, listing, load_pepper, new_key, validate
+from sidecar.params import parse_instant
 from sidecar.store import open_store
-from sidecar.store.base import USAGE_FIELDS, RequestQuery, Store, StoreError
+from sidecar.store.base import REQUEST_COLUMNS, USAGE_FIELDS, KeyRow, RequestQuery, Store, StoreError
+from sidecar.tables import csv_text, iso, text_table
+
+KEY_TABLE = ("id", "name", "status", "rpm", "tpm", "concurrency", "models", "expires_at", "created_at", "source")
+REQUEST_TABLE = (
+    "started_at", "request_id", "key_id", "key_name", "model", "status", "outcome", "prompt_tokens",
+    "completion_tokens", "latency_ms",
+)  # fmt: skip
+PAGE = 500
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked: one line on stderr, exit status 1."""
 
 
 def _actor() -> str:
@@ -32,9 +48,10 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "models", None) is not None:
-        fields["models"] = [m.strip() for m in args.models.split(",") if m.strip()] or None
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        fields["models"] = None if models in ([], ["*"]) else models  # '*' (or nothing): every model
     if getattr(args, "expires_in", None):
-        fields["expires_in"] = args.expires_in
+        fields["expires_in"] = args.expires_in  # "never" clears an expiry
     if getattr(args, "audit", None):
         fields["audit"] = None if args.audit == "default" else args.audit
     return fields
@@ -44,27 +61,76 @@ def _print(doc: Any) -> None:
     sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+def _emit(fmt: str, columns: tuple[str, ...], rows: list[dict[str, Any]], as_json: Any = None) -> None:
+    if fmt == "json":
+        _print(rows if as_json is None else as_json)
+    elif fmt == "csv":
+        sys.stdout.write(csv_text(columns, rows))
+    else:
+        sys.stdout.write(text_table(columns, rows))
+
+
 async def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    pepper = load_pepper(settings.auth.pepper, settings.auth.pepper_file, settings.server.data_dir)
-    if args.command == "keys" and args.action == "create" and args.static:
-        return _static_key(args, pepper)
-    store = open_store(settings.store.url, settings.store.pool_size, settings.store.op_timeout)
     try:
-        await store.open()
-        await store.migrate()
-        return await _dispatch(args, settings, store, KeyAdmin(store, pepper))
+        if args.command == "keys" and args.action == "create" and args.static:
+            return await _static_key(args, settings)
+        creating = args.command == "keys" and args.action == "create"
+        pepper = _pepper(settings) if creating else b""  # before the store: no pepper, no new empty store
+        store = await _open(settings, create=creating or args.command == "migrate")
+        try:
+            return await _dispatch(args, settings, store, pepper)
+        finally:
+            await store.close()
+    except CommandError as err:
+        print(f"sidecar: {err}", file=sys.stderr)
+        return 1
     except SidecarError as err:
         print(f"sidecar: {err.message}", file=sys.stderr)
         return 1
     except StoreError as err:
         print(f"sidecar: store error: {err}", file=sys.stderr)
         return 1
-    finally:
+
+
+async def _open(settings: Settings, *, create: bool) -> Store:
+    """The configured store, opened; an existing one is brought to the current schema. Only `migrate` and
+    `keys create` (with the server's pepper) may create one: anything else pointed at a missing SQLite file or
+    an empty database says so and stops."""
+    url = settings.store.url
+    store = open_store(url, settings.store.pool_size, settings.store.op_timeout, settings.store.report_timeout)
+    missing = f"no sidecar store at {mask_url(url)}: `sidecar serve` (or `sidecar migrate`) creates it; check --db, "
+    missing += "--config, SIDECAR_STORE_URL or SIDECAR_SERVER_DATA_DIR"
+    if url.startswith("sqlite:///") and not create and not os.path.exists(url[len("sqlite:///") :]):
+        raise CommandError(missing)
+    await store.open()
+    try:
+        if not create and await store.schema_version() == 0:
+            raise CommandError(missing)
+        await store.migrate()
+    except BaseException:
         await store.close()
+        raise
+    return store
 
 
-def _static_key(args: argparse.Namespace, pepper: bytes) -> int:
+def _pepper(settings: Settings) -> bytes:
+    return load_pepper(settings.auth.pepper, settings.auth.pepper_file, settings.server.data_dir)
+
+
+async def _static_key(args: argparse.Namespace, settings: Settings) -> int:
+    """A line for auth.static_keys_file. Hashed with the configured pepper (never a new one); checked against
+    the store's fingerprint when there is a store to check against."""
+    pepper = _pepper(settings)
     values = validate(_fields(args), creating=True)
+    try:
+        store = await _open(settings, create=False)
+    except CommandError:
+        print("# the pepper was not checked: there is no store here to compare it with", file=sys.stderr)
+    else:
+        try:
+            await check_pepper(store, pepper)
+        finally:
+            await store.close()
     key, kid, secret = new_key()
     now = time.time()
     line = {"id": kid, "hash": hash_secret(pepper, secret), "created_at": now, "updated_at": now, **values}
@@ -75,73 +141,186 @@ def _static_key(args: argparse.Namespace, pepper: bytes) -> int:
     return 0
 
 
-async def _dispatch(args: argparse.Namespace, settings: Settings, store: Store, keys: KeyAdmin) -> int:
+async def _dispatch(args: argparse.Namespace, settings: Settings, store: Store, pepper: bytes) -> int:
     if args.command == "migrate":
         print(f"schema at version {await store.migrate()}")
-        return 0
-    if args.command == "audit-log":
+    elif args.command == "audit-log":
         _print(await store.admin_events(args.limit))
-        return 0
-    if args.command == "usage":
-        return await _usage(args, store)
-    if args.command == "audit":
-        return await _audit_export(args, store)
+    elif args.command == "usage":
+        await _usage(args, settings, store)
+    elif args.command == "requests":
+        await _requests(args, settings, store)
+    elif args.command == "audit":
+        key_id = await _key_id(store, settings, args.key)
+        _audit_export(args, settings, await _audit_from_db(args, settings, store, key_id), key_id)
+    else:
+        await _keys(args, settings, store, pepper)
+    return 0
+
+
+async def _keys(args: argparse.Namespace, settings: Settings, store: Store, pepper: bytes) -> None:
     action = args.action
     if action == "create":
-        created = await keys.create(_fields(args), _actor())
+        await check_pepper(store, pepper)  # a key hashed with another pepper would answer 401 on the server
+        created = await KeyAdmin(store, pepper).create(_fields(args), _actor())
         print(created.key)
         print(f"created key {created.row.id} ({created.row.name}); the key is shown only once", file=sys.stderr)
     elif action == "list":
-        _print(listing(await store.list_keys(), StaticKeys(settings.auth.static_keys_file).rows()))
+        rows = listing(await store.list_keys(), StaticKeys(settings.auth.static_keys_file).rows())
+        _emit(args.format, KEY_TABLE, [_key_view(r) for r in rows], rows)
     elif action == "show":
-        row = await store.get_key(args.id)
-        if row is None:
-            print(f"sidecar: no key with id {args.id!r}", file=sys.stderr)
-            return 1
-        _print(row.public())
-    elif action == "update":
-        _print((await keys.update(args.id, _fields(args), _actor())).public())
-    elif action == "revoke":
-        _print((await keys.revoke(args.id, _actor())).public())
-    return 0
+        _print(_with_times((await _find_key(store, settings, args.id)).public()))
+    else:
+        row = await _find_key(store, settings, args.id)
+        keys = KeyAdmin(store, b"")  # update and revoke hash nothing
+        if action == "update":
+            changed = await keys.update(row.id, _fields(args), _actor())
+        else:
+            changed = await keys.revoke(row.id, _actor())
+        _print(_with_times(changed.public()))
 
 
-async def _usage(args: argparse.Namespace, store: Store) -> int:
+async def _find_key(store: Store, settings: Settings, ref: str) -> KeyRow:
+    """A key by id, or by name when no id matches (a name two keys share is refused, with their ids)."""
+    row = await store.get_key(ref)
+    if row is not None:
+        return row
+    static = StaticKeys(settings.auth.static_keys_file)
+    if static.get(ref) is not None:
+        raise CommandError(f"key {ref} comes from auth.static_keys_file: change its line there")
+    named = [k for k in await store.list_keys() if k.name == ref]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise CommandError(f"{len(named)} keys are named {ref!r} ({', '.join(k.id for k in named)}): give an id")
+    raise CommandError(f"no key with id or name {ref!r}")
 
-    rows = await store.usage(time.time() - parse_duration(args.since), args.by)
+
+def _status(row: dict[str, Any], now: float) -> str:
+    if row.get("revoked_at") is not None:
+        return "revoked"
+    expires = row.get("expires_at")
+    return "expired" if expires is not None and expires <= now else "active"
+
+
+def _key_view(row: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    return {
+        **row,
+        "status": _status(row, now),
+        "models": row.get("models") or "*",
+        "expires_at": iso(row.get("expires_at")) if row.get("expires_at") is not None else "never",
+        "created_at": iso(row.get("created_at")),
+    }
+
+
+def _with_times(doc: dict[str, Any]) -> dict[str, Any]:
+    """A key as JSON, epoch seconds kept (scripts) with an ISO twin for each (people)."""
+    out = dict(doc)
+    for name in ("created_at", "updated_at", "expires_at", "revoked_at"):
+        if name in doc:
+            out[name.removesuffix("_at") + "_time"] = iso(doc[name]) if doc[name] is not None else None
+    return out
+
+
+def _window(args: argparse.Namespace) -> tuple[float, float | None]:
+    now = time.time()
+    since = parse_instant(args.since, "since", now)
+    until = parse_instant(args.until, "until", now) if args.until else None
+    if until is not None and until <= since:
+        raise CommandError(f"--until ({iso(until)}) is not after --since ({iso(since)})")
+    return since, until
+
+
+async def _names(store: Store, settings: Settings) -> dict[str, str]:
+    rows = [*await store.list_keys(), *StaticKeys(settings.auth.static_keys_file).rows()]
+    return {k.id: k.name for k in rows}
+
+
+async def _key_id(store: Store, settings: Settings, ref: str | None) -> str | None:
+    return None if ref is None else (await _find_key(store, settings, ref)).id
+
+
+async def _usage(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    since, until = _window(args)
+    key_id = await _key_id(store, settings, args.key)
+    rows = await store.usage(since, args.by, key_id, until, args.model)
+    columns: tuple[str, ...] = (args.by, *USAGE_FIELDS)
+    if args.by == "key":
+        names = await _names(store, settings)
+        rows = [{"key": r["key"], "name": names.get(r["key"] or ""), **r} for r in rows]
+        columns = ("key", "name", *USAGE_FIELDS)
+    if args.format == "table":
+        print(f"usage from {iso(since)} until {iso(until) if until else 'now'}, by {args.by}", file=sys.stderr)
+    _emit(args.format, columns, rows)
+
+
+async def _requests(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    since, until = _window(args)
+    key_id = await _key_id(store, settings, args.key)
+    query = RequestQuery(key_id, args.outcome, since, until, args.limit, None, args.request_id, args.model)
+    rows = await store.requests(query)
     if args.format == "json":
         _print(rows)
-    elif args.format == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=[args.by, *USAGE_FIELDS])
-        writer.writeheader()
-        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
-        sys.stdout.write(out.getvalue())
+        return
+    names = await _names(store, settings)
+    view = [{**r, "key_name": names.get(r["key_id"] or ""), "started_at": iso(r["started_at"])} for r in rows]
+    if args.format == "csv":
+        sys.stdout.write(csv_text(("key_name", *REQUEST_COLUMNS), view))
     else:
-        cols = [args.by, *USAGE_FIELDS]
-        table = [cols] + [[str(r[c]) for c in cols] for r in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-        for row in table:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+        sys.stdout.write(text_table(REQUEST_TABLE, view))
 
 
-def csv_cell(value: Any) -> Any:
-    """A cell a spreadsheet shows as text, never runs: a string starting with `=`, `+`, `-`, `@`, tab or CR (a
-    formula, in Excel, LibreOffice and Google Sheets) gets a leading `'` (OWASP's advice for CSV injection)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
-async def _audit_export(args: argparse.Namespace, store: Store) -> int:
-
-    since = time.time() - parse_duration(args.since)
+async def _audit_from_db(
+    args: argparse.Namespace, settings: Settings, store: Store, key_id: str | None
+) -> list[dict[str, Any]] | None:
+    if "db" not in settings.audit.sinks:
+        return None
+    since, until = _window(args)
+    records: list[dict[str, Any]] = []
     before: tuple[float, str] | None = None
     while True:
-        page = await store.audit_records(RequestQuery(key_id=args.key_id, since=since, limit=500, before=before))
-        for record in page:
-            sys.stdout.write(orjson.dumps(record).decode() + "\n")
-        if len(page) < 500:
-            return 0
+        query = RequestQuery(key_id=key_id, since=since, until=until, limit=PAGE, before=before)
+        page = await store.audit_records(query)
+        records.extend(page)
+        if len(page) < PAGE:
+            return records
         before = (page[-1]["emitted_at"], page[-1]["request_id"])
+
+
+def _audit_export(
+    args: argparse.Namespace, settings: Settings, from_db: list[dict[str, Any]] | None, key_id: str | None
+) -> None:
+    """Every sink that can be read back (db, jsonl), oldest first, each record once; stderr says what was
+    read from where, and why nothing when nothing came back."""
+    since, until = _window(args)
+    readable = [s for s in settings.audit.sinks if s in ("db", "jsonl")]
+    if not readable:
+        raise CommandError(
+            f"audit.sinks = {list(settings.audit.sinks)}: none can be read back (the stderr sink goes to the log); "
+            "add jsonl or db"
+        )
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    notes = []
+    if from_db is not None:
+        notes.append(f"{len(from_db)} from the db sink ({mask_url(settings.store.url)})")
+    jsonl: list[dict[str, Any]] = []
+    if "jsonl" in readable:
+        directory = settings.audit.jsonl_dir or str(Path(settings.server.data_dir) / "audit")
+        jsonl = list(read_jsonl(directory, since, until, key_id))
+        notes.append(f"{len(jsonl)} from the jsonl sink ({directory})")
+    for record in sorted([*(from_db or []), *jsonl], key=lambda r: r.get("emitted_at", 0)):
+        rid = str(record.get("request_id"))
+        if rid not in seen:
+            seen.add(rid)
+            out.append(record)
+    for record in out:
+        sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    why = (
+        ""
+        if out
+        else f"; audit.capture is {settings.audit.capture!r}"
+        + (" (per-key `audit = on` still captures)" if settings.audit.capture == "off" else "")
+    )
+    print(f"# audit records since {iso(since)}: " + ", ".join(notes) + why, file=sys.stderr)

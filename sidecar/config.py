@@ -77,7 +77,7 @@ class UpstreamCfg:
 
 @dataclass(frozen=True)
 class StoreCfg:
-    url: str = "sqlite:///./data/sidecar.db"
+    url: str = ""  # empty: default_store_url(server.data_dir), a SQLite file there
     pool_size: int = 4
     op_timeout: float = 10.0
     retention: str = "90d"
@@ -91,6 +91,7 @@ class AuthCfg:
     enabled: bool = True
     pepper: str = field(default="", metadata={"secret": True})
     pepper_file: str = ""
+    pepper_rotate: bool = False  # serve: adopt a pepper that differs from the store's fingerprint (a rotation)
     static_keys_file: str = ""
     cache_ttl: float = 5.0
     max_stale: float = 300.0
@@ -188,8 +189,17 @@ def load(
             section, option = dotted.split(".", 1)
             raw[section][option] = value
     settings = Settings(**{name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()})
+    if not settings.store.url:
+        settings = dataclasses.replace(
+            settings, store=dataclasses.replace(settings.store, url=default_store_url(settings.server.data_dir))
+        )
     _check(settings)
     return settings
+
+
+def default_store_url(data_dir: str) -> str:
+    """The store when none is configured: `sidecar.db` in the data directory."""
+    return f"sqlite:///{Path(data_dir) / 'sidecar.db'}"
 
 
 def _merge_toml(raw: dict[str, dict[str, Any]], path: str) -> None:

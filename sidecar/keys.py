@@ -10,6 +10,7 @@ secret scanners can tell a real key without a lookup. Only HMAC-SHA256(pepper, s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -81,8 +82,10 @@ def hash_secret(pepper: bytes, secret: str) -> str:
 MIN_PEPPER = 16  # characters; a generated pepper has 64 (32 random bytes, hex)
 
 
-def load_pepper(inline: str, path: str, data_dir: str) -> bytes:
-    """The HMAC pepper: configured, from a secret file, or generated once into the data directory.
+def load_pepper(inline: str, path: str, data_dir: str, *, create: bool = False) -> bytes:
+    """The HMAC pepper: configured, from a secret file, or the one generated into the data directory. Only
+    `serve` passes `create` and may generate it: a CLI command run from another directory must not hash keys
+    with a pepper of its own, which the server would never accept.
 
     A pepper shorter than `MIN_PEPPER` characters (an empty file, a placeholder) is refused: with it, every
     key hash is an HMAC under a guessable key.
@@ -94,6 +97,12 @@ def load_pepper(inline: str, path: str, data_dir: str) -> bytes:
     stored = Path(data_dir) / "pepper"
     if stored.exists():
         return _checked(stored.read_text(encoding="utf-8").strip(), f"the pepper in {stored}")
+    if not create:
+        raise ConfigError(
+            f"auth.pepper: not set, and there is no pepper in {stored}; only `sidecar serve` generates one. "
+            "Give the server's pepper (auth.pepper_file, SIDECAR_AUTH_PEPPER) or the server's --config / "
+            "SIDECAR_SERVER_DATA_DIR"
+        )
     stored.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = secrets.token_hex(32)
     fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -114,6 +123,53 @@ def _checked(pepper: str, name: str) -> bytes:
             "(e.g. `openssl rand -hex 32`)"
         )
     return pepper.encode()
+
+
+PEPPER_SETTING = "pepper_fingerprint"
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1  # ~50 ms, 16 MiB: a weak pepper is not found from this offline
+
+
+class PepperMismatch(ConfigError):
+    """The pepper is not the one the store's keys were hashed with."""
+
+
+def fingerprint(pepper: bytes, salt: bytes | None = None) -> str:
+    """What the store keeps to recognise its pepper: a salted scrypt digest, never the pepper."""
+    salt = secrets.token_bytes(16) if salt is None else salt
+    digest = hashlib.scrypt(pepper, salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=16)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def fingerprint_matches(pepper: bytes, stored: str) -> bool:
+    try:
+        kind, salt, _ = stored.split("$")
+        mine = fingerprint(pepper, bytes.fromhex(salt))
+    except ValueError:
+        return False
+    return kind == "scrypt" and hmac.compare_digest(mine, stored)
+
+
+async def check_pepper(store: Store, pepper: bytes, *, adopt: bool = False) -> str:
+    """Compare the pepper with the store's fingerprint: "matched"; "recorded" when the store had none (a new
+    store, or one from before fingerprints); "adopted" when `adopt` replaced a different one (a rotation).
+    Otherwise PepperMismatch: every key in the store would answer 401."""
+    stored = await store.get_setting(PEPPER_SETTING)
+    if stored is None:
+        await store.put_setting(PEPPER_SETTING, await asyncio.to_thread(fingerprint, pepper), replace=False)
+        stored = await store.get_setting(PEPPER_SETTING)  # another replica may have recorded first
+        if stored is not None and await asyncio.to_thread(fingerprint_matches, pepper, stored):
+            return "recorded"
+    elif await asyncio.to_thread(fingerprint_matches, pepper, stored):
+        return "matched"
+    if adopt:
+        await store.put_setting(PEPPER_SETTING, await asyncio.to_thread(fingerprint, pepper), replace=True)
+        log.warning("auth.pepper_rotate: the store now takes the new pepper; keys hashed with the old one fail")
+        return "adopted"
+    raise PepperMismatch(
+        "auth.pepper: this is not the pepper the store's keys were hashed with (the store keeps a fingerprint "
+        "of it); use the server's pepper (auth.pepper_file, SIDECAR_AUTH_PEPPER, or its data_dir). To rotate "
+        "it on purpose (every stored key stops working), start `sidecar serve` once with auth.pepper_rotate = true"
+    )
 
 
 def parse_duration(text: str, param: str = "expires_in") -> float:
@@ -204,9 +260,16 @@ class Created:
 class KeyAdmin:
     """Create, update and revoke keys; each change writes its admin audit row in the same transaction."""
 
-    def __init__(self, store: Store, pepper: bytes) -> None:
+    def __init__(self, store: Store, pepper: bytes, rotate: bool = False) -> None:
         self.store = store
         self.pepper = pepper
+        self.rotate = rotate  # auth.pepper_rotate: `serve` adopts a pepper that differs from the store's
+
+    async def check_pepper(self) -> None:
+        """The store's keys are hashed with this pepper (or it had none yet); PepperMismatch otherwise."""
+        outcome = await check_pepper(self.store, self.pepper, adopt=self.rotate)
+        if outcome == "recorded":
+            log.info("the store keeps a fingerprint of this pepper now; a different one will be refused")
 
     async def create(self, fields: dict[str, Any], actor: str, request_id: str | None = None) -> Created:
         values = validate(fields, creating=True)
@@ -273,13 +336,14 @@ def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
                 not isinstance(value, list | tuple) or not all(isinstance(m, str) and m for m in value)
             ):
                 raise BadRequest("`models` must be a list of model names or null.", param="models")
-            out["models"] = None if value is None else tuple(value)
+            out["models"] = None if value is None or list(value) == ["*"] else tuple(value)  # ["*"]: all models
         elif name == "audit":
             if value not in (None, "on", "off"):
                 raise BadRequest('`audit` must be "on", "off" or null.', param="audit")
             out["audit"] = value
         elif name == "expires_in":
-            out["expires_at"] = None if value is None else time.time() + parse_duration(str(value))
+            never = value is None or value == "never"  # clears an expiry
+            out["expires_at"] = None if never else time.time() + parse_duration(str(value))
         elif name == "expires_at":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise BadRequest("`expires_at` must be epoch seconds or null.", param="expires_at")

@@ -23,7 +23,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
-from sidecar.config import ConfigError, Settings, StoreCfg, mask_url, summary
+from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
 from sidecar.demo_upstream import create_demo_app
 from sidecar.edge import EdgeLimits, EdgeRunner
 from sidecar.logs import event
@@ -138,7 +138,7 @@ def check_upstream(settings: Settings, demo: bool) -> None:
         raise ConfigError("upstream.url: --demo runs the bundled demo upstream; leave the upstream unset")
     if not demo and not settings.upstream.url:
         raise ConfigError("upstream.url: not set: give --upstream URL (or --demo to try the bundled demo upstream)")
-    if demo and settings.store.url != StoreCfg().url:
+    if demo and settings.store.url != default_store_url(settings.server.data_dir):
         # The demo mints a key: in a store that production replicas share, that key would work there too.
         raise ConfigError(
             "store.url: the demo upstream runs only with the default SQLite store (it mints a key there), "
@@ -193,6 +193,9 @@ async def _start(server: Server) -> None:
     except StoreError as exc:
         await server.runner.cleanup()
         raise StartFailed(f"cannot open the store {mask_url(server.settings.store.url)}: {exc}") from None
+    except ConfigError:  # the store's pepper fingerprint: one line, as for any configuration error
+        await server.runner.cleanup()
+        raise
 
 
 async def _demo_key(server: Server) -> str:

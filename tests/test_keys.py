@@ -150,17 +150,18 @@ def run_cli(tmp_path, *args):
 
 
 async def test_cli_keys_end_to_end(tmp_path, fake, sidecar_factory):
+    # The server first: it creates the pepper (in its data_dir) and the store; the CLI uses both.
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, store__url=f"sqlite:///{tmp_path}/c.db", server__data_dir=str(tmp_path)
+    )
     out = run_cli(tmp_path, "keys", "create", "--name", "bob", "--tpm", "5000", "--models", "m,n")
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip()
     kid = parse_key(key)[0]
-    listing = orjson.loads(run_cli(tmp_path, "keys", "list").stdout)
+    listing = orjson.loads(run_cli(tmp_path, "keys", "list", "--format", "json").stdout)
     assert [(k["id"], k["tpm"], k["models"]) for k in listing] == [(kid, 5000, ["m", "n"])]
     assert orjson.loads(run_cli(tmp_path, "keys", "update", kid, "--rpm", "7").stdout)["rpm"] == 7
     assert orjson.loads(run_cli(tmp_path, "keys", "show", kid).stdout)["rpm"] == 7
-    running = await sidecar_factory(
-        fake.url, auth__enabled=True, store__url=f"sqlite:///{tmp_path}/c.db", server__data_dir=str(tmp_path)
-    )
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, running.url, key))[0] == 200  # same pepper file, same store: the key works
     assert run_cli(tmp_path, "keys", "revoke", kid).returncode == 0

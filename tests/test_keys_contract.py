@@ -134,7 +134,10 @@ def test_an_inline_pepper_of_16_characters_or_more(tmp_path):
 
 def test_a_generated_pepper_is_written_once_private_and_read_back(tmp_path, log_catcher):
     data = tmp_path / "a" / "b"  # parents created
-    pepper = load_pepper("", "", str(data))
+    with pytest.raises(ConfigError, match="only `sidecar serve` generates one"):
+        load_pepper("", "", str(data))  # a CLI command: never a pepper of its own
+    assert not data.exists()
+    pepper = load_pepper("", "", str(data), create=True)
     assert re.fullmatch(rb"[0-9a-f]{64}", pepper)
     stored = data / "pepper"
     assert stored.read_text() == pepper.decode() + "\n"
@@ -146,7 +149,7 @@ def test_a_generated_pepper_is_written_once_private_and_read_back(tmp_path, log_
         f"auth.pepper is not set: generated one into {stored}; replicas sharing a store need the same pepper "
         "(set auth.pepper_file)None"
     ]
-    other = load_pepper("", "", str(tmp_path))  # an existing data directory
+    other = load_pepper("", "", str(tmp_path), create=True)  # an existing data directory
     assert other != pepper and (tmp_path / "pepper").read_text() == other.decode() + "\n"
 
 

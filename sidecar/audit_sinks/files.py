@@ -8,8 +8,11 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 _POLL = 0.02  # seconds between the worker's looks at its queue when it found it empty
 _BATCH = 512
@@ -143,3 +146,30 @@ class JsonlSink(ThreadedSink):
 
     def finish(self) -> None:
         self._close_segment()
+
+
+def read_jsonl(directory: str, since: float, until: float | None, key_id: str | None) -> Iterator[dict[str, Any]]:
+    """The records a JsonlSink wrote into `directory` (plain or gzip segments, oldest first), filtered. A line
+    that does not parse (the record being written when a process died) is skipped."""
+    root = Path(directory)
+    if not root.is_dir():
+        return
+    for path in sorted(p for p in root.iterdir() if p.name.startswith("audit-") and ".jsonl" in p.name):
+        for line in _lines(path):
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            at = record.get("emitted_at") if isinstance(record, dict) else None
+            if not isinstance(at, int | float) or at < since or (until is not None and at >= until):
+                continue
+            if key_id is None or record.get("key_id") == key_id:
+                yield record
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    try:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+            yield from f
+    except (OSError, EOFError):  # a gzip member cut short: the lines before it were read
+        return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from sidecar.store.base import Store, StoreError
 
@@ -20,9 +21,10 @@ RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # seconds between attempts, doubling
 
 
 class Opener:
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, check: Callable[[], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.name = name  # the store's URL, masked
+        self.check = check  # run once the store is open and migrated (the pepper's fingerprint)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -38,6 +40,12 @@ class Opener:
             self._task = asyncio.get_running_loop().create_task(self._retry())
             return
         await self._migrate()  # a store that answers but cannot be migrated (a grant missing) is a start error
+        if self.check is not None:
+            try:
+                await self.check()
+            except BaseException:
+                await self.store.close()
+                raise
 
     async def close(self) -> None:
         try:
@@ -78,4 +86,15 @@ class Opener:
                 delay = RETRY_MAX
                 continue
             log.info("store reachable: opened and migrated", extra={"fields": {"store": self.name}})
+            await self._late_check()
             return
+
+    async def _late_check(self) -> None:
+        """The start-up check of a store that came late. It can no longer stop the start: an error is logged
+        (keys the store holds will not verify) and the store stays open, so rows are still written."""
+        if self.check is None:
+            return
+        try:
+            await self.check()
+        except Exception as exc:
+            log.error("store check failed: %s", exc, extra={"fields": {"store": self.name}})

@@ -10,9 +10,9 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import Params, SqlStore, json_array, schema_v1
+from sidecar.store.sql import Params, SqlStore, json_array, schema_v1, schema_v2
 
-MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),)
+MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"), schema_v2("DOUBLE PRECISION"))
 
 
 def _text(exc: BaseException) -> str:
@@ -114,6 +114,10 @@ class PostgresStore(SqlStore):
         if self._pool is None:
             raise StoreError("store is not open")
         return self._pool
+
+    async def _has_migrations_table(self) -> bool:
+        rows = await self._fetch("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        return bool(rows[0][0])
 
     def _day(self) -> str:
         return "to_char(to_timestamp(started_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"

@@ -76,8 +76,32 @@ class SqlStore:
             await self._run(statements)
         return len(self.migrations)
 
+    async def schema_version(self) -> int:
+        """The schema version this store is at; 0 when it has none (never migrated: not a sidecar store)."""
+        try:
+            rows = await self._fetch("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        except StoreError:
+            if await self._has_migrations_table():
+                raise
+            return 0
+        return int(rows[0][0])
+
+    async def _has_migrations_table(self) -> bool:
+        raise NotImplementedError
+
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
+
+    # --- settings ----------------------------------------------------------------------------------------------
+    async def get_setting(self, name: str) -> str | None:
+        rows = await self._fetch(self._sql("SELECT value FROM settings WHERE name = ?"), (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def put_setting(self, name: str, value: str, *, replace: bool) -> None:
+        """Set `name`; unless `replace`, only when it has no value yet (the first of racing writers wins)."""
+        conflict = "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at" if replace else "DO NOTHING"
+        sql = f"INSERT INTO settings (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) {conflict}"
+        await self._run([(self._sql(sql), (name, value, time.time()))])
 
     # --- keys --------------------------------------------------------------------------------------------------
     async def get_key(self, key_id: str) -> KeyRow | None:
@@ -149,15 +173,13 @@ class SqlStore:
     def _day(self) -> str:
         raise NotImplementedError
 
-    async def usage(self, since: float, by: str, key_id: str | None = None) -> list[dict[str, Any]]:
+    async def usage(
+        self, since: float, by: str, key_id: str | None = None, until: float | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
         if by not in USAGE_GROUPS:
             raise StoreError(f"unknown grouping {by!r}")
         group = {"key": "key_id", "model": "model", "day": self._day()}[by]
-        where = "WHERE started_at >= ?"
-        params: list[Any] = [since]
-        if key_id is not None:
-            where += " AND key_id = ?"
-            params.append(key_id)
+        where, params = _filters(RequestQuery(key_id=key_id, since=since, until=until, model=model), "request_log")
         rows = await self._report(
             self._sql(
                 f"SELECT {group} AS grp, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
@@ -212,6 +234,9 @@ def _filters(q: RequestQuery, table: str) -> tuple[str, list[Any]]:
     if q.outcome is not None and table == "request_log":
         clauses.append("outcome = ?")
         params.append(q.outcome)
+    if q.model is not None and table == "request_log":
+        clauses.append("model = ?")
+        params.append(q.model)
     if q.since is not None:
         clauses.append(f"{time_col} >= ?")
         params.append(q.since)
@@ -255,3 +280,8 @@ CREATE TABLE admin_audit_log (
 CREATE TABLE audit_records (
   request_id TEXT PRIMARY KEY, key_id TEXT, emitted_at {real} NOT NULL, record TEXT NOT NULL);
 CREATE INDEX audit_records_emitted ON audit_records (emitted_at)"""
+
+
+def schema_v2(real: str) -> str:
+    """Version 2: named settings of the deployment (the pepper's fingerprint), one row each."""
+    return f"CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at {real} NOT NULL)"

@@ -13,7 +13,7 @@ import aiosqlite
 import orjson
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import RETAINED, Params, SqlStore, schema_v1
+from sidecar.store.sql import RETAINED, Params, SqlStore, schema_v1, schema_v2
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
@@ -31,7 +31,7 @@ def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
     return values
 
 
-MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),)
+MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"), schema_v2("REAL"))
 
 
 class SqliteStore(SqlStore):
@@ -88,6 +88,10 @@ class SqliteStore(SqlStore):
         if self._db is None:
             raise StoreError("store is not open")
         return self._db
+
+    async def _has_migrations_table(self) -> bool:
+        rows = await self._fetch("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+        return bool(rows)
 
     def _day(self) -> str:
         return "strftime('%Y-%m-%d', started_at, 'unixepoch')"
