@@ -66,8 +66,8 @@ def record_finisher(
         if not keep:
             return
         line = writer.put(rec.as_row())
-        if request_log is not None:
-            request_log.write_line(line)  # the same JSON the store gets: one line per request
+        if request_log is not None:  # the same JSON the store gets, one line per request, with the log's fields
+            request_log.write_access(line, rec.finished_at, rec.client_addr, rec.user_agent)
 
     return finish
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.config import AuthCfg, LimitsCfg
-from sidecar.errors import Forbidden, StoreUnavailable, Unauthorized
+from sidecar.errors import Forbidden, KeyNotValid, StoreUnavailable, Unauthorized
 from sidecar.keys import StaticKeys, hash_secret, parse_key
 from sidecar.store.base import KeyRow, Store, StoreError
 
@@ -138,9 +138,9 @@ class Authenticator:
         if row is None or not hmac.compare_digest(row.hash, hash_secret(self.pepper, secret)):
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
         if row.revoked_at is not None:
-            raise Unauthorized("This API key has been revoked.", code="key_revoked")
+            raise KeyNotValid("This API key has been revoked.", kid, code="key_revoked")
         if row.expires_at is not None and row.expires_at <= time.time():
-            raise Unauthorized("This API key has expired.", code="key_expired")
+            raise KeyNotValid("This API key has expired.", kid, code="key_expired")
         assert entry.principal is not None
         if len(self._verified) >= _MAX_CACHE:
             self._verified.clear()

@@ -92,6 +92,15 @@ class Unauthorized(SidecarError):
     outcome = Outcome.UNAUTHORIZED
 
 
+class KeyNotValid(Unauthorized):
+    """A real key (its secret verified) that is revoked or expired: its id is known, so the request's record
+    names it (the error code says why it was refused)."""
+
+    def __init__(self, message: str, key_id: str, *, code: str) -> None:
+        super().__init__(message, code=code)
+        self.key_id = key_id
+
+
 class Forbidden(Unauthorized):
     status = 403
     type = "permission_error"

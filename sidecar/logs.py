@@ -98,6 +98,20 @@ class RequestLog:
         self._buf = bytearray()
         self._handle: asyncio.TimerHandle | None = None
 
+    def write_access(self, line: bytes, ts: float, client: str | None, agent: str | None) -> None:
+        """The request's row as its access line: first the fields every other log line has (`ts`, `level`,
+        `logger`, `msg`), then the client's address and user agent (scrubbed: a client may put anything there),
+        then the row."""
+        head = {
+            "ts": round(ts, 3),
+            "level": "info",
+            "logger": REQUEST_LOGGER,
+            "msg": "request",
+            "client_addr": client,
+            "user_agent": scrub(agent) if agent else None,
+        }
+        self.write_line(orjson.dumps(head)[:-1] + b"," + line[1:])
+
     def write_line(self, line: bytes) -> None:
         """One JSON object, already encoded (the writer's own encoding of the record is reused)."""
         self._buf += line

@@ -23,6 +23,7 @@ from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.cors import Cors, is_preflight
 from sidecar.edge import read_body
 from sidecar.errors import (
+    KeyNotValid,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -76,6 +77,7 @@ class Proxy:
         self.rejects = rejects
         self.cors = cors
         self._finish = finish
+        self.access_log = server.access_log  # the access line names the client and its user agent
         self.in_flight = InFlight()
         cap = auditor.cap if auditor is not None else 0
         self.relay = Relay(upstream, metrics, self.in_flight, cap, auditor is not None and bool(auditor.policy.paths))
@@ -84,6 +86,10 @@ class Proxy:
         path = request.raw_path.partition("?")[0]
         client_id = request.headers.get("x-request-id")
         rec = RequestRecord.start(request.method, path[:256], client_id[:128] if client_id else None)
+        if self.access_log:
+            rec.client_addr = self.upstream.client_address(request)
+            agent = request.headers.get("user-agent")
+            rec.user_agent = agent[:256] if agent else None
         cors = self.cors.headers(request.headers) if self.cors is not None else {}
         self.metrics.in_flight += 1
         try:
@@ -95,6 +101,8 @@ class Proxy:
                     return await self._pipeline(request, path, ex)
                 except SidecarError as err:
                     rec.fail(err.status, err.outcome, err.code)
+                    if isinstance(err, KeyNotValid):
+                        rec.key_id = err.key_id  # a revoked or expired key: whose it was is known
                     answer = error_response(err, rec.request_id, cors)
                     if isinstance(err, ShuttingDown):
                         answer.force_close()  # a kept-alive connection must not bring more work to a drained proxy

@@ -63,6 +63,9 @@ class RequestRecord:
     bytes_out: int = 0
     chunks: int = 0
     finished_at: float = 0.0
+    # For the access log line only (not stored): who asked, and with what.
+    client_addr: str | None = None
+    user_agent: str | None = None
 
     @classmethod
     def start(cls, method: str, path: str, client_request_id: str | None = None) -> RequestRecord:
@@ -94,4 +97,5 @@ class RequestRecord:
         return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
-ROW_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name != "t0")
+_NOT_STORED = ("t0", "client_addr", "user_agent")
+ROW_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name not in _NOT_STORED)
