@@ -265,6 +265,9 @@ class KeyAdmin:
         self.pepper = pepper
         self.rotate = rotate  # auth.pepper_rotate: `serve` adopts a pepper that differs from the store's
 
+    def hash(self, secret: str) -> str:
+        return hash_secret(self.pepper, secret)
+
     async def check_pepper(self) -> None:
         """The store's keys are hashed with this pepper (or it had none yet); PepperMismatch otherwise."""
         outcome = await check_pepper(self.store, self.pepper, adopt=self.rotate)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 
@@ -26,6 +29,7 @@ from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
 from sidecar.demo_upstream import create_demo_app
 from sidecar.edge import EdgeLimits, EdgeRunner
+from sidecar.keys import parse_key
 from sidecar.logs import event
 from sidecar.store.base import StoreError
 
@@ -199,8 +203,21 @@ async def _start(server: Server) -> None:
 
 
 async def _demo_key(server: Server) -> str:
-    """A key for trying the demo out (valid one day), so the printed curl line works as it is."""
-    created = await server.app[KEYS].create({"name": "demo", "expires_in": "1d"}, "serve:demo")
+    """A key for trying the demo out, so the printed curl line works as it is. Kept in `<data_dir>/demo-key`
+    (0600) and reused while it is valid: every start of the demo does not add another key."""
+    path = Path(server.settings.server.data_dir) / "demo-key"
+    keys = server.app[KEYS]
+    with contextlib.suppress(OSError):
+        key = path.read_text(encoding="utf-8").strip()
+        parsed = parse_key(key)
+        row = await keys.store.get_key(parsed[0]) if parsed is not None else None
+        usable = row is not None and row.revoked_at is None and (row.expires_at or math.inf) > time.time() + 3600
+        if parsed is not None and row is not None and usable and row.hash == keys.hash(parsed[1]):
+            return key
+    created = await keys.create({"name": "demo", "expires_in": "30d"}, "serve:demo")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(created.key + "\n")
     return created.key
 
 
@@ -208,12 +225,18 @@ def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> st
     first = hosts(settings.server.host)[0]
     host = "127.0.0.1" if first in ("0.0.0.0", "::") else (f"[{first}]" if ":" in first else first)
     model = "demo" if demo else "MODEL"
-    auth = f"-H 'authorization: Bearer {key}' " if key else ""
-    return (
-        f"sidecar listening on http://{host}:{port}  (upstream {mask_url(settings.upstream.url)})\n"
+    lines = [f"sidecar listening on http://{host}:{port}  (upstream {mask_url(settings.upstream.url)})"]
+    auth = ""
+    if key:
+        auth = f"-H 'authorization: Bearer {key}' "
+    elif settings.auth.enabled:  # a real upstream: the key is the operator's to make, once
+        auth = '-H "authorization: Bearer $KEY" '
+        lines.append("a key:  KEY=$(sidecar keys create --name me)   (with this server's --config or data_dir)")
+    lines.append(
         f"try:  curl -s http://{host}:{port}/v1/chat/completions {auth}-H 'content-type: application/json' "
         f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "hello there"}}]}}\''
     )
+    return "\n".join(lines)
 
 
 def run(settings: Settings, demo: bool = False) -> int:
