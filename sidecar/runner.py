@@ -14,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +27,6 @@ from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
 from sidecar.demo_upstream import create_demo_app
 from sidecar.edge import EdgeLimits, EdgeRunner
-from sidecar.keys import parse_key
 from sidecar.logs import event
 from sidecar.store.base import StoreError
 
@@ -203,22 +200,9 @@ async def _start(server: Server) -> None:
 
 
 async def _demo_key(server: Server) -> str:
-    """A key for trying the demo out, so the printed curl line works as it is. Kept in `<data_dir>/demo-key`
-    (0600) and reused while it is valid: every start of the demo does not add another key."""
+    """A key for trying the demo out, so the printed curl line works as it is; one per data directory."""
     path = Path(server.settings.server.data_dir) / "demo-key"
-    keys = server.app[KEYS]
-    with contextlib.suppress(OSError):
-        key = path.read_text(encoding="utf-8").strip()
-        parsed = parse_key(key)
-        row = await keys.store.get_key(parsed[0]) if parsed is not None else None
-        usable = row is not None and row.revoked_at is None and (row.expires_at or math.inf) > time.time() + 3600
-        if parsed is not None and row is not None and usable and row.hash == keys.hash(parsed[1]):
-            return key
-    created = await keys.create({"name": "demo", "expires_in": "30d"}, "serve:demo")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(created.key + "\n")
-    return created.key
+    return await server.app[KEYS].kept_key(path, {"name": "demo", "expires_in": "30d"}, "serve:demo")
 
 
 def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> str:
