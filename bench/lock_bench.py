@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/lock_bench.py [--seconds 10] [--conns 8]
 
-Starts the shared mock upstream (../shared/bench/mock_upstream.py, via /tmp/bench-venv if present) and the
-sidecar (auth off, records on, SQLite), then runs a closed-loop client twice: once normally, once while
+Starts the repository's mock upstream (bench/mock_upstream.py) and the sidecar (auth off, records on, SQLite;
+SIDECAR_BIN replaces .venv/bin/sidecar), then runs a closed-loop aiohttp client twice: once normally, once while
 another process holds `BEGIN EXCLUSIVE` on the database for the whole window. Rows are counted at the end.
 """
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
+import shlex
 import socket
 import sqlite3
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,9 +73,8 @@ async def main() -> None:
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp())
     mock_port, port = free_port(), free_port()
-    py = "/tmp/bench-venv/bin/python" if os.path.exists("/tmp/bench-venv/bin/python") else sys.executable
     mock = subprocess.Popen(
-        [py, str(ROOT.parent / "shared/bench/mock_upstream.py"), "--port", str(mock_port)],
+        [str(ROOT / ".venv/bin/python"), str(ROOT / "bench/mock_upstream.py"), "--port", str(mock_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -85,10 +85,11 @@ async def main() -> None:
         "SIDECAR_AUTH_ENABLED": "false",
         "SIDECAR_SERVER_ACCESS_LOG": "false",
         "SIDECAR_SERVER_DRAIN_GRACE": "0",
+        "SIDECAR_AUTH_PEPPER": secrets.token_hex(32),
     }
     sidecar = subprocess.Popen(
         [
-            str(ROOT / ".venv/bin/sidecar"),
+            *shlex.split(os.environ.get("SIDECAR_BIN", str(ROOT / ".venv/bin/sidecar"))),
             "serve",
             "--port",
             str(port),

@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# Rows == requests under load: wrk (chat, c16) and loadgen (stream, c16) against the sidecar with a key and
-# SQLite, then a clean stop; every response the load generators counted must have its `completed` row, and
-# every row must be accounted for (in-flight requests cut by the generators at the end are client_disconnected).
+# Rows == requests under load: wrk (chat, c16) and bench/loadgen.c (stream, c16) against the sidecar (one key,
+# SQLite) on the repository's mock upstream (bench/mock_upstream.py), then a clean stop; every response the load
+# generators counted must have its `completed` row, and every row must be accounted for (in-flight requests cut
+# by the generators at the end are client_disconnected).
 #   bash bench/rows_check.sh [seconds]
 # With SIDECAR_AUDIT_CAPTURE=all SIDECAR_AUDIT_SINKS=jsonl set, it also checks one audit record per row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 secs=${1:-5}
-SHARED=${SHARED:-../shared/bench}
+bench_tools
 W=$(mktemp -d)
-export SIDECAR_SERVER_DATA_DIR=$W SIDECAR_STORE_URL=sqlite:///$W/s.db SIDECAR_SERVER_DRAIN_GRACE=0
-KEY=$(.venv/bin/sidecar keys create --name rows --rpm 100000000 --tpm 100000000000 --concurrency 100000 2>/dev/null)
-/tmp/bench-venv/bin/python "$SHARED/mock_upstream.py" --port 18100 >/dev/null 2>&1 & MOCK=$!
-.venv/bin/sidecar serve --port 18110 --upstream http://127.0.0.1:18100/v1 2>/dev/null & SC=$!
-trap 'kill -9 $MOCK $SC 2>/dev/null || true; rm -rf "$W"' EXIT
-for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:18110/healthz && break; sleep 0.1; done
+export SIDECAR_SERVER_DRAIN_GRACE=0
+bench_mock 18100
+bench_sidecar 18110 http://127.0.0.1:18100 "$W" /dev/null
+trap 'kill -9 $MOCK $SC 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
+bench_wait http://127.0.0.1:18100/health && bench_wait http://127.0.0.1:18110/healthz
+KEY=$(bench_key rows)
 printf '{"model":"mock","messages":[{"role":"user","content":"Hello"}]}' > "$W/chat.json"
 printf '{"model":"mock","messages":[{"role":"user","content":"Hello"}],"stream":true,"max_tokens":64}' > "$W/stream.json"
-gcc -O2 -o "$W/loadgen" "$SHARED/loadgen.c"
-chat=$(BENCH_BODY=$W/chat.json BENCH_AUTH="Bearer $KEY" wrk -t1 -c16 -d"${secs}s" -s "$SHARED/wrk_post.lua" \
+bench_loadgen "$W"
+chat=$(BENCH_BODY=$W/chat.json BENCH_AUTH="Bearer $KEY" wrk -t1 -c16 -d"${secs}s" -s bench/wrk_post.lua \
   http://127.0.0.1:18110/v1/chat/completions | tail -1)
 stream=$("$W/loadgen" -c 16 -d "$secs" -w 0 -S -b "$W/stream.json" -H "Authorization: Bearer $KEY" \
   http://127.0.0.1:18110/v1/chat/completions | tail -1)
 kill -TERM $SC; wait $SC || true
-python3 - "$chat" "$stream" "$W/s.db" "$W/audit" <<'PY'
+"$PY" - "$chat" "$stream" "$W/s.db" "$W/audit" <<'PY'
 import json, pathlib, sqlite3, sys
 chat = json.loads(sys.argv[1][sys.argv[1].index("{"):])
 stream = json.loads(sys.argv[2][sys.argv[2].index("{"):])
