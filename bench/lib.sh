@@ -49,11 +49,13 @@ bench_mock() {  # PORT [mock args...] -> $MOCK (pid); answers on http://127.0.0.
   shift
   "$PY" "$BENCH_ROOT/bench/mock_upstream.py" --port "$port" "$@" >/dev/null 2>&1 &
   MOCK=$!
+  disown "$MOCK"  # no "Killed" line from bash when the script's trap ends it
 }
 
 bench_floor() {  # PORT UPSTREAM -> $AIO (pid); no key check (PROXY_KEY unset)
   UPSTREAM_KEY=x "$PY" "$BENCH_ROOT/bench/aiohttp_passthrough.py" --port "$1" --upstream "$2" >/dev/null 2>&1 &
   AIO=$!
+  disown "$AIO"
 }
 
 bench_sidecar() {  # PORT UPSTREAM DATA_DIR LOG [serve args...] -> $SC (pid)

@@ -13,6 +13,7 @@ bench_tools
 WORK=$(mktemp -d)
 bench_mock 18100
 bench_sidecar 18110 http://127.0.0.1:18100 "$WORK" "$WORK/sidecar.log" "$@"
+disown "$SC"
 bench_floor 18102 http://127.0.0.1:18100
 trap 'kill -9 $MOCK $SC $AIO 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
 bench_wait http://127.0.0.1:18110/healthz && bench_wait http://127.0.0.1:18102/ && bench_wait http://127.0.0.1:18100/health
@@ -26,7 +27,7 @@ cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
 cpus() { awk '{print $14" "$15}' "/proc/$1/stat"; }
 load() {
   if [ "$kind" = stream ]; then
-    "$WORK/loadgen" -c 16 -d "$secs" -S -b "$WORK/body.json" -H "Authorization: $BENCH_AUTH" "$1/v1/chat/completions" | tail -1
+    "$WORK/loadgen" -c 16 -d "$secs" -w 0 -S -b "$WORK/body.json" -H "Authorization: $BENCH_AUTH" "$1/v1/chat/completions" | tail -1
   else
     BENCH_BODY=$WORK/body.json BENCH_AUTH=$BENCH_AUTH wrk -t1 -c16 -d"${secs}s" -s bench/wrk_post.lua "$1/v1/chat/completions" | tail -1
   fi
