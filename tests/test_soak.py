@@ -123,14 +123,19 @@ async def test_mixed_load_with_disconnects_and_faults_keeps_every_invariant(fake
         "SIDECAR_SERVER_ACCESS_LOG": "false",
         "SIDECAR_UPSTREAM_STREAM_IDLE_TIMEOUT": "1",
         "SIDECAR_UPSTREAM_FIRST_BYTE_TIMEOUT": "2",
+        "SIDECAR_AUTH_PEPPER": "soak-pepper-0123456789abcdef",  # the CLI and the server share it
     }
-    created = subprocess.run(
-        [sys.executable, "-m", "sidecar", "keys", "create", "--name", "soak", "--concurrency", "7"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    try:
+        created = subprocess.run(
+            [sys.executable, "-m", "sidecar", "keys", "create", "--name", "soak", "--concurrency", "7"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except subprocess.CalledProcessError as exc:
+        await proxy.close()  # a fault proxy left running would keep the test's event loop from closing
+        raise AssertionError(exc.stderr) from None
     key = created.stdout.split()[0]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
