@@ -93,7 +93,7 @@ async def test_only_serve_makes_a_pepper_and_the_store_refuses_another(fake, sid
     assert pepper.encode() not in raw  # the store keeps a fingerprint, never the pepper
     with sqlite3.connect(tmp_path / "sidecar.db") as conn:
         (value,) = conn.execute("SELECT value FROM settings WHERE name = 'pepper_fingerprint'").fetchone()
-    assert value.startswith("scrypt$")
+    assert value.startswith("pbkdf2-sha256$600000$")
 
 
 def serve_once(data_dir, *extra_env, upstream):
