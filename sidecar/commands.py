@@ -68,6 +68,9 @@ def _emit(fmt: str, columns: tuple[str, ...], rows: list[dict[str, Any]], as_jso
         sys.stdout.write(csv_text(columns, rows))
     else:
         sys.stdout.write(text_table(columns, rows))
+        if not rows:
+            sys.stdout.flush()
+            print("(none)", file=sys.stderr)
 
 
 async def run_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -205,8 +208,10 @@ def _status(row: dict[str, Any], now: float) -> str:
 
 def _key_view(row: dict[str, Any]) -> dict[str, Any]:
     now = time.time()
+    limits = {name: "default" if row.get(name) is None else row[name] for name in ("rpm", "tpm", "concurrency")}
     return {
         **row,
+        **limits,  # unset: the [limits] default applies, which is not "unlimited"
         "status": _status(row, now),
         "models": row.get("models") or "*",
         "expires_at": iso(row.get("expires_at")) if row.get("expires_at") is not None else "never",
@@ -265,10 +270,7 @@ async def _requests(args: argparse.Namespace, settings: Settings, store: Store) 
         return
     names = await _names(store, settings)
     view = [{**r, "key_name": names.get(r["key_id"] or ""), "started_at": iso(r["started_at"])} for r in rows]
-    if args.format == "csv":
-        sys.stdout.write(csv_text(("key_name", *REQUEST_COLUMNS), view))
-    else:
-        sys.stdout.write(text_table(REQUEST_TABLE, view))
+    _emit(args.format, REQUEST_TABLE if args.format == "table" else ("key_name", *REQUEST_COLUMNS), view)
 
 
 async def _audit_from_db(

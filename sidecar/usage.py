@@ -13,7 +13,7 @@ from aiohttp import web
 from sidecar.auth import Authenticator
 from sidecar.errors import BadRequest, RateLimited
 from sidecar.leases import Lease, LeaseManager
-from sidecar.params import since_param
+from sidecar.params import only_params, since_param, time_param
 from sidecar.responses import json_response, request_id
 from sidecar.store.base import Store
 
@@ -33,20 +33,21 @@ class OwnUsage:
             principal = await self.auth.authenticate(request.headers)
             if principal.key_id is None:
                 raise BadRequest("Usage is per key; authentication is off.", code="no_key")
+            only_params(request, ("since", "until", "by"))
             by = request.query.get("by", "model")
             if by not in ("model", "day"):
                 raise BadRequest("`by` must be model or day.", param="by")
-            since = since_param(request, self.max_days)
+            since, until = since_param(request, self.max_days), time_param(request, "until")
             if principal.key_id in self._running:
                 raise RateLimited("One usage report at a time per key.", headers={"retry-after": "1"})
             lease = self.leases.acquire_local(principal)
             running = principal.key_id
             self._running.add(running)
-            rows = await self.store.usage(since, by, principal.key_id)
+            rows = await self.store.usage(since, by, principal.key_id, until)
         finally:
             if lease is not None:
                 lease.release()
             if running is not None:
                 self._running.discard(running)
-        doc = {"object": "list", "key_id": principal.key_id, "since": since, "by": by, "data": rows}
+        doc = {"object": "list", "key_id": principal.key_id, "since": since, "until": until, "by": by, "data": rows}
         return json_response(doc, request_id(request))

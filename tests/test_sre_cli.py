@@ -222,6 +222,13 @@ async def test_admin_api_parameters_are_honoured_or_refused(fake, sidecar_factor
             assert [row["model"] for row in (await r.json())["data"]] == ["other"]
         async with s.get(running.url + "/admin/requests", params={"model": "m", "since": "1h"}) as r:
             assert [row["model"] for row in (await r.json())["data"]] == ["m"]
+        own = {"authorization": f"Bearer {key}"}
+        async with s.get(running.url + "/v1/usage", params={"until": "2000-01-01"}, headers=own) as r:
+            assert r.status == 200 and (await r.json())["data"] == []
+        async with s.get(running.url + "/v1/usage", params={"since": "1h"}, headers=own) as r:
+            assert [row["requests"] for row in (await r.json())["data"]] == [1, 1]
+        async with s.get(running.url + "/v1/usage", params={"key_id": "someone-else"}, headers=own) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "key_id"
         for path, params, param in (
             ("/admin/usage", {"since": "soon"}, "since"),
             ("/admin/usage", {"until": "x"}, "until"),
