@@ -92,13 +92,16 @@ class Admin:
         return f"admin-api:{request.remote or 'unknown'}"
 
     async def list_keys(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ())  # none: a filter it would ignore is refused
         return {"object": "list", "data": listing(await self.store.list_keys(), self.auth.static.rows())}
 
     async def create_key(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ())  # none: a filter it would ignore is refused
         created = await self.keys.create(await read_json(request), self._actor(request), rid)
         return {**created.row.public(), "key": created.key}
 
     async def get_key(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ())  # none: a filter it would ignore is refused
         kid = request.match_info["id"]
         static = self.auth.static.get(kid)
         if static is not None:
@@ -115,12 +118,14 @@ class Admin:
             )
 
     async def update_key(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ())  # none: a filter it would ignore is refused
         self._not_static(request.match_info["id"])
         row = await self.keys.update(request.match_info["id"], await read_json(request), self._actor(request), rid)
         self.auth.forget(row.id)
         return row.public()
 
     async def revoke_key(self, request: web.Request, rid: str) -> Any:
+        only_params(request, ())  # none: a filter it would ignore is refused
         self._not_static(request.match_info["id"])
         row = await self.keys.revoke(request.match_info["id"], self._actor(request), rid)
         self.auth.forget(row.id)

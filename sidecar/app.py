@@ -24,7 +24,7 @@ from sidecar.config import Settings, mask_url, read_secret, retention_seconds
 from sidecar.cors import Cors
 from sidecar.edge import server_header
 from sidecar.health import Health, not_found
-from sidecar.keys import KeyAdmin, StaticKeys, load_pepper
+from sidecar.keys import KeyAdmin, PepperMismatch, StaticKeys, load_pepper
 from sidecar.leases import LeaseManager
 from sidecar.logs import RequestLog
 from sidecar.metrics import Metrics
@@ -201,7 +201,15 @@ def create_app(settings: Settings) -> web.Application:
 def _lifecycle(p: Parts) -> list[CleanupCtx]:
     """The resources, opened in this order and closed in reverse: the writer and the audit sinks drain before
     the store closes; the upstream pool opens last and closes first."""
-    opener = Opener(p.store, mask_url(p.settings.store.url), p.keys.check_pepper)
+
+    async def check_pepper() -> None:
+        try:
+            await p.keys.check_pepper()
+        except PepperMismatch as exc:
+            p.state.refused = "pepper"  # a store that came late: the start can no longer be stopped
+            raise exc from None
+
+    opener = Opener(p.store, mask_url(p.settings.store.url), check_pepper)
 
     async def close_log() -> None:
         if p.request_log is not None:

@@ -5,10 +5,12 @@ wrong place fails with one line instead of acting on an empty database or hashin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,7 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
             return await _static_key(args, settings)
         creating = args.command == "keys" and args.action == "create"
         pepper = _pepper(settings) if creating else b""  # before the store: no pepper, no new empty store
-        store = await _open(settings, create=creating or args.command == "migrate")
+        store = await _open(settings, create=args.command == "migrate")
         try:
             return await _dispatch(args, settings, store, pepper)
         finally:
@@ -96,9 +98,9 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _open(settings: Settings, *, create: bool) -> Store:
-    """The configured store, opened; an existing one is brought to the current schema. Only `migrate` and
-    `keys create` (with the server's pepper) may create one: anything else pointed at a missing SQLite file or
-    an empty database says so and stops."""
+    """The configured store, opened; an existing one is brought to the current schema. Only `migrate` may
+    create one (and `serve`): a command pointed at a missing SQLite file or an empty database says so and
+    stops, `keys create` too (a key in a store no server reads would answer 401)."""
     url = settings.store.url
     store = open_store(url, settings.store.pool_size, settings.store.op_timeout, settings.store.report_timeout)
     missing = f"no sidecar store at {mask_url(url)}: `sidecar serve` (or `sidecar migrate`) creates it; check --db, "
@@ -155,7 +157,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: Store, 
         await _requests(args, settings, store)
     elif args.command == "audit":
         key_id = await _key_id(store, settings, args.key)
-        _audit_export(args, settings, await _audit_from_db(args, settings, store, key_id), key_id)
+        await _audit_export(args, settings, store, key_id)
     else:
         await _keys(args, settings, store, pepper)
     return 0
@@ -273,28 +275,10 @@ async def _requests(args: argparse.Namespace, settings: Settings, store: Store) 
     _emit(args.format, REQUEST_TABLE if args.format == "table" else ("key_name", *REQUEST_COLUMNS), view)
 
 
-async def _audit_from_db(
-    args: argparse.Namespace, settings: Settings, store: Store, key_id: str | None
-) -> list[dict[str, Any]] | None:
-    if "db" not in settings.audit.sinks:
-        return None
-    since, until = _window(args)
-    records: list[dict[str, Any]] = []
-    before: tuple[float, str] | None = None
-    while True:
-        query = RequestQuery(key_id=key_id, since=since, until=until, limit=PAGE, before=before)
-        page = await store.audit_records(query)
-        records.extend(page)
-        if len(page) < PAGE:
-            return records
-        before = (page[-1]["emitted_at"], page[-1]["request_id"])
-
-
-def _audit_export(
-    args: argparse.Namespace, settings: Settings, from_db: list[dict[str, Any]] | None, key_id: str | None
-) -> None:
-    """Every sink that can be read back (db, jsonl), oldest first, each record once; stderr says what was
-    read from where, and why nothing when nothing came back."""
+async def _audit_export(args: argparse.Namespace, settings: Settings, store: Store, key_id: str | None) -> None:
+    """Every sink that can be read back, the db sink's records first, then the jsonl sink's (each oldest
+    first), every record once, streamed; stderr says how many came from where, and why nothing when nothing
+    came back."""
     since, until = _window(args)
     readable = [s for s in settings.audit.sinks if s in ("db", "jsonl")]
     if not readable:
@@ -302,27 +286,40 @@ def _audit_export(
             f"audit.sinks = {list(settings.audit.sinks)}: none can be read back (the stderr sink goes to the log); "
             "add jsonl or db"
         )
-    seen: set[str] = set()
-    out: list[dict[str, Any]] = []
+    seen: set[str] = set()  # request ids only: a record is written once even when both sinks hold it
     notes = []
-    if from_db is not None:
-        notes.append(f"{len(from_db)} from the db sink ({mask_url(settings.store.url)})")
-    jsonl: list[dict[str, Any]] = []
+    if "db" in readable:
+        count = _write_new(await _db_audit(store, RequestQuery(key_id=key_id, since=since, until=until)), seen)
+        notes.append(f"{count} from the db sink ({mask_url(settings.store.url)})")
     if "jsonl" in readable:
         directory = settings.audit.jsonl_dir or str(Path(settings.server.data_dir) / "audit")
-        jsonl = list(read_jsonl(directory, since, until, key_id))
-        notes.append(f"{len(jsonl)} from the jsonl sink ({directory})")
-    for record in sorted([*(from_db or []), *jsonl], key=lambda r: r.get("emitted_at", 0)):
+        count = _write_new(read_jsonl(directory, since, until, key_id), seen)
+        notes.append(f"{count} from the jsonl sink ({directory})")
+    why = ""
+    if not seen:
+        why = f"; audit.capture is {settings.audit.capture!r}"
+        why += " (per-key `audit = on` still captures)" if settings.audit.capture == "off" else ""
+    print(f"# audit records since {iso(since)}: " + ", ".join(notes) + why, file=sys.stderr)
+
+
+async def _db_audit(store: Store, query: RequestQuery) -> list[dict[str, Any]]:
+    """The db sink's records, oldest first (the store pages newest first)."""
+    records: list[dict[str, Any]] = []
+    before: tuple[float, str] | None = None
+    while True:
+        page = await store.audit_records(dataclasses.replace(query, limit=PAGE, before=before))
+        records.extend(page)
+        if len(page) < PAGE:
+            return records[::-1]
+        before = (page[-1]["emitted_at"], page[-1]["request_id"])
+
+
+def _write_new(records: Iterable[dict[str, Any]], seen: set[str]) -> int:
+    written = 0
+    for record in records:
         rid = str(record.get("request_id"))
         if rid not in seen:
             seen.add(rid)
-            out.append(record)
-    for record in out:
-        sys.stdout.write(orjson.dumps(record).decode() + "\n")
-    why = (
-        ""
-        if out
-        else f"; audit.capture is {settings.audit.capture!r}"
-        + (" (per-key `audit = on` still captures)" if settings.audit.capture == "off" else "")
-    )
-    print(f"# audit records since {iso(since)}: " + ", ".join(notes) + why, file=sys.stderr)
+            sys.stdout.write(orjson.dumps(record).decode() + "\n")
+            written += 1
+    return written

@@ -2,7 +2,8 @@
 
 `/readyz` follows what serving needs, not the store's health: a store outage is ridden out (keys verified
 within `auth.max_stale` keep working, rows spool to the journal), so it must not take every replica out of its
-Service at once. Not ready: `draining`, `upstream` (not reachable), `records` (the store is down, as the probe's
+Service at once. Not ready: `draining`, `pepper` (a store that came back late holds another pepper's
+fingerprint), `upstream` (not reachable), `records` (the store is down, as the probe's
 ping or a writer sees it, and that writer's journal cannot take rows: failing or full). With `writer.spool` off
 rows are held in memory up to `writer.queue_size` during an outage: the operator's choice, not a reason.
 It says where records are going (`store`: ok or down, asked within `STORE_PING` seconds; `writers`: each
@@ -57,6 +58,9 @@ class Health:
         detail = {"store": await self._store(), "writers": writers}
         if self.state.draining:
             return _json({"status": "draining", **detail}, 503)
+        if self.state.refused:  # e.g. the store's keys were hashed with another pepper: every key would be 401
+            self._not_ready(self.state.refused, "the store refused this replica's configuration (see the log)")
+            return _json({"status": "not_ready", "reason": self.state.refused, **detail}, 503)
         ok, reason = await self.upstream.healthy()
         if not ok:
             self._not_ready("upstream", reason)

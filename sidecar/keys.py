@@ -137,17 +137,20 @@ class PepperMismatch(ConfigError):
     """The pepper is not the one the store's keys were hashed with."""
 
 
-def fingerprint(pepper: bytes, salt: bytes | None = None) -> str:
-    """What the store keeps to recognise its pepper: a salted, slow digest, never the pepper."""
+def fingerprint(pepper: bytes, salt: bytes | None = None, rounds: int = _ROUNDS) -> str:
+    """What the store keeps to recognise its pepper: a salted, slow digest, never the pepper. A stored one is
+    checked with its own round count, so raising `_ROUNDS` later does not turn into a mismatch."""
     salt = secrets.token_bytes(16) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha256", pepper, salt, _ROUNDS, dklen=16)
-    return f"pbkdf2-sha256${_ROUNDS}${salt.hex()}${digest.hex()}"
+    if not 1 <= rounds <= 10 * _ROUNDS:  # a stored value that would take minutes is not ours
+        raise ValueError(rounds)
+    digest = hashlib.pbkdf2_hmac("sha256", pepper, salt, rounds, dklen=16)
+    return f"pbkdf2-sha256${rounds}${salt.hex()}${digest.hex()}"
 
 
 def fingerprint_matches(pepper: bytes, stored: str) -> bool:
     try:
         kind, rounds, salt, _ = stored.split("$")
-        mine = fingerprint(pepper, bytes.fromhex(salt)) if kind == "pbkdf2-sha256" and rounds == str(_ROUNDS) else ""
+        mine = fingerprint(pepper, bytes.fromhex(salt), int(rounds)) if kind == "pbkdf2-sha256" else ""
     except ValueError:
         return False
     return hmac.compare_digest(mine, stored)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -53,6 +54,7 @@ class Server:
         self.runner = EdgeRunner(self.app, limits, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         self.port = 0
         self.ops_port = 0
+        self.binding = 0  # the port being bound when listening fails, for the error line
         self._hurry = asyncio.Event()
         self._drain: asyncio.Task[None] | None = None
         self.ops_runner: EdgeRunner | None = None
@@ -65,11 +67,14 @@ class Server:
     async def start(self) -> None:
         """Listen on every address of `server.host` (comma-separated, e.g. `0.0.0.0,::` for dual stack), all on
         one port (with port 0, the one the first address got); the operations port likewise."""
+        cfg = self.settings.server
         await self.runner.setup()
-        self.port = await _listen(self.runner, self.settings.server.host, self.settings.server.port)
+        self.binding = cfg.port
+        self.port = await _listen(self.runner, cfg.host, cfg.port)
         if self.ops_runner is not None:
             await self.ops_runner.setup()
-            self.ops_port = await _listen(self.ops_runner, self.settings.server.host, self.settings.server.ops_port)
+            self.binding = cfg.ops_port
+            self.ops_port = await _listen(self.ops_runner, cfg.host, cfg.ops_port)
 
     async def _close_ops(self, _: web.Application) -> None:
         if self.ops_runner is not None:
@@ -190,7 +195,7 @@ async def _start(server: Server) -> None:
     except OSError as exc:
         await server.runner.cleanup()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise StartFailed(f"cannot listen on {cfg.host}:{cfg.port}: {reason}") from None
+        raise StartFailed(f"cannot listen on {cfg.host}:{server.binding}: {reason}") from None
     except StoreError as exc:
         await server.runner.cleanup()
         raise StartFailed(f"cannot open the store {mask_url(server.settings.store.url)}: {exc}") from None
@@ -205,6 +210,20 @@ async def _demo_key(server: Server) -> str:
     return await server.app[KEYS].kept_key(path, {"name": "demo", "expires_in": "30d"}, "serve:demo")
 
 
+def _key_command(settings: Settings) -> str:
+    """`sidecar keys create` aimed at this server's store and pepper, runnable from any directory."""
+    env = []
+    cfg = settings.auth
+    if not (cfg.pepper or cfg.pepper_file):  # the pepper `serve` keeps in its data directory
+        env.append(f"SIDECAR_SERVER_DATA_DIR={shlex.quote(os.path.abspath(settings.server.data_dir))}")
+    url = settings.store.url
+    if url.startswith("sqlite:///"):
+        db = shlex.quote("sqlite:///" + os.path.abspath(url[len("sqlite:///") :]))
+    else:
+        db = '"$SIDECAR_STORE_URL"'  # PostgreSQL: the URL holds a password; the operator has it
+    return " ".join([*env, "sidecar keys create --name me --db", db])
+
+
 def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> str:
     first = hosts(settings.server.host)[0]
     host = "127.0.0.1" if first in ("0.0.0.0", "::") else (f"[{first}]" if ":" in first else first)
@@ -215,7 +234,7 @@ def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> st
         auth = f"-H 'authorization: Bearer {key}' "
     elif settings.auth.enabled:  # a real upstream: the key is the operator's to make, once
         auth = '-H "authorization: Bearer $KEY" '
-        lines.append("a key:  KEY=$(sidecar keys create --name me)   (with this server's --config or data_dir)")
+        lines.append(f"a key:  KEY=$({_key_command(settings)})")
     lines.append(
         f"try:  curl -s http://{host}:{port}/v1/chat/completions {auth}-H 'content-type: application/json' "
         f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "hello there"}}]}}\''

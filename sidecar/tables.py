@@ -60,8 +60,8 @@ def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
 def csv_cell(value: Any) -> Any:
     """A cell a spreadsheet shows as text, never runs: a string starting with `=`, `+`, `-`, `@`, tab or CR (a
     formula, in Excel, LibreOffice and Google Sheets) gets a leading `'` (OWASP's advice for CSV injection)."""
+    if isinstance(value, list | tuple):
+        value = ",".join(map(str, value))  # joined first: the joined text is what a spreadsheet reads
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
     return value

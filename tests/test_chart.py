@@ -58,7 +58,12 @@ COMBOS: dict[str, dict] = {
         "secrets": {"pepper": PEPPER, "upstreamApiKey": "upstream-key"},
     },
     "plain-container": {"nativeSidecar": False, "secrets": {"pepper": PEPPER}},
-    "ops-port-off": {"sidecar": {"opsPort": 0}, "secrets": {"pepper": PEPPER}},
+    "ops-port-off": {
+        "mode": "upstream",
+        "upstream": {"url": "http://vllm.models.svc:8000/v1"},
+        "sidecar": {"opsPort": 0},
+        "secrets": {"pepper": PEPPER},
+    },
     "ingress": {
         "secrets": {"pepper": PEPPER},
         "ingress": {
@@ -358,9 +363,21 @@ def test_drain_bound_follows_the_drain_settings(helm):
     docs = render_values(helm, values)
     assert container(docs, "vllm")["lifecycle"]["preStop"]["exec"]["command"][3:] == ["9191", "140"]
     assert pod_spec(docs)["terminationGracePeriodSeconds"] == 170
-    # ops port off: /drain is on the main port
-    command = container(render(helm, "ops-port-off"), "vllm")["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[3] == "8080"
+    # ops port off in mode vllm: refused, /drain would be on the client port the drain closes
+    err = refused(helm, {"sidecar": {"opsPort": 0}, "secrets": {"pepper": PEPPER}})
+    assert "mode vllm needs sidecar.opsPort" in err
+
+
+def test_static_keys_change_without_rolling_the_pods(helm):
+    """The sidecar reloads the mounted static keys file; the other secrets are read at start and roll the pods."""
+
+    def checksum(**secrets):
+        docs = render_values(helm, {"secrets": {"pepper": PEPPER, **secrets}})
+        return one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+
+    base = checksum(staticKeys='{"id": "a"}')
+    assert checksum(staticKeys='{"id": "b"}') == base
+    assert checksum(staticKeys='{"id": "a"}', adminToken="t") != base
 
 
 def test_below_1_29_the_sidecar_is_a_plain_container_with_an_exec_sleep(helm):

@@ -210,3 +210,32 @@ async def test_reused_connection_reset_is_retried_only_before_any_response_byte(
     assert upstream_proxy.faults_hit == 1
     assert status == (200 if retried else 502)
     assert len(fake.received) == (3 if retried else 2)
+
+
+async def test_a_store_that_comes_back_with_another_peppers_fingerprint_makes_the_replica_unready(
+    fake, pg_proxy, pg_url, sidecar_factory, tmp_path
+):
+    """At start a foreign fingerprint stops the process; a store that answers only later can no longer stop
+    it, so the replica turns unready (every stored key would answer 401) and says why in the log."""
+    first = await sidecar_factory(fake.url, store__url=pg_url, auth__pepper="the-first-pepper-0123456789")
+    await first.server.drain()
+    await pg_proxy.down()
+    running = await sidecar_factory(
+        fake.url,
+        store__url=through(pg_proxy, pg_url),
+        auth__pepper="another-pepper-0123456789abc",
+        server__data_dir=str(tmp_path / "second"),
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.get(running.url + "/readyz") as r:
+            assert (await r.json()).get("reason") != "pepper"  # not known yet: the store is away
+        await pg_proxy.up()
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            async with s.get(running.url + "/readyz") as r:
+                body = await r.json()
+            if body.get("reason") == "pepper" or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    assert r.status == 503 and body["reason"] == "pepper"
+    assert "not the pepper the store's keys were hashed with" in running.log_text()

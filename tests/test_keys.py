@@ -179,7 +179,12 @@ async def test_static_keys_file(tmp_path, fake, sidecar_factory):
     pepper.write_text("static-pepper-0123456789\n")
     out = subprocess.run(
         [sys.executable, "-m", "sidecar", "keys", "create", "--name", "svc", "--static"],
-        env={**os.environ, "SIDECAR_AUTH_PEPPER_FILE": str(pepper)},
+        # No store where this line is made (an operator's laptop): nothing to check the pepper against.
+        env={
+            **os.environ,
+            "SIDECAR_AUTH_PEPPER_FILE": str(pepper),
+            "SIDECAR_STORE_URL": f"sqlite:///{tmp_path}/none.db",
+        },
         capture_output=True,
         text=True,
         timeout=60,

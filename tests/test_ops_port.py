@@ -128,3 +128,19 @@ def test_ops_port_config_errors(tmp_path, env, message):
 
     with pytest.raises(ConfigError, match=message):
         make_settings("http://127.0.0.1:1/v1", tmp_path, **env)
+
+
+async def test_a_taken_ops_port_is_named_in_the_start_error(fake, tmp_path):
+    from sidecar.runner import Server, StartFailed, _start
+    from tests.conftest import make_settings
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        server = Server(make_settings(fake.url, tmp_path, server__ops_port=port))
+        with pytest.raises(StartFailed, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            await _start(server)
+    finally:
+        taken.close()

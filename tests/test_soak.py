@@ -126,6 +126,9 @@ async def test_mixed_load_with_disconnects_and_faults_keeps_every_invariant(fake
         "SIDECAR_AUTH_PEPPER": "soak-pepper-0123456789abcdef",  # the CLI and the server share it
     }
     try:
+        # An operator's order before the first start: the store (migrate), then a key in it, then serve.
+        migrate = [sys.executable, "-m", "sidecar", "migrate"]
+        subprocess.run(migrate, env=env, capture_output=True, text=True, check=True)
         created = subprocess.run(
             [sys.executable, "-m", "sidecar", "keys", "create", "--name", "soak", "--concurrency", "7"],
             env=env,

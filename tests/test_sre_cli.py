@@ -147,6 +147,14 @@ def test_commands_refuse_a_missing_store_in_one_line(tmp_path, args):
     assert not (tmp_path / "nothing-here").exists()  # no empty database was made
 
 
+def test_keys_create_never_makes_a_store_no_server_reads(tmp_path):
+    """With the server's pepper but a store that does not exist (another directory, a mistyped --db): one line,
+    no key printed, no database made."""
+    out = cli(tmp_path / "d", "keys", "create", "--name", "x", SIDECAR_AUTH_PEPPER="the-servers-pepper-0123456789")
+    assert out.returncode == 1 and out.stdout == "" and "no sidecar store at" in out.stderr
+    assert not (tmp_path / "d").exists()
+
+
 async def test_commands_refuse_a_database_that_is_not_a_sidecar_store(tmp_path):
     path = tmp_path / "other.db"
     with sqlite3.connect(path) as conn:
@@ -179,6 +187,11 @@ async def test_keys_list_show_update_by_name_formats_and_models(fake, sidecar_fa
     cli(tmp_path, "keys", "create", "--name", "team-a")
     twice = cli(tmp_path, "keys", "show", "team-a")
     assert twice.returncode == 1 and "2 keys are named 'team-a'" in twice.stderr
+    evil = cli(tmp_path, "keys", "create", "--name", "@evil", "--models", '=HYPERLINK("http://e.example/"),m2')
+    assert evil.returncode == 0, evil.stderr
+    rows = list(csv.DictReader(io.StringIO(cli(tmp_path, "keys", "list", "--format", "csv").stdout)))
+    (bad,) = [r for r in rows if r["name"] == "'@evil"]  # a spreadsheet shows these cells, never runs them
+    assert bad["models"].startswith("'=HYPERLINK")
     revoked = cli(tmp_path, "keys", "revoke", shown["id"])
     assert revoked.returncode == 0 and "revoked" in cli(tmp_path, "keys", "list").stdout
 
@@ -235,6 +248,7 @@ async def test_admin_api_parameters_are_honoured_or_refused(fake, sidecar_factor
             ("/admin/usage", {"format": "xml"}, "format"),
             ("/admin/usage", {"modle": "m"}, "modle"),
             ("/admin/requests", {"outcom": "completed"}, "outcom"),
+            ("/admin/keys", {"status": "revoked"}, "status"),
         ):
             async with s.get(running.url + path, params=params) as r:
                 body = await r.json()
@@ -300,7 +314,13 @@ async def test_printed_lines_with_a_real_upstream_say_how_to_get_a_key(fake, tmp
     assert "sidecar keys create --name me" in hint
     curl = next(line for line in lines if line.startswith("try:"))
     assert "authorization: Bearer $KEY" in curl
-    key = cli(tmp_path, "keys", "create", "--name", "me").stdout.strip()  # what the hint says, then the curl line
+    # What the hint says, run as printed from another directory with none of the server's environment.
+    command = hint.strip()[len("a key:  KEY=$(") : -1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
+    made = subprocess.run(["bash", "-c", command], env=env, cwd="/", capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
     port, proc = serve_once(tmp_path, upstream=fake.url)
     try:
         await wait_listening(port, proc)

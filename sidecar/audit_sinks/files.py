@@ -149,12 +149,17 @@ class JsonlSink(ThreadedSink):
 
 
 def read_jsonl(directory: str, since: float, until: float | None, key_id: str | None) -> Iterator[dict[str, Any]]:
-    """The records a JsonlSink wrote into `directory` (plain or gzip segments, oldest first), filtered. A line
-    that does not parse (the record being written when a process died) is skipped."""
+    """The records a JsonlSink wrote into `directory` (plain or gzip segments, oldest first), filtered, one
+    at a time. A line that does not parse (the record being written when a process died) is skipped."""
     root = Path(directory)
     if not root.is_dir():
         return
     for path in sorted(p for p in root.iterdir() if p.name.startswith("audit-") and ".jsonl" in p.name):
+        try:
+            if path.stat().st_mtime < since:  # last written before `since`: nothing in it is new enough
+                continue
+        except OSError:  # rotated away meanwhile
+            continue
         for line in _lines(path):
             try:
                 record = orjson.loads(line)

@@ -11,16 +11,17 @@ port, bound = int(sys.argv[1]), float(sys.argv[2])
 deadline = time.monotonic() + bound
 url = f"http://127.0.0.1:{port}/drain"
 direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # vLLM's HTTP(S)_PROXY is not for loopback
-failures = 0
+failures, answered = 0, False
 while True:
     try:
         with direct.open(urllib.request.Request(url, method="POST"), timeout=3) as answer:
             state = json.load(answer)
-        failures = 0
+        failures, answered = 0, True
     except (OSError, ValueError) as exc:
         state, failures = {"error": str(exc)}, failures + 1
-    # A sidecar that does not answer five times running is gone: nothing is left to wait for.
-    if state.get("drained") or failures >= 5 or time.monotonic() >= deadline:
+    # A sidecar that never answered five times running is not there: nothing to wait for. One that answered and
+    # then stopped answering may still be draining (a restart, a port closed): wait for it, within the bound.
+    if state.get("drained") or (failures >= 5 and not answered) or time.monotonic() >= deadline:
         print(f"sidecar drain: {json.dumps(state)}", file=sys.stderr)
         break
     time.sleep(0.5)

@@ -123,6 +123,9 @@ cannot explain themselves, so rules that need a "why" live here. */}}
 {{- if and (eq .Values.mode "upstream") (not .Values.upstream.url) }}
 {{- fail "upstream.url is required in mode upstream (the OpenAI base URL, e.g. http://vllm.models.svc:8000/v1)" }}
 {{- end }}
+{{- if and (eq .Values.mode "vllm") (not (int .Values.sidecar.opsPort)) }}
+{{- fail "mode vllm needs sidecar.opsPort (not 0): vLLM's preStop watches the sidecar's drain on it, and without it /drain would be on the client port, which the drain closes after drainGrace, so vLLM would stop while streams still run" }}
+{{- end }}
 {{- if eq (int .Values.sidecar.opsPort) (int .Values.sidecar.port) }}
 {{- fail "sidecar.opsPort must differ from sidecar.port (0 turns the operations port off)" }}
 {{- end }}
@@ -143,6 +146,12 @@ vLLM's preStop (files/wait-drain.py) waits at most drainGrace + drainTimeout + 1
 {{- add .Values.sidecar.drainGrace .Values.sidecar.drainTimeout 10 }}
 {{- end }}
 {{/* The port /drain, /metrics and /admin are served on: the ops port, or the main port when it is off. */}}
+{{/* What rolls the pods when it changes: the secrets read at start. Not static-keys.jsonl: the sidecar reloads
+     that file when the mounted Secret changes, and a key added must not restart vLLM. */}}
+{{- define "sidecar.secretChecksum" -}}
+{{- $v := .Values.secrets }}
+{{- list (include "sidecar.pepper" .) $v.adminToken $v.upstreamApiKey $v.postgresDsn | toJson | sha256sum }}
+{{- end }}
 {{- define "sidecar.opsPortNumber" -}}
 {{- if .Values.sidecar.opsPort }}{{ .Values.sidecar.opsPort }}{{ else }}{{ .Values.sidecar.port }}{{ end }}
 {{- end }}
