@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client.metrics_core import Metric
 
 from sidecar.auth import Authenticator, bearer_token
+from sidecar.budgets import Budgets, budget_fields
 from sidecar.errors import BadRequest, NotFound, Unauthorized
 from sidecar.keys import KeyAdmin, listing
 from sidecar.params import MAX_PAGE, int_param, only_params, page, page_query, read_json, since_param, time_param
@@ -30,7 +31,16 @@ log = logging.getLogger("sidecar.admin")
 
 
 class Admin:
-    def __init__(self, token: str, keys: KeyAdmin, store: Store, auth: Authenticator, max_days: int = 366) -> None:
+    def __init__(
+        self,
+        token: str,
+        keys: KeyAdmin,
+        store: Store,
+        auth: Authenticator,
+        max_days: int = 366,
+        budgets: Budgets | None = None,
+    ) -> None:
+        self.budgets = budgets
         self.max_days = max_days
         self.token = token.encode()
         self.keys = keys
@@ -104,12 +114,13 @@ class Admin:
         only_params(request, ())  # none: a filter it would ignore is refused
         kid = request.match_info["id"]
         static = self.auth.static.get(kid)
-        if static is not None:
-            return {**static.public(), "source": "static"}
-        row = await self.store.get_key(kid)
+        row = static or await self.store.get_key(kid)
         if row is None:
             raise NotFound("No such key.", code="key_not_found")
-        return {**row.public(), "source": "store"}
+        budget = {}
+        if self.budgets is not None:  # as this replica counts: in-flight reservations included
+            budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, self.budgets.remaining)
+        return {**row.public(), **budget, "source": "static" if static is not None else "store"}
 
     def _not_static(self, kid: str) -> None:
         if self.auth.static.get(kid) is not None:

@@ -20,6 +20,7 @@ from sidecar.audit_sinks import AuditBus, Sink
 from sidecar.audit_sinks.db import DbSink
 from sidecar.audit_sinks.files import JsonlSink, StderrSink
 from sidecar.auth import Authenticator
+from sidecar.budgets import Budgets
 from sidecar.config import Settings, mask_url, read_secret, retention_seconds
 from sidecar.cors import Cors
 from sidecar.edge import server_header
@@ -161,10 +162,11 @@ def build(settings: Settings) -> Parts:
     rejects = RejectSampler(s.server.reject_rows_per_minute)
     cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
     finish = record_finisher(metrics, writer, request_log)
-    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects, cors)
+    budgets = Budgets(s.limits.timezone, store.tokens_since)
+    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects, cors, budgets)
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
-    admin = Admin(admin_token, keys, store, auth, s.store.report_max_days)
+    admin = Admin(admin_token, keys, store, auth, s.store.report_max_days, budgets)
     return Parts(
         s, upstream, metrics, RunState(), store, auth, leases, keys, request_log, writer, bus, rejects, retention,
         proxy, admin,
@@ -242,7 +244,11 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     ops.add("GET", "/drain", health.drain)
     ops.add("POST", "/drain", health.drain)
     p.admin.add_routes(ops)
-    routes.add("GET", "/v1/usage", OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days).handle)
+    routes.add(
+        "GET",
+        "/v1/usage",
+        OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days, p.proxy.budgets).handle,
+    )
     _proxied_routes(router, p.proxy, p.upstream.paths)
 
 

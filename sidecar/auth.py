@@ -41,6 +41,8 @@ class Principal:
     tpm: int
     models: frozenset[str] | None = None
     audit: str | None = None
+    budget_tokens: int | None = None
+    budget_period: str | None = None
 
     def check_model(self, model: str | None) -> None:
         if self.models is not None and (model is None or model not in self.models):
@@ -255,4 +257,6 @@ class Authenticator:
             pick(row.tpm, d.tpm),
             frozenset(row.models) if row.models is not None else None,
             row.audit,
+            row.budget_tokens if row.budget_period else None,
+            row.budget_period,
         )

@@ -110,6 +110,9 @@ def _key_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="comma-separated allowed models; '*' for all (the default)")
     p.add_argument("--expires-in", help="e.g. 30d, 12h; 'never' clears an expiry")
     p.add_argument("--audit", choices=("on", "off", "default"), help="force audit capture for this key")
+    p.add_argument("--budget-tokens", type=int, help="tokens per budget period (with --budget-period)")
+    p.add_argument("--budget-period", help="day, week, month (in limits.timezone) or a duration such as 10m")
+    p.add_argument("--no-budget", action="store_true", help="remove the key's budget")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

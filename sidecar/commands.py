@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from sidecar.audit_sinks.files import read_jsonl
+from sidecar.budgets import budget_fields, from_store
 from sidecar.config import Settings, mask_url
 from sidecar.errors import SidecarError
 from sidecar.keys import KeyAdmin, StaticKeys, check_pepper, hash_secret, listing, load_pepper, new_key, validate
@@ -54,6 +55,11 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["models"] = None if models in ([], ["*"]) else models  # '*' (or nothing): every model
     if getattr(args, "expires_in", None):
         fields["expires_in"] = args.expires_in  # "never" clears an expiry
+    for name in ("budget_tokens", "budget_period"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    if getattr(args, "no_budget", False):
+        fields["budget_tokens"] = fields["budget_period"] = None
     if getattr(args, "audit", None):
         fields["audit"] = None if args.audit == "default" else args.audit
     return fields
@@ -174,7 +180,10 @@ async def _keys(args: argparse.Namespace, settings: Settings, store: Store, pepp
         rows = listing(await store.list_keys(), StaticKeys(settings.auth.static_keys_file).rows())
         _emit(args.format, KEY_TABLE, [_key_view(r) for r in rows], rows)
     elif action == "show":
-        _print(_with_times((await _find_key(store, settings, args.id)).public()))
+        row = await _find_key(store, settings, args.id)
+        left = from_store(store.tokens_since, settings.limits.timezone)
+        budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, left)
+        _print(_with_times({**row.public(), **budget}))
     else:
         row = await _find_key(store, settings, args.id)
         keys = KeyAdmin(store, b"")  # update and revoke hash nothing
@@ -224,7 +233,7 @@ def _key_view(row: dict[str, Any]) -> dict[str, Any]:
 def _with_times(doc: dict[str, Any]) -> dict[str, Any]:
     """A key as JSON, epoch seconds kept (scripts) with an ISO twin for each (people)."""
     out = dict(doc)
-    for name in ("created_at", "updated_at", "expires_at", "revoked_at"):
+    for name in ("created_at", "updated_at", "expires_at", "revoked_at", "budget_resets_at"):
         if name in doc:
             out[name.removesuffix("_at") + "_time"] = iso(doc[name]) if doc[name] is not None else None
     return out

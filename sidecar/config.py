@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 ENV_PREFIX = "SIDECAR_"
 _DURATION = re.compile(r"^(\d{1,12})([smhdw])$")
@@ -107,6 +108,7 @@ class LimitsCfg:
     global_concurrency: int = 1024
     queue_size: int = 256
     queue_timeout: float = 30.0
+    timezone: str = "UTC"  # where a key's `day`, `week` and `month` budget periods begin
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,12 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"store.retention: expected a duration such as 90d or 0 (keep), got {s.store.retention!r}")
     if not 0.0 <= s.audit.sample_rate <= 1.0:
         raise ConfigError(f"audit.sample_rate: must be between 0 and 1, got {s.audit.sample_rate}")
+    try:
+        ZoneInfo(s.limits.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise ConfigError(
+            f"limits.timezone: unknown time zone {s.limits.timezone!r} (e.g. UTC, Europe/Berlin)"
+        ) from None
     for sink in s.audit.sinks:
         if sink not in ("stderr", "jsonl", "db"):
             raise ConfigError(f"audit.sinks: unknown sink {sink!r} (stderr, jsonl, db)")

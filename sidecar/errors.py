@@ -114,6 +114,13 @@ class RateLimited(SidecarError):
     outcome = Outcome.RATE_LIMITED
 
 
+class InsufficientQuota(RateLimited):
+    """The key's token budget for its period is used up (OpenAI's answer when an account's quota is)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class Overloaded(RateLimited):
     status = 503
     type = "server_overloaded"

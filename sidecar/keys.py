@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from sidecar.budgets import valid_period
 from sidecar.config import ConfigError, duration, read_secret
 from sidecar.errors import BadRequest, NotFound
 from sidecar.store.base import AdminEvent, KeyRow, Store
@@ -40,7 +41,7 @@ ID_LEN, SECRET_LEN, CHECK_LEN = 12, 32, 6
 KEY_LEN = len(PREFIX) + ID_LEN + 1 + SECRET_LEN + CHECK_LEN
 _KEY_RE = re.compile(rf"sk-sc-([0-9a-z]{{{ID_LEN}}})-([0-9A-Za-z]{{{SECRET_LEN}}})([0-9A-Za-z]{{{CHECK_LEN}}})")
 LIMIT_FIELDS = ("concurrency", "rpm", "tpm")
-EDITABLE = ("name", "concurrency", "rpm", "tpm", "models", "expires_at", "audit")
+EDITABLE = ("name", "concurrency", "rpm", "tpm", "models", "expires_at", "audit", "budget_tokens", "budget_period")
 
 
 def _b62(n: int, width: int) -> str:
@@ -316,6 +317,8 @@ class KeyAdmin:
         now = time.time()
         changed = {k: v for k, v in values.items() if getattr(row, k) != v}
         new = replace(row, **values, updated_at=now)
+        if (new.budget_tokens is None) != (new.budget_period is None):
+            raise BadRequest("`budget_tokens` and `budget_period` are set together.", param="budget_period")
         event_changes = {k: (list(v) if isinstance(v, tuple) else v) for k, v in changed.items()}
         await self.store.save_key(
             new, AdminEvent(actor, "key.update", key_id, now, event_changes, request_id), create=False
@@ -340,6 +343,18 @@ class KeyAdmin:
         return row
 
 
+def _budget_field(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name == "budget_tokens":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadRequest("`budget_tokens` must be a non-negative integer or null.", param=name)
+        return value
+    if not isinstance(value, str) or not valid_period(value):
+        raise BadRequest("`budget_period` must be day, week, month or a duration such as 10m.", param=name)
+    return value
+
+
 def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     """Check admin input; return the KeyRow fields to set. Unknown or ill-typed fields are 400s."""
     out: dict[str, Any] = {}
@@ -351,6 +366,8 @@ def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             if not isinstance(value, str) or not 1 <= len(value) <= 200:
                 raise BadRequest("`name` must be a string of 1-200 characters.", param="name")
             out["name"] = value
+        elif name in ("budget_tokens", "budget_period"):
+            out[name] = _budget_field(name, value)
         elif name in LIMIT_FIELDS:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise BadRequest(f"`{name}` must be a non-negative integer or null.", param=name)
@@ -372,6 +389,8 @@ def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise BadRequest("`expires_at` must be epoch seconds or null.", param="expires_at")
             out["expires_at"] = value
+    if creating and (out.get("budget_tokens") is None) != (out.get("budget_period") is None):
+        raise BadRequest("`budget_tokens` and `budget_period` are set together.", param="budget_period")
     if creating and "name" not in out:
         raise BadRequest("`name` is required.", param="name")
     return out

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from sidecar.audit import Auditor
 from sidecar.auth import Authenticator, Principal
+from sidecar.budgets import Budgets
 from sidecar.calls import Call, parse
 from sidecar.config import LimitsCfg, ServerCfg
 from sidecar.cors import Cors, is_preflight
@@ -65,6 +66,7 @@ class Proxy:
         auditor: Auditor | None = None,
         rejects: RejectSampler | None = None,
         cors: Cors | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.upstream = upstream
         self.cfg = upstream.cfg
@@ -72,6 +74,7 @@ class Proxy:
         self.limits = limits
         self.auth = auth
         self.leases = leases
+        self.budgets = budgets or Budgets(limits.timezone, _no_spending)
         self.metrics = metrics
         self.auditor = auditor
         self.rejects = rejects
@@ -137,10 +140,20 @@ class Proxy:
 
     async def _admit(self, principal: Principal, call: Call) -> Admission:
         estimate = self._estimate(call)
+        hold = None
+        if principal.budget_tokens is not None and principal.budget_period and principal.key_id is not None:
+            budget, period = principal.budget_tokens, principal.budget_period
+            hold = await self.budgets.reserve(principal.key_id, budget, period, estimate.reservation)
         leases = self.leases
-        lease = leases.acquire_now(principal, estimate.reservation) or await leases.acquire(
-            principal, estimate.reservation
-        )
+        try:
+            lease = leases.acquire_now(principal, estimate.reservation) or await leases.acquire(
+                principal, estimate.reservation
+            )
+        except BaseException:
+            if hold is not None:
+                hold.settle(0)  # refused by the minute limits (or cancelled while queued): nothing was used
+            raise
+        lease.budget = hold
         return Admission(call, lease, estimate.prompt, estimate.reservation - estimate.prompt)
 
     def _keep(self, request: web.Request) -> bool:
@@ -207,3 +220,7 @@ class Proxy:
         return web.Response(
             status=answer.status, body=body, headers=up.response_headers(answer.headers, rec.request_id)
         )
+
+
+async def _no_spending(key_id: str, since: float) -> int:
+    return 0  # no store to read what a key spent: only what this process counts

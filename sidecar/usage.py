@@ -11,6 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.auth import Authenticator
+from sidecar.budgets import Budgets, budget_fields
 from sidecar.errors import BadRequest, RateLimited
 from sidecar.leases import Lease, LeaseManager
 from sidecar.params import only_params, since_param, time_param
@@ -19,7 +20,10 @@ from sidecar.store.base import Store
 
 
 class OwnUsage:
-    def __init__(self, auth: Authenticator, store: Store, leases: LeaseManager, max_days: int) -> None:
+    def __init__(
+        self, auth: Authenticator, store: Store, leases: LeaseManager, max_days: int, budgets: Budgets | None = None
+    ) -> None:
+        self.budgets = budgets
         self.auth = auth
         self.store = store
         self.leases = leases
@@ -50,4 +54,7 @@ class OwnUsage:
             if running is not None:
                 self._running.discard(running)
         doc = {"object": "list", "key_id": principal.key_id, "since": since, "until": until, "by": by, "data": rows}
+        if self.budgets is not None and principal.key_id is not None:
+            kid, budget, period = principal.key_id, principal.budget_tokens, principal.budget_period
+            doc.update(await budget_fields(kid, budget, period, self.budgets.remaining))
         return json_response(doc, request_id(request))

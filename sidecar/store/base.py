@@ -15,7 +15,7 @@ from sidecar.records import ROW_FIELDS
 REQUEST_COLUMNS = ROW_FIELDS  # the columns are the record's fields, by name
 KEY_COLUMNS = (
     "id", "name", "hash", "created_at", "expires_at", "revoked_at", "concurrency", "rpm", "tpm", "models",
-    "audit", "updated_at",
+    "audit", "updated_at", "budget_tokens", "budget_period",
 )  # fmt: skip
 USAGE_GROUPS = ("key", "model", "day")
 USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed")
@@ -56,6 +56,8 @@ class KeyRow:
     models: tuple[str, ...] | None = None
     audit: str | None = None  # "on" / "off" forces audit capture for this key; None follows the policy
     updated_at: float = 0.0
+    budget_tokens: int | None = None  # tokens per `budget_period` (day, week, month or a duration); None: none
+    budget_period: str | None = None
 
     def public(self) -> dict[str, Any]:
         """The key as shown by the admin API and CLI: everything but the hash."""
@@ -106,6 +108,7 @@ class Store(Protocol):
         self, since: float, by: str, key_id: str | None = None, until: float | None = None, model: str | None = None
     ) -> list[dict[str, Any]]: ...
     async def count_requests(self) -> int: ...
+    async def tokens_since(self, key_id: str, since: float) -> int: ...
     async def delete_older(self, table: str, cutoff: float, limit: int) -> int: ...
 
     async def insert_audit(self, lines: Sequence[bytes]) -> int: ...

@@ -10,9 +10,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import Params, SqlStore, json_array, schema_v1, schema_v2
+from sidecar.store.sql import SCHEMA_V3, Params, SqlStore, json_array, schema_v1, schema_v2
 
-MIGRATIONS = (schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"), schema_v2("DOUBLE PRECISION"))
+MIGRATIONS = (
+    schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),
+    schema_v2("DOUBLE PRECISION"),
+    SCHEMA_V3,
+)
 
 
 def _text(exc: BaseException) -> str:

@@ -153,6 +153,17 @@ class SqlStore:
         """Insert JSON-encoded rows, skipping existing keys (`ON CONFLICT DO NOTHING`); rows inserted."""
         raise NotImplementedError
 
+    async def tokens_since(self, key_id: str, since: float) -> int:
+        """Tokens a key's requests used since `since` (its budget spent so far in a period)."""
+        rows = await self._fetch(
+            self._sql(
+                "SELECT COALESCE(SUM(COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + "
+                "COALESCE(completion_tokens, 0))), 0) FROM request_log WHERE key_id = ? AND started_at >= ?"
+            ),
+            (key_id, since),
+        )
+        return int(rows[0][0])
+
     async def count_requests(self) -> int:
         return int((await self._fetch("SELECT COUNT(*) FROM request_log"))[0][0])
 
@@ -280,6 +291,11 @@ CREATE TABLE admin_audit_log (
 CREATE TABLE audit_records (
   request_id TEXT PRIMARY KEY, key_id TEXT, emitted_at {real} NOT NULL, record TEXT NOT NULL);
 CREATE INDEX audit_records_emitted ON audit_records (emitted_at)"""
+
+
+SCHEMA_V3 = """ALTER TABLE api_keys ADD COLUMN budget_tokens BIGINT;
+ALTER TABLE api_keys ADD COLUMN budget_period TEXT"""
+"""Version 3: a key's token budget per period."""
 
 
 def schema_v2(real: str) -> str:

@@ -13,7 +13,7 @@ import aiosqlite
 import orjson
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import RETAINED, Params, SqlStore, schema_v1, schema_v2
+from sidecar.store.sql import RETAINED, SCHEMA_V3, Params, SqlStore, schema_v1, schema_v2
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
@@ -31,7 +31,7 @@ def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
     return values
 
 
-MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"), schema_v2("REAL"))
+MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"), schema_v2("REAL"), SCHEMA_V3)
 
 
 class SqliteStore(SqlStore):
