@@ -162,8 +162,8 @@ def build(settings: Settings) -> Parts:
     rejects = RejectSampler(s.server.reject_rows_per_minute)
     cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
     finish = record_finisher(metrics, writer, request_log)
-    budgets = Budgets(s.limits.timezone, store.tokens_since)
-    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, auditor, rejects, cors, budgets)
+    budgets = Budgets(s.limits.timezone, store)
+    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, auditor, rejects, cors)
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     admin = Admin(admin_token, keys, store, auth, s.store.report_max_days, budgets)
@@ -224,6 +224,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
     return [
         _resource(opener.start, opener.close),
         _resource(p.retention.start, p.retention.close),
+        _resource(p.proxy.budgets.start, p.proxy.budgets.close),  # allowances go back before the store closes
         _resource(p.writer.start, p.writer.close),
         _bus_resource(p.bus, p.settings.writer.drain_timeout),
         _resource(_nothing, close_log),

@@ -1,27 +1,34 @@
 """Budgets: a key's token allowance per period: a calendar `day`, `week` (from Monday) or `month` in
 `limits.timezone`, or a plain duration (`10m`, `1h`: windows aligned to the epoch, for tests and short trials).
 
+The store holds each key's balance for the period (`limit_balances`), shared by every replica: it starts at the
+budget less what the key's stored requests used in the period. A replica borrows an allowance from it (at least
+what a request needs, else an eighth of what is left) and admits requests from that allowance without a store
+round trip, topping it up in the background when half is spent (one borrow in flight per key); what a request
+did not use goes back to the allowance, and an idle key's allowance (or one at drain) goes back to the balance.
 Admission reserves the request's prompt estimate plus its output budget, as the minute buckets do, and refuses
-a request whose reservation does not fit what is left (429 `insufficient_quota`, `retry-after` at the period's
-end); `BudgetHold.settle` reconciles the reservation to what the request really used. What a key spent in the
-period before this process counted it is read from the store once per key and period (its request rows); from
-then on this process counts. Without the store that first read cannot be made: the request gets 503 (a budget
-is billing: it fails closed).
+a request whose reservation does not fit (429 `insufficient_quota`, `retry-after` at the period's end). With the
+store unreachable, an allowance in hand is still spent; beyond it: 503 (a budget is billing: it fails closed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import partial
 from zoneinfo import ZoneInfo
 
 from sidecar.config import duration
 from sidecar.errors import InsufficientQuota, StoreUnavailable
-from sidecar.store.base import StoreError
+from sidecar.store.base import Store, StoreError
+
+log = logging.getLogger("sidecar.budgets")
 
 CALENDAR = ("day", "week", "month")
 
@@ -52,15 +59,29 @@ def _midnight(day: date, tz: ZoneInfo) -> float:
     return datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
 
 
+FRACTION = 0.125  # a borrow takes an eighth of what is left (at least what the request needs)
+IDLE = 5.0  # seconds without a request before a key's allowance goes back to the shared balance
+EMPTY_RECHECK = 1.0  # after the balance said "used up", ask it again at most this often
+
+
 @dataclass(slots=True)
 class BudgetState:
-    """One key's budget in one period, as this process sees it."""
+    """One key's budget in one period, as this process holds it: an allowance borrowed from the store's
+    balance, spent by admissions and topped up in the background before it runs out."""
 
     budget: int
     start: float
     end: float
-    spent: int = 0  # tokens used in the period: read from the store once, then counted here
+    allowance: float = 0.0  # borrowed, not yet reserved (negative: used beyond what was reserved)
     reserved: int = 0  # tokens held by this key's requests in flight
+    low: float = 0.0  # below this the allowance is topped up in the background
+    last_used: float = 0.0
+    empty_until: float = 0.0
+    borrowing: asyncio.Future[None] | None = None
+
+    @property
+    def bucket(self) -> str:
+        return f"{self.start:.0f}:{self.budget}"
 
 
 @dataclass(slots=True)
@@ -70,74 +91,129 @@ class BudgetHold:
     settled: bool = False
 
     def settle(self, used: int) -> None:
-        """Replace the reservation by what the request used (once; later calls are no-ops)."""
+        """Replace the reservation by what the request used (once; later calls are no-ops): the difference goes
+        back to (or, when it used more, comes out of) the allowance, to reach the store with the next return."""
         if self.settled:
             return
         self.settled = True
         self.state.reserved -= self.reserved
-        self.state.spent += used
+        self.state.allowance += self.reserved - used
         self.reserved = 0
 
 
 class Budgets:
-    def __init__(
-        self,
-        timezone: str,
-        spent_since: Callable[[str, float], Awaitable[int]],
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    """Admission against a key's budget through allowances borrowed from the store: one statement per
+    borrow, never one per request; the store's balance is the one truth all replicas share."""
+
+    def __init__(self, timezone: str, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.tz = ZoneInfo(timezone)
-        self.spent_since = spent_since
+        self.store = store
         self.clock = clock
         self._states: dict[tuple[str, str, int, float], BudgetState] = {}
-        self._loading: dict[tuple[str, str, int, float], asyncio.Future[BudgetState]] = {}
+        self._keys: dict[tuple[str, str, int, float], str] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._refills: set[asyncio.Future[None]] = set()
+        self.borrows = 0  # statements sent to borrow (a figure for the benchmark and the tests)
 
     async def reserve(self, key_id: str, budget: int, period: str, need: int) -> BudgetHold:
         """Hold `need` tokens of the key's budget for a request, or raise InsufficientQuota."""
         now = self.clock()
-        state = await self._state(key_id, budget, period, now)
-        left = state.budget - state.spent - state.reserved
-        if need > left:
-            wait = max(1, math.ceil(state.end - now))
-            raise InsufficientQuota(
-                f"This key's token budget for the {_name(period)} is used up: {max(0, left)} of {budget} tokens "
-                f"left, this request reserves {need}. It resets at {_iso(state.end)}.",
-                headers={"retry-after": str(wait)},
-            )
+        state = self._state(key_id, budget, period, now)
+        state.last_used = now
+        if state.allowance < need:
+            if now >= state.empty_until:
+                await self._borrow(key_id, state, need - state.allowance)
+            if state.allowance < need:
+                state.empty_until = now + EMPTY_RECHECK
+                wait = max(1, math.ceil(state.end - now))
+                raise InsufficientQuota(
+                    f"This key's token budget for the {_name(period)} is used up ({budget} tokens; this request "
+                    f"reserves {need}). It resets at {_iso(state.end)}.",
+                    headers={"retry-after": str(wait)},
+                )
+        state.allowance -= need
         state.reserved += need
+        if state.allowance < state.low and state.borrowing is None:  # top up before it runs out
+            task = asyncio.ensure_future(self._borrow_quietly(key_id, state))
+            self._refills.add(task)
+            task.add_done_callback(self._refills.discard)
         return BudgetHold(state, need)
 
     async def remaining(self, key_id: str, budget: int, period: str) -> tuple[int, float]:
-        """(tokens left this period, when the period ends) as this process counts them."""
-        state = await self._state(key_id, budget, period, self.clock())
-        return max(0, state.budget - state.spent - state.reserved), state.end
+        """(tokens left this period, when it ends), as the key's stored requests say."""
+        start, end = period_bounds(period, self.clock(), self.tz)
+        spent = await self.store.tokens_since(key_id, start)
+        return max(0, budget - spent), end
 
-    async def _state(self, key_id: str, budget: int, period: str, now: float) -> BudgetState:
+    def _state(self, key_id: str, budget: int, period: str, now: float) -> BudgetState:
         start, end = period_bounds(period, now, self.tz)
         key = (key_id, period, budget, start)
         state = self._states.get(key)
-        if state is not None:
-            return state
-        loading = self._loading.get(key)
-        if loading is None:  # one store read per key and period, however many requests arrive meanwhile
-            loading = self._loading[key] = asyncio.ensure_future(self._load(key_id, budget, start, end))
-            loading.add_done_callback(lambda _: self._loading.pop(key, None))
-        state = await asyncio.shield(loading)
-        self._states.setdefault(key, state)
-        self._prune(now)
-        return self._states[key]
+        if state is None:
+            state = self._states[key] = BudgetState(budget, start, end)
+            self._keys[key] = key_id
+        return state
 
-    async def _load(self, key_id: str, budget: int, start: float, end: float) -> BudgetState:
+    async def _borrow(self, key_id: str, state: BudgetState, need: float) -> None:
+        """One borrow in flight per key and period: a request that finds one running waits for it."""
+        if state.borrowing is not None:
+            await asyncio.shield(state.borrowing)
+            if state.allowance >= need or self.clock() < state.empty_until:
+                return
+        loop = asyncio.get_running_loop()
+        state.borrowing = done = loop.create_future()
         try:
-            spent = await self.spent_since(key_id, start)
+            self.borrows += 1
+            granted, _ = await self.store.borrow_budget(
+                key_id, state.bucket, state.budget, state.start, max(need, 0.0), FRACTION
+            )
+            state.allowance += granted
+            state.low = granted / 2
         except StoreError:
             raise StoreUnavailable("The key's budget cannot be checked: the store is unavailable.") from None
-        return BudgetState(budget, start, end, spent)
+        finally:
+            state.borrowing = None
+            done.set_result(None)
 
-    def _prune(self, now: float) -> None:
-        """Periods that ended, with nothing in flight, are forgotten."""
-        for key in [k for k, s in self._states.items() if s.end <= now and s.reserved == 0]:
-            del self._states[key]
+    async def _borrow_quietly(self, key_id: str, state: BudgetState) -> None:
+        with contextlib.suppress(StoreUnavailable):  # a request that needs it will ask again, and say so
+            await self._borrow(key_id, state, 0.0)
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        """At drain: every allowance goes back, so other replicas can use it."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._refills:
+            await asyncio.wait(self._refills)
+        await self._give_back(lambda state: True)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE / 2)
+            now = self.clock()
+            try:
+                await self._give_back(partial(_idle, now=now))
+            except StoreError as exc:
+                log.warning("budget allowances not returned yet", extra={"fields": {"error": str(exc)[:200]}})
+
+    async def _give_back(self, due: Callable[[BudgetState], bool]) -> None:
+        """Return the allowances of idle keys and ended periods (those with nothing in flight)."""
+        for key, state in list(self._states.items()):
+            if state.reserved or state.borrowing is not None or not due(state):
+                continue
+            if state.allowance:
+                await self.store.give_back(self._keys[key], state.bucket, state.allowance)
+            self._states.pop(key, None)
+            self._keys.pop(key, None)
+
+
+def _idle(state: BudgetState, now: float) -> bool:
+    return state.end <= now or now - state.last_used >= IDLE
 
 
 def _name(period: str) -> str:

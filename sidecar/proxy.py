@@ -63,10 +63,10 @@ class Proxy:
         leases: LeaseManager,
         metrics: Metrics,
         finish: Callable[[RequestRecord, bool], None],
+        budgets: Budgets,
         auditor: Auditor | None = None,
         rejects: RejectSampler | None = None,
         cors: Cors | None = None,
-        budgets: Budgets | None = None,
     ) -> None:
         self.upstream = upstream
         self.cfg = upstream.cfg
@@ -74,7 +74,7 @@ class Proxy:
         self.limits = limits
         self.auth = auth
         self.leases = leases
-        self.budgets = budgets or Budgets(limits.timezone, _no_spending)
+        self.budgets = budgets
         self.metrics = metrics
         self.auditor = auditor
         self.rejects = rejects
@@ -220,7 +220,3 @@ class Proxy:
         return web.Response(
             status=answer.status, body=body, headers=up.response_headers(answer.headers, rec.request_id)
         )
-
-
-async def _no_spending(key_id: str, since: float) -> int:
-    return 0  # no store to read what a key spent: only what this process counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,12 +11,24 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import SCHEMA_V3, Params, SqlStore, json_array, schema_v1, schema_v2
+from sidecar.store.sql import (
+    MIGRATIONS_TABLE,
+    SCHEMA_V3,
+    Params,
+    SqlStore,
+    json_array,
+    schema_v1,
+    schema_v2,
+    schema_v4,
+    statements,
+)
 
+_MIGRATION_LOCK = 0x51DECA2  # pg_advisory_lock key: one replica migrates at a time
 MIGRATIONS = (
     schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),
     schema_v2("DOUBLE PRECISION"),
     SCHEMA_V3,
+    schema_v4("DOUBLE PRECISION"),
 )
 
 
@@ -119,6 +132,31 @@ class PostgresStore(SqlStore):
             raise StoreError("store is not open")
         return self._pool
 
+    async def migrate(self) -> int:
+        """Migrate on one connection holding an advisory lock: replicas starting together on a new database
+        would otherwise race to create the same tables (a unique violation in PostgreSQL's catalog) and all but
+        one fail to start. Each version is one transaction, as in `SqlStore.migrate`."""
+        try:
+            async with asyncio.timeout(self.op_timeout * 3), self.pool.connection() as conn:
+                await conn.execute(b"SELECT pg_advisory_lock(%s)", [_MIGRATION_LOCK])
+                try:
+                    await conn.execute(MIGRATIONS_TABLE.encode())
+                    cur = await conn.execute(b"SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                    row = await cur.fetchone()
+                    for version in range(int(row[0] if row else 0) + 1, len(self.migrations) + 1):
+                        async with conn.transaction():
+                            for statement in statements(self.migrations[version - 1]):
+                                await conn.execute(statement.encode())
+                            await conn.execute(
+                                b"INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
+                                [version, time.time()],
+                            )
+                finally:
+                    await conn.execute(b"SELECT pg_advisory_unlock(%s)", [_MIGRATION_LOCK])
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(_text(exc)) from None
+        return len(self.migrations)
+
     async def _has_migrations_table(self) -> bool:
         rows = await self._fetch("SELECT to_regclass('schema_migrations') IS NOT NULL")
         return bool(rows[0][0])
@@ -163,7 +201,8 @@ class PostgresStore(SqlStore):
         except psycopg.Error as exc:
             raise StoreError(_text(exc)) from None
 
-    async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
+    async def _run(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
         try:
             async with (
                 asyncio.timeout(self.op_timeout),
@@ -173,8 +212,10 @@ class PostgresStore(SqlStore):
             ):
                 for sql, params in statements:
                     await cur.execute(sql.encode(), list(params))
+                    rows = list(await cur.fetchall()) if cur.description else []
         except (psycopg.Error, TimeoutError) as exc:
             raise StoreError(_text(exc)) from None
+        return rows
 
     async def _insert_lines(self, table: str, columns: Sequence[str], lines: Sequence[bytes]) -> int:
         # One statement over a JSON array: PostgreSQL unpacks the rows, not Python.

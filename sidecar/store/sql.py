@@ -37,8 +37,8 @@ class SqlStore:
     async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
-    async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
-        """Run statements in one transaction: all or nothing."""
+    async def _run(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
+        """Run statements in one transaction: all or nothing; the rows the last one returned."""
         raise NotImplementedError
 
     async def _report(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
@@ -55,25 +55,15 @@ class SqlStore:
 
     # --- schema ----------------------------------------------------------------------------------------------
     async def migrate(self) -> int:
-        await self._run(
-            [
-                (
-                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-                    "applied_at DOUBLE PRECISION NOT NULL)",
-                    (),
-                )
-            ]
-        )
+        await self._run([(MIGRATIONS_TABLE, ())])
         rows = await self._fetch("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         current = int(rows[0][0])
         for version in range(current + 1, len(self.migrations) + 1):
-            statements: list[tuple[str, Params]] = [
-                (s.strip(), ()) for s in self.migrations[version - 1].split(";\n") if s.strip()
-            ]
-            statements.append(
+            steps: list[tuple[str, Params]] = [(sql, ()) for sql in statements(self.migrations[version - 1])]
+            steps.append(
                 (self._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)"), (version, time.time()))
             )
-            await self._run(statements)
+            await self._run(steps)
         return len(self.migrations)
 
     async def schema_version(self) -> int:
@@ -163,6 +153,43 @@ class SqlStore:
             (key_id, since),
         )
         return int(rows[0][0])
+
+    # --- shared budgets: the authority replicas borrow allowances from ------------------------------------
+    async def borrow_budget(
+        self, key_id: str, bucket: str, budget: int, since: float, need: float, fraction: float
+    ) -> tuple[float, float]:
+        """Take an allowance from a key's budget balance for one period (`bucket`): at least `need` (when the
+        balance holds it), else `fraction` of what is left, never more than is left. The balance starts, the
+        first time any replica asks, at the budget less what the key's stored requests used since `since`.
+        One row, one statement each: the row's lock (PostgreSQL) or the write lock (SQLite) orders borrowers.
+        Returns (granted, balance left)."""
+        start = self._sql(
+            "INSERT INTO limit_balances (key_id, dim, bucket, level, granted, updated_at) "
+            "SELECT ?, 'budget', ?, ? - COALESCE(SUM(COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + "
+            "COALESCE(completion_tokens, 0))), 0), 0, ? FROM request_log WHERE key_id = ? AND started_at >= ? "
+            "ON CONFLICT (key_id, dim, bucket) DO NOTHING"
+        )
+        want = "(CASE WHEN level * ? > ? THEN level * ? ELSE ? END)"  # max(level * fraction, need)
+        grant = f"(CASE WHEN level <= 0 THEN 0 WHEN level < {want} THEN level ELSE {want} END)"
+        take = self._sql(
+            f"UPDATE limit_balances SET granted = {grant}, level = level - {grant}, updated_at = ? "
+            "WHERE key_id = ? AND dim = 'budget' AND bucket = ? RETURNING granted, level"
+        )
+        now = time.time()
+        shares = (fraction, need, fraction, need)
+        rows = await self._run(
+            [
+                (start, (key_id, bucket, budget, now, key_id, since)),
+                (take, (*shares, *shares, *shares, *shares, now, key_id, bucket)),
+            ]
+        )
+        return float(rows[0][0]), float(rows[0][1])
+
+    async def give_back(self, key_id: str, bucket: str, amount: float) -> None:
+        """Return an unused allowance (or, negative, charge usage beyond one) to a budget balance."""
+        sql = "UPDATE limit_balances SET level = level + ?, updated_at = ? WHERE key_id = ? AND dim = 'budget' AND "
+        sql += "bucket = ?"
+        await self._run([(self._sql(sql), (amount, time.time(), key_id, bucket))])
 
     async def count_requests(self) -> int:
         return int((await self._fetch("SELECT COUNT(*) FROM request_log"))[0][0])
@@ -296,6 +323,23 @@ CREATE INDEX audit_records_emitted ON audit_records (emitted_at)"""
 SCHEMA_V3 = """ALTER TABLE api_keys ADD COLUMN budget_tokens BIGINT;
 ALTER TABLE api_keys ADD COLUMN budget_period TEXT"""
 """Version 3: a key's token budget per period."""
+
+
+MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+)
+
+
+def statements(migration: str) -> list[str]:
+    """A migration's statements (separated by `;` at a line's end)."""
+    return [part.strip() for part in migration.split(";\n") if part.strip()]
+
+
+def schema_v4(real: str) -> str:
+    """Version 4: balances replicas borrow from (a key's budget per period), one row per key, kind, bucket."""
+    return f"""CREATE TABLE limit_balances (
+  key_id TEXT NOT NULL, dim TEXT NOT NULL, bucket TEXT NOT NULL, level {real} NOT NULL, granted {real} NOT NULL,
+  updated_at {real} NOT NULL, PRIMARY KEY (key_id, dim, bucket))"""
 
 
 def schema_v2(real: str) -> str:

@@ -13,7 +13,7 @@ import aiosqlite
 import orjson
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import RETAINED, SCHEMA_V3, Params, SqlStore, schema_v1, schema_v2
+from sidecar.store.sql import RETAINED, SCHEMA_V3, Params, SqlStore, schema_v1, schema_v2, schema_v4
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
@@ -31,7 +31,12 @@ def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
     return values
 
 
-MIGRATIONS = (schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"), schema_v2("REAL"), SCHEMA_V3)
+MIGRATIONS = (
+    schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+    schema_v2("REAL"),
+    SCHEMA_V3,
+    schema_v4("REAL"),
+)
 
 
 class SqliteStore(SqlStore):
@@ -129,14 +134,16 @@ class SqliteStore(SqlStore):
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
-    async def _run(self, statements: Sequence[tuple[str, Params]]) -> None:
+    async def _run(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
         db = self.db
+        rows: list[tuple[Any, ...]] = []
         try:
             await db.execute("BEGIN IMMEDIATE")
             committed = False
             try:
                 for sql, params in statements:
-                    await db.execute(sql, params)
+                    async with db.execute(sql, params) as cur:
+                        rows = [tuple(r) for r in await cur.fetchall()]
                 await db.execute("COMMIT")
                 committed = True
             finally:
@@ -144,6 +151,7 @@ class SqliteStore(SqlStore):
                     await db.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
+        return rows
 
     async def _insert_lines(self, table: str, columns: Sequence[str], lines: Sequence[bytes]) -> int:
         """Batched inserts on a synchronous connection of the event loop's own, in short transactions.

@@ -1,0 +1,137 @@
+"""A key's budget across three `sidecar serve` processes sharing one PostgreSQL (#17): the balance in the store is
+the one truth; each replica spends an allowance it borrowed, so together they stop where the budget ends, not
+three times over, and a new period starts afresh for all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import psycopg
+import pytest
+
+from sidecar.budgets import IDLE, period_bounds
+from tests.conftest import free_port, reap
+from tests.test_cli import wait_listening
+from tests.test_process import start
+
+ADMIN = "cluster-admin-token"
+PEPPER = "cluster-pepper-0123456789abcdef"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+class Cluster:
+    def __init__(self, tmp_path, upstream: str, pg_url: str, n: int = 3) -> None:
+        self.ports = [free_port() for _ in range(n)]
+        self.procs = [
+            start(
+                tmp_path / f"r{i}",
+                upstream,
+                port,
+                SIDECAR_STORE_URL=pg_url,
+                SIDECAR_AUTH_ENABLED="true",
+                SIDECAR_AUTH_PEPPER=PEPPER,
+                SIDECAR_SERVER_ADMIN_TOKEN=ADMIN,
+                SIDECAR_SERVER_DRAIN_GRACE="0",
+                SIDECAR_WRITER_FLUSH_INTERVAL_MS="20",
+            )
+            for i, port in enumerate(self.ports)
+        ]
+        self.urls = [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    async def ready(self) -> None:
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            await wait_listening(port, proc)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            reap(proc)
+
+
+async def make_key(session, url, **fields) -> tuple[str, str]:
+    async with session.post(
+        url + "/admin/keys", json={"name": "shared", **fields}, headers={"authorization": f"Bearer {ADMIN}"}
+    ) as r:
+        body = await r.json()
+        assert r.status == 201, body
+        return body["key"], body["id"]
+
+
+async def chat(session, url, key, stream=False):
+    body = {**CHAT, "stream": True} if stream else CHAT
+    async with session.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}) as r:
+        return r.status, await r.read()
+
+
+def used(pg_url: str, kid: str) -> int:
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(total_tokens), 0) FROM request_log WHERE key_id = %s", (kid,)
+        ).fetchone()
+    return int(row[0])
+
+
+async def until_refused_everywhere(session, urls, key) -> tuple[int, int]:
+    """Requests round-robin, 6 at a time, until every replica refuses; (accepted, largest reservation seen)."""
+    accepted, need, refused = 0, 0, set()
+    turn = itertools.cycle(range(len(urls)))
+    while len(refused) < len(urls):
+        batch = [next(turn) for _ in range(6)]
+        answers = await asyncio.gather(*(chat(session, urls[i], key, stream=n % 2 == 0) for n, i in enumerate(batch)))
+        for i, (status, body) in zip(batch, answers, strict=True):
+            if status == 200:
+                accepted += 1
+                refused.discard(i)
+            else:
+                assert status == 429 and b"insufficient_quota" in body, body
+                need = max(need, int(re.search(rb"reserves (\d+)", body).group(1)))
+                refused.add(i)
+        assert accepted < 10_000
+    return accepted, need
+
+
+async def test_three_replicas_stop_at_one_budget(fake, pg_url, tmp_path):
+    budget = 3000
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, kid = await make_key(s, cluster.urls[0], budget_tokens=budget, budget_period="1h")
+            accepted, need = await until_refused_everywhere(s, cluster.urls, key)
+            await asyncio.sleep(IDLE * 1.5)  # idle allowances go back to the shared balance ...
+            more, need2 = await until_refused_everywhere(s, cluster.urls, key)  # ... and are spent too
+            await asyncio.sleep(1.0)  # the last rows land
+            spent = used(pg_url, kid)
+    finally:
+        cluster.close()
+    assert spent <= budget  # never more than the budget, for three replicas together
+    assert budget - spent < max(need, need2) + 3 * 16  # and no allowance left stranded beyond the last requests
+    assert accepted + more >= budget // 40  # 16 tokens each: the budget bought what it should
+
+
+async def test_a_new_period_starts_afresh_on_every_replica(fake, pg_url, tmp_path):
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, _ = await make_key(s, cluster.urls[0], budget_tokens=120, budget_period="8s")
+            _, end = period_bounds("8s", time.time(), ZoneInfo("UTC"))
+            if end - time.time() < 4:
+                await asyncio.sleep(end - time.time() + 0.1)
+                _, end = period_bounds("8s", time.time(), ZoneInfo("UTC"))
+            await until_refused_everywhere(s, cluster.urls, key)
+            assert time.time() < end, "the budget did not run out within one period"
+            await asyncio.sleep(end - time.time() + 0.2)
+            statuses = [(await chat(s, url, key))[0] for url in cluster.urls]
+    finally:
+        cluster.close()
+    assert statuses == [200, 200, 200]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_fake(fake):
+    fake.script.chunks = 5  # 11 prompt + 5 completion tokens per answer, streamed or not
