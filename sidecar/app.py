@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.admin import Admin
+from sidecar.allowances import Pool
 from sidecar.audit import Auditor
 from sidecar.audit_sinks import AuditBus, Sink
 from sidecar.audit_sinks.db import DbSink
@@ -30,6 +31,7 @@ from sidecar.leases import LeaseManager
 from sidecar.logs import RequestLog
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
+from sidecar.rates import SharedRates
 from sidecar.records import RequestRecord
 from sidecar.rejects import RejectSampler
 from sidecar.responses import Routes
@@ -162,8 +164,12 @@ def build(settings: Settings) -> Parts:
     rejects = RejectSampler(s.server.reject_rows_per_minute)
     cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
     finish = record_finisher(metrics, writer, request_log)
-    budgets = Budgets(s.limits.timezone, store)
-    proxy = Proxy(upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, auditor, rejects, cors)
+    pool = Pool(store)
+    budgets = Budgets(s.limits.timezone, pool)
+    rates = SharedRates(pool) if store.kind == "postgres" else None
+    proxy = Proxy(
+        upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, rates, auditor, rejects, cors
+    )  # fmt: skip
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     admin = Admin(admin_token, keys, store, auth, s.store.report_max_days, budgets)
@@ -224,8 +230,9 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
     return [
         _resource(opener.start, opener.close),
         _resource(p.retention.start, p.retention.close),
-        _resource(p.proxy.budgets.start, p.proxy.budgets.close),  # allowances go back before the store closes
         _resource(p.writer.start, p.writer.close),
+        # Allowances go back before the writer's last flush: a borrow in flight could hold SQLite's write lock then.
+        _resource(p.proxy.budgets.pool.start, p.proxy.budgets.pool.close),
         _bus_resource(p.bus, p.settings.writer.drain_timeout),
         _resource(_nothing, close_log),
         _resource(_nothing, close_proxy),

@@ -13,22 +13,15 @@ store unreachable, an allowance in hand is still spent; beyond it: 503 (a budget
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from functools import partial
 from zoneinfo import ZoneInfo
 
+from sidecar.allowances import FRACTION, Balance, Hold, Pool
 from sidecar.config import duration
-from sidecar.errors import InsufficientQuota, StoreUnavailable
-from sidecar.store.base import Store, StoreError
-
-log = logging.getLogger("sidecar.budgets")
+from sidecar.errors import InsufficientQuota
 
 CALENDAR = ("day", "week", "month")
 
@@ -59,161 +52,43 @@ def _midnight(day: date, tz: ZoneInfo) -> float:
     return datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
 
 
-FRACTION = 0.125  # a borrow takes an eighth of what is left (at least what the request needs)
-IDLE = 5.0  # seconds without a request before a key's allowance goes back to the shared balance
-EMPTY_RECHECK = 1.0  # after the balance said "used up", ask it again at most this often
-
-
-@dataclass(slots=True)
-class BudgetState:
-    """One key's budget in one period, as this process holds it: an allowance borrowed from the store's
-    balance, spent by admissions and topped up in the background before it runs out."""
-
-    budget: int
-    start: float
-    end: float
-    allowance: float = 0.0  # borrowed, not yet reserved (negative: used beyond what was reserved)
-    reserved: int = 0  # tokens held by this key's requests in flight
-    low: float = 0.0  # below this the allowance is topped up in the background
-    last_used: float = 0.0
-    empty_until: float = 0.0
-    borrowing: asyncio.Future[None] | None = None
-
-    @property
-    def bucket(self) -> str:
-        return f"{self.start:.0f}:{self.budget}"
-
-
-@dataclass(slots=True)
-class BudgetHold:
-    state: BudgetState
-    reserved: int
-    settled: bool = False
-
-    def settle(self, used: int) -> None:
-        """Replace the reservation by what the request used (once; later calls are no-ops): the difference goes
-        back to (or, when it used more, comes out of) the allowance, to reach the store with the next return."""
-        if self.settled:
-            return
-        self.settled = True
-        self.state.reserved -= self.reserved
-        self.state.allowance += self.reserved - used
-        self.reserved = 0
-
-
 class Budgets:
-    """Admission against a key's budget through allowances borrowed from the store: one statement per
-    borrow, never one per request; the store's balance is the one truth all replicas share."""
+    """Admission against a key's budget through the allowance pool: the store's balance for the period is the
+    one truth all replicas share."""
 
-    def __init__(self, timezone: str, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, timezone: str, pool: Pool, clock: Callable[[], float] = time.time) -> None:
         self.tz = ZoneInfo(timezone)
-        self.store = store
+        self.pool = pool
+        self.store = pool.store
         self.clock = clock
-        self._states: dict[tuple[str, str, int, float], BudgetState] = {}
-        self._keys: dict[tuple[str, str, int, float], str] = {}
-        self._sweeper: asyncio.Task[None] | None = None
-        self._refills: set[asyncio.Future[None]] = set()
-        self.borrows = 0  # statements sent to borrow (a figure for the benchmark and the tests)
 
-    async def reserve(self, key_id: str, budget: int, period: str, need: int) -> BudgetHold:
+    async def reserve(self, key_id: str, budget: int, period: str, need: int) -> Hold:
         """Hold `need` tokens of the key's budget for a request, or raise InsufficientQuota."""
         now = self.clock()
-        state = self._state(key_id, budget, period, now)
-        state.last_used = now
-        if state.allowance < need:
-            if now >= state.empty_until:
-                await self._borrow(key_id, state, need - state.allowance)
-            if state.allowance < need:
-                state.empty_until = now + EMPTY_RECHECK
-                wait = max(1, math.ceil(state.end - now))
-                raise InsufficientQuota(
-                    f"This key's token budget for the {_name(period)} is used up ({budget} tokens; this request "
-                    f"reserves {need}). It resets at {_iso(state.end)}.",
-                    headers={"retry-after": str(wait)},
-                )
-        state.allowance -= need
-        state.reserved += need
-        if state.allowance < state.low and state.borrowing is None:  # top up before it runs out
-            task = asyncio.ensure_future(self._borrow_quietly(key_id, state))
-            self._refills.add(task)
-            task.add_done_callback(self._refills.discard)
-        return BudgetHold(state, need)
+        start, end = period_bounds(period, now, self.tz)
+        bucket = f"{start:.0f}:{budget}"  # a new period, or a changed budget, is a new balance
+
+        def borrow(want: float) -> Awaitable[float]:
+            return self._borrow(key_id, bucket, budget, start, want)
+
+        until = self.pool.clock() + (end - now)  # the pool's clock: its allowance goes back when the period ends
+        hold = await self.pool.take(Balance(key_id, "budget", bucket), need, borrow, until)
+        if hold is None:
+            raise InsufficientQuota(
+                f"This key's token budget for the {_name(period)} is used up ({budget} tokens; this request "
+                f"reserves {need}). It resets at {_iso(end)}.",
+                headers={"retry-after": str(max(1, math.ceil(end - now)))},
+            )
+        return hold
+
+    async def _borrow(self, key_id: str, bucket: str, budget: int, start: float, want: float) -> float:
+        granted, _ = await self.store.borrow_budget(key_id, bucket, budget, start, want, FRACTION)
+        return granted
 
     async def remaining(self, key_id: str, budget: int, period: str) -> tuple[int, float]:
         """(tokens left this period, when it ends), as the key's stored requests say."""
         start, end = period_bounds(period, self.clock(), self.tz)
-        spent = await self.store.tokens_since(key_id, start)
-        return max(0, budget - spent), end
-
-    def _state(self, key_id: str, budget: int, period: str, now: float) -> BudgetState:
-        start, end = period_bounds(period, now, self.tz)
-        key = (key_id, period, budget, start)
-        state = self._states.get(key)
-        if state is None:
-            state = self._states[key] = BudgetState(budget, start, end)
-            self._keys[key] = key_id
-        return state
-
-    async def _borrow(self, key_id: str, state: BudgetState, need: float) -> None:
-        """One borrow in flight per key and period: a request that finds one running waits for it."""
-        if state.borrowing is not None:
-            await asyncio.shield(state.borrowing)
-            if state.allowance >= need or self.clock() < state.empty_until:
-                return
-        loop = asyncio.get_running_loop()
-        state.borrowing = done = loop.create_future()
-        try:
-            self.borrows += 1
-            granted, _ = await self.store.borrow_budget(
-                key_id, state.bucket, state.budget, state.start, max(need, 0.0), FRACTION
-            )
-            state.allowance += granted
-            state.low = granted / 2
-        except StoreError:
-            raise StoreUnavailable("The key's budget cannot be checked: the store is unavailable.") from None
-        finally:
-            state.borrowing = None
-            done.set_result(None)
-
-    async def _borrow_quietly(self, key_id: str, state: BudgetState) -> None:
-        with contextlib.suppress(StoreUnavailable):  # a request that needs it will ask again, and say so
-            await self._borrow(key_id, state, 0.0)
-
-    async def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
-
-    async def close(self) -> None:
-        """At drain: every allowance goes back, so other replicas can use it."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self._refills:
-            await asyncio.wait(self._refills)
-        await self._give_back(lambda state: True)
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(IDLE / 2)
-            now = self.clock()
-            try:
-                await self._give_back(partial(_idle, now=now))
-            except StoreError as exc:
-                log.warning("budget allowances not returned yet", extra={"fields": {"error": str(exc)[:200]}})
-
-    async def _give_back(self, due: Callable[[BudgetState], bool]) -> None:
-        """Return the allowances of idle keys and ended periods (those with nothing in flight)."""
-        for key, state in list(self._states.items()):
-            if state.reserved or state.borrowing is not None or not due(state):
-                continue
-            if state.allowance:
-                await self.store.give_back(self._keys[key], state.bucket, state.allowance)
-            self._states.pop(key, None)
-            self._keys.pop(key, None)
-
-
-def _idle(state: BudgetState, now: float) -> bool:
-    return state.end <= now or now - state.last_used >= IDLE
+        return max(0, budget - await self.store.tokens_since(key_id, start)), end
 
 
 def _name(period: str) -> str:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
 
+from sidecar.allowances import Hold
 from sidecar.auth import Principal
-from sidecar.budgets import BudgetHold
 from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
 from sidecar.series import gauge
@@ -68,7 +68,7 @@ class Lease:
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
     released: bool = False
-    budget: BudgetHold | None = None  # the key's period budget, reconciled with the minute buckets
+    holds: tuple[Hold, ...] = ()  # shared allowances (budget, tokens per minute), reconciled with the buckets
 
     def settle(self, prompt: int | None, completion: int | None) -> None:
         """Reconcile the token reservation to what the request really used (once; later calls are no-ops)."""
@@ -76,8 +76,8 @@ class Lease:
             return
         self.settled = True
         used = (prompt or 0) + (completion or 0)
-        if self.budget is not None:
-            self.budget.settle(used)
+        for hold in self.holds:
+            hold.settle(used)
         state = self.state
         state.reserved -= self.reserved
         if state.tokens is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from sidecar.allowances import Hold
 from sidecar.audit import Auditor
 from sidecar.auth import Authenticator, Principal
 from sidecar.budgets import Budgets
@@ -37,6 +38,7 @@ from sidecar.exchange import Admission, Exchange, client_gone
 from sidecar.inflight import InFlight
 from sidecar.leases import LeaseManager
 from sidecar.metrics import Metrics
+from sidecar.rates import SharedRates
 from sidecar.records import CLIENT_CLOSED_REQUEST, RequestRecord
 from sidecar.rejects import RejectSampler
 from sidecar.relay import ClientGone, Relay
@@ -64,6 +66,7 @@ class Proxy:
         metrics: Metrics,
         finish: Callable[[RequestRecord, bool], None],
         budgets: Budgets,
+        rates: SharedRates | None = None,
         auditor: Auditor | None = None,
         rejects: RejectSampler | None = None,
         cors: Cors | None = None,
@@ -75,6 +78,7 @@ class Proxy:
         self.auth = auth
         self.leases = leases
         self.budgets = budgets
+        self.rates = rates  # None with SQLite: one replica, the local buckets are the whole truth
         self.metrics = metrics
         self.auditor = auditor
         self.rejects = rejects
@@ -140,21 +144,35 @@ class Proxy:
 
     async def _admit(self, principal: Principal, call: Call) -> Admission:
         estimate = self._estimate(call)
-        hold = None
-        if principal.budget_tokens is not None and principal.budget_period and principal.key_id is not None:
-            budget, period = principal.budget_tokens, principal.budget_period
-            hold = await self.budgets.reserve(principal.key_id, budget, period, estimate.reservation)
+        holds = await self._shared_holds(principal, estimate.reservation)
         leases = self.leases
         try:
             lease = leases.acquire_now(principal, estimate.reservation) or await leases.acquire(
                 principal, estimate.reservation
             )
         except BaseException:
-            if hold is not None:
-                hold.settle(0)  # refused by the minute limits (or cancelled while queued): nothing was used
+            for hold in holds:
+                hold.settle(0)  # refused by the local limits (or cancelled while queued): nothing was used
             raise
-        lease.budget = hold
+        lease.holds = holds
         return Admission(call, lease, estimate.prompt, estimate.reservation - estimate.prompt)
+
+    async def _shared_holds(self, principal: Principal, reservation: int) -> tuple[Hold, ...]:
+        """The key's budget, then (replicas sharing PostgreSQL) its minute limits for the whole deployment."""
+        holds: list[Hold] = []
+        kid, budget, period = principal.key_id, principal.budget_tokens, principal.budget_period
+        if kid is not None and budget is not None and period:
+            holds.append(await self.budgets.reserve(kid, budget, period, reservation))
+        if self.rates is not None:
+            try:
+                tokens = await self.rates.take(principal, reservation)
+            except BaseException:
+                for hold in holds:
+                    hold.settle(0)
+                raise
+            if tokens is not None:
+                holds.append(tokens)
+        return tuple(holds)
 
     def _keep(self, request: web.Request) -> bool:
         """A request that ended before any key was verified costs a row only within a per-source rate."""

@@ -55,6 +55,7 @@ _NOT_YET = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psyco
 class PostgresStore(SqlStore):
     kind = "postgres"
     placeholder = "%s"
+    db_now = "extract(epoch from clock_timestamp())::double precision"
     migrations = MIGRATIONS
 
     def __init__(

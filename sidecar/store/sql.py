@@ -50,6 +50,8 @@ class SqlStore:
         """Run one statement on its own; the number of rows it changed."""
         raise NotImplementedError
 
+    db_now = ""  # the database's clock in epoch seconds, as SQL
+
     def _sql(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
@@ -185,11 +187,39 @@ class SqlStore:
         )
         return float(rows[0][0]), float(rows[0][1])
 
-    async def give_back(self, key_id: str, bucket: str, amount: float) -> None:
-        """Return an unused allowance (or, negative, charge usage beyond one) to a budget balance."""
-        sql = "UPDATE limit_balances SET level = level + ?, updated_at = ? WHERE key_id = ? AND dim = 'budget' AND "
-        sql += "bucket = ?"
-        await self._run([(self._sql(sql), (amount, time.time(), key_id, bucket))])
+    async def borrow_rate(
+        self, key_id: str, kind: str, capacity: float, per_second: float, need: float, fraction: float
+    ) -> tuple[float, float]:
+        """Take an allowance from a key's per-minute bucket (`rpm` or `tpm`), refilled by the database's clock
+        (never a replica's) up to `capacity`: at least `need` when it holds that, else `fraction` of its
+        level. Returns (granted, level left)."""
+        now, bucket = self.db_now, f"{capacity:g}"
+        start = self._sql(
+            "INSERT INTO limit_balances (key_id, dim, bucket, level, granted, updated_at) "
+            f"VALUES (?, ?, ?, ?, 0, {now}) ON CONFLICT (key_id, dim, bucket) DO NOTHING"
+        )
+        # The level refilled since the last change, capped: every SET sees the row as it was.
+        full = f"(level + ({now} - updated_at) * ?)"
+        level = f"(CASE WHEN {full} > ? THEN ? ELSE {full} END)"
+        want = f"(CASE WHEN {level} * ? > ? THEN {level} * ? ELSE ? END)"
+        grant = f"(CASE WHEN {level} <= 0 THEN 0 WHEN {level} < {want} THEN {level} ELSE {want} END)"
+        take = self._sql(
+            f"UPDATE limit_balances SET granted = {grant}, level = {level} - {grant}, updated_at = {now} "
+            "WHERE key_id = ? AND dim = ? AND bucket = ? RETURNING granted, level"
+        )
+        lv = (per_second, capacity, capacity, per_second)
+        wt = (*lv, fraction, need, *lv, fraction, need)
+        gr = (*lv, *lv, *wt, *lv, *wt)  # the placeholders of `grant`, in order
+        params = (*gr, *lv, *gr, key_id, kind, bucket)
+        rows = await self._run([(start, (key_id, kind, bucket, capacity)), (take, params)])
+        return float(rows[0][0]), float(rows[0][1])
+
+    async def give_back(self, key_id: str, kind: str, bucket: str, amount: float, cap: float | None = None) -> None:
+        """Return an unused allowance (or, negative, charge usage beyond one) to a balance, never above `cap`."""
+        level = "level + ?" if cap is None else "(CASE WHEN level + ? > ? THEN ? ELSE level + ? END)"
+        params: tuple[Any, ...] = (amount,) if cap is None else (amount, cap, cap, amount)
+        sql = f"UPDATE limit_balances SET level = {level} WHERE key_id = ? AND dim = ? AND bucket = ?"
+        await self._run([(self._sql(sql), (*params, key_id, kind, bucket))])
 
     async def count_requests(self) -> int:
         return int((await self._fetch("SELECT COUNT(*) FROM request_log"))[0][0])

@@ -42,6 +42,7 @@ MIGRATIONS = (
 class SqliteStore(SqlStore):
     kind = "sqlite"
     placeholder = "?"
+    db_now = "((julianday('now') - 2440587.5) * 86400.0)"
     migrations = MIGRATIONS
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000, report_timeout: float = 10.0) -> None:

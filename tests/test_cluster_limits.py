@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import re
 import time
 from zoneinfo import ZoneInfo
@@ -14,7 +15,8 @@ import aiohttp
 import psycopg
 import pytest
 
-from sidecar.budgets import IDLE, period_bounds
+from sidecar.allowances import IDLE
+from sidecar.budgets import period_bounds
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 from tests.test_process import start
@@ -108,6 +110,7 @@ async def test_three_replicas_stop_at_one_budget(fake, pg_url, tmp_path):
             spent = used(pg_url, kid)
     finally:
         cluster.close()
+    print(f"\nbudget {budget} over 3 replicas: {spent} used by {accepted + more} requests (largest need {need})")
     assert spent <= budget  # never more than the budget, for three replicas together
     assert budget - spent < max(need, need2) + 3 * 16  # and no allowance left stranded beyond the last requests
     assert accepted + more >= budget // 40  # 16 tokens each: the budget bought what it should
@@ -135,3 +138,48 @@ async def test_a_new_period_starts_afresh_on_every_replica(fake, pg_url, tmp_pat
 @pytest.fixture(autouse=True)
 def _quiet_fake(fake):
     fake.script.chunks = 5  # 11 prompt + 5 completion tokens per answer, streamed or not
+
+
+async def burst(session, urls, key, n: int) -> tuple[int, float]:
+    """n requests round-robin over the replicas, 10 at a time; (accepted, seconds it took)."""
+    began = time.monotonic()
+    statuses: list[int] = []
+    turn = itertools.cycle(urls)
+    for first in range(0, n, 10):
+        batch = [next(turn) for _ in range(min(10, n - first))]
+        statuses += [status for status, _ in await asyncio.gather(*(chat(session, url, key) for url in batch))]
+    assert set(statuses) <= {200, 429}, statuses
+    return statuses.count(200), time.monotonic() - began
+
+
+async def test_requests_per_minute_hold_across_three_replicas(fake, pg_url, tmp_path):
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, _ = await make_key(s, cluster.urls[0], rpm=60)
+            accepted, took = await burst(s, cluster.urls, key, 300)
+    finally:
+        cluster.close()
+    print(f"\nrpm=60 over 3 replicas: {accepted} of 300 accepted in {took:.1f} s")
+    # 60 in the bucket, plus what it refilled while the burst ran (one a second); never 60 per replica.
+    assert 60 - 3 * 8 <= accepted <= 60 + math.ceil(took) + 1, (accepted, took)
+
+
+async def test_tokens_per_minute_hold_across_three_replicas(fake, pg_url, tmp_path):
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, kid = await make_key(s, cluster.urls[0], tpm=2000)
+            accepted, took = await burst(s, cluster.urls, key, 300)
+            await asyncio.sleep(0.5)
+            spent = used(pg_url, kid)
+    finally:
+        cluster.close()
+    # Each request reserves its prompt estimate + 20 and uses 16; what it did not use comes back to the allowance
+    # of the replica that admitted it. So the three together use at most the bucket and its refill, never 3x.
+    refill = 2000 / 60 * took
+    print(f"\ntpm=2000 over 3 replicas: {accepted} accepted, {spent} tokens used in {took:.1f} s")
+    assert spent <= 2000 + refill + 3 * 40, (spent, took)
+    assert accepted >= (2000 - 3 * 2000 / 8) // 40, accepted

@@ -1,0 +1,66 @@
+"""Rates: a key's requests and tokens per minute held for the whole deployment, when replicas share a
+PostgreSQL store. Each limit is a bucket in the store (capacity the per-minute limit, refilled by the
+database's clock); replicas borrow allowances from it through the pool (`sidecar.allowances`), so a key with
+`rpm = 60` gets 60 a minute from all replicas together, within the allowances they hold. The local buckets of
+`sidecar.leases` still apply (they never bind tighter); with SQLite (one replica) they are the only ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable
+
+from sidecar.allowances import FRACTION, Balance, Hold, Pool
+from sidecar.auth import Principal
+from sidecar.errors import RateLimited
+
+
+class SharedRates:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.store = pool.store
+
+    async def take(self, p: Principal, tokens: int) -> Hold | None:
+        """Take one request from the key's shared request bucket and `tokens` from its token bucket; the
+        token hold (to settle with what the request used), or RateLimited with nothing taken."""
+        kid = p.key_id
+        if kid is None:
+            return None
+        request = None
+        if p.rpm:
+            request = await self._take(kid, "rpm", p.rpm, 1)
+            if request is None:
+                raise RateLimited(
+                    f"Rate limit reached: {p.rpm} requests per minute (for this key across all replicas).",
+                    type_="requests",
+                    headers={"retry-after": str(max(1, math.ceil(60 / p.rpm)))},
+                )
+        need = min(tokens, p.tpm)
+        try:
+            hold = await self._take(kid, "tpm", p.tpm, need) if p.tpm and need > 0 else None
+        except BaseException:  # the store is down (or the request was cancelled): nothing taken
+            if request is not None:
+                request.settle(0)
+            raise
+        if p.tpm and need > 0 and hold is None:
+            if request is not None:
+                request.settle(0)  # refused: its request goes back, as a refused request takes nothing
+            raise RateLimited(
+                f"Rate limit reached: {p.tpm} tokens per minute (for this key across all replicas); "
+                f"this request reserves {need}.",
+                type_="tokens",
+                headers={"retry-after": str(max(1, math.ceil(need * 60 / p.tpm)))},
+            )
+        if request is not None:
+            request.settle(1)  # a request admitted is a request spent
+        return hold
+
+    async def _take(self, kid: str, kind: str, limit: int, need: float) -> Hold | None:
+        def borrow(want: float) -> Awaitable[float]:
+            return self._borrow(kid, kind, limit, want)
+
+        return await self.pool.take(Balance(kid, kind, f"{limit:g}", float(limit)), need, borrow)
+
+    async def _borrow(self, kid: str, kind: str, limit: int, want: float) -> float:
+        granted, _ = await self.store.borrow_rate(kid, kind, float(limit), limit / 60.0, want, FRACTION)
+        return granted
