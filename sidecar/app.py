@@ -36,6 +36,7 @@ from sidecar.records import RequestRecord
 from sidecar.rejects import RejectSampler
 from sidecar.responses import Routes
 from sidecar.retention import Retention
+from sidecar.slots import SharedSlots
 from sidecar.state import RunState
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -166,9 +167,10 @@ def build(settings: Settings) -> Parts:
     finish = record_finisher(metrics, writer, request_log)
     pool = Pool(store)
     budgets = Budgets(s.limits.timezone, pool)
-    rates = SharedRates(pool) if store.kind == "postgres" else None
+    shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
+    rates, slots = (SharedRates(pool), SharedSlots(store)) if shared else (None, None)
     proxy = Proxy(
-        upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, rates, auditor, rejects, cors
+        upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, rates, slots, auditor, rejects, cors
     )  # fmt: skip
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
@@ -233,6 +235,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
         _resource(p.writer.start, p.writer.close),
         # Allowances go back before the writer's last flush: a borrow in flight could hold SQLite's write lock then.
         _resource(p.proxy.budgets.pool.start, p.proxy.budgets.pool.close),
+        _slots_resource(p.proxy.slots),
         _bus_resource(p.bus, p.settings.writer.drain_timeout),
         _resource(_nothing, close_log),
         _resource(_nothing, close_proxy),
@@ -274,5 +277,17 @@ def _bus_resource(bus: AuditBus | None, drain_timeout: float) -> CleanupCtx:
     async def stop() -> None:
         if bus is not None:
             await bus.close(drain_timeout)
+
+    return _resource(start, stop)
+
+
+def _slots_resource(slots: SharedSlots | None) -> CleanupCtx:
+    async def start() -> None:
+        if slots is not None:
+            await slots.start()
+
+    async def stop() -> None:
+        if slots is not None:
+            await slots.close()
 
     return _resource(start, stop)

@@ -25,6 +25,7 @@ from sidecar.auth import Principal
 from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
 from sidecar.series import gauge
+from sidecar.slots import SlotHold
 
 
 class Bucket:
@@ -69,6 +70,7 @@ class Lease:
     settled: bool = False
     released: bool = False
     holds: tuple[Hold, ...] = ()  # shared allowances (budget, tokens per minute), reconciled with the buckets
+    slot: SlotHold | None = None  # a concurrency slot held for the whole deployment
 
     def settle(self, prompt: int | None, completion: int | None) -> None:
         """Reconcile the token reservation to what the request really used (once; later calls are no-ops)."""
@@ -93,6 +95,8 @@ class Lease:
             self.settle(0, 0)  # nothing known to have been used: refund the reservation
         self.released = True
         self.state.active -= 1
+        if self.slot is not None:
+            self.slot.release()
         if self.holds_global:
             self.manager.release_global()
 

@@ -44,6 +44,7 @@ from sidecar.rejects import RejectSampler
 from sidecar.relay import ClientGone, Relay
 from sidecar.responses import error_response
 from sidecar.routes import MODELS, NO_OUTPUT, Route
+from sidecar.slots import SharedSlots
 from sidecar.tokens import estimate_prompt
 from sidecar.upstream import Upstream
 from sidecar.upstream.pool import UpstreamFailure
@@ -67,6 +68,7 @@ class Proxy:
         finish: Callable[[RequestRecord, bool], None],
         budgets: Budgets,
         rates: SharedRates | None = None,
+        slots: SharedSlots | None = None,
         auditor: Auditor | None = None,
         rejects: RejectSampler | None = None,
         cors: Cors | None = None,
@@ -79,6 +81,7 @@ class Proxy:
         self.leases = leases
         self.budgets = budgets
         self.rates = rates  # None with SQLite: one replica, the local buckets are the whole truth
+        self.slots = slots  # likewise for concurrency
         self.metrics = metrics
         self.auditor = auditor
         self.rejects = rejects
@@ -144,7 +147,15 @@ class Proxy:
 
     async def _admit(self, principal: Principal, call: Call) -> Admission:
         estimate = self._estimate(call)
-        holds = await self._shared_holds(principal, estimate.reservation)
+        slot = None
+        if self.slots is not None and principal.concurrency and principal.key_id is not None:
+            slot = await self.slots.take(principal.key_id, principal.concurrency)
+        try:
+            holds = await self._shared_holds(principal, estimate.reservation)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         leases = self.leases
         try:
             lease = leases.acquire_now(principal, estimate.reservation) or await leases.acquire(
@@ -153,8 +164,10 @@ class Proxy:
         except BaseException:
             for hold in holds:
                 hold.settle(0)  # refused by the local limits (or cancelled while queued): nothing was used
+            if slot is not None:
+                slot.release()
             raise
-        lease.holds = holds
+        lease.holds, lease.slot = holds, slot
         return Admission(call, lease, estimate.prompt, estimate.reservation - estimate.prompt)
 
     async def _shared_holds(self, principal: Principal, reservation: int) -> tuple[Hold, ...]:

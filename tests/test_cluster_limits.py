@@ -17,6 +17,7 @@ import pytest
 
 from sidecar.allowances import IDLE
 from sidecar.budgets import period_bounds
+from sidecar.slots import LEASE
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 from tests.test_process import start
@@ -180,3 +181,55 @@ async def test_tokens_per_minute_hold_across_three_replicas(fake, pg_url, tmp_pa
     # of the replica that admitted it. So the three together use at most the bucket and its refill, never 3x.
     assert spent <= 2000 + 2000 / 60 * took + 3 * 40, (spent, took)
     assert accepted >= (2000 - 3 * 2000 / 8) // 40, accepted
+
+
+async def stream_for(session, url, key, chunks: int) -> int:
+    body = {**CHAT, "stream": True}
+    headers = {"authorization": f"Bearer {key}", "x-fake-script": f'{{"chunks": {chunks}, "delay_chunks": 0.05}}'}
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+            await r.read()
+            return r.status
+    except aiohttp.ClientError:
+        return 0
+
+
+async def test_concurrency_holds_across_three_replicas(fake, pg_url, tmp_path):
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, _ = await make_key(s, cluster.urls[0], concurrency=8)
+            turn = itertools.cycle(cluster.urls)
+            statuses = await asyncio.gather(*(stream_for(s, next(turn), key, 20) for _ in range(60)))
+    finally:
+        cluster.close()
+    print(
+        f"\nconcurrency=8 over 3 replicas: upstream saw at most {fake.max_in_flight} at once; {statuses.count(200)} ran"
+    )
+    assert set(statuses) <= {200, 429}
+    assert fake.max_in_flight <= 8 and statuses.count(200) >= 8  # never 8 per replica, and all 8 were used
+
+
+async def test_a_killed_replicas_slots_come_back_within_the_lease(fake, pg_url, tmp_path):
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, _ = await make_key(s, cluster.urls[0], concurrency=4)
+            held = [asyncio.create_task(stream_for(s, cluster.urls[0], key, 400)) for _ in range(4)]
+            while fake.in_flight < 4:
+                await asyncio.sleep(0.05)
+            assert (await chat(s, cluster.urls[1], key))[0] == 429  # all four are held by replica 0
+            cluster.procs[0].kill()  # SIGKILL: no drain, no goodbye to the store
+            killed = time.monotonic()
+            await asyncio.gather(*held)
+            while (status := (await chat(s, cluster.urls[1], key))[0]) != 200:
+                assert status == 429
+                assert time.monotonic() - killed < LEASE + 5, "the dead replica's slots never came back"
+                await asyncio.sleep(0.25)
+            recovered = time.monotonic() - killed
+    finally:
+        cluster.close()
+    print(f"\nslots of a SIGKILLed replica usable again after {recovered:.1f} s (lease {LEASE:g} s)")
+    assert recovered <= LEASE + 5

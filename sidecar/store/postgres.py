@@ -20,6 +20,7 @@ from sidecar.store.sql import (
     schema_v1,
     schema_v2,
     schema_v4,
+    schema_v5,
     statements,
 )
 
@@ -29,6 +30,7 @@ MIGRATIONS = (
     schema_v2("DOUBLE PRECISION"),
     SCHEMA_V3,
     schema_v4("DOUBLE PRECISION"),
+    schema_v5("DOUBLE PRECISION"),
 )
 
 
@@ -56,6 +58,7 @@ class PostgresStore(SqlStore):
     kind = "postgres"
     placeholder = "%s"
     db_now = "extract(epoch from clock_timestamp())::double precision"
+    lock_key = "SELECT pg_advisory_xact_lock(hashtext(?))"  # one key's slot borrowers one at a time
     migrations = MIGRATIONS
 
     def __init__(

@@ -221,6 +221,52 @@ class SqlStore:
         sql = f"UPDATE limit_balances SET level = {level} WHERE key_id = ? AND dim = ? AND bucket = ?"
         await self._run([(self._sql(sql), (*params, key_id, kind, bucket))])
 
+    # --- shared concurrency: slots a replica holds, on a lease it renews -------------------------------------
+    lock_key = "SELECT 1"  # serialises borrowers of one key's slots (SQLite: the write lock already does)
+
+    async def borrow_slots(self, key_id: str, replica: str, limit: int, want: int, lease: float) -> int:
+        """Hold up to `want` more of a key's `limit` slots for `replica`, counting every replica's unexpired
+        ones; the replica's holding afterwards (its lease renewed)."""
+        now = self.db_now
+        free = (
+            f"(? - (SELECT COALESCE(SUM(o.slots), 0) FROM limit_slots o WHERE o.key_id = ? AND o.expires_at > {now} "
+            "AND o.replica <> ?) - (CASE WHEN expires_at > " + now + " THEN slots ELSE 0 END))"
+        )
+        grant = f"(CASE WHEN {free} <= 0 THEN 0 WHEN {free} < ? THEN {free} ELSE ? END)"
+        kept = f"(CASE WHEN expires_at > {now} THEN slots ELSE 0 END)"  # an expired holding was given up
+        fp = (limit, key_id, replica)
+        rows = await self._run(
+            [
+                (self._sql(self.lock_key), (key_id,) if "?" in self.lock_key else ()),
+                (
+                    self._sql(
+                        "INSERT INTO limit_slots (key_id, replica, slots, expires_at) VALUES (?, ?, 0, 0) "
+                        "ON CONFLICT (key_id, replica) DO NOTHING"
+                    ),
+                    (key_id, replica),
+                ),
+                (
+                    self._sql(
+                        f"UPDATE limit_slots SET slots = {kept} + {grant}, expires_at = {now} + ? "
+                        "WHERE key_id = ? AND replica = ? RETURNING slots"
+                    ),
+                    (*fp, *fp, want, *fp, want, lease, key_id, replica),
+                ),
+            ]
+        )
+        return int(rows[0][0])
+
+    async def return_slots(self, key_id: str, replica: str, count: int) -> None:
+        sql = "UPDATE limit_slots SET slots = CASE WHEN slots > ? THEN slots - ? ELSE 0 END "
+        sql += "WHERE key_id = ? AND replica = ?"
+        await self._run([(self._sql(sql), (count, count, key_id, replica))])
+
+    async def renew_slots(self, replica: str, lease: float) -> None:
+        """Keep this replica's slots for another `lease` seconds; a replica that stops renewing (killed) loses
+        them when they expire, and other replicas can take them."""
+        sql = f"UPDATE limit_slots SET expires_at = {self.db_now} + ? WHERE replica = ? AND slots > 0"
+        await self._run([(self._sql(sql), (lease, replica))])
+
     async def count_requests(self) -> int:
         return int((await self._fetch("SELECT COUNT(*) FROM request_log"))[0][0])
 
@@ -370,6 +416,13 @@ def schema_v4(real: str) -> str:
     return f"""CREATE TABLE limit_balances (
   key_id TEXT NOT NULL, dim TEXT NOT NULL, bucket TEXT NOT NULL, level {real} NOT NULL, granted {real} NOT NULL,
   updated_at {real} NOT NULL, PRIMARY KEY (key_id, dim, bucket))"""
+
+
+def schema_v5(real: str) -> str:
+    """Version 5: concurrency slots each replica holds for a key, until `expires_at` unless renewed."""
+    return f"""CREATE TABLE limit_slots (
+  key_id TEXT NOT NULL, replica TEXT NOT NULL, slots INTEGER NOT NULL, expires_at {real} NOT NULL,
+  PRIMARY KEY (key_id, replica))"""
 
 
 def schema_v2(real: str) -> str:

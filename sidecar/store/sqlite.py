@@ -13,7 +13,7 @@ import aiosqlite
 import orjson
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import RETAINED, SCHEMA_V3, Params, SqlStore, schema_v1, schema_v2, schema_v4
+from sidecar.store.sql import RETAINED, SCHEMA_V3, Params, SqlStore, schema_v1, schema_v2, schema_v4, schema_v5
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
@@ -36,6 +36,7 @@ MIGRATIONS = (
     schema_v2("REAL"),
     SCHEMA_V3,
     schema_v4("REAL"),
+    schema_v5("REAL"),
 )
 
 
