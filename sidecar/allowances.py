@@ -14,11 +14,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
+from prometheus_client.metrics_core import Metric
+
 from sidecar.errors import StoreUnavailable
+from sidecar.series import counter
 from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("sidecar.allowances")
@@ -120,6 +123,14 @@ class Pool:
     async def _borrow_quietly(self, share: Share, borrow: Borrow) -> None:
         with contextlib.suppress(StoreUnavailable):  # a request that needs it will ask again, and say so
             await self._borrow(share, 0.0, borrow)
+
+    def collect(self) -> Iterator[Metric]:
+        yield counter(
+            "sidecar_limit_borrows",
+            "Statements that borrowed an allowance from a shared balance (budgets; rpm and tpm with PostgreSQL).",
+            (),
+            {(): self.borrows},
+        )
 
     async def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())

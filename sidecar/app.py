@@ -193,6 +193,9 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(server_header(settings.server.server_header))
     p = parts
     collectors = [p.writer.collect, p.upstream.collect, p.leases.collect, p.rejects.collect, p.retention.collect]
+    collectors.append(p.proxy.budgets.pool.collect)
+    if p.proxy.slots is not None:
+        collectors.append(p.proxy.slots.collect)
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))

@@ -14,12 +14,15 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
+from prometheus_client.metrics_core import Metric
+
 from sidecar.allowances import IDLE
 from sidecar.errors import RateLimited, StoreUnavailable
+from sidecar.series import counter
 from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("sidecar.slots")
@@ -54,6 +57,15 @@ class SharedSlots:
         self.replica = uuid.uuid4().hex[:16]  # this process, in `limit_slots`
         self._keys: dict[tuple[str, int], KeySlots] = {}
         self._task: asyncio.Task[None] | None = None
+        self.asks = 0  # statements that asked the store for a slot
+
+    def collect(self) -> Iterator[Metric]:
+        yield counter(
+            "sidecar_limit_slot_asks",
+            "Statements that asked the shared store for a concurrency slot.",
+            (),
+            {(): self.asks},
+        )
 
     async def take(self, key_id: str, limit: int) -> SlotHold:
         """A slot of the key's `limit` for a request, or RateLimited (every slot is in use somewhere)."""
@@ -76,6 +88,7 @@ class SharedSlots:
 
     async def _ask(self, key_id: str, limit: int, slots: KeySlots) -> None:
         slots.asking = done = asyncio.get_running_loop().create_future()
+        self.asks += 1
         try:
             slots.held = await self.store.borrow_slots(
                 key_id, self.replica, limit, slots.active + 1 - slots.held, LEASE

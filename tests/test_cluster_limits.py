@@ -233,3 +233,29 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(fake, pg_url, 
         cluster.close()
     print(f"\nslots of a SIGKILLed replica usable again after {recovered:.1f} s (lease {LEASE:g} s)")
     assert recovered <= LEASE + 5
+
+
+async def borrow_statements(session, urls) -> int:
+    total = 0
+    for url in urls:
+        async with session.get(url + "/metrics") as r:
+            text = await r.text()
+        for name in ("sidecar_limit_borrows_total", "sidecar_limit_slot_asks_total"):
+            total += int(float(re.search(rf"^{name} (\S+)$", text, re.M).group(1)))
+    return total
+
+
+async def test_steady_state_costs_few_store_statements_per_request(fake, pg_url, tmp_path):
+    """Limits far from reached: one borrow per replica and kind serves many requests."""
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            limits = {"rpm": 1_000_000, "tpm": 1_000_000_000, "concurrency": 100}
+            key, _ = await make_key(s, cluster.urls[0], budget_tokens=10**9, budget_period="day", **limits)
+            accepted, _ = await burst(s, cluster.urls, key, 600)
+            statements = await borrow_statements(s, cluster.urls)
+    finally:
+        cluster.close()
+    print(f"\nsteady state: {statements} borrow statements for {accepted} requests ({statements / accepted:.3f} each)")
+    assert accepted == 600 and statements / accepted <= 0.05
