@@ -11,27 +11,10 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import (
-    MIGRATIONS_TABLE,
-    SCHEMA_V3,
-    Params,
-    SqlStore,
-    json_array,
-    schema_v1,
-    schema_v2,
-    schema_v4,
-    schema_v5,
-    statements,
-)
+from sidecar.store.sql import MIGRATIONS_TABLE, Params, SqlStore, json_array, migrations, statements
 
 _MIGRATION_LOCK = 0x51DECA2  # pg_advisory_lock key: one replica migrates at a time
-MIGRATIONS = (
-    schema_v1("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY"),
-    schema_v2("DOUBLE PRECISION"),
-    SCHEMA_V3,
-    schema_v4("DOUBLE PRECISION"),
-    schema_v5("DOUBLE PRECISION"),
-)
+MIGRATIONS = migrations("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY")
 
 
 def _text(exc: BaseException) -> str:

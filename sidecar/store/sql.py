@@ -428,3 +428,8 @@ def schema_v5(real: str) -> str:
 def schema_v2(real: str) -> str:
     """Version 2: named settings of the deployment (the pepper's fingerprint), one row each."""
     return f"CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at {real} NOT NULL)"
+
+
+def migrations(real: str, boolean: str, serial: str) -> tuple[str, ...]:
+    """Every version of the schema in a backend's types, oldest first (`schema_migrations` counts them)."""
+    return (schema_v1(real, boolean, serial), schema_v2(real), SCHEMA_V3, schema_v4(real), schema_v5(real))

@@ -13,7 +13,7 @@ import aiosqlite
 import orjson
 
 from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import RETAINED, SCHEMA_V3, Params, SqlStore, schema_v1, schema_v2, schema_v4, schema_v5
+from sidecar.store.sql import RETAINED, Params, SqlStore, migrations
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
@@ -31,13 +31,7 @@ def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
     return values
 
 
-MIGRATIONS = (
-    schema_v1("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),
-    schema_v2("REAL"),
-    SCHEMA_V3,
-    schema_v4("REAL"),
-    schema_v5("REAL"),
-)
+MIGRATIONS = migrations("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")
 
 
 class SqliteStore(SqlStore):
