@@ -168,7 +168,8 @@ def build(settings: Settings) -> Parts:
     pool = Pool(store)
     budgets = Budgets(s.limits.timezone, pool)
     shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
-    rates, slots = (SharedRates(pool), SharedSlots(store)) if shared else (None, None)
+    down = s.limits.store_down
+    rates, slots = (SharedRates(pool, down), SharedSlots(store, down)) if shared else (None, None)
     proxy = Proxy(
         upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, rates, slots, auditor, rejects, cors
     )  # fmt: skip
@@ -194,8 +195,8 @@ def create_app(settings: Settings) -> web.Application:
     p = parts
     collectors = [p.writer.collect, p.upstream.collect, p.leases.collect, p.rejects.collect, p.retention.collect]
     collectors.append(p.proxy.budgets.pool.collect)
-    if p.proxy.slots is not None:
-        collectors.append(p.proxy.slots.collect)
+    if p.proxy.slots is not None and p.proxy.rates is not None:
+        collectors += [p.proxy.slots.collect, p.proxy.rates.collect]
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))

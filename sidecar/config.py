@@ -109,6 +109,7 @@ class LimitsCfg:
     queue_size: int = 256
     queue_timeout: float = 30.0
     timezone: str = "UTC"  # where a key's `day`, `week` and `month` budget periods begin
+    store_down: str = "local"  # shared store unreachable: "local" (this replica's own limits) or "reject" (503)
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,8 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"store.retention: expected a duration such as 90d or 0 (keep), got {s.store.retention!r}")
     if not 0.0 <= s.audit.sample_rate <= 1.0:
         raise ConfigError(f"audit.sample_rate: must be between 0 and 1, got {s.audit.sample_rate}")
+    if s.limits.store_down not in ("local", "reject"):
+        raise ConfigError(f"limits.store_down: must be local or reject, got {s.limits.store_down!r}")
     try:
         ZoneInfo(s.limits.timezone)
     except (ValueError, ZoneInfoNotFoundError):

@@ -7,22 +7,53 @@ database's clock); replicas borrow allowances from it through the pool (`sidecar
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+
+from prometheus_client.metrics_core import Metric
 
 from sidecar.allowances import FRACTION, Balance, Hold, Pool
 from sidecar.auth import Principal
-from sidecar.errors import RateLimited
+from sidecar.errors import RateLimited, StoreUnavailable
+from sidecar.series import counter
+
+log = logging.getLogger("sidecar.rates")
 
 
 class SharedRates:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, store_down: str = "local") -> None:
         self.pool = pool
         self.store = pool.store
+        self.local = store_down == "local"  # the store unreachable: this replica's own buckets, not a 503
+        self.local_admissions = 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield counter(
+            "sidecar_limit_local_rate_admissions",
+            "Requests admitted by this replica's own rpm/tpm buckets while the shared store was unreachable.",
+            (),
+            {(): self.local_admissions},
+        )
 
     async def take(self, p: Principal, tokens: int) -> Hold | None:
         """Take one request from the key's shared request bucket and `tokens` from its token bucket; the
-        token hold (to settle with what the request used), or RateLimited with nothing taken."""
+        token hold (to settle with what the request used), or RateLimited with nothing taken. With the store
+        unreachable and `store_down = local`: None (this replica's own buckets in `sidecar.leases` decide)."""
+        try:
+            return await self._take_both(p, tokens)
+        except StoreUnavailable:
+            if not self.local:
+                raise
+            self.local_admissions += 1
+            if self.local_admissions == 1 or self.local_admissions % 1000 == 0:
+                log.warning(
+                    "shared store unreachable: rpm/tpm enforced per replica (limits.store_down = local)",
+                    extra={"fields": {"admitted_locally": self.local_admissions}},
+                )
+            return None
+
+    async def _take_both(self, p: Principal, tokens: int) -> Hold | None:
         kid = p.key_id
         if kid is None:
             return None

@@ -35,6 +35,7 @@ class KeySlots:
     active: int = 0  # of those, in use by requests
     last_used: float = 0.0
     asking: asyncio.Future[None] | None = None
+    unsure: bool = False  # a question to the store failed: it may have been answered there (then lost on the way)
 
 
 @dataclass(slots=True)
@@ -51,8 +52,10 @@ class SlotHold:
 
 
 class SharedSlots:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: Store, store_down: str = "local", clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.local = store_down == "local"  # the store unreachable: this replica's own limit, not a 503
+        self.local_admissions = 0
         self.clock = clock
         self.replica = uuid.uuid4().hex[:16]  # this process, in `limit_slots`
         self._keys: dict[tuple[str, int], KeySlots] = {}
@@ -66,9 +69,30 @@ class SharedSlots:
             (),
             {(): self.asks},
         )
+        yield counter(
+            "sidecar_limit_local_admissions",
+            "Requests admitted by this replica's own limits while the shared store was unreachable.",
+            ("limit",),
+            {("concurrency",): self.local_admissions},
+        )
 
-    async def take(self, key_id: str, limit: int) -> SlotHold:
-        """A slot of the key's `limit` for a request, or RateLimited (every slot is in use somewhere)."""
+    async def take(self, key_id: str, limit: int) -> SlotHold | None:
+        """A slot of the key's `limit` for a request, or RateLimited (every slot is in use somewhere). With the
+        store unreachable and `store_down = local`: None (only this replica's own limit applies)."""
+        try:
+            return await self._take(key_id, limit)
+        except StoreUnavailable:
+            if not self.local:
+                raise
+            self.local_admissions += 1
+            if self.local_admissions == 1 or self.local_admissions % 1000 == 0:
+                log.warning(
+                    "shared store unreachable: concurrency enforced per replica (limits.store_down = local)",
+                    extra={"fields": {"admitted_locally": self.local_admissions}},
+                )
+            return None
+
+    async def _take(self, key_id: str, limit: int) -> SlotHold:
         slots = self._keys.setdefault((key_id, limit), KeySlots())
         slots.last_used = self.clock()
         while slots.active >= slots.held:
@@ -93,7 +117,9 @@ class SharedSlots:
             slots.held = await self.store.borrow_slots(
                 key_id, self.replica, limit, slots.active + 1 - slots.held, LEASE
             )
+            slots.unsure = False  # the store's answer is the row as it is now
         except StoreError:
+            slots.unsure = True  # it may have been done there, the answer lost: the next return sets our count
             raise StoreUnavailable("The key's concurrency cannot be checked: the store is unavailable.") from None
         finally:
             slots.asking = None
@@ -124,14 +150,15 @@ class SharedSlots:
     async def _return(self, due: Callable[[KeySlots], bool]) -> None:
         for (key_id, limit), slots in list(self._keys.items()):
             spare = slots.held - slots.active
-            if spare > 0 and slots.asking is None and due(slots):
+            if (spare > 0 or slots.unsure) and slots.asking is None and due(slots):
                 slots.held -= spare  # first: a request arriving meanwhile must not use a slot on its way back
                 try:
-                    await self.store.return_slots(key_id, self.replica, spare)
+                    await self.store.return_slots(key_id, self.replica, slots.held)
                 except StoreError:
                     slots.held += spare  # still ours in the store: ours to use, or to return later
                     raise
-            if slots.held == 0 and slots.active == 0:
+                slots.unsure = False
+            if slots.held == 0 and slots.active == 0 and not slots.unsure:
                 self._keys.pop((key_id, limit), None)
 
 

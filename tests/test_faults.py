@@ -19,8 +19,11 @@ from typing import Any
 
 import aiohttp
 import orjson
+import psycopg
 import pytest
 
+from sidecar.allowances import IDLE
+from sidecar.slots import LEASE
 from tests.common import CHAT, CHAT_PATH, post
 from tests.fake_upstream import FakeUpstream, Script
 from tests.faults import Fault, FaultProxy
@@ -239,3 +242,53 @@ async def test_a_store_that_comes_back_with_another_peppers_fingerprint_makes_th
             await asyncio.sleep(0.2)
     assert r.status == 503 and body["reason"] == "pepper"
     assert "not the pepper the store's keys were hashed with" in running.log_text()
+
+
+@pytest.mark.parametrize("policy", ["local", "reject"])
+async def test_shared_limits_when_postgresql_goes_away(fake, pg_proxy, pg_url, sidecar_factory, policy):
+    """limits.store_down: `local` keeps admitting by this replica's own limits (counted), `reject` answers 503;
+    once the store is back the shared checks resume and nothing is left held."""
+    running = await sidecar_factory(
+        fake.url,
+        store__url=through(pg_proxy, pg_url),
+        store__op_timeout=1.0,
+        auth__enabled=True,
+        server__admin_token="faults-admin",
+        limits__store_down=policy,
+    )
+    admin = {"authorization": "Bearer faults-admin"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            running.url + "/admin/keys", json={"name": "k", "concurrency": 4, "rpm": 1000}, headers=admin
+        ) as r:
+            key = (await r.json())["key"]
+        auth = {"authorization": f"Bearer {key}"}
+
+        async def call() -> tuple[int, dict]:
+            async with s.post(running.url + "/v1/chat/completions", json=CHAT, headers=auth) as r:
+                return r.status, await r.json()
+
+        assert (await call())[0] == 200  # the key is verified and cached; its shares borrowed
+        await asyncio.sleep(IDLE * 1.5)  # ... and handed back when idle: the next request must ask the store
+        await pg_proxy.down()
+        statuses = [await call() for _ in range(3)]
+        if policy == "local":
+            assert [code for code, _ in statuses] == [200, 200, 200]
+            text = await (await s.get(running.url + "/metrics")).text()
+            assert "sidecar_limit_local_admissions_total" in text
+        else:
+            assert all(code == 503 and body["error"]["code"] == "store_unavailable" for code, body in statuses)
+        await pg_proxy.up()
+        deadline = asyncio.get_running_loop().time() + 15
+        while (await call())[0] != 200:
+            assert asyncio.get_running_loop().time() < deadline, "shared limits did not come back with the store"
+            await asyncio.sleep(0.3)
+    # Idle again: every slot this replica held goes back (idle for IDLE, seen by a sweep every LEASE / 3).
+    deadline = asyncio.get_running_loop().time() + IDLE + LEASE / 3 + 3
+    while True:
+        with psycopg.connect(pg_url) as conn:
+            held = conn.execute("SELECT COALESCE(SUM(slots), 0) FROM limit_slots").fetchone()[0]
+        if held == 0 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert held == 0

@@ -256,10 +256,11 @@ class SqlStore:
         )
         return int(rows[0][0])
 
-    async def return_slots(self, key_id: str, replica: str, count: int) -> None:
-        sql = "UPDATE limit_slots SET slots = CASE WHEN slots > ? THEN slots - ? ELSE 0 END "
-        sql += "WHERE key_id = ? AND replica = ?"
-        await self._run([(self._sql(sql), (count, count, key_id, replica))])
+    async def return_slots(self, key_id: str, replica: str, keep: int) -> None:
+        """Set what `replica` holds of a key's slots to `keep`: the replica's own count is the truth for its
+        row, so a borrow whose answer was lost (committed, then the connection cut) is put right here."""
+        sql = "UPDATE limit_slots SET slots = ? WHERE key_id = ? AND replica = ?"
+        await self._run([(self._sql(sql), (keep, key_id, replica))])
 
     async def renew_slots(self, replica: str, lease: float) -> None:
         """Keep this replica's slots for another `lease` seconds; a replica that stops renewing (killed) loses
