@@ -32,6 +32,27 @@ EMPTY_RECHECK = 1.0  # after a balance said "not enough", ask it again at most t
 Borrow = Callable[[float], Awaitable[float]]  # need -> granted
 
 
+class StoreDown:
+    """`limits.store_down` for one shared limit: with the store unreachable, `local` admits by this replica's
+    own limits (counted, logged now and then) and `reject` lets the 503 through."""
+
+    def __init__(self, policy: str, what: str) -> None:
+        self.local = policy == "local"
+        self.what = what
+        self.admitted = 0
+
+    def admit_locally(self, error: StoreUnavailable) -> None:
+        """Called in `except StoreUnavailable`: returns when the request may go on, else re-raises `error`."""
+        if not self.local:
+            raise error
+        self.admitted += 1
+        if self.admitted == 1 or self.admitted % 1000 == 0:
+            log.warning(
+                f"shared store unreachable: {self.what} enforced per replica (limits.store_down = local)",
+                extra={"fields": {"admitted_locally": self.admitted}},
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Balance:
     """Which balance: a key's, of one kind, in one bucket; `cap` bounds a refilling one (None: no bound)."""

@@ -114,13 +114,15 @@ async def _open(settings: Settings, *, create: bool) -> Store:
     if url.startswith("sqlite:///") and not create and not os.path.exists(url[len("sqlite:///") :]):
         raise CommandError(missing)
     await store.open()
+    ready = False
     try:
         if not create and await store.schema_version() == 0:
             raise CommandError(missing)
         await store.migrate()
-    except BaseException:
-        await store.close()
-        raise
+        ready = True
+    finally:
+        if not ready:
+            await store.close()
     return store
 
 

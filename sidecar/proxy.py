@@ -150,42 +150,32 @@ class Proxy:
         slot = None
         if self.slots is not None and principal.concurrency and principal.key_id is not None:
             slot = await self.slots.take(principal.key_id, principal.concurrency)
+        holds: list[Hold] = []
+        admitted = False
         try:
-            holds = await self._shared_holds(principal, estimate.reservation)
-        except BaseException:
-            if slot is not None:
-                slot.release()
-            raise
-        leases = self.leases
-        try:
+            await self._shared_holds(principal, estimate.reservation, holds)
+            leases = self.leases
             lease = leases.acquire_now(principal, estimate.reservation) or await leases.acquire(
                 principal, estimate.reservation
             )
-        except BaseException:
-            for hold in holds:
-                hold.settle(0)  # refused by the local limits (or cancelled while queued): nothing was used
-            if slot is not None:
-                slot.release()
-            raise
-        lease.holds, lease.slot = holds, slot
+            admitted = True
+        finally:
+            if not admitted:  # refused (or cancelled while queued) after something was taken: nothing was used
+                for hold in holds:
+                    hold.settle(0)
+                if slot is not None:
+                    slot.release()
+        lease.holds, lease.slot = tuple(holds), slot
         return Admission(call, lease, estimate.prompt, estimate.reservation - estimate.prompt)
 
-    async def _shared_holds(self, principal: Principal, reservation: int) -> tuple[Hold, ...]:
-        """The key's budget, then (replicas sharing PostgreSQL) its minute limits for the whole deployment."""
-        holds: list[Hold] = []
+    async def _shared_holds(self, principal: Principal, reservation: int, holds: list[Hold]) -> None:
+        """The key's budget, then (replicas sharing PostgreSQL) its minute limits for the whole deployment, into
+        `holds` as each is taken (the caller gives them back when admission fails)."""
         kid, budget, period = principal.key_id, principal.budget_tokens, principal.budget_period
         if kid is not None and budget is not None and period:
             holds.append(await self.budgets.reserve(kid, budget, period, reservation))
-        if self.rates is not None:
-            try:
-                tokens = await self.rates.take(principal, reservation)
-            except BaseException:
-                for hold in holds:
-                    hold.settle(0)
-                raise
-            if tokens is not None:
-                holds.append(tokens)
-        return tuple(holds)
+        if self.rates is not None and (tokens := await self.rates.take(principal, reservation)) is not None:
+            holds.append(tokens)
 
     def _keep(self, request: web.Request) -> bool:
         """A request that ended before any key was verified costs a row only within a per-source rate."""

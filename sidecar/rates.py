@@ -7,33 +7,29 @@ database's clock); replicas borrow allowances from it through the pool (`sidecar
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Awaitable, Iterator
 
 from prometheus_client.metrics_core import Metric
 
-from sidecar.allowances import FRACTION, Balance, Hold, Pool
+from sidecar.allowances import FRACTION, Balance, Hold, Pool, StoreDown
 from sidecar.auth import Principal
 from sidecar.errors import RateLimited, StoreUnavailable
 from sidecar.series import counter
-
-log = logging.getLogger("sidecar.rates")
 
 
 class SharedRates:
     def __init__(self, pool: Pool, store_down: str = "local") -> None:
         self.pool = pool
         self.store = pool.store
-        self.local = store_down == "local"  # the store unreachable: this replica's own buckets, not a 503
-        self.local_admissions = 0
+        self.store_down = StoreDown(store_down, "rpm/tpm")
 
     def collect(self) -> Iterator[Metric]:
         yield counter(
             "sidecar_limit_local_rate_admissions",
             "Requests admitted by this replica's own rpm/tpm buckets while the shared store was unreachable.",
             (),
-            {(): self.local_admissions},
+            {(): self.store_down.admitted},
         )
 
     async def take(self, p: Principal, tokens: int) -> Hold | None:
@@ -42,15 +38,8 @@ class SharedRates:
         unreachable and `store_down = local`: None (this replica's own buckets in `sidecar.leases` decide)."""
         try:
             return await self._take_both(p, tokens)
-        except StoreUnavailable:
-            if not self.local:
-                raise
-            self.local_admissions += 1
-            if self.local_admissions == 1 or self.local_admissions % 1000 == 0:
-                log.warning(
-                    "shared store unreachable: rpm/tpm enforced per replica (limits.store_down = local)",
-                    extra={"fields": {"admitted_locally": self.local_admissions}},
-                )
+        except StoreUnavailable as exc:
+            self.store_down.admit_locally(exc)  # or re-raised: the 503
             return None
 
     async def _take_both(self, p: Principal, tokens: int) -> Hold | None:
@@ -67,23 +56,20 @@ class SharedRates:
                     headers={"retry-after": str(max(1, math.ceil(60 / p.rpm)))},
                 )
         need = min(tokens, p.tpm)
+        admitted = False
         try:
             hold = await self._take(kid, "tpm", p.tpm, need) if p.tpm and need > 0 else None
-        except BaseException:  # the store is down (or the request was cancelled): nothing taken
-            if request is not None:
-                request.settle(0)
-            raise
-        if p.tpm and need > 0 and hold is None:
-            if request is not None:
-                request.settle(0)  # refused: its request goes back, as a refused request takes nothing
-            raise RateLimited(
-                f"Rate limit reached: {p.tpm} tokens per minute (for this key across all replicas); "
-                f"this request reserves {need}.",
-                type_="tokens",
-                headers={"retry-after": str(max(1, math.ceil(need * 60 / p.tpm)))},
-            )
-        if request is not None:
-            request.settle(1)  # a request admitted is a request spent
+            if p.tpm and need > 0 and hold is None:
+                raise RateLimited(
+                    f"Rate limit reached: {p.tpm} tokens per minute (for this key across all replicas); "
+                    f"this request reserves {need}.",
+                    type_="tokens",
+                    headers={"retry-after": str(max(1, math.ceil(need * 60 / p.tpm)))},
+                )
+            admitted = True
+        finally:
+            if request is not None:  # spent when admitted; refused (or the store down): it goes back
+                request.settle(1 if admitted else 0)
         return hold
 
     async def _take(self, kid: str, kind: str, limit: int, need: float) -> Hold | None:

@@ -20,7 +20,7 @@ from functools import partial
 
 from prometheus_client.metrics_core import Metric
 
-from sidecar.allowances import IDLE
+from sidecar.allowances import IDLE, StoreDown
 from sidecar.errors import RateLimited, StoreUnavailable
 from sidecar.series import counter
 from sidecar.store.base import Store, StoreError
@@ -54,8 +54,7 @@ class SlotHold:
 class SharedSlots:
     def __init__(self, store: Store, store_down: str = "local", clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
-        self.local = store_down == "local"  # the store unreachable: this replica's own limit, not a 503
-        self.local_admissions = 0
+        self.store_down = StoreDown(store_down, "concurrency")
         self.clock = clock
         self.replica = uuid.uuid4().hex[:16]  # this process, in `limit_slots`
         self._keys: dict[tuple[str, int], KeySlots] = {}
@@ -73,7 +72,7 @@ class SharedSlots:
             "sidecar_limit_local_admissions",
             "Requests admitted by this replica's own limits while the shared store was unreachable.",
             ("limit",),
-            {("concurrency",): self.local_admissions},
+            {("concurrency",): self.store_down.admitted},
         )
 
     async def take(self, key_id: str, limit: int) -> SlotHold | None:
@@ -81,15 +80,8 @@ class SharedSlots:
         store unreachable and `store_down = local`: None (only this replica's own limit applies)."""
         try:
             return await self._take(key_id, limit)
-        except StoreUnavailable:
-            if not self.local:
-                raise
-            self.local_admissions += 1
-            if self.local_admissions == 1 or self.local_admissions % 1000 == 0:
-                log.warning(
-                    "shared store unreachable: concurrency enforced per replica (limits.store_down = local)",
-                    extra={"fields": {"admitted_locally": self.local_admissions}},
-                )
+        except StoreUnavailable as exc:
+            self.store_down.admit_locally(exc)  # or re-raised: the 503
             return None
 
     async def _take(self, key_id: str, limit: int) -> SlotHold:

@@ -41,11 +41,13 @@ class Opener:
             return
         await self._migrate()  # a store that answers but cannot be migrated (a grant missing) is a start error
         if self.check is not None:
+            checked = False
             try:
                 await self.check()
-            except BaseException:
-                await self.store.close()
-                raise
+                checked = True
+            finally:
+                if not checked:  # refused (another pepper's store): the start fails, the store closes
+                    await self.store.close()
 
     async def close(self) -> None:
         try:
