@@ -29,7 +29,7 @@ FRACTION = 0.125  # a borrow takes an eighth of what is left (at least what the 
 IDLE = 5.0  # seconds without a request before an allowance goes back to its balance
 EMPTY_RECHECK = 1.0  # after a balance said "not enough", ask it again at most this often
 
-Borrow = Callable[[float], Awaitable[float]]  # need -> granted
+Borrow = Callable[[float], Awaitable[tuple[float, float]]]  # need -> (granted, left in the balance)
 
 
 class StoreDown:
@@ -73,6 +73,8 @@ class Share:
     last_used: float = 0.0
     empty_until: float = 0.0
     until: float = float("inf")  # the balance's period ends: then it goes back at once
+    left: float = 0.0  # what the balance held after this replica's last borrow ...
+    left_at: float = 0.0  # ... and when (the pool's clock): for the cluster-wide remaining figure
     borrowing: asyncio.Future[None] | None = None
 
 
@@ -132,7 +134,8 @@ class Pool:
         share.borrowing = done = asyncio.get_running_loop().create_future()
         try:
             self.borrows += 1
-            granted = await borrow(max(need, 0.0))
+            granted, share.left = await borrow(max(need, 0.0))
+            share.left_at = self.clock()
             share.allowance += granted
             share.low = granted / 2
         except StoreError:
@@ -140,6 +143,9 @@ class Pool:
         finally:
             share.borrowing = None
             done.set_result(None)
+
+    def share(self, balance: Balance) -> Share | None:
+        return self._shares.get(balance)
 
     async def _borrow_quietly(self, share: Share, borrow: Borrow) -> None:
         with contextlib.suppress(StoreUnavailable):  # a request that needs it will ask again, and say so

@@ -68,7 +68,7 @@ class Budgets:
         start, end = period_bounds(period, now, self.tz)
         bucket = f"{start:.0f}:{budget}"  # a new period, or a changed budget, is a new balance
 
-        def borrow(want: float) -> Awaitable[float]:
+        def borrow(want: float) -> Awaitable[tuple[float, float]]:
             return self._borrow(key_id, bucket, budget, start, want)
 
         until = self.pool.clock() + (end - now)  # the pool's clock: its allowance goes back when the period ends
@@ -81,9 +81,8 @@ class Budgets:
             )
         return hold
 
-    async def _borrow(self, key_id: str, bucket: str, budget: int, start: float, want: float) -> float:
-        granted, _ = await self.store.borrow_budget(key_id, bucket, budget, start, want, FRACTION)
-        return granted
+    async def _borrow(self, key_id: str, bucket: str, budget: int, start: float, want: float) -> tuple[float, float]:
+        return await self.store.borrow_budget(key_id, bucket, budget, start, want, FRACTION)
 
     async def remaining(self, key_id: str, budget: int, period: str) -> tuple[int, float]:
         """(tokens left this period, when it ends), as the key's stored requests say."""

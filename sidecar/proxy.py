@@ -29,6 +29,7 @@ from sidecar.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     ShuttingDown,
     SidecarError,
     UnsupportedMediaType,
@@ -159,6 +160,10 @@ class Proxy:
                 principal, estimate.reservation
             )
             admitted = True
+        except RateLimited as exc:
+            if self.rates is not None:  # the figures for the whole deployment, not this replica's
+                self.rates.headers(principal, exc.headers)
+            raise
         finally:
             if not admitted:  # refused (or cancelled while queued) after something was taken: nothing was used
                 for hold in holds:
@@ -166,6 +171,8 @@ class Proxy:
                 if slot is not None:
                     slot.release()
         lease.holds, lease.slot = tuple(holds), slot
+        if self.rates is not None:
+            self.rates.headers(principal, lease.headers)
         return Admission(call, lease, estimate.prompt, estimate.reservation - estimate.prompt)
 
     async def _shared_holds(self, principal: Principal, reservation: int, holds: list[Hold]) -> None:

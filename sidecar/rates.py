@@ -73,11 +73,29 @@ class SharedRates:
         return hold
 
     async def _take(self, kid: str, kind: str, limit: int, need: float) -> Hold | None:
-        def borrow(want: float) -> Awaitable[float]:
-            return self._borrow(kid, kind, limit, want)
+        def borrow(want: float) -> Awaitable[tuple[float, float]]:
+            return self.store.borrow_rate(kid, kind, float(limit), limit / 60.0, want, FRACTION)
 
-        return await self.pool.take(Balance(kid, kind, f"{limit:g}", float(limit)), need, borrow)
+        return await self.pool.take(_balance(kid, kind, limit), need, borrow)
 
-    async def _borrow(self, kid: str, kind: str, limit: int, want: float) -> float:
-        granted, _ = await self.store.borrow_rate(kid, kind, float(limit), limit / 60.0, want, FRACTION)
-        return granted
+    def headers(self, p: Principal, headers: dict[str, str]) -> None:
+        """Put the cluster-wide figures in `headers`' x-ratelimit-remaining-* and -reset-*: what the store's
+        bucket held at this replica's last borrow, refilled since, plus this replica's unspent allowance. It is
+        low by at most what the other replicas hold unspent and high by at most what they borrowed since."""
+        kid = p.key_id
+        if kid is None:
+            return
+        for kind, limit, name in (("rpm", p.rpm, "requests"), ("tpm", p.tpm, "tokens")):
+            share = self.pool.share(_balance(kid, kind, limit)) if limit else None
+            if share is None or not share.left_at:
+                continue
+            rate = limit / 60.0
+            store = min(float(limit), share.left + (self.pool.clock() - share.left_at) * rate)
+            left = max(0.0, min(float(limit), store + share.allowance))
+            headers[f"x-ratelimit-limit-{name}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{name}"] = str(int(left))
+            headers[f"x-ratelimit-reset-{name}"] = f"{(limit - left) / rate:.3f}s"
+
+
+def _balance(kid: str, kind: str, limit: int) -> Balance:
+    return Balance(kid, kind, f"{limit:g}", float(limit))

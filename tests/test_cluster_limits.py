@@ -5,6 +5,7 @@ three times over, and a new period starts afresh for all of them."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import math
 import re
@@ -15,7 +16,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from sidecar.allowances import IDLE
+from sidecar.allowances import EMPTY_RECHECK, IDLE
 from sidecar.budgets import period_bounds
 from sidecar.slots import LEASE
 from tests.conftest import free_port, reap
@@ -117,22 +118,77 @@ async def test_three_replicas_stop_at_one_budget(fake, pg_url, tmp_path):
     assert accepted + more >= budget // 40  # 16 tokens each: the budget bought what it should
 
 
-async def test_a_new_period_starts_afresh_on_every_replica(fake, pg_url, tmp_path):
+async def mixed(session, url, key, n: int) -> int:
+    """One request of five kinds by `n`: plain, streamed, cut by the upstream, cut by the client, an upstream
+    error; the status (0: the client went away)."""
+    kind = n % 5
+    script = {2: '{"drop_after": 2}', 3: '{"hang_after": 2}', 4: '{"status": 500}'}.get(kind)
+    headers = {"authorization": f"Bearer {key}", **({"x-fake-script": script} if script else {})}
+    body = {**CHAT, "stream": kind in (1, 2, 3)}
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+            if kind == 3 and r.status == 200:
+                await r.content.readany()  # the first chunk, then the client hangs up
+                return 0
+            body = await r.read()
+            if b"insufficient_quota" in body:
+                mixed.need = max(mixed.need, int(re.search(rb"reserves (\d+)", body).group(1)))  # type: ignore[attr-defined]
+                return 429
+            return r.status
+    except aiohttp.ClientPayloadError:
+        return 502  # the upstream's cut, relayed
+
+
+mixed.need = 0  # type: ignore[attr-defined]  # the largest reservation refused
+
+
+def balance_left(pg_url: str, kid: str) -> float:
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT level FROM limit_balances WHERE key_id = %s AND dim = 'budget'", (kid,))
+        return sum(float(level) for (level,) in rows.fetchall())
+
+
+async def test_a_minute_budget_holds_across_replicas_reconciles_and_resets(fake, pg_url, tmp_path):
+    """10,000 tokens per `1m` across three replicas, spent by plain and streamed answers, upstream cuts, client
+    disconnects and upstream errors: it stops at the budget, the store's balance ends as the budget less what
+    the rows say was used, and the next minute starts afresh on every replica."""
+    budget = 10_000
     cluster = Cluster(tmp_path, fake.url, pg_url)
     try:
         await cluster.ready()
         async with aiohttp.ClientSession() as s:
-            key, _ = await make_key(s, cluster.urls[0], budget_tokens=120, budget_period="8s")
-            _, end = period_bounds("8s", time.time(), ZoneInfo("UTC"))
-            if end - time.time() < 4:
-                await asyncio.sleep(end - time.time() + 0.1)
-                _, end = period_bounds("8s", time.time(), ZoneInfo("UTC"))
-            await until_refused_everywhere(s, cluster.urls, key)
-            assert time.time() < end, "the budget did not run out within one period"
+            key, kid = await make_key(s, cluster.urls[0], budget_tokens=budget, budget_period="1m")
+            _, end = period_bounds("1m", time.time(), ZoneInfo("UTC"))
+            if end - time.time() < 30:  # spend, and let the allowances go back, within one minute
+                await asyncio.sleep(end - time.time() + 0.2)
+                _, end = period_bounds("1m", time.time(), ZoneInfo("UTC"))
+            refused, counts, n = set(), collections.Counter(), 0
+            while len(refused) < 3:
+                turn = [(n + i) % 3 for i in range(15)]
+                answers = await asyncio.gather(*(mixed(s, cluster.urls[i], key, n + j) for j, i in enumerate(turn)))
+                n += len(turn)
+                counts.update((n - len(turn) + j) % 5 for j, status in enumerate(answers) if status != 429)
+                for i, status in zip(turn, answers, strict=True):
+                    (refused.add if status == 429 else refused.discard)(i)
+                assert n < 5000
+            while fake.in_flight:  # the hung-up streams end at the upstream, and settle
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(EMPTY_RECHECK + 0.5)  # a replica refused just now would not ask the store again yet
+            for url in cluster.urls:  # one at a time, so what requests in flight did not use is spent too
+                while await mixed(s, url, key, 0) == 200:
+                    counts[0] += 1
+            await asyncio.sleep(IDLE * 2)  # every replica's allowance goes back to the balance
+            spent, left = used(pg_url, kid), balance_left(pg_url, kid)
+            assert time.time() < end, "the test did not finish within one period"
             await asyncio.sleep(end - time.time() + 0.2)
             statuses = [(await chat(s, url, key))[0] for url in cluster.urls]
     finally:
         cluster.close()
+    print(f"\nbudget {budget}/1m over 3 replicas: {spent} used, {left:g} left; admitted by kind {dict(counts)}")
+    assert all(counts[kind] >= 20 for kind in range(5))  # every kind of ending was spent on
+    assert abs(left - (budget - spent)) < 1e-6  # reconciled: the store's balance is what the rows say is left
+    # Stopped at the budget: what is left is less than one refused request's reservation per replica.
+    assert budget - 3 * mixed.need < spent <= budget, mixed.need
     assert statuses == [200, 200, 200]
 
 
@@ -259,3 +315,29 @@ async def test_steady_state_costs_few_store_statements_per_request(fake, pg_url,
         cluster.close()
     print(f"\nsteady state: {statements} borrow statements for {accepted} requests ({statements / accepted:.3f} each)")
     assert accepted == 600 and statements / accepted <= 0.05
+
+
+async def test_ratelimit_headers_give_the_figure_for_the_whole_deployment(fake, pg_url, tmp_path):
+    """After 30 requests spread over three replicas, each says about 30 of 60 are left, not its own 50."""
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, _ = await make_key(s, cluster.urls[0], rpm=60, tpm=60_000)
+            auth = {"authorization": f"Bearer {key}"}
+            began, seen = time.monotonic(), []
+            for n in range(30):
+                async with s.post(cluster.urls[n % 3] + "/v1/chat/completions", json=CHAT, headers=auth) as r:
+                    assert r.status == 200
+                    seen.append((r.headers["x-ratelimit-remaining-requests"], r.headers["x-ratelimit-limit-requests"]))
+                    tokens_left = int(r.headers["x-ratelimit-remaining-tokens"])
+            took = time.monotonic() - began
+    finally:
+        cluster.close()
+    last = [int(left) for left, _ in seen[-3:]]
+    print(f"\nremaining-requests after 30 of rpm=60 over 3 replicas ({took:.1f} s): {last}; tokens left {tokens_left}")
+    assert {limit for _, limit in seen} == {"60"}
+    # Low by at most what the two others hold unspent (an eighth of what was left, each), high by the refill.
+    for left in last:
+        assert 30 - 2 * 8 <= left <= 30 + math.ceil(took) + 1, last
+    assert 60_000 - 30 * 40 - 2 * 60_000 / 8 <= tokens_left <= 60_000, tokens_left
