@@ -112,8 +112,9 @@ class Pool:
             share = self._shares[balance] = Share(until=until)
         share.last_used = now
         if share.allowance < need:
-            if now >= share.empty_until:
-                await self._borrow(share, need - share.allowance, borrow)
+            if now < share.empty_until:
+                return None  # it said "not enough" a moment ago (only an answer moves this, not each refusal)
+            await self._borrow(share, need - share.allowance, borrow)
             if share.allowance < need:
                 share.empty_until = now + EMPTY_RECHECK
                 return None

@@ -28,8 +28,9 @@ def _free_port() -> int:
 
 
 class PgServer:
-    def __init__(self, bindir: str) -> None:
+    def __init__(self, bindir: str, options: str = "") -> None:
         self.bindir = bindir
+        self.options = options  # more `-c name=value` server settings
         self.port = _free_port()
         self.root = tempfile.mkdtemp(prefix="sidecar-pg-")
         self.data = os.path.join(self.root, "data")
@@ -50,6 +51,7 @@ class PgServer:
 
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        opts += f" {self.options}" if self.options else ""
         self._run("pg_ctl", "-D", self.data, "-o", opts, "-l", os.path.join(self.root, "log"), "-w", "start")
 
     def stop(self) -> None:

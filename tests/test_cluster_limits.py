@@ -341,3 +341,26 @@ async def test_ratelimit_headers_give_the_figure_for_the_whole_deployment(fake, 
     for left in last:
         assert 30 - 2 * 8 <= left <= 30 + math.ceil(took) + 1, last
     assert 60_000 - 30 * 40 - 2 * 60_000 / 8 <= tokens_left <= 60_000, tokens_left
+
+
+async def test_an_overloaded_key_still_gets_the_refill(fake, pg_url, tmp_path):
+    """Under steady overload, refusals must not stop a replica from asking the store again: the key gets its
+    bucket and then the refill (10 a second for rpm = 600), not just the bucket."""
+    cluster = Cluster(tmp_path, fake.url, pg_url)
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, _ = await make_key(s, cluster.urls[0], rpm=600)
+            began, statuses = time.monotonic(), collections.Counter()
+
+            async def hammer(url: str) -> None:
+                while time.monotonic() - began < 6:
+                    statuses[(await chat(s, url, key))[0]] += 1
+
+            await asyncio.gather(*(hammer(url) for url in cluster.urls * 4))
+            took = time.monotonic() - began
+    finally:
+        cluster.close()
+    print(f"\nrpm=600 over 3 replicas, overloaded for {took:.1f} s: {dict(statuses)}")
+    assert set(statuses) == {200, 429}
+    assert 600 + 10 * (took - 2) - 3 * 8 <= statuses[200] <= 600 + 10 * took + 1, (statuses, took)
