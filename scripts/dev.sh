@@ -35,6 +35,12 @@ ensure_postgres() {
   fi
 }
 
+ensure_prometheus() {  # tests/test_observability.py runs a real Prometheus and promtool
+  if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    apt_install prometheus || echo "prometheus unavailable: tests/test_observability.py will skip (or fail with CI=true)" >&2
+  fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -49,10 +55,12 @@ case "$cmd" in
   install)
     ensure_venv dev
     ensure_postgres
+    ensure_prometheus
     ;;
   test)
     ensure_venv dev
     ensure_postgres
+    ensure_prometheus
     set +e
     .venv/bin/python -m pytest "$@"
     rc=$?

@@ -7,6 +7,8 @@ imports this module but the CLI, the runner and tests.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +38,14 @@ from sidecar.records import RequestRecord
 from sidecar.rejects import RejectSampler
 from sidecar.responses import Routes
 from sidecar.retention import Retention
+from sidecar.scrape import ModelNames, UpstreamPage
 from sidecar.slots import SharedSlots
 from sidecar.state import RunState
 from sidecar.store import open_store
 from sidecar.store.base import Store
 from sidecar.store.opener import Opener
+from sidecar.tracing import Tracing
+from sidecar.tracing import wanted as tracing_wanted
 from sidecar.upstream import Upstream
 from sidecar.usage import OwnUsage
 from sidecar.writer import BatchWriter
@@ -59,14 +64,15 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 
 def record_finisher(
-    metrics: Metrics, writer: BatchWriter, request_log: RequestLog | None
+    metrics: Metrics, writer: BatchWriter, request_log: RequestLog | None, tracing: Tracing | None, server: str
 ) -> Callable[[RequestRecord, bool], None]:
-    """The terminal hook every record goes through exactly once: metrics, then (when `keep`: see
-    `sidecar.rejects`) the store and the request log line."""
+    """The terminal hook every record goes through exactly once: metrics and its trace span, then (when `keep`:
+    see `sidecar.rejects`) the store and the request log line."""
 
     def finish(rec: RequestRecord, keep: bool) -> None:
-        metrics.observe(metrics.route(rec.path), rec.status, rec.outcome, rec.latency_ms / 1000.0, rec.ttft_ms)
-        metrics.count_tokens(rec.prompt_tokens, rec.completion_tokens)
+        metrics.observe(rec)
+        if rec.span is not None and tracing is not None:
+            tracing.end(rec.span, rec, server)
         if not keep:
             return
         line = writer.put(rec.as_row())
@@ -145,6 +151,8 @@ class Parts:
     retention: Retention
     proxy: Proxy
     admin: Admin
+    tracing: Tracing | None
+    models: ModelNames
 
 
 def build(settings: Settings) -> Parts:
@@ -164,21 +172,23 @@ def build(settings: Settings) -> Parts:
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     rejects = RejectSampler(s.server.reject_rows_per_minute)
     cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
-    finish = record_finisher(metrics, writer, request_log)
+    tracing = Tracing(s.tracing, os.environ) if tracing_wanted(s.tracing, os.environ) else None
+    finish = record_finisher(metrics, writer, request_log, tracing, upstream.address)
     pool = Pool(store)
     budgets = Budgets(s.limits.timezone, pool)
     shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
     down = s.limits.store_down
     rates, slots = (SharedRates(pool, down), SharedSlots(store, down)) if shared else (None, None)
     proxy = Proxy(
-        upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, rates, slots, auditor, rejects, cors
+        upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, rates, slots, auditor, rejects, cors,
+        tracing,
     )  # fmt: skip
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     admin = Admin(admin_token, keys, store, auth, s.store.report_max_days, budgets)
     return Parts(
         s, upstream, metrics, RunState(), store, auth, leases, keys, request_log, writer, bus, rejects, retention,
-        proxy, admin,
+        proxy, admin, tracing, ModelNames(upstream, metrics),
     )  # fmt: skip
 
 
@@ -197,6 +207,7 @@ def create_app(settings: Settings) -> web.Application:
     collectors.append(p.proxy.budgets.pool.collect)
     if p.proxy.slots is not None and p.proxy.rates is not None:
         collectors += [p.proxy.slots.collect, p.proxy.rates.collect]
+    collectors += [p.tracing.collect] if p.tracing is not None else []
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))
@@ -234,6 +245,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
         p.rejects.summary()
 
     return [
+        _tracing_resource(p.tracing),  # first open, last closed: the spans of the drain's last requests go out
         _resource(opener.start, opener.close),
         _resource(p.retention.start, p.retention.close),
         _resource(p.writer.start, p.writer.close),
@@ -255,7 +267,10 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     for probes in {id(router): routes, id(ops_router): ops}.values():
         probes.add("GET", "/healthz", health.healthz)
         probes.add("GET", "/readyz", health.readyz)
+    p.metrics.before_scrape = p.models.fresh
     ops.add("GET", "/metrics", p.metrics.handle)
+    upstream_page = UpstreamPage(p.upstream, p.settings.upstream.metrics_path, p.settings.upstream.metrics_cache)
+    ops.add("GET", "/metrics/upstream", upstream_page.handle)
     ops.add("GET", "/drain", health.drain)
     ops.add("POST", "/drain", health.drain)
     p.admin.add_routes(ops)
@@ -281,6 +296,18 @@ def _bus_resource(bus: AuditBus | None, drain_timeout: float) -> CleanupCtx:
     async def stop() -> None:
         if bus is not None:
             await bus.close(drain_timeout)
+
+    return _resource(start, stop)
+
+
+def _tracing_resource(tracing: Tracing | None) -> CleanupCtx:
+    async def start() -> None:
+        if tracing is not None:
+            tracing.start()
+
+    async def stop() -> None:
+        if tracing is not None:
+            await asyncio.to_thread(tracing.close)  # the last export blocks, bounded by its timeout
 
     return _resource(start, stop)
 

@@ -54,6 +54,7 @@ class ServerCfg:
     cors_origins: tuple[str, ...] = ()
     admin_token: str = field(default="", metadata={"secret": True})
     admin_token_file: str = ""
+    overhead_header: bool = False  # x-sidecar-overhead-ms on answers: the sidecar's own time before they began
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class UpstreamCfg:
     health_timeout: float = 2.0
     max_response_bytes: int = 256 * 1024 * 1024
     extra_paths: tuple[str, ...] = ()
+    metrics_path: str = "/metrics"  # the upstream's Prometheus page, served on the ops port at /metrics/upstream
+    metrics_cache: float = 2.0  # seconds one fetch of it answers every scrape
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,18 @@ class AuditCfg:
 
 
 @dataclass(frozen=True)
+class TracingCfg:
+    enabled: bool = False  # also on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
+    endpoint: str = ""  # the OTLP traces URL; "": the OTEL_* variables, else http://localhost:4318/v1/traces
+    protocol: str = ""  # "http/protobuf" (default) or "grpc" (with the grpc extra); "": OTEL_EXPORTER_OTLP_PROTOCOL
+    service_name: str = ""  # "": OTEL_SERVICE_NAME, else "sidecar"
+    sample_ratio: float = 1.0  # parent-based: a client's sampled flag wins; OTEL_TRACES_SAMPLER replaces this
+    queue_size: int = 2048  # spans waiting for export; beyond it they are dropped and counted
+    export_delay: float = 5.0  # seconds between batches (the SDK's default; OTEL_BSP_SCHEDULE_DELAY replaces it)
+    export_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerCfg = ServerCfg()
     upstream: UpstreamCfg = UpstreamCfg()
@@ -147,6 +162,7 @@ class Settings:
     limits: LimitsCfg = LimitsCfg()
     writer: WriterCfg = WriterCfg()
     audit: AuditCfg = AuditCfg()
+    tracing: TracingCfg = TracingCfg()
 
 
 SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Settings)
@@ -176,6 +192,10 @@ _POSITIVE = {
     "writer.spool_segment_bytes",
     "audit.queue_size",
     "audit.max_payload_bytes",
+    "upstream.metrics_cache",
+    "tracing.queue_size",
+    "tracing.export_timeout",
+    "tracing.export_delay",
 }
 
 
@@ -333,6 +353,15 @@ def _check(s: Settings) -> None:
     for sink in s.audit.sinks:
         if sink not in ("stderr", "jsonl", "db"):
             raise ConfigError(f"audit.sinks: unknown sink {sink!r} (stderr, jsonl, db)")
+    if not s.upstream.metrics_path.startswith("/"):
+        raise ConfigError("upstream.metrics_path: must start with /")
+    if not 0.0 <= s.tracing.sample_ratio <= 1.0:
+        raise ConfigError(f"tracing.sample_ratio: must be between 0 and 1, got {s.tracing.sample_ratio}")
+    if s.tracing.protocol not in ("", "http/protobuf", "grpc"):
+        raise ConfigError(f"tracing.protocol: must be http/protobuf or grpc, got {s.tracing.protocol!r}")
+    if s.tracing.endpoint and not s.tracing.endpoint.startswith(("http://", "https://")):
+        shown = mask_url(s.tracing.endpoint)
+        raise ConfigError(f"tracing.endpoint: must start with http:// or https://, got {shown!r}")
 
 
 def duration(text: str) -> float | None:

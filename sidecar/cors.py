@@ -21,7 +21,8 @@ from sidecar.routes import Route
 
 EXPOSE = (
     "x-request-id, retry-after, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-    "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
+    "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, "
+    "x-sidecar-overhead-ms"
 )
 DEFAULT_REQUEST_HEADERS = "authorization, content-type, x-api-key, x-request-id"
 MAX_AGE = "600"

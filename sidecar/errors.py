@@ -24,6 +24,7 @@ builds plain bytes and a header dict; the web layer wraps them in a response.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 
@@ -112,6 +113,11 @@ class RateLimited(SidecarError):
     type = "requests"
     code = "rate_limit_exceeded"
     outcome = Outcome.RATE_LIMITED
+    reason = ""  # which limit (sidecar_rate_limited_total): concurrency, rpm, tpm, budget, overloaded
+
+    def __init__(self, message: str, *, reason: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason or self.reason or ("tpm" if self.type == "tokens" else "rpm")
 
 
 class InsufficientQuota(RateLimited):
@@ -119,12 +125,14 @@ class InsufficientQuota(RateLimited):
 
     type = "insufficient_quota"
     code = "insufficient_quota"
+    reason = "budget"
 
 
 class Overloaded(RateLimited):
     status = 503
     type = "server_overloaded"
     code = "server_overloaded"
+    reason = "overloaded"
 
 
 class UpstreamError(SidecarError):

@@ -160,6 +160,7 @@ class LeaseManager:
                 f"Too many concurrent requests for this key (limit {state.concurrency}).",
                 headers={"retry-after": "1"},
                 type_="requests",
+                reason="concurrency",
             )
         if req is not None:
             req.refill(now)
@@ -256,4 +257,7 @@ class LeaseManager:
         yield gauge("sidecar_lease_tokens_reserved", "Tokens reserved by requests in flight.", (), {(): reserved})
         yield gauge(
             "sidecar_upstream_slots_active", "Requests holding a global upstream slot.", (), {(): self.global_active}
+        )
+        yield gauge(
+            "sidecar_lease_queue_depth", "Requests waiting for a global upstream slot.", (), {(): len(self._waiters)}
         )

@@ -10,6 +10,7 @@ finishes exactly one record.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ from sidecar.responses import error_response
 from sidecar.routes import MODELS, NO_OUTPUT, Route
 from sidecar.slots import SharedSlots
 from sidecar.tokens import estimate_prompt
+from sidecar.tracing import Tracing
 from sidecar.upstream import Upstream
 from sidecar.upstream.pool import UpstreamFailure
 
@@ -73,6 +75,7 @@ class Proxy:
         auditor: Auditor | None = None,
         rejects: RejectSampler | None = None,
         cors: Cors | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.upstream = upstream
         self.cfg = upstream.cfg
@@ -87,11 +90,15 @@ class Proxy:
         self.auditor = auditor
         self.rejects = rejects
         self.cors = cors
+        self.tracing = tracing  # None: off, and nothing of OpenTelemetry is touched
         self._finish = finish
         self.access_log = server.access_log  # the access line names the client and its user agent
         self.in_flight = InFlight()
         cap = auditor.cap if auditor is not None else 0
-        self.relay = Relay(upstream, metrics, self.in_flight, cap, auditor is not None and bool(auditor.policy.paths))
+        self.relay = Relay(
+            upstream, metrics, self.in_flight, cap, auditor is not None and bool(auditor.policy.paths), tracing,
+            server.overhead_header,
+        )  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
@@ -102,6 +109,8 @@ class Proxy:
             agent = request.headers.get("user-agent")
             rec.user_agent = agent[:256] if agent else None
         cors = self.cors.headers(request.headers) if self.cors is not None else {}
+        if self.tracing is not None:
+            rec.span = self.tracing.begin(request.headers, request.method, path[:256], int(rec.started_at * 1e9))
         self.metrics.in_flight += 1
         try:
             async with (
@@ -112,6 +121,8 @@ class Proxy:
                     return await self._pipeline(request, path, ex)
                 except SidecarError as err:
                     rec.fail(err.status, err.outcome, err.code)
+                    if isinstance(err, RateLimited):
+                        self.metrics.limited(err.reason)
                     if isinstance(err, KeyNotValid):
                         rec.key_id = err.key_id  # a revoked or expired key: whose it was is known
                     answer = error_response(err, rec.request_id, cors)
@@ -143,10 +154,12 @@ class Proxy:
             ex.capture = self.auditor.capture(ex.rec.request_id, principal.audit, request.headers, call.doc, call.body)
         if call.doc is not None or (request.method != "GET" and call.family != MODELS):
             principal.check_model(call.model)  # a body we cannot read names no model a restricted key may use
-        ex.admission = await self._admit(principal, call)
+        ex.admission = await self._admit(principal, call, ex.rec)
+        if ex.rec.span is not None and self.tracing is not None:
+            self.tracing.admitted(ex.rec.span, call.family, call.model, call.max_tokens, ex.rec.queued_ms)
         return await self.relay.relay(request, ex)
 
-    async def _admit(self, principal: Principal, call: Call) -> Admission:
+    async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
         estimate = self._estimate(call)
         slot = None
         if self.slots is not None and principal.concurrency and principal.key_id is not None:
@@ -156,9 +169,13 @@ class Proxy:
         try:
             await self._shared_holds(principal, estimate.reservation, holds)
             leases = self.leases
-            lease = leases.acquire_now(principal, estimate.reservation) or await leases.acquire(
-                principal, estimate.reservation
-            )
+            lease = leases.acquire_now(principal, estimate.reservation)
+            if lease is None:  # it waits for a slot: that time is reported apart from the sidecar's own
+                began = time.monotonic()
+                try:
+                    lease = await leases.acquire(principal, estimate.reservation)
+                finally:
+                    rec.queued_ms = (time.monotonic() - began) * 1000.0
             admitted = True
         except RateLimited as exc:
             if self.rates is not None:  # the figures for the whole deployment, not this replica's

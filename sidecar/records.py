@@ -66,6 +66,13 @@ class RequestRecord:
     # For the access log line only (not stored): who asked, and with what.
     client_addr: str | None = None
     user_agent: str | None = None
+    # Not stored either: for the trace span and the histograms of the sidecar's own time.
+    span: Any = None  # the request's server span, when tracing is on
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    queued_ms: float = 0.0  # waited for a lease (the key's concurrency or the global cap)
+    sent_at: float = 0.0  # monotonic: the upstream request went out
+    upstream_done: float = 0.0  # monotonic: the upstream's answer was read to its end
 
     @classmethod
     def start(cls, method: str, path: str, client_request_id: str | None = None) -> RequestRecord:
@@ -87,6 +94,15 @@ class RequestRecord:
         self.cached_tokens = cached
         self.usage_source = source
 
+    def own_time(self) -> tuple[float, float] | None:
+        """(before, after) in seconds: the sidecar's own time before the upstream request went out (less the
+        lease wait) and after the upstream's answer was read; None when no request went out."""
+        if not self.sent_at:
+            return None
+        before = self.sent_at - self.t0 - self.queued_ms / 1000.0
+        after = self.t0 + self.latency_ms / 1000.0 - self.upstream_done if self.upstream_done else 0.0
+        return max(0.0, before), max(0.0, after)
+
     def finish(self) -> RequestRecord:
         elapsed = time.monotonic() - self.t0
         self.latency_ms = round(elapsed * 1000.0, 3)
@@ -97,5 +113,15 @@ class RequestRecord:
         return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
-_NOT_STORED = ("t0", "client_addr", "user_agent")
+_NOT_STORED = (
+    "t0",
+    "client_addr",
+    "user_agent",
+    "span",
+    "response_model",
+    "finish_reasons",
+    "queued_ms",
+    "sent_at",
+    "upstream_done",
+)
 ROW_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name not in _NOT_STORED)

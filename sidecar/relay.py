@@ -10,6 +10,8 @@ whatever the answer carries; time limits are the upstream deadlines (first byte,
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +31,7 @@ from sidecar.metrics import Metrics, UpstreamErrorReason
 from sidecar.records import Outcome, RequestRecord
 from sidecar.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE
 from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
+from sidecar.tracing import Tracing
 from sidecar.upstream import Upstream
 from sidecar.upstream.deadline import Deadline, DeadlineExpired, Limit, Ticker
 from sidecar.upstream.pool import ConnectFailed, PoolExhausted, UpstreamFailure, UpstreamResponse
@@ -65,9 +68,21 @@ def _is_sse(up: UpstreamResponse) -> bool:
     return up.headers.get("content-type", "").startswith("text/event-stream")
 
 
+# What a trace's span says of an answer (read only when tracing is on; a match split across reads is missed).
+_FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z_]{1,32})"')
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
 class Relay:
     def __init__(
-        self, upstream: Upstream, metrics: Metrics, in_flight: InFlight, audit_cap: int, digest_only: bool
+        self,
+        upstream: Upstream,
+        metrics: Metrics,
+        in_flight: InFlight,
+        audit_cap: int,
+        digest_only: bool,
+        tracing: Tracing | None = None,
+        overhead_header: bool = False,
     ) -> None:
         self.upstream = upstream
         self.cfg: UpstreamCfg = upstream.cfg
@@ -76,6 +91,8 @@ class Relay:
         self.ticker = Ticker()
         self.audit_cap = audit_cap
         self.audit_digest_only = digest_only  # redact_paths are set: a raw body prefix cannot be kept
+        self.tracing = tracing
+        self.overhead_header = overhead_header
 
     async def relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         cfg = self.cfg
@@ -109,6 +126,9 @@ class Relay:
         up = self.upstream
         target = up.target(ex.admitted.call.path, request.raw_path.partition("?")[2])
         headers = up.request_headers(request.headers, ex.rec.request_id, request.remote)
+        if ex.rec.span is not None and self.tracing is not None:
+            self.tracing.inject(ex.rec.span, headers)  # the model server's spans join this trace
+        ex.rec.sent_at = time.monotonic()
         try:
             return await up.send(request.method, target, headers, ex.admitted.call.upstream_body())
         except ConnectFailed as exc:
@@ -142,6 +162,9 @@ class Relay:
                 return await self._relay_body(request, ex, up, parts, size, deadline)
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         rec = ex.rec
+        rec.upstream_done = time.monotonic()
+        if rec.span is not None:
+            _answer_facts(rec, body)
         if ex.capture is not None:
             ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
         rec.bytes_out = len(body)
@@ -185,6 +208,7 @@ class Relay:
             size += len(data)
             if size > limit:
                 raise UpstreamBroke(f"the response is over the configured limit of {limit} bytes")
+        rec.upstream_done = time.monotonic()
         if capture is not None:
             ex.response = capture.result()
         self._whole_outcome(ex, up.status, finder.region, whole=False)
@@ -203,6 +227,10 @@ class Relay:
                 del headers[name]
             headers.update(ex.cors)
         headers.update(ex.admitted.lease.headers)
+        if self.overhead_header:
+            rec = ex.rec
+            before = rec.sent_at - rec.t0 - rec.queued_ms / 1000.0
+            headers["x-sidecar-overhead-ms"] = f"{max(0.0, before) * 1000.0:.3f}"
         return headers
 
     def _whole_outcome(self, ex: Exchange, status: int, region: bytes, whole: bool) -> None:
@@ -249,8 +277,11 @@ class Relay:
         except (ConnectionError, aiohttp.ClientConnectionError):
             raise ClientGone from None
         ex.resp = resp
+        facts = rec.span is not None
         while chunk:
             rec.chunks += 1
+            if facts:
+                _answer_facts(rec, chunk)
             data = scanner.feed(chunk)
             if audit is not None and scanner.kept > StreamCapture.FOLD_BYTES:
                 assert audit.stream is not None
@@ -261,6 +292,7 @@ class Relay:
                 await self._write(resp, data, rec)
             chunk = await self._read(read)
             deadline.touch(loop.time())
+        rec.upstream_done = time.monotonic()
         tail = scanner.flush()
         if tail:
             await self._write(resp, tail, rec)
@@ -306,3 +338,13 @@ class Relay:
             # that stopped reading held the write, and hands it back on the next write. The client is stuck.
             _abort(request)
         return ex.resp
+
+
+def _answer_facts(rec: RequestRecord, data: bytes) -> None:
+    """The answering model and the finish reasons, for the trace span."""
+    if rec.response_model is None and (model := _MODEL.search(data)) is not None:
+        rec.response_model = model.group(1).decode("utf-8", "replace")
+    for reason in _FINISH_REASON.findall(data):
+        text = reason.decode()
+        if text not in rec.finish_reasons:
+            rec.finish_reasons = (*rec.finish_reasons, text)

@@ -98,6 +98,7 @@ class SharedSlots:
                     f"Too many concurrent requests for this key (limit {limit}, across all replicas).",
                     headers={"retry-after": "1"},
                     type_="requests",
+                    reason="concurrency",
                 )
         slots.active += 1
         return SlotHold(slots, self.clock)

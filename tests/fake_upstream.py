@@ -98,6 +98,25 @@ def token(i: int) -> str:
     return f"tok{i} "
 
 
+def vllm_metrics(served: int) -> str:
+    """A few of vLLM's series, as its V1 engine names them (vllm/v1/metrics/loggers.py)."""
+    labels = 'engine="0",model_name="fake-model"'
+    lines = []
+    for name, kind, value in (
+        ("vllm:num_requests_running", "gauge", 1.0),
+        ("vllm:num_requests_waiting", "gauge", 0.0),
+        ("vllm:kv_cache_usage_perc", "gauge", 0.25),
+        ("vllm:prompt_tokens_total", "counter", 11.0 * served),
+        ("vllm:generation_tokens_total", "counter", 5.0 * served),
+    ):
+        lines += [f"# HELP {name} {name}.", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {value}"]
+    ttft = "vllm:time_to_first_token_seconds"
+    lines += [f"# HELP {ttft} Histogram of time to first token in seconds.", f"# TYPE {ttft} histogram"]
+    lines += [f'{ttft}_bucket{{{labels},le="{le}"}} {served}' for le in ("0.02", "+Inf")]
+    lines += [f"{ttft}_count{{{labels}}} {served}", f"{ttft}_sum{{{labels}}} {0.01 * served}"]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class FakeUpstream:
     script: Script = field(default_factory=Script)
@@ -106,6 +125,7 @@ class FakeUpstream:
     max_in_flight: int = 0
     url: str = ""
     sent: dict[str, bytes] = field(default_factory=dict)  # x-request-id -> exact body bytes sent
+    metrics_fetches: int = 0
 
     def app(self) -> web.Application:
         app = web.Application(handler_args={"handler_cancellation": True}, middlewares=[reject_bad_bodies])
@@ -115,6 +135,7 @@ class FakeUpstream:
         app.router.add_post("/v1/responses", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/{tail:.*}", self.anything)
         return app
 
@@ -332,13 +353,20 @@ class FakeUpstream:
         )
 
     async def models(self, request: web.Request) -> web.Response:
-        await self._begin(request)
+        if not request.headers.get("user-agent", "").startswith("sidecar/"):  # the sidecar's own ask: not counted
+            await self._begin(request)
         return web.json_response(
             {
                 "object": "list",
                 "data": [{"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fake"}],
             }
         )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """vLLM's own Prometheus page (V1 engine names), with what it has served so far."""
+        self.metrics_fetches += 1
+        served = sum(1 for r in self.received if r.path.startswith("/v1/"))
+        return web.Response(text=vllm_metrics(served), content_type="text/plain")
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=self.script.status if self.script.status >= 500 else 200)

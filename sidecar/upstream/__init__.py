@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 from prometheus_client.metrics_core import Metric
 
-from sidecar import routes
+from sidecar import __version__, routes
 from sidecar.config import ConfigError, UpstreamCfg
 from sidecar.series import WAIT_BUCKETS, Hist, counter, gauge, histogram
 from sidecar.upstream.pool import Pool, UpstreamFailure, UpstreamResponse
@@ -103,6 +103,7 @@ class Upstream:
         self._prefix = base[:-3] if base.endswith("/v1") else base
         self._auth = f"Bearer {api_key}" if api_key else None
         self._base = urlsplit(self._prefix).path.rstrip("/")
+        self.address = urlsplit(self._prefix).netloc.rpartition("@")[2]  # host:port, never credentials
         self._health_target = cfg.health_path
         try:
             self.routes = routes.build(cfg.kind, cfg.routes, cfg.extra_paths)
@@ -216,17 +217,27 @@ class Upstream:
     async def healthy(self) -> tuple[bool, str]:
         """Whether the upstream's health endpoint answers 200 within the health timeout."""
         try:
-            async with asyncio.timeout(self.cfg.health_timeout):
-                resp = await self.pool.send("GET", self._health_target, self._health_headers().items(), b"")
-                try:
-                    await resp.read(1 << 20)
-                finally:
-                    resp.release()
-                return resp.status == 200, f"upstream health answered {resp.status}"
+            status, _, _ = await self.get(self._health_target, 1 << 20)
+            return status == 200, f"upstream health answered {status}"
         except TimeoutError:
             return False, "upstream health timed out"
         except UpstreamFailure as exc:
             return False, f"upstream unreachable: {type(exc).__name__}"
 
+    async def get(self, target: str, limit: int) -> tuple[int, str, bytes]:
+        """(status, content type, body) of a GET of one of the upstream's own pages (health, metrics, models),
+        within the health timeout: TimeoutError, UpstreamFailure (ResponseTooLarge past `limit` bytes)."""
+        async with asyncio.timeout(self.cfg.health_timeout):
+            resp = await self.pool.send("GET", target, self._health_headers().items(), b"")
+            try:
+                body = await resp.read(limit)
+            except BaseException:
+                resp.close()
+                raise
+            resp.release()
+            return resp.status, resp.headers.get("content-type", ""), body
+
     def _health_headers(self) -> dict[str, str]:
-        return {"authorization": self._auth} if self._auth else {}
+        """The sidecar's own requests (health, metrics page, model list) say who sends them."""
+        own = {"user-agent": f"sidecar/{__version__}"}
+        return {**own, "authorization": self._auth} if self._auth else own

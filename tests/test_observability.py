@@ -1,0 +1,218 @@
+"""Metrics people build on (#18): the chart's Grafana dashboard and PrometheusRule, checked for real.
+
+`promtool check rules` on the rendered rules; then a real Prometheus server (Debian's `prometheus`, started here
+on 127.0.0.1) scrapes a real sidecar, and the vLLM page it relays, under a little traffic of every kind. Every
+dashboard query and every alert expression must parse and evaluate there, name only series that were really
+scraped, and every panel must return data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.conftest import free_port
+from tests.test_chart import PEPPER, helm, render_values  # noqa: F401  (helm is a fixture)
+from tests.test_keys import ADMIN, admin
+
+ROOT = Path(__file__).resolve().parent.parent
+RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
+JOB = "t-sidecar-ops"  # what the ServiceMonitor's scrape names the job: the -ops Service of release "t"
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing = f"{name} not installed (Debian: apt-get install -y prometheus)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return path
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(row, panel title, PromQL) of every target in the chart's dashboard."""
+    import json
+
+    doc = json.loads((ROOT / "helm/sidecar/files/dashboard.json").read_text())
+    row, out = "", []
+    for panel in doc["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+            continue
+        out += [(row, panel["title"], t["expr"]) for t in panel["targets"]]
+    return out
+
+
+def rules(helm_bin: str) -> list[dict]:
+    values = {"secrets": {"pepper": PEPPER}, "prometheusRule": {"enabled": True}}
+    docs = render_values(helm_bin, values, "--api-versions", RULE_API)
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    return rule["spec"]["groups"]
+
+
+def test_the_dashboard_file_is_what_its_generator_writes():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/dashboard.py"), "--check"], timeout=60)
+    assert out.returncode == 0, "helm/sidecar/files/dashboard.json is stale: run python3 scripts/dashboard.py"
+
+
+def test_the_dashboard_and_rules_render_only_when_asked(helm):  # noqa: F811
+    plain = render_values(helm, {"secrets": {"pepper": PEPPER}}, "--api-versions", RULE_API)
+    assert not [d for d in plain if d["kind"] == "PrometheusRule" or d["metadata"]["name"].endswith("-dashboard")]
+    on = {"secrets": {"pepper": PEPPER}, "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}
+    assert not [d for d in render_values(helm, on) if d["kind"] == "PrometheusRule"]  # no CRD: no rule
+    docs = render_values(
+        helm, on, "--api-versions", RULE_API, "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"
+    )
+    (cm,) = [d for d in docs if d["metadata"]["name"] == "t-sidecar-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["data"]["sidecar.json"] == (ROOT / "helm/sidecar/files/dashboard.json").read_text().strip()
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert [e["path"] for e in monitor["spec"]["endpoints"]] == ["/metrics", "/metrics/upstream"]
+    upstream_mode = {"mode": "upstream", "upstream": {"url": "http://vllm:8000/v1"}, "secrets": {"pepper": PEPPER}}
+    docs = render_values(helm, upstream_mode, "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert [e["path"] for e in monitor["spec"]["endpoints"]] == ["/metrics"]  # no vLLM in the pod: auto is off
+
+
+def test_promtool_checks_the_rendered_rules(helm, tmp_path):  # noqa: F811
+    path = tmp_path / "rules.yaml"
+    groups = rules(helm)
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    out = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 6 rules found" in out.stdout, out.stdout
+    for rule in groups[0]["rules"]:
+        assert rule["annotations"]["runbook"] and rule["annotations"]["summary"], rule
+
+
+class Prometheus:
+    def __init__(self, tmp_path: Path, target: str, rule_file: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        scrape = {"scrape_interval": "1s", "scrape_timeout": "900ms"}
+        config = {
+            "global": {"evaluation_interval": "1s", **scrape},
+            "rule_files": [str(rule_file)],
+            "scrape_configs": [
+                {"job_name": JOB, "metrics_path": path, "static_configs": [{"targets": [target]}], **scrape}
+                for path in ("/metrics", "/metrics/upstream")
+            ],
+        }
+        # As the ServiceMonitor's second endpoint: the same job, told apart by `source` (else `up` would clash).
+        config["scrape_configs"][1]["job_name"] = JOB + "-upstream"
+        config["scrape_configs"][1]["relabel_configs"] = [
+            {"target_label": "job", "replacement": JOB},
+            {"target_label": "source", "replacement": "upstream"},
+        ]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.proc = subprocess.Popen(
+            [
+                tool("prometheus"),
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def api(self, session: aiohttp.ClientSession, path: str, **params: str) -> dict:
+        async with session.get(self.url + path, params=params) as r:
+            body = await r.json()
+            assert body["status"] == "success", body
+            return body["data"]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def traffic(url: str, key: str, limited: str) -> None:
+    """A request of every kind the panels show: plain, streamed, refused, cut by the client, an upstream error."""
+    auth = {"authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as s:
+        for body in (CHAT, {**CHAT, "stream": True}):
+            async with s.post(url + "/v1/chat/completions", json=body, headers=auth) as r:
+                assert r.status == 200
+                await r.read()
+        for _ in range(2):
+            async with s.post(url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {limited}"}):
+                pass
+        hang = {**auth, "x-fake-script": '{"hang_after": 1}'}
+        async with s.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=hang) as r:
+            await r.content.readany()
+        async with s.post(
+            url + "/v1/chat/completions", json=CHAT, headers={**auth, "x-fake-script": '{"status": 500}'}
+        ):
+            pass
+
+
+async def test_every_dashboard_query_and_alert_works_against_a_real_prometheus(fake, sidecar_factory, helm, tmp_path):  # noqa: F811
+    groups = rules(helm)
+    rule_file = tmp_path / "rules.yaml"
+    rule_file.write_text(yaml.safe_dump({"groups": groups}))
+    running = await sidecar_factory(
+        fake.url,
+        auth__enabled=True,
+        server__admin_token=ADMIN,
+        audit__capture="all",
+        audit__sinks=("jsonl",),
+    )
+    async with aiohttp.ClientSession() as s:
+        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "panel"})
+        _, limited, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "one", "rpm": 1})
+        async with s.get(running.url + "/metrics") as r:  # the first scrape asks the upstream for its models
+            assert r.status == 200
+    prom = Prometheus(tmp_path, f"127.0.0.1:{running.port}", rule_file)
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 30
+            while True:  # up, and both targets scraped at least once
+                try:
+                    up = await prom.api(s, "/api/v1/query", query="up")
+                    if len(up["result"]) == 2 and all(r["value"][1] == "1" for r in up["result"]):
+                        break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "Prometheus did not scrape both targets"
+                await asyncio.sleep(0.25)
+            for _ in range(3):  # traffic over a few scrapes, so rates have two samples or more
+                await traffic(running.url, created["key"], limited["key"])
+                await asyncio.sleep(1.2)
+            await asyncio.sleep(2.5)
+            names = set(await prom.api(s, "/api/v1/label/__name__/values"))
+            results = {}
+            for row, title, expr in dashboard_queries():
+                query = expr.replace("$__rate_interval", "15s").replace("$job", ".*").replace("$pod", ".*")
+                for metric in re.findall(r"\b((?:sidecar_|vllm:)[a-z_:]+)\b", query):
+                    assert metric in names, f"{title}: {metric} is not a series the sidecar or vLLM exports"
+                data = await prom.api(s, "/api/v1/query", query=query)
+                results[(row, title, expr)] = data["result"]
+            empty = [key[1] for key, result in results.items() if not result]
+            assert not empty, f"panels without data: {empty}"
+            for group in groups:
+                for rule in group["rules"]:
+                    for metric in re.findall(r"\b((?:sidecar_|vllm:)[a-z_:]+)\b", rule["expr"]):
+                        assert metric in names, f"{rule['alert']}: {metric} is not exported"
+            evaluated = await prom.api(s, "/api/v1/rules")
+            health = {r["name"]: (r["health"], r.get("lastError", "")) for g in evaluated["groups"] for r in g["rules"]}
+            assert len(health) == 6 and all(h == "ok" for h, _ in health.values()), health
+    finally:
+        prom.close()
+    print(f"\n{len(results)} dashboard queries and {len(health)} alerts evaluated against Prometheus: all with data")

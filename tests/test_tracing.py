@@ -1,0 +1,211 @@
+"""Traces (#18): one server span per proxied request, exported over OTLP/HTTP to a real receiver started here
+(tests/otlp_receiver.py decodes the protobuf the SDK really sends), continuing a client's `traceparent` and
+handing the sidecar's own context to the upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_port, reap
+from tests.otlp_receiver import Receiver
+from tests.test_cli import wait_listening
+from tests.test_keys import ADMIN, admin
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+CLIENT_PARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+SERVER, ERROR = 2, 2  # SPAN_KIND_SERVER, STATUS_CODE_ERROR in OTLP
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+@pytest.fixture
+async def receiver():
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.close()
+
+
+@pytest.fixture
+async def traced(fake, sidecar_factory, receiver):
+    async def start(**options):
+        running = await sidecar_factory(
+            fake.url,
+            auth__enabled=True,
+            server__admin_token=ADMIN,
+            tracing__enabled=True,
+            tracing__endpoint=receiver.url,
+            tracing__export_delay=0.05,
+            **options,
+        )
+        async with aiohttp.ClientSession() as s:
+            _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "traced"})
+        return running, created["key"], created["id"]
+
+    return start
+
+
+async def post(url, key, body, headers=None):
+    async with aiohttp.ClientSession() as s:
+        hdrs = {"authorization": f"Bearer {key}", **(headers or {})}
+        async with s.post(url + "/v1/chat/completions", json=body, headers=hdrs) as r:
+            return r.status, r.headers, await r.read()
+
+
+def only(spans, request_id):
+    found = [s for s in spans if s["attributes"].get("sidecar.request_id") == request_id]
+    assert len(found) == 1, spans
+    return found[0]
+
+
+async def test_a_span_continues_the_clients_trace_and_the_upstream_joins_it(fake, traced, receiver):
+    running, key, kid = await traced()
+    status, headers, _ = await post(running.url, key, CHAT, {"traceparent": CLIENT_PARENT, "tracestate": "a=b"})
+    assert status == 200
+    span = only(await receiver.wait_for(1), headers["x-request-id"])
+    assert span["trace_id"] == TRACE_ID and span["parent_span_id"] == PARENT_ID and span["kind"] == SERVER
+    assert span["name"] == "chat m"
+    a = span["attributes"]
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "m"
+    assert a["gen_ai.response.model"] == "m" and a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["gen_ai.request.max_tokens"] == 20
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (11, 5)
+    assert a["http.request.method"] == "POST" and a["http.response.status_code"] == 200
+    assert a["server.address"] == fake.url.removeprefix("http://").removesuffix("/v1")
+    assert a["sidecar.key_id"] == kid and a["sidecar.outcome"] == "completed"
+    assert a["sidecar.usage_source"] == "upstream"
+    assert "error.type" not in a and span["status_code"] != ERROR
+    assert key not in json.dumps(receiver.spans)  # the key itself never travels
+    # The upstream got the sidecar's span as its parent, in the client's trace (not the client's own parent).
+    sent = fake.last().headers["traceparent"]
+    assert sent == f"00-{TRACE_ID}-{span['span_id']}-01", sent
+    assert fake.last().headers.get("tracestate") == "a=b"
+    assert receiver.resources[0]["service.name"] == "sidecar"
+
+
+async def test_a_stream_has_its_first_token_and_a_trace_of_its_own_without_a_client_parent(fake, traced, receiver):
+    running, key, _ = await traced()
+    status, headers, _ = await post(running.url, key, {**CHAT, "stream": True})
+    assert status == 200
+    span = only(await receiver.wait_for(1), headers["x-request-id"])
+    assert span["parent_span_id"] == "" and re.fullmatch("[0-9a-f]{32}", span["trace_id"])
+    assert span["attributes"]["gen_ai.request.stream"] is True
+    assert span["attributes"]["gen_ai.response.finish_reasons"] == ["stop"]
+    first = [e for e in span["events"] if e["name"] == "gen_ai.first_token"]
+    assert len(first) == 1 and span["start"] < first[0]["time"] <= span["end"]
+    assert fake.last().headers["traceparent"].split("-")[1] == span["trace_id"]
+
+
+async def test_a_disconnect_a_timeout_an_upstream_error_and_a_429_end_their_spans_as_they_ended(fake, traced, receiver):
+    running, key, _ = await traced(upstream__first_byte_timeout=0.3)
+    async with aiohttp.ClientSession() as s:
+        hdrs = {"authorization": f"Bearer {key}", "x-fake-script": '{"hang_after": 2}'}
+        async with s.post(running.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=hdrs) as r:
+            gone = r.headers["x-request-id"]
+            await r.content.readany()
+    _, h, _ = await post(running.url, key, CHAT, {"x-fake-script": '{"delay_headers": 2}'})
+    timed_out = h["x-request-id"]
+    _, h, _ = await post(running.url, key, CHAT, {"x-fake-script": '{"status": 500}'})
+    failed = h["x-request-id"]
+    async with aiohttp.ClientSession() as s:
+        _, limited_key, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "one", "rpm": 1})
+    await post(running.url, limited_key["key"], CHAT)
+    status, h, _ = await post(running.url, limited_key["key"], CHAT)
+    assert status == 429
+    limited = h["x-request-id"]
+    spans = await receiver.wait_for(5)
+    expected = {
+        gone: ("client_disconnected", ERROR),
+        timed_out: ("timeout", ERROR),
+        failed: ("upstream_error", ERROR),
+        limited: ("429", 0),  # a refusal is the client's to handle: the server span is not in error
+    }
+    for request_id, (error_type, code) in expected.items():
+        span = only(spans, request_id)
+        assert (span["attributes"].get("error.type"), span["status_code"]) == (error_type, code), span
+    assert only(spans, limited)["attributes"]["http.response.status_code"] == 429
+
+
+async def test_a_lease_wait_is_an_event_of_the_span(fake, traced, receiver):
+    running, key, _ = await traced(limits__global_concurrency=1)
+    slow = {"x-fake-script": '{"delay_headers": 0.5}'}
+    (_, first, _), (_, second, _) = await asyncio.gather(
+        post(running.url, key, CHAT, slow), post(running.url, key, CHAT, slow)
+    )
+    spans = await receiver.wait_for(2)
+    waits = [
+        e["attributes"]["sidecar.lease.wait_ms"]
+        for rid in (first["x-request-id"], second["x-request-id"])
+        for e in only(spans, rid)["events"]
+        if e["name"] == "sidecar.lease.waited"
+    ]
+    assert len(waits) == 1 and waits[0] >= 300, waits  # the second waited for the first's slot
+
+
+async def test_an_exporter_that_is_down_or_slow_costs_requests_nothing_and_drops_are_counted(traced, receiver):
+    receiver.delay = 3.0  # a collector that takes 3 s to answer each batch
+    running, key, _ = await traced(tracing__queue_size=4, tracing__export_timeout=1.0)
+    statuses = [status for status, _, _ in await asyncio.gather(*(post(running.url, key, CHAT) for _ in range(40)))]
+    assert statuses == [200] * 40
+    async with aiohttp.ClientSession() as s, s.get(running.url + "/metrics") as r:
+        text = await r.text()
+    dropped = float(re.search(r'^sidecar_trace_spans_total\{result="dropped"\} (\S+)$', text, re.M).group(1))
+    queued = float(re.search(r'^sidecar_trace_spans_total\{result="queued"\} (\S+)$', text, re.M).group(1))
+    assert dropped > 0 and dropped + queued == 40, text
+    receiver.status, receiver.delay = 503, 0  # and a collector that refuses: still nothing for the requests
+    statuses = [status for status, _, _ in await asyncio.gather(*(post(running.url, key, CHAT) for _ in range(10)))]
+    assert statuses == [200] * 10
+
+
+def test_off_by_default_nothing_of_opentelemetry_is_loaded(tmp_path):
+    code = (
+        "import sys\n"
+        "from sidecar.config import load\n"
+        "from sidecar.app import create_app\n"
+        f"create_app(load(None, {{}}, {{'server.data_dir': {str(tmp_path)!r}, 'upstream.url': 'http://127.0.0.1:9'}}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+async def test_the_standard_otel_variables_turn_it_on_and_name_the_service(fake, receiver, tmp_path):
+    port = free_port()
+    origin = receiver.url.removesuffix("/v1/traces")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "SIDECAR_SERVER_DATA_DIR": str(tmp_path),
+        "SIDECAR_UPSTREAM_URL": fake.url,
+        "SIDECAR_AUTH_ENABLED": "false",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": origin,
+        "OTEL_SERVICE_NAME": "llm-gateway",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await wait_listening(port, proc)
+        status, headers, _ = await post(f"http://127.0.0.1:{port}", "unused", {**CHAT, "stream": True})
+        assert status == 200
+        span = only(await receiver.wait_for(1), headers["x-request-id"])
+    finally:
+        reap(proc)
+    assert span["resource"]["service.name"] == "llm-gateway"
+    assert span["resource"]["deployment.environment"] == "test"
+    assert span["name"] == "chat m"
