@@ -71,13 +71,12 @@ def record_finisher(
 
     def finish(rec: RequestRecord, keep: bool) -> None:
         metrics.observe(rec)
+        if keep:
+            line = writer.put(rec.as_row())
+            if request_log is not None:  # the same JSON the store gets, one line per request, with its fields
+                request_log.write_access(line, rec.finished_at, rec.client_addr, rec.user_agent)
         if rec.span is not None and tracing is not None:
-            tracing.end(rec.span, rec, server)
-        if not keep:
-            return
-        line = writer.put(rec.as_row())
-        if request_log is not None:  # the same JSON the store gets, one line per request, with the log's fields
-            request_log.write_access(line, rec.finished_at, rec.client_addr, rec.user_agent)
+            tracing.end(rec.span, rec, server)  # last, and it never raises: the row is what must not be lost
 
     return finish
 

@@ -399,6 +399,7 @@ def summary(settings: Settings) -> dict[str, dict[str, Any]]:
         }
     out["store"]["url"] = mask_url(settings.store.url)
     out["upstream"]["url"] = mask_url(settings.upstream.url)
+    out["tracing"]["endpoint"] = mask_url(settings.tracing.endpoint)
     return out
 
 

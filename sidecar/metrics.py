@@ -92,6 +92,7 @@ class Metrics:
         own = rec.own_time()
         if own is not None:
             _hist(self._own, route, OWN_BUCKETS).observe(own[0] + own[1])
+        if own is not None or rec.queued_ms:  # sent, or waited and then refused or cancelled
             _hist(self._queued, route, LATENCY_BUCKETS).observe(rec.queued_ms / 1000.0)
         if rec.prompt_tokens or rec.completion_tokens:
             model = rec.model if rec.model in self.models else OTHER_MODEL

@@ -110,7 +110,8 @@ class Proxy:
             rec.user_agent = agent[:256] if agent else None
         cors = self.cors.headers(request.headers) if self.cors is not None else {}
         if self.tracing is not None:
-            rec.span = self.tracing.begin(request.headers, request.method, path[:256], int(rec.started_at * 1e9))
+            known = path if path in self.upstream.routes else None  # span names stay bounded
+            rec.span = self.tracing.begin(request.headers, request.method, known, int(rec.started_at * 1e9))
         self.metrics.in_flight += 1
         try:
             async with (
@@ -221,10 +222,12 @@ class Proxy:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
+        began = time.monotonic()
         try:
             body = await read_body(request)
         except (ConnectionError, aiohttp.ClientError):
             raise ClientGone from None
+        rec.upload_ms = (time.monotonic() - began) * 1000.0
         rec.bytes_in = len(body)
         content_type = request.headers.get("content-type", "")
         call = parse(request.method, route, body, self.server.max_json_depth, content_type)
@@ -252,6 +255,8 @@ class Proxy:
         up = self.upstream
         target = up.target(path, request.raw_path.partition("?")[2])
         headers = up.request_headers(request.headers, rec.request_id, request.remote)
+        if rec.span is not None and self.tracing is not None:
+            self.tracing.inject(rec.span, headers)
         try:
             async with asyncio.timeout(self.cfg.first_byte_timeout):
                 answer = await up.send("OPTIONS", target, headers, b"")

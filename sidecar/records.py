@@ -71,6 +71,7 @@ class RequestRecord:
     response_model: str | None = None
     finish_reasons: tuple[str, ...] = ()
     queued_ms: float = 0.0  # waited for a lease (the key's concurrency or the global cap)
+    upload_ms: float = 0.0  # the client's body arriving: the client's time, not the sidecar's
     sent_at: float = 0.0  # monotonic: the upstream request went out
     upstream_done: float = 0.0  # monotonic: the upstream's answer was read to its end
 
@@ -96,10 +97,11 @@ class RequestRecord:
 
     def own_time(self) -> tuple[float, float] | None:
         """(before, after) in seconds: the sidecar's own time before the upstream request went out (less the
-        lease wait) and after the upstream's answer was read; None when no request went out."""
+        lease wait and the client's upload) and after the upstream's answer was read; None when no request
+        went out."""
         if not self.sent_at:
             return None
-        before = self.sent_at - self.t0 - self.queued_ms / 1000.0
+        before = self.sent_at - self.t0 - (self.queued_ms + self.upload_ms) / 1000.0
         after = self.t0 + self.latency_ms / 1000.0 - self.upstream_done if self.upstream_done else 0.0
         return max(0.0, before), max(0.0, after)
 
@@ -121,6 +123,7 @@ _NOT_STORED = (
     "response_model",
     "finish_reasons",
     "queued_ms",
+    "upload_ms",
     "sent_at",
     "upstream_done",
 )

@@ -163,7 +163,7 @@ class Relay:
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         rec = ex.rec
         rec.upstream_done = time.monotonic()
-        if rec.span is not None:
+        if rec.span is not None and rec.span.is_recording():
             _answer_facts(rec, body)
         if ex.capture is not None:
             ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
@@ -229,7 +229,7 @@ class Relay:
         headers.update(ex.admitted.lease.headers)
         if self.overhead_header:
             rec = ex.rec
-            before = rec.sent_at - rec.t0 - rec.queued_ms / 1000.0
+            before = rec.sent_at - rec.t0 - (rec.queued_ms + rec.upload_ms) / 1000.0
             headers["x-sidecar-overhead-ms"] = f"{max(0.0, before) * 1000.0:.3f}"
         return headers
 
@@ -277,7 +277,7 @@ class Relay:
         except (ConnectionError, aiohttp.ClientConnectionError):
             raise ClientGone from None
         ex.resp = resp
-        facts = rec.span is not None
+        facts = rec.span is not None and rec.span.is_recording()
         while chunk:
             rec.chunks += 1
             if facts:

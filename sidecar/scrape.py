@@ -53,13 +53,15 @@ class UpstreamPage:
         if page is not None and time.monotonic() - page[0] < self.ttl:
             return page
         if self._fetching is None:
-            self._fetching = asyncio.ensure_future(self._fetch())
-        fetching = self._fetching
-        try:
-            return await asyncio.shield(fetching)  # a scraper that goes away does not cancel the others' fetch
-        finally:
-            if fetching.done() and self._fetching is fetching:
-                self._fetching = None
+            self._fetching = fetching = asyncio.ensure_future(self._fetch())
+            fetching.add_done_callback(self._fetched)  # cleared when it ends, whoever still waits for it
+        return await asyncio.shield(self._fetching)  # a scraper that goes away does not cancel the others' fetch
+
+    def _fetched(self, fetching: asyncio.Future[tuple[float, int, str, bytes]]) -> None:
+        if self._fetching is fetching:
+            self._fetching = None
+        if not fetching.cancelled():
+            fetching.exception()  # retrieved: nobody may be left to await a failed fetch
 
     async def _fetch(self) -> tuple[float, int, str, bytes]:
         status, content_type, body = await self.upstream.get(self.path, PAGE_LIMIT)

@@ -13,9 +13,11 @@ SDK would (which logs a line per span), and counted: an exporter that is down or
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from multidict import CIMultiDict
 from prometheus_client.metrics_core import Metric
 
 from sidecar.config import TracingCfg, mask_url
@@ -64,7 +66,7 @@ def _bounded(inner: BatchSpanProcessor, queue_size: int) -> Any:
     line per dropped span). Built here, not at import: nothing of OpenTelemetry loads while tracing is off."""
     from opentelemetry.sdk.trace import SpanProcessor
 
-    # The SDK keeps its queue on an internal object; without it (another SDK version) spans are only delegated.
+    # The SDK (1.34 and later) keeps its queue on an internal object; without it spans are only delegated.
     queue: Sequence[Any] | None = getattr(getattr(inner, "_batch_processor", None), "_queue", None)
 
     class Bounded(SpanProcessor):
@@ -87,12 +89,39 @@ def _bounded(inner: BatchSpanProcessor, queue_size: int) -> Any:
     return Bounded()
 
 
+def _counting(exporter: Any) -> Any:
+    """The exporter, counting the spans of every batch it could not deliver (collector down, refused, slow)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Counting(SpanExporter):
+        failed = 0
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            try:
+                result: SpanExportResult = exporter.export(spans)
+            except Exception:
+                self.failed += len(spans)
+                raise
+            if result is not SpanExportResult.SUCCESS:
+                self.failed += len(spans)
+            return result
+
+        def shutdown(self) -> None:
+            exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return bool(exporter.force_flush(timeout_millis))
+
+    return Counting()
+
+
 class Tracing:
     def __init__(self, cfg: TracingCfg, env: Mapping[str, str]) -> None:
         self.cfg = cfg
         self.env = env
         self._provider: TracerProvider | None = None
         self._processor: Any = None
+        self._exporter: Any = None
         self._tracer: Any = None
         self._propagator: Any = None
         self._kind: Any = None
@@ -112,14 +141,16 @@ class Tracing:
 
         cfg, env = self.cfg, self.env
         attributes: dict[str, str] = {"service.version": __version__}
-        if cfg.service_name or not env.get("OTEL_SERVICE_NAME"):
+        named = env.get("OTEL_SERVICE_NAME") or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        if cfg.service_name or not named:
             attributes["service.name"] = cfg.service_name or "sidecar"
         resource = Resource.create(attributes)  # with OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
         sampler = None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(cfg.sample_ratio))
-        provider = TracerProvider(resource=resource, sampler=sampler)
+        provider = TracerProvider(resource=resource, sampler=sampler, id_generator=_fast_ids())
         delay = None if env.get("OTEL_BSP_SCHEDULE_DELAY") else cfg.export_delay * 1000.0
+        self._exporter = _counting(_exporter(cfg, env))
         batch = BatchSpanProcessor(
-            _exporter(cfg, env),
+            self._exporter,
             max_queue_size=cfg.queue_size,
             schedule_delay_millis=delay,
             max_export_batch_size=min(512, cfg.queue_size),  # the SDK's default, within the queue
@@ -134,17 +165,23 @@ class Tracing:
         log.info("tracing on", extra={"fields": {"endpoint": mask_url(_endpoint_text(cfg, env))}})
 
     def close(self) -> None:
-        """Export what is queued (bounded by the export timeout), then stop. Runs in a thread: it blocks."""
-        if self._provider is not None:
-            self._provider.shutdown()
-            self._provider = None
+        """Export what is queued, then stop, waiting at most the export timeout (the SDK would wait 30 s for
+        its worker): what is not out by then is left to the daemon thread and lost at exit. Blocks: run it in
+        a thread."""
+        provider, self._provider = self._provider, None
+        if provider is not None:
+            stopping = threading.Thread(target=provider.shutdown, name="sidecar-tracing-shutdown", daemon=True)
+            stopping.start()
+            stopping.join(self.cfg.export_timeout + 1.0)
 
-    def begin(self, headers: Mapping[str, str], method: str, path: str, start_ns: int) -> Span:
-        """A server span for a request, continuing the client's trace context when it sent one."""
+    def begin(self, headers: Mapping[str, str], method: str, route: str | None, start_ns: int) -> Span:
+        """A server span for a request, continuing the client's trace context when it sent one. `route`: the
+        path when it is one of ours, else None (the name stays bounded whatever clients send)."""
         parent = self._propagator.extract(headers) if "traceparent" in headers else None
+        attributes = {"http.request.method": method, **({"http.route": route} if route else {})}
         span: Span = self._tracer.start_span(
-            f"{method} {path}", context=parent, kind=self._kind, start_time=start_ns,
-            attributes={"http.request.method": method, "url.path": path},
+            f"{method} {route}" if route else method, context=parent, kind=self._kind, start_time=start_ns,
+            attributes=attributes,
         )  # fmt: skip
         return span
 
@@ -162,14 +199,29 @@ class Tracing:
             span.add_event("sidecar.lease.waited", {"sidecar.lease.wait_ms": round(waited_ms, 3)})
 
     def inject(self, span: Span, headers: MutableMapping[str, str]) -> None:
-        """The span's context in the upstream request's headers (replacing the client's own)."""
-        from opentelemetry.trace import set_span_in_context
-
+        """The span's context in the upstream request's headers (replacing the client's own), in W3C Trace
+        Context's one format (the propagator's inject costs a context object per request for the same line)."""
         for name in ("traceparent", "tracestate"):
-            headers.pop(name, None)
-        self._propagator.inject(headers, context=set_span_in_context(span))
+            if isinstance(headers, CIMultiDict):
+                headers.popall(name, None)  # every copy a client sent
+            else:
+                headers.pop(name, None)
+        ctx = span.get_span_context()
+        if ctx.is_valid:
+            headers["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+            if ctx.trace_state:
+                headers["tracestate"] = ctx.trace_state.to_header()
 
     def end(self, span: Span, rec: RequestRecord, server: str) -> None:
+        """End the span with what the record says (never raises: a tracing fault must not touch the request)."""
+        try:
+            if span.is_recording():
+                self._describe(span, rec, server)
+            span.end(end_time=int(rec.started_at * 1e9) + int(rec.latency_ms * 1e6))
+        except Exception:
+            log.exception("a span could not be ended")
+
+    def _describe(self, span: Span, rec: RequestRecord, server: str) -> None:
         attributes: dict[str, Any] = {
             "http.response.status_code": rec.status,
             "server.address": server,
@@ -192,26 +244,52 @@ class Tracing:
         error = _ERRORS.get(rec.outcome)
         if error is None and rec.status >= 400:
             error = str(rec.status)
+        if rec.status == 0:  # the handler raised before any answer: aiohttp answers 500
+            error = "internal_error"
         if error is not None:
             attributes["error.type"] = error
         span.set_attributes(attributes)
         start_ns = int(rec.started_at * 1e9)
         if rec.ttft_ms is not None and rec.stream:
             span.add_event("gen_ai.first_token", timestamp=start_ns + int(rec.ttft_ms * 1e6))
-        if error is not None and (rec.status >= 500 or rec.outcome in _ERRORS):
+        if error is not None and (rec.status >= 500 or rec.status == 0 or rec.outcome in _ERRORS):
             status, code = self._status
             span.set_status(status(code.ERROR, rec.error_code or error))
-        span.end(end_time=start_ns + int(rec.latency_ms * 1e6))
 
     def collect(self) -> Iterator[Metric]:
-        p = self._processor
+        p, e = self._processor, self._exporter
         ended, dropped = (p.ended, p.dropped) if p is not None else (0, 0)
         yield counter(
             "sidecar_trace_spans",
-            "Spans ended, by what became of them at this end: queued for export, or dropped (queue full).",
+            "Spans ended, by what became of them here: queued for export or dropped (queue full); `failed` counts "
+            "queued spans whose export failed (collector down, refusing or too slow).",
             ("result",),
-            {("queued",): ended - dropped, ("dropped",): dropped},
+            {("queued",): ended - dropped, ("dropped",): dropped, ("failed",): e.failed if e is not None else 0},
         )
+
+
+def _fast_ids() -> Any:
+    """Trace and span ids from Python's Mersenne Twister, as the SDK's RandomIdGenerator made them before it
+    moved to os.urandom (a system call per id: about 12 µs a span here). Ids need to be unique, not secret."""
+    import random
+
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+    from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID
+
+    class FastIds(IdGenerator):
+        def generate_span_id(self) -> int:
+            span_id = random.getrandbits(64)
+            while span_id == INVALID_SPAN_ID:
+                span_id = random.getrandbits(64)
+            return span_id
+
+        def generate_trace_id(self) -> int:
+            trace_id = random.getrandbits(128)
+            while trace_id == INVALID_TRACE_ID:
+                trace_id = random.getrandbits(128)
+            return trace_id
+
+    return FastIds()
 
 
 def _exporter(cfg: TracingCfg, env: Mapping[str, str]) -> Any:

@@ -5,6 +5,7 @@ process and Python series, time to first token only where tokens are generated."
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import aiohttp
@@ -43,6 +44,25 @@ async def test_the_overhead_histogram_counts_every_proxied_request_and_the_heade
     assert value(text, f"sidecar_lease_wait_seconds_count{{{route}}}") == 2
     total = value(text, f"sidecar_overhead_seconds_sum{{{route}}}")
     assert total is not None and 0 < total < 0.3  # 2 x 0.3 s of upstream time are not in it
+
+
+async def test_a_slow_upload_is_the_clients_time_not_the_sidecars(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, server__overhead_header=True)
+    body = json.dumps(CHAT).encode()
+
+    async def slowly():
+        yield body[:10]
+        await asyncio.sleep(0.5)
+        yield body[10:]
+
+    async with aiohttp.ClientSession() as s:
+        headers = {"content-type": "application/json"}
+        async with s.post(running.url + "/v1/chat/completions", data=slowly(), headers=headers) as r:
+            assert r.status == 200
+            own = float(r.headers["x-sidecar-overhead-ms"])
+    assert own < 300, own
+    _, text = await get_text(running.url + "/metrics")
+    assert value(text, 'sidecar_overhead_seconds_sum{route="/v1/chat/completions"}') < 0.3
 
 
 async def test_the_upstreams_page_is_relayed_cached_and_shared(fake, sidecar_factory, tmp_path):

@@ -134,6 +134,21 @@ async def test_a_disconnect_a_timeout_an_upstream_error_and_a_429_end_their_span
     assert only(spans, limited)["attributes"]["http.response.status_code"] == 429
 
 
+async def test_a_path_we_do_not_serve_names_its_span_by_method_only(traced, receiver):
+    running, key, _ = await traced()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(running.url + "/scanner/probe/12345", headers={"authorization": f"Bearer {key}"}) as r:
+            assert r.status == 404
+            request_id = r.headers["x-request-id"]
+        async with s.get(running.url + "/v1/models", headers={"authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200
+            models_id = r.headers["x-request-id"]
+    spans = await receiver.wait_for(2)
+    probe, models = only(spans, request_id), only(spans, models_id)
+    assert probe["name"] == "GET" and probe["attributes"]["error.type"] == "404" and probe["status_code"] != ERROR
+    assert models["name"] == "GET /v1/models" and models["attributes"]["http.route"] == "/v1/models"
+
+
 async def test_a_lease_wait_is_an_event_of_the_span(fake, traced, receiver):
     running, key, _ = await traced(limits__global_concurrency=1)
     slow = {"x-fake-script": '{"delay_headers": 0.5}'}
@@ -163,6 +178,15 @@ async def test_an_exporter_that_is_down_or_slow_costs_requests_nothing_and_drops
     receiver.status, receiver.delay = 503, 0  # and a collector that refuses: still nothing for the requests
     statuses = [status for status, _, _ in await asyncio.gather(*(post(running.url, key, CHAT) for _ in range(10)))]
     assert statuses == [200] * 10
+    for _ in range(100):  # every queued span fails (one collector too slow, then one refusing), and is counted
+        async with aiohttp.ClientSession() as s, s.get(running.url + "/metrics") as r:
+            text = await r.text()
+        counts = dict(re.findall(r'^sidecar_trace_spans_total\{result="(\w+)"\} (\S+)$', text, re.M))
+        if float(counts["failed"]) == float(counts["queued"]):
+            break
+        await asyncio.sleep(0.1)
+    assert float(counts["failed"]) == float(counts["queued"]) > 0, counts
+    assert float(counts["queued"]) + float(counts["dropped"]) == 50, counts
 
 
 def test_off_by_default_nothing_of_opentelemetry_is_loaded(tmp_path):
