@@ -52,7 +52,9 @@ async def test_metrics_exposition(fake, sidecar):
     status, text = await get(sidecar.url + "/metrics")
     assert status == 200
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-    assert all(n.startswith("sidecar_") for n in names), names
+    # Ours, and the standard process and Python series (issue #18); nothing else.
+    assert all(n.startswith(("sidecar_", "process_", "python_")) for n in names), names
+    assert "process_resident_memory_bytes" in names and "python_info" in names
     assert not any(n.endswith("_created") for n in names)
     assert 'sidecar_requests_total{code="200",outcome="completed",route="/v1/chat/completions"} 1.0' in text
     assert 'sidecar_requests_total{code="404",outcome="bad_request",route="other"} 1.0' in text
