@@ -18,6 +18,7 @@ from tests.conftest import free_port, reap
 from tests.otlp_receiver import Receiver
 from tests.test_cli import wait_listening
 from tests.test_keys import ADMIN, admin
+from tests.test_process import start
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -205,23 +206,14 @@ def test_off_by_default_nothing_of_opentelemetry_is_loaded(tmp_path):
 
 async def test_the_standard_otel_variables_turn_it_on_and_name_the_service(fake, receiver, tmp_path):
     port = free_port()
-    origin = receiver.url.removesuffix("/v1/traces")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-        "SIDECAR_SERVER_DATA_DIR": str(tmp_path),
-        "SIDECAR_UPSTREAM_URL": fake.url,
-        "SIDECAR_AUTH_ENABLED": "false",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": origin,
-        "OTEL_SERVICE_NAME": "llm-gateway",
-        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
-        "OTEL_BSP_SCHEDULE_DELAY": "50",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start(
+        tmp_path,
+        fake.url,
+        port,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url.removesuffix("/v1/traces"),
+        OTEL_SERVICE_NAME="llm-gateway",
+        OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test",
+        OTEL_BSP_SCHEDULE_DELAY="50",
     )
     try:
         await wait_listening(port, proc)
