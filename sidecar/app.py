@@ -171,7 +171,7 @@ def build(settings: Settings) -> Parts:
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     rejects = RejectSampler(s.server.reject_rows_per_minute)
     cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
-    tracing = Tracing(s.tracing, os.environ) if tracing_wanted(s.tracing, os.environ) else None
+    tracing = Tracing(s.tracing, os.environ, s.audit) if tracing_wanted(s.tracing, os.environ) else None
     finish = record_finisher(metrics, writer, request_log, tracing, upstream.address)
     pool = Pool(store)
     budgets = Budgets(s.limits.timezone, pool)

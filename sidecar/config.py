@@ -151,6 +151,9 @@ class TracingCfg:
     queue_size: int = 2048  # spans waiting for export; beyond it they are dropped and counted
     export_delay: float = 5.0  # seconds between batches (the SDK's default; OTEL_BSP_SCHEDULE_DELAY replaces it)
     export_timeout: float = 10.0
+    # Prompt and answer content on spans (gen_ai.input.messages, gen_ai.output.messages), redacted by
+    # audit.redact_paths and cut to audit.max_payload_bytes. Off: spans never carry content.
+    capture_content: bool = False
 
 
 @dataclass(frozen=True)

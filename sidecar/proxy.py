@@ -157,7 +157,7 @@ class Proxy:
             principal.check_model(call.model)  # a body we cannot read names no model a restricted key may use
         ex.admission = await self._admit(principal, call, ex.rec)
         if ex.rec.span is not None and self.tracing is not None:
-            self.tracing.admitted(ex.rec.span, call.family, call.model, call.max_tokens, ex.rec.queued_ms)
+            self.tracing.admitted(ex.rec.span, call.family, call.model, call.max_tokens, ex.rec.queued_ms, call.doc)
         return await self.relay.relay(request, ex)
 
     async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:

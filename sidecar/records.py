@@ -70,6 +70,7 @@ class RequestRecord:
     span: Any = None  # the request's server span, when tracing is on
     response_model: str | None = None
     finish_reasons: tuple[str, ...] = ()
+    output: Any = None  # the answer's choices, only when tracing captures content
     queued_ms: float = 0.0  # waited for a lease (the key's concurrency or the global cap)
     upload_ms: float = 0.0  # the client's body arriving: the client's time, not the sidecar's
     sent_at: float = 0.0  # monotonic: the upstream request went out
@@ -122,6 +123,7 @@ _NOT_STORED = (
     "span",
     "response_model",
     "finish_reasons",
+    "output",
     "queued_ms",
     "upload_ms",
     "sent_at",

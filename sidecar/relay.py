@@ -165,6 +165,8 @@ class Relay:
         rec.upstream_done = time.monotonic()
         if rec.span is not None and rec.span.is_recording():
             _answer_facts(rec, body)
+            if self.tracing is not None and self.tracing.content is not None and up.status < 300:
+                rec.output = _choices(body)
         if ex.capture is not None:
             ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
         rec.bytes_out = len(body)
@@ -348,3 +350,12 @@ def _answer_facts(rec: RequestRecord, data: bytes) -> None:
         text = reason.decode()
         if text not in rec.finish_reasons:
             rec.finish_reasons = (*rec.finish_reasons, text)
+
+
+def _choices(body: bytes) -> Any:
+    """A whole answer's `choices` (for a span's content, when the operator opted in), or None."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return doc.get("choices") if isinstance(doc, dict) else None

@@ -17,10 +17,12 @@ import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from multidict import CIMultiDict
 from prometheus_client.metrics_core import Metric
 
-from sidecar.config import TracingCfg, mask_url
+from sidecar.audit import AuditPolicy
+from sidecar.config import AuditCfg, TracingCfg, mask_url
 from sidecar.records import Outcome, RequestRecord
 from sidecar.routes import CHAT, COMPLETIONS, EMBEDDINGS, GENERATE, MESSAGES, NATIVE, RESPONSES
 from sidecar.series import counter
@@ -116,9 +118,13 @@ def _counting(exporter: Any) -> Any:
 
 
 class Tracing:
-    def __init__(self, cfg: TracingCfg, env: Mapping[str, str]) -> None:
+    def __init__(self, cfg: TracingCfg, env: Mapping[str, str], audit: AuditCfg | None = None) -> None:
         self.cfg = cfg
         self.env = env
+        audit = audit or AuditCfg()
+        # Content on spans only when asked for, and then as the audit capture would keep it.
+        self.content = AuditPolicy(audit) if cfg.capture_content else None
+        self.content_cap = audit.max_payload_bytes
         self._provider: TracerProvider | None = None
         self._processor: Any = None
         self._exporter: Any = None
@@ -185,8 +191,11 @@ class Tracing:
         )  # fmt: skip
         return span
 
-    def admitted(self, span: Span, family: str, model: str | None, max_tokens: int | None, waited_ms: float) -> None:
-        """Name the span by its GenAI operation once the body is read, and note the lease wait."""
+    def admitted(
+        self, span: Span, family: str, model: str | None, max_tokens: int | None, waited_ms: float, doc: Any = None
+    ) -> None:
+        """Name the span by its GenAI operation once the body is read, note the lease wait, and (opted in) the
+        prompt."""
         operation = OPERATIONS.get(family)
         if operation is not None:
             span.update_name(f"{operation} {model}" if model else operation)
@@ -197,6 +206,10 @@ class Tracing:
             span.set_attribute("gen_ai.request.max_tokens", max_tokens)
         if waited_ms > 0:
             span.add_event("sidecar.lease.waited", {"sidecar.lease.wait_ms": round(waited_ms, 3)})
+        if self.content is not None and isinstance(doc, dict) and span.is_recording():
+            prompt = {k: doc[k] for k in ("messages", "prompt", "input", "instructions") if k in doc}
+            if prompt:
+                span.set_attribute("gen_ai.input.messages", self._text(self.content.redact(prompt)))
 
     def inject(self, span: Span, headers: MutableMapping[str, str]) -> None:
         """The span's context in the upstream request's headers (replacing the client's own), in W3C Trace
@@ -241,6 +254,8 @@ class Tracing:
             attributes["gen_ai.response.model"] = rec.response_model
         if rec.finish_reasons:
             attributes["gen_ai.response.finish_reasons"] = rec.finish_reasons
+        if self.content is not None and rec.output is not None:
+            attributes["gen_ai.output.messages"] = self._text(self.content.redact({"choices": rec.output}))
         error = _ERRORS.get(rec.outcome)
         if error is None and rec.status >= 400:
             error = str(rec.status)
@@ -255,6 +270,10 @@ class Tracing:
         if error is not None and (rec.status >= 500 or rec.status == 0 or rec.outcome in _ERRORS):
             status, code = self._status
             span.set_status(status(code.ERROR, rec.error_code or error))
+
+    def _text(self, doc: Any) -> str:
+        text = orjson.dumps(doc, default=str).decode()
+        return text if len(text) <= self.content_cap else text[: self.content_cap] + "...(cut)"
 
     def collect(self) -> Iterator[Metric]:
         p, e = self._processor, self._exporter

@@ -225,3 +225,22 @@ async def test_the_standard_otel_variables_turn_it_on_and_name_the_service(fake,
     assert span["resource"]["service.name"] == "llm-gateway"
     assert span["resource"]["deployment.environment"] == "test"
     assert span["name"] == "chat m"
+
+
+async def test_content_only_when_opted_in_and_then_redacted_as_the_audit_would(traced, receiver):
+    secret_prompt = "my card number is 4111 1111 1111 1111"
+    body = {**CHAT, "messages": [{"role": "user", "content": secret_prompt}]}
+    running, key, _ = await traced()
+    _, plain, _ = await post(running.url, key, body)
+    running, key, _ = await traced(
+        tracing__capture_content=True, audit__redact_paths=("messages[*].content",), audit__sinks=()
+    )
+    _, opted, _ = await post(running.url, key, body)
+    spans = await receiver.wait_for(2)
+    off, on = only(spans, plain["x-request-id"]), only(spans, opted["x-request-id"])
+    assert not any(k.startswith(("gen_ai.input", "gen_ai.output")) for k in off["attributes"])
+    prompt = json.loads(on["attributes"]["gen_ai.input.messages"])
+    assert prompt["messages"][0]["role"] == "user" and "sha256" in prompt["messages"][0]["content"]
+    assert secret_prompt not in json.dumps(receiver.spans)
+    answer = json.loads(on["attributes"]["gen_ai.output.messages"])
+    assert answer["choices"][0]["message"]["role"] == "assistant" and answer["choices"][0]["message"]["content"]
