@@ -35,6 +35,12 @@ ensure_postgres() {
   fi
 }
 
+ensure_chromium() {  # tests/test_console_browser.py: the console in a real, headless browser
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    apt_install chromium chromium-driver || echo "chromium unavailable: the browser test will skip (or fail with CI=true)" >&2
+  fi
+}
+
 ensure_prometheus() {  # tests/test_observability.py runs a real Prometheus and promtool
   if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
     apt_install prometheus || echo "prometheus unavailable: tests/test_observability.py will skip (or fail with CI=true)" >&2
@@ -56,11 +62,13 @@ case "$cmd" in
     ensure_venv dev
     ensure_postgres
     ensure_prometheus
+    ensure_chromium
     ;;
   test)
     ensure_venv dev
     ensure_postgres
     ensure_prometheus
+    ensure_chromium
     set +e
     .venv/bin/python -m pytest "$@"
     rc=$?

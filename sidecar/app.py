@@ -25,6 +25,7 @@ from sidecar.audit_sinks.files import JsonlSink, StderrSink
 from sidecar.auth import Authenticator
 from sidecar.budgets import Budgets
 from sidecar.config import Settings, mask_url, read_secret, retention_seconds
+from sidecar.console import Console
 from sidecar.cors import Cors
 from sidecar.edge import server_header
 from sidecar.health import Health, not_found
@@ -278,6 +279,9 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
         "/v1/usage",
         OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days, p.proxy.budgets).handle,
     )
+    if p.settings.console.enabled:  # on the client port: key holders reach it too; never a proxied path
+        days = p.settings.store.report_max_days
+        Console(p.settings.console, p.admin, p.auth, p.store, p.proxy.budgets, days).add_routes(routes)
     _proxied_routes(router, p.proxy, p.upstream.paths)
 
 

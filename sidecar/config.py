@@ -157,6 +157,13 @@ class TracingCfg:
 
 
 @dataclass(frozen=True)
+class ConsoleCfg:
+    enabled: bool = False  # the web console at /console/ on the client port
+    session_ttl: float = 1800.0  # seconds a signed-in session lasts without use
+    max_sessions: int = 10_000
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerCfg = ServerCfg()
     upstream: UpstreamCfg = UpstreamCfg()
@@ -166,6 +173,7 @@ class Settings:
     writer: WriterCfg = WriterCfg()
     audit: AuditCfg = AuditCfg()
     tracing: TracingCfg = TracingCfg()
+    console: ConsoleCfg = ConsoleCfg()
 
 
 SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Settings)
@@ -199,6 +207,8 @@ _POSITIVE = {
     "tracing.queue_size",
     "tracing.export_timeout",
     "tracing.export_delay",
+    "console.session_ttl",
+    "console.max_sessions",
 }
 
 

@@ -151,6 +151,9 @@ class PostgresStore(SqlStore):
     def _day(self) -> str:
         return "to_char(to_timestamp(started_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
+    def _bucket(self, seconds: int) -> str:
+        return f"(FLOOR(started_at / {seconds}) * {seconds})::bigint"
+
     def _sql(self, sql: str) -> str:
         return sql.replace("%", "%%").replace("?", "%s")
 

@@ -307,6 +307,27 @@ class SqlStore:
         names = (by, *USAGE_FIELDS)
         return [dict(zip(names, (r[0], *map(int, r[1:])), strict=True)) for r in rows]
 
+    def _bucket(self, seconds: int) -> str:
+        raise NotImplementedError
+
+    async def usage_series(
+        self, since: float, until: float | None, seconds: int, split: str, key_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requests and tokens per time bucket (`seconds` long, aligned to the epoch) and per key, model or
+        outcome (`split`): what the console draws. On the report connection, like `usage`."""
+        column = {"key": "key_id", "model": "model", "outcome": "outcome"}.get(split)
+        if column is None or seconds not in (3600, 86400):
+            raise StoreError(f"unknown series {split!r}/{seconds}")
+        where, params = _filters(RequestQuery(key_id=key_id, since=since, until=until), "request_log")
+        rows = await self._report(
+            self._sql(
+                f"SELECT {self._bucket(seconds)} AS t, {column} AS grp, COUNT(*), COALESCE(SUM(total_tokens), 0) "
+                f"FROM request_log {where} GROUP BY t, grp ORDER BY t, grp"
+            ),
+            params,
+        )
+        return [{"t": int(r[0]), split: r[1], "requests": int(r[2]), "total_tokens": int(r[3])} for r in rows]
+
     async def delete_older(self, table: str, cutoff: float, limit: int) -> int:
         """Delete up to `limit` of the oldest rows of `request_log` or `audit_records` from before `cutoff`."""
         column = RETAINED[table]

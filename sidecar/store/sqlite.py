@@ -97,6 +97,9 @@ class SqliteStore(SqlStore):
     def _day(self) -> str:
         return "strftime('%Y-%m-%d', started_at, 'unixepoch')"
 
+    def _bucket(self, seconds: int) -> str:
+        return f"((CAST(started_at AS INTEGER) / {seconds}) * {seconds})"
+
     async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         try:
             async with self.db.execute(sql, params) as cur:

@@ -1,0 +1,143 @@
+"""The web console (#19) over real sockets: off by default, sessions, cookie flags, CSRF, CSP, roles, and the
+series it draws, on SQLite and PostgreSQL. The browser walk-through is tests/test_console_browser.py."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.test_keys import ADMIN, admin
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def console(request, fake, sidecar_factory):
+    options = {"auth__enabled": True, "server__admin_token": ADMIN, "console__enabled": True}
+    if request.param == "postgres":
+        options["store__url"] = request.getfixturevalue("pg_url")
+    return await sidecar_factory(fake.url, **options)
+
+
+def browser() -> aiohttp.ClientSession:
+    """A client that keeps cookies for 127.0.0.1, as a browser does (aiohttp's default jar skips IP hosts)."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def sign_in(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int, dict, aiohttp.ClientResponse]:
+    async with session.post(url + "/console/api/session", json={"token": token}) as r:
+        return r.status, await r.json(), r
+
+
+async def test_off_by_default_the_console_is_not_there(fake, sidecar):
+    async with browser() as s:
+        for path in ("/console/", "/console/api/session", "/console/static/console.js"):
+            async with s.get(sidecar.url + path) as r:
+                assert r.status == 404, path
+
+
+async def test_the_page_and_assets_have_a_strict_policy_and_no_inline_script(console):
+    html = (ROOT / "sidecar/console_static/index.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)", html)  # no inline script
+    assert not re.search(r"\sstyle=|\son[a-z]+=", html, re.I)  # no inline styles or event handlers
+    async with browser() as s:
+        for path in ("/console/", "/console/static/console.js", "/console/static/console.css"):
+            async with s.get(console.url + path) as r:
+                assert r.status == 200, path
+                csp = r.headers["content-security-policy"]
+                assert "script-src 'self'" in csp and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+                assert r.headers["x-content-type-options"] == "nosniff"
+        async with s.get(console.url + "/console/static/../app.py") as r:
+            assert r.status == 404
+
+
+async def test_sign_in_gives_an_httponly_strict_cookie_and_a_csrf_token_and_sign_out_ends_it(console):
+    async with browser() as s:
+        status, body, r = await sign_in(s, console.url, "wrong-token")
+        assert status == 401 and "set-cookie" not in r.headers
+        status, body, r = await sign_in(s, console.url, ADMIN)
+        assert status == 200 and body["role"] == "admin" and len(body["csrf"]) > 20
+        cookie = r.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie
+        assert "Secure" not in cookie  # plain http here; over TLS it is set
+        assert ADMIN not in cookie and ADMIN not in str(body)
+        async with s.get(console.url + "/console/api/keys") as r:
+            assert r.status == 200
+        async with s.delete(console.url + "/console/api/session") as r:
+            assert r.status == 403  # a change without the CSRF token
+        async with s.delete(console.url + "/console/api/session", headers={"x-csrf-token": body["csrf"]}) as r:
+            assert r.status == 200
+        async with s.get(console.url + "/console/api/keys") as r:
+            assert r.status == 401
+
+
+async def test_every_change_needs_the_csrf_token_and_a_json_body(console):
+    async with browser() as s:
+        _, session, _ = await sign_in(s, console.url, ADMIN)
+        url = console.url + "/console/api/keys"
+        async with s.post(url, json={"name": "no-csrf"}) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "csrf"
+        async with s.post(url, json={"name": "bad-csrf"}, headers={"x-csrf-token": "guess"}) as r:
+            assert r.status == 403
+        form = {"name": "form"}
+        async with s.post(url, data=form, headers={"x-csrf-token": session["csrf"]}) as r:
+            assert r.status == 415  # what a cross-site form could send
+        async with s.post(url, json={"name": "made-in-console"}, headers={"x-csrf-token": session["csrf"]}) as r:
+            created = await r.json()
+            assert r.status == 201 and created["key"].startswith("sk-")
+        async with s.get(console.url + "/console/api/audit") as r:
+            events = (await r.json())["data"]
+        assert any(e["target"] == created["id"] and e["actor"].startswith("admin-api:") for e in events)  # logged
+
+
+async def test_a_key_holder_sees_only_their_own_key_and_usage(console):
+    async with browser() as s:
+        _, mine, _ = await admin(s, "POST", console.url + "/admin/keys", {"name": "mine", "rpm": 600})
+        _, theirs, _ = await admin(s, "POST", console.url + "/admin/keys", {"name": "theirs"})
+        for key, n in ((mine["key"], 2), (theirs["key"], 3)):
+            for _ in range(n):
+                async with s.post(
+                    console.url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"}
+                ) as r:
+                    assert r.status == 200
+        await console.stored(5)
+    async with browser() as s:
+        status, session, _ = await sign_in(s, console.url, mine["key"])
+        assert status == 200 and session["role"] == "key" and session["key_id"] == mine["id"]
+        async with s.get(console.url + "/console/api/me") as r:
+            me = await r.json()
+            assert me["id"] == mine["id"] and me["rpm"] == 600 and "key" not in me
+        async with s.get(console.url + "/console/api/series?since=1d&bucket=hour&split=model") as r:
+            rows = (await r.json())["data"]
+        assert sum(row["requests"] for row in rows) == 2  # theirs (3) are not in it
+        for path in ("keys", "requests", "usage", "audit", f"keys/{theirs['id']}"):
+            async with s.get(console.url + "/console/api/" + path) as r:
+                assert r.status == 403, path
+        async with s.get(console.url + "/console/api/series?split=key") as r:
+            assert r.status == 400
+
+
+async def test_the_operators_series_split_by_key_model_and_outcome(console):
+    async with browser() as s:
+        _, one, _ = await admin(s, "POST", console.url + "/admin/keys", {"name": "one", "rpm": 1})
+        for _ in range(3):
+            async with s.post(
+                console.url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {one['key']}"}
+            ):
+                pass
+        await console.stored(3)
+        await sign_in(s, console.url, ADMIN)
+        series = {}
+        for split in ("key", "model", "outcome"):
+            async with s.get(console.url + f"/console/api/series?since=1d&bucket=day&split={split}") as r:
+                assert r.status == 200
+                series[split] = (await r.json())["data"]
+    outcomes = {row["outcome"]: row["requests"] for row in series["outcome"]}
+    assert outcomes == {"completed": 1, "rate_limited": 2}
+    assert {row["key"] for row in series["key"]} == {one["id"]}
+    assert sum(row["total_tokens"] for row in series["model"]) == 16
+    assert all(row["t"] % 86400 == 0 for rows in series.values() for row in rows)
