@@ -47,6 +47,7 @@ class Admin:
         self.store = store
         self.auth = auth
         self.token_failures = 0
+        self.on_key_change: list[Callable[[str], None]] = []  # e.g. the console drops the key's sessions
         # Every failure is counted; the log gets the first few a minute per address, then a summary line.
         self._failure_log = RejectSampler(_FAILURES_LOGGED_PER_MINUTE, "admin token failures not logged one by one")
 
@@ -99,7 +100,8 @@ class Admin:
 
     @staticmethod
     def _actor(request: web.Request) -> str:
-        return f"admin-api:{request.remote or 'unknown'}"
+        via = "console" if request.path.startswith("/console/") else "admin-api"
+        return f"{via}:{request.remote or 'unknown'}"
 
     async def list_keys(self, request: web.Request, rid: str) -> Any:
         only_params(request, ())  # none: a filter it would ignore is refused
@@ -132,15 +134,30 @@ class Admin:
         only_params(request, ())  # none: a filter it would ignore is refused
         self._not_static(request.match_info["id"])
         row = await self.keys.update(request.match_info["id"], await read_json(request), self._actor(request), rid)
-        self.auth.forget(row.id)
+        self._changed(row.id)
         return row.public()
 
     async def revoke_key(self, request: web.Request, rid: str) -> Any:
         only_params(request, ())  # none: a filter it would ignore is refused
         self._not_static(request.match_info["id"])
         row = await self.keys.revoke(request.match_info["id"], self._actor(request), rid)
-        self.auth.forget(row.id)
+        self._changed(row.id)
         return row.public()
+
+    def _changed(self, kid: str) -> None:
+        self.auth.forget(kid)
+        for listener in self.on_key_change:
+            listener(kid)
+
+    def token_matches(self, token: str) -> bool:
+        return bool(self.token) and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.token)
+
+    def refused(self, request: web.Request, what: str) -> None:
+        """A wrong credential: counted with the admin token's failures, logged within the same per-address rate."""
+        self.token_failures += 1
+        if self._failure_log.keep(request.remote):
+            fields = {"peer": request.remote, "method": request.method, "path": request.path[:200]}
+            log.warning(what, extra={"fields": fields})
 
     async def audit_log(self, request: web.Request, rid: str) -> Any:
         only_params(request, ("limit", "before"))

@@ -279,9 +279,16 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
         "/v1/usage",
         OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days, p.proxy.budgets).handle,
     )
-    if p.settings.console.enabled:  # on the client port: key holders reach it too; never a proxied path
+    if p.settings.console.enabled:  # never a proxied path
         days = p.settings.store.report_max_days
-        Console(p.settings.console, p.admin, p.auth, p.store, p.proxy.budgets, days).add_routes(routes)
+        console = Console(
+            p.settings.console, p.admin, p.auth, p.store, p.proxy.budgets, days, p.upstream.forwarded_https
+        )
+        # Key holders where their requests go; operators where the admin API is (both, without an ops port).
+        separate = ops_router is not router
+        console.add_routes(routes, operators=not separate, holders=True)
+        if separate:
+            console.add_routes(ops, operators=True, holders=False)
     _proxied_routes(router, p.proxy, p.upstream.paths)
 
 

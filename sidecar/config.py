@@ -160,7 +160,9 @@ class TracingCfg:
 class ConsoleCfg:
     enabled: bool = False  # the web console at /console/ on the client port
     session_ttl: float = 1800.0  # seconds a signed-in session lasts without use
+    session_max_age: float = 43200.0  # and at most this long however much it is used
     max_sessions: int = 10_000
+    secure_cookie: Literal["auto", "always", "never"] = "auto"  # auto: TLS here or https from a trusted proxy
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ _POSITIVE = {
     "tracing.export_delay",
     "console.session_ttl",
     "console.max_sessions",
+    "console.session_max_age",
 }
 
 

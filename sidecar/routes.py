@@ -135,7 +135,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "custom": (),  # only what upstream.routes lists
 }
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
-RESERVED = ("/healthz", "/readyz", "/metrics", "/admin", "/v1/usage")  # ours: never forwarded
+RESERVED = ("/healthz", "/readyz", "/metrics", "/admin", "/v1/usage", "/console")  # ours: never forwarded
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,7 +91,7 @@ async def test_every_change_needs_the_csrf_token_and_a_json_body(console):
             assert r.status == 201 and created["key"].startswith("sk-")
         async with s.get(console.url + "/console/api/audit") as r:
             events = (await r.json())["data"]
-        assert any(e["target"] == created["id"] and e["actor"].startswith("admin-api:") for e in events)  # logged
+        assert any(e["target"] == created["id"] and e["actor"].startswith("console:") for e in events)  # logged
 
 
 async def test_a_key_holder_sees_only_their_own_key_and_usage(console):
@@ -141,3 +141,109 @@ async def test_the_operators_series_split_by_key_model_and_outcome(console):
     assert {row["key"] for row in series["key"]} == {one["id"]}
     assert sum(row["total_tokens"] for row in series["model"]) == 16
     assert all(row["t"] % 86400 == 0 for rows in series.values() for row in rows)
+
+
+@pytest.fixture
+async def plain(fake, sidecar_factory):
+    async def start(**options):
+        return await sidecar_factory(
+            fake.url, auth__enabled=True, server__admin_token=ADMIN, console__enabled=True, **options
+        )
+
+    return start
+
+
+async def test_a_revoked_keys_session_ends_at_once_and_a_key_holds_at_most_five(plain):
+    running = await plain()
+    async with browser() as s:
+        _, key, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "soon-revoked"})
+    sessions = []
+    for _ in range(6):
+        holder = browser()
+        sessions.append(holder)
+        assert (await sign_in(holder, running.url, key["key"]))[0] == 200
+    try:
+        statuses = []
+        for holder in sessions:
+            async with holder.get(running.url + "/console/api/me") as r:
+                statuses.append(r.status)
+        assert statuses == [401, 200, 200, 200, 200, 200]  # the oldest of six went
+        async with browser() as s:
+            await admin(s, "DELETE", running.url + f"/admin/keys/{key['id']}")
+        async with sessions[-1].get(running.url + "/console/api/me") as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "console_session"
+    finally:
+        for holder in sessions:
+            await holder.close()
+
+
+async def test_with_an_ops_port_operators_sign_in_there_only(plain):
+    from tests.conftest import free_port
+
+    ops = free_port()
+    running = await plain(server__ops_port=ops)
+    async with browser() as s:
+        _, key, _ = await admin(s, "POST", f"http://127.0.0.1:{ops}/admin/keys", {"name": "holder"})
+        status, body, _ = await sign_in(s, running.url, ADMIN)
+        assert status == 403 and body["error"]["code"] == "console_role"
+        assert (await sign_in(s, running.url, key["key"]))[0] == 200
+        async with s.get(running.url + "/console/api/keys") as r:
+            assert r.status == 404  # no operator routes on the client port at all
+    async with browser() as s:
+        assert (await sign_in(s, f"http://127.0.0.1:{ops}", ADMIN))[0] == 200
+        async with s.get(f"http://127.0.0.1:{ops}/console/api/keys") as r:
+            assert r.status == 200
+        assert (await sign_in(s, f"http://127.0.0.1:{ops}", key["key"]))[0] == 401
+
+
+async def test_failed_sign_ins_are_counted_and_limited_and_bad_csrf_is_a_403_not_a_500(plain):
+    running = await plain()
+    async with browser() as s:
+        statuses = [(await sign_in(s, running.url, f"wrong-{n}"))[0] for n in range(11)]
+        assert statuses == [401] * 10 + [429]
+        async with s.get(running.url + "/metrics") as r:
+            assert "sidecar_admin_auth_failures_total 10.0" in await r.text()
+    running2 = await plain()
+    async with browser() as s:
+        await sign_in(s, running2.url, ADMIN)
+        async with s.post(
+            running2.url + "/console/api/keys", json={"name": "x"}, headers={"x-csrf-token": "ünïcode"}
+        ) as r:
+            assert r.status == 403
+            assert r.headers["cache-control"] == "no-store"  # errors too
+        async with s.get(running2.url + "/console/api/keys") as r:
+            assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_the_cookie_is_secure_when_a_trusted_proxy_says_https(plain):
+    running = await plain(server__trusted_proxies=("127.0.0.1/32",))
+    async with browser() as s:
+        async with s.post(
+            running.url + "/console/api/session", json={"token": ADMIN}, headers={"x-forwarded-proto": "https"}
+        ) as r:
+            assert "Secure" in r.headers["set-cookie"]
+    untrusted = await plain()
+    async with browser() as s:
+        async with s.post(
+            untrusted.url + "/console/api/session", json={"token": ADMIN}, headers={"x-forwarded-proto": "https"}
+        ) as r:
+            assert "Secure" not in r.headers["set-cookie"]  # anyone can send that header
+
+
+async def test_a_series_keeps_the_largest_groups_and_folds_the_rest(plain, fake):
+    running = await plain()
+    async with browser() as s:
+        _, key, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "many-models"})
+        for n in range(15):
+            body = {**CHAT, "model": f"model-{n:02d}"}
+            async with s.post(
+                running.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key['key']}"}
+            ) as r:
+                assert r.status == 200
+        await running.stored(15)
+        await sign_in(s, running.url, ADMIN)
+        async with s.get(running.url + "/console/api/series?since=1d&split=model") as r:
+            rows = (await r.json())["data"]
+    groups = {row["model"] for row in rows}
+    assert len(groups) == 13 and "other" in groups
+    assert sum(row["requests"] for row in rows) == 15

@@ -64,7 +64,7 @@
     const box = $(target);
     box.replaceChildren();
     const times = since ? buckets(since, bucket) : [...new Set(rows.map((r) => r.t))].sort((a, b) => a - b);
-    const totals = {};
+    const totals = Object.create(null); // group names come from clients: no prototype to collide with
     rows.forEach((r) => (totals[r[groupKey] ?? "none"] = (totals[r[groupKey] ?? "none"] || 0) + r[measure]));
     const groups = Object.keys(totals).sort((a, b) => totals[b] - totals[a]);
     const ns = "http://www.w3.org/2000/svg";
@@ -72,8 +72,8 @@
     svg.setAttribute("viewBox", "0 0 1000 240");
     svg.setAttribute("role", "img");
     svg.dataset.bars = String(times.length);
-    const perT = {};
-    rows.forEach((r) => ((perT[r.t] = perT[r.t] || {})[r[groupKey] ?? "none"] = r[measure]));
+    const perT = Object.create(null);
+    rows.forEach((r) => ((perT[r.t] = perT[r.t] || Object.create(null))[r[groupKey] ?? "none"] = r[measure]));
     const max = Math.max(1, ...times.map((t) => Object.values(perT[t] || {}).reduce((a, b) => a + b, 0)));
     const w = times.length ? 940 / times.length : 940;
     times.forEach((t, i) => {
@@ -100,7 +100,10 @@
         label.setAttribute("y", "230");
         label.setAttribute("font-size", "11");
         const d = new Date(t * 1000);
-        label.textContent = bucket === "hour" ? d.toLocaleString(undefined, { month: "short", day: "numeric", hour: "2-digit" }) : d.toLocaleDateString();
+        // Buckets are UTC hours and days: so are their labels.
+        label.textContent = bucket === "hour"
+          ? d.toLocaleString(undefined, { month: "short", day: "numeric", hour: "2-digit", timeZone: "UTC" }) + " UTC"
+          : d.toLocaleDateString(undefined, { timeZone: "UTC" });
         svg.append(label);
       }
     });
@@ -264,7 +267,7 @@
       ["concurrency", me.concurrency ?? "default"],
       ["budget", me.budget_tokens ? `${num.format(me.budget_tokens)} tokens per ${me.budget_period}` : "none"],
       ["left this period", me.budget_remaining === undefined || me.budget_remaining === null ? "" : num.format(me.budget_remaining)],
-      ["resets", me.budget_resets_at ? new Date(me.budget_resets_at).toLocaleString() : ""],
+      ["resets", me.budget_resets_at ? when(me.budget_resets_at) : ""],
     ];
     table("my-key", [{ label: "", get: (r) => r[0] }, { label: "", get: (r) => r[1] }], rows.filter((r) => r[1] !== ""));
     const series = await api("GET", `series?since=${$("my-range").value}&bucket=day&split=model`);

@@ -201,6 +201,14 @@ class Upstream:
                 return str(claimed).rsplit(",", 1)[-1].strip() or peer
         return peer
 
+    def forwarded_https(self, request: Any) -> bool:
+        """Whether the client reached us over TLS: here, or at a trusted proxy that says so."""
+        if request.secure:
+            return True
+        peer = request.remote
+        trusted = peer is not None and bool(self._trusted) and self._is_trusted(peer)
+        return trusted and request.headers.get("x-forwarded-proto", "").strip().lower() == "https"
+
     def _is_trusted(self, peer: str) -> bool:
         try:
             address = ipaddress.ip_address(peer)
