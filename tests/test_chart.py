@@ -423,7 +423,15 @@ def test_ops_port_services_and_service_monitor(helm):
     assert [(p["name"], p["port"], p["targetPort"]) for p in ops["spec"]["ports"]] == [("ops", 9090, "ops")]
     assert by_kind(render(helm, "sqlite-default", api=False), "ServiceMonitor") == []  # only with the CRD
     monitor = one(docs, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"] == [{"port": "ops", "path": "/metrics", "interval": "30s"}]
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "ops", "path": "/metrics", "interval": "30s"},
+        {  # mode vllm: vLLM's own page, relayed by the sidecar (#18)
+            "port": "ops",
+            "path": "/metrics/upstream",
+            "interval": "30s",
+            "relabelings": [{"targetLabel": "source", "replacement": "upstream"}],
+        },
+    ]
     selector = monitor["spec"]["selector"]["matchLabels"]
     services = by_kind(docs, "Service")
     matching = [s["metadata"]["name"] for s in services if selector.items() <= s["metadata"]["labels"].items()]

@@ -392,6 +392,12 @@ def expected(active: int, reserved: int, upstream: int) -> list[tuple]:
             "gauge",
             [("sidecar_upstream_slots_active", {}, upstream)],
         ),
+        (
+            "sidecar_lease_queue_depth",
+            "Requests waiting for a global upstream slot.",
+            "gauge",
+            [("sidecar_lease_queue_depth", {}, 0)],
+        ),
     ]
 
 

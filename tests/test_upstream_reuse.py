@@ -41,6 +41,12 @@ class RacyUpstream:
             served = 0
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET "):  # the sidecar's own ask for the model list (on a scrape): not ours
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    await writer.drain()
+                    writer.close()
+                    self.connections -= 1
+                    return
                 if served or self.drop_first:
                     self.refused += 1
                     if self.abort:
