@@ -239,6 +239,9 @@ def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> st
         f"try:  curl -s http://{host}:{port}/v1/chat/completions {auth}-H 'content-type: application/json' "
         f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "hello there"}}]}}\''
     )
+    if settings.console.enabled:
+        ops = settings.server.ops_port
+        lines.append(f"console:  http://{host}:{port}/console/" + (f"  (operators: port {ops})" if ops else ""))
     return "\n".join(lines)
 
 
