@@ -99,13 +99,12 @@ def _counting(exporter: Any) -> Any:
         failed = 0
 
         def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            result: SpanExportResult = SpanExportResult.FAILURE  # until the exporter says otherwise (it may raise)
             try:
-                result: SpanExportResult = exporter.export(spans)
-            except Exception:
-                self.failed += len(spans)
-                raise
-            if result is not SpanExportResult.SUCCESS:
-                self.failed += len(spans)
+                result = exporter.export(spans)
+            finally:
+                if result is not SpanExportResult.SUCCESS:
+                    self.failed += len(spans)
             return result
 
         def shutdown(self) -> None:
@@ -127,6 +126,7 @@ class Tracing:
         self.content_cap = audit.max_payload_bytes
         self._provider: TracerProvider | None = None
         self._processor: Any = None
+        self.end_errors = 0
         self._exporter: Any = None
         self._tracer: Any = None
         self._propagator: Any = None
@@ -231,7 +231,8 @@ class Tracing:
             if span.is_recording():
                 self._describe(span, rec, server)
             span.end(end_time=int(rec.started_at * 1e9) + int(rec.latency_ms * 1e6))
-        except Exception:
+        except Exception:  # the SDK's, or ours: counted and logged, and the request goes on
+            self.end_errors += 1
             log.exception("a span could not be ended")
 
     def _describe(self, span: Span, rec: RequestRecord, server: str) -> None:
@@ -283,7 +284,12 @@ class Tracing:
             "Spans ended, by what became of them here: queued for export or dropped (queue full); `failed` counts "
             "queued spans whose export failed (collector down, refusing or too slow).",
             ("result",),
-            {("queued",): ended - dropped, ("dropped",): dropped, ("failed",): e.failed if e is not None else 0},
+            {
+                ("queued",): ended - dropped,
+                ("dropped",): dropped,
+                ("failed",): e.failed if e is not None else 0,
+                ("error",): self.end_errors,  # could not be ended (a fault in tracing itself): logged too
+            },
         )
 
 

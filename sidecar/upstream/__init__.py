@@ -237,12 +237,15 @@ class Upstream:
         within the health timeout: TimeoutError, UpstreamFailure (ResponseTooLarge past `limit` bytes)."""
         async with asyncio.timeout(self.cfg.health_timeout):
             resp = await self.pool.send("GET", target, self._health_headers().items(), b"")
+            read = False
             try:
                 body = await resp.read(limit)
-            except BaseException:
-                resp.close()
-                raise
-            resp.release()
+                read = True
+            finally:  # read whole: the connection may go back to the pool; cut short: it is closed
+                if read:
+                    resp.release()
+                else:
+                    resp.close()
             return resp.status, resp.headers.get("content-type", ""), body
 
     def _health_headers(self) -> dict[str, str]:
