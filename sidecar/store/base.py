@@ -17,6 +17,7 @@ KEY_COLUMNS = (
     "id", "name", "hash", "created_at", "expires_at", "revoked_at", "concurrency", "rpm", "tpm", "models",
     "audit", "updated_at", "budget_tokens", "budget_period",
 )  # fmt: skip
+Params = Sequence[Any]  # a statement's parameters
 USAGE_GROUPS = ("key", "model", "day")
 USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed")
 """The columns of a usage report, after its group (`key`, `model` or `day`)."""

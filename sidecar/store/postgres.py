@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sidecar.store.base import ReportTimeout, StoreError
-from sidecar.store.sql import MIGRATIONS_TABLE, Params, SqlStore, json_array, migrations, statements
+from sidecar.store.base import Params, ReportTimeout, StoreError
+from sidecar.store.sql import MIGRATIONS_TABLE, SqlStore, json_array, migrations, statements
 
 _MIGRATION_LOCK = 0x51DECA2  # pg_advisory_lock key: one replica migrates at a time
 MIGRATIONS = migrations("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY")
