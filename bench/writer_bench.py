@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidecar.config import WriterCfg
-from sidecar.records import RequestRecord
+from sidecar.records.record import RequestRecord
+from sidecar.records.writer import BatchWriter
 from sidecar.store import open_store
-from sidecar.writer import BatchWriter
 
 
 def make_rows(n: int) -> list[dict[str, object]]:

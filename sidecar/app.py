@@ -16,47 +16,45 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.admin import Admin
-from sidecar.allowances import Pool
-from sidecar.audit import Auditor
-from sidecar.audit_sinks import AuditBus, Sink
-from sidecar.audit_sinks.db import DbSink
-from sidecar.audit_sinks.files import JsonlSink, StderrSink
-from sidecar.auth import Authenticator
-from sidecar.budgets import Budgets
+from sidecar.admin.api import Admin
+from sidecar.admin.console import Console
+from sidecar.admin.own_usage import OwnUsage
+from sidecar.audit.bus import AuditBus, Sink
+from sidecar.audit.capture import Auditor
+from sidecar.audit.db import DbSink
+from sidecar.audit.files import JsonlSink, StderrSink
 from sidecar.config import Settings, mask_url, read_secret, retention_seconds
-from sidecar.console import Console
-from sidecar.cors import Cors
 from sidecar.edge import server_header
-from sidecar.health import Health, not_found
-from sidecar.keys import KeyAdmin, PepperMismatch, StaticKeys, load_pepper
-from sidecar.leases import LeaseManager
-from sidecar.logs import RequestLog
-from sidecar.metrics import Metrics
+from sidecar.handlers import Handlers
+from sidecar.keys.auth import Authenticator
+from sidecar.keys.pepper import PepperMismatch, load_pepper
+from sidecar.keys.service import KeyAdmin
+from sidecar.keys.static import StaticKeys
+from sidecar.limits.admission import Limits
+from sidecar.ops.health import Health, not_found
+from sidecar.ops.logs import RequestLog
+from sidecar.ops.metrics import Metrics
+from sidecar.ops.rejects import RejectSampler
+from sidecar.ops.state import RunState
+from sidecar.ops.tracing import Tracing
+from sidecar.ops.tracing import wanted as tracing_wanted
+from sidecar.ops.upstream_page import ModelNames, UpstreamPage
 from sidecar.proxy import Proxy
-from sidecar.rates import SharedRates
-from sidecar.records import RequestRecord
-from sidecar.rejects import RejectSampler
-from sidecar.responses import Routes
-from sidecar.retention import Retention
-from sidecar.scrape import ModelNames, UpstreamPage
-from sidecar.slots import SharedSlots
-from sidecar.state import RunState
+from sidecar.records.record import RequestRecord
+from sidecar.records.retention import Retention
+from sidecar.records.writer import BatchWriter
 from sidecar.store import open_store
 from sidecar.store.base import Store
 from sidecar.store.opener import Opener
-from sidecar.tracing import Tracing
-from sidecar.tracing import wanted as tracing_wanted
-from sidecar.upstream import Upstream
-from sidecar.usage import OwnUsage
-from sidecar.writer import BatchWriter
+from sidecar.upstream.server import Upstream
+from sidecar.wire.headers import Forwarding
 
 UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", RunState)
 PROXY = web.AppKey("proxy", Proxy)
 STORE = web.AppKey("store", Store)
-LEASES = web.AppKey("leases", LeaseManager)
+LIMITS = web.AppKey("limits", Limits)
 AUTH = web.AppKey("auth", Authenticator)
 KEYS = web.AppKey("keys", KeyAdmin)
 WRITER = web.AppKey("writer", BatchWriter)
@@ -142,7 +140,8 @@ class Parts:
     state: RunState
     store: Store
     auth: Authenticator
-    leases: LeaseManager
+    limits: Limits
+    forwarding: Forwarding
     keys: KeyAdmin
     request_log: RequestLog | None
     writer: BatchWriter
@@ -160,35 +159,27 @@ def build(settings: Settings) -> Parts:
     api_key = read_secret("upstream.api_key", s.upstream.api_key, s.upstream.api_key_file)
     admin_token = read_secret("server.admin_token", s.server.admin_token, s.server.admin_token_file)
     queue = (s.limits.queue_size, s.limits.queue_timeout)
-    upstream = Upstream(s.upstream, s.upstream.url, api_key, s.server.trusted_proxies, queue)
+    upstream = Upstream(s.upstream, s.upstream.url, api_key, queue)
+    forwarding = Forwarding(s.server.trusted_proxies)
     metrics = Metrics(upstream.paths)
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout, s.store.report_timeout)
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir, create=True)
     auth = Authenticator(s.auth, s.limits, store, pepper, StaticKeys(s.auth.static_keys_file))
-    leases = LeaseManager(s.limits)
+    limits = Limits(s.limits, store)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
     writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
     bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     rejects = RejectSampler(s.server.reject_rows_per_minute)
-    cors = Cors(s.server.cors_origins) if s.server.cors_origins else None
     tracing = Tracing(s.tracing, os.environ, s.audit) if tracing_wanted(s.tracing, os.environ) else None
     finish = record_finisher(metrics, writer, request_log, tracing, upstream.address)
-    pool = Pool(store)
-    budgets = Budgets(s.limits.timezone, pool)
-    shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
-    down = s.limits.store_down
-    rates, slots = (SharedRates(pool, down), SharedSlots(store, down)) if shared else (None, None)
-    proxy = Proxy(
-        upstream, s.server, s.limits, auth, leases, metrics, finish, budgets, rates, slots, auditor, rejects, cors,
-        tracing,
-    )  # fmt: skip
+    proxy = Proxy(upstream, forwarding, s.server, limits, auth, metrics, finish, auditor, rejects, tracing)
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
-    admin = Admin(admin_token, keys, store, auth, s.store.report_max_days, budgets)
+    admin = Admin(admin_token, keys, store, auth, s.store.report_max_days, limits.remaining)
     return Parts(
-        s, upstream, metrics, RunState(), store, auth, leases, keys, request_log, writer, bus, rejects, retention,
-        proxy, admin, tracing, ModelNames(upstream, metrics),
+        s, upstream, metrics, RunState(), store, auth, limits, forwarding, keys, request_log, writer, bus, rejects,
+        retention, proxy, admin, tracing, ModelNames(upstream, metrics),
     )  # fmt: skip
 
 
@@ -199,14 +190,11 @@ def create_app(settings: Settings) -> web.Application:
         handler_args=server_args(settings),
     )
     app[UPSTREAM], app[METRICS], app[STATE], app[PROXY] = parts.upstream, parts.metrics, parts.state, parts.proxy
-    app[STORE], app[LEASES], app[AUTH], app[KEYS] = parts.store, parts.leases, parts.auth, parts.keys
+    app[STORE], app[LIMITS], app[AUTH], app[KEYS] = parts.store, parts.limits, parts.auth, parts.keys
     app[WRITER] = parts.writer
     app.on_response_prepare.append(server_header(settings.server.server_header))
     p = parts
-    collectors = [p.writer.collect, p.upstream.collect, p.leases.collect, p.rejects.collect, p.retention.collect]
-    collectors.append(p.proxy.budgets.pool.collect)
-    if p.proxy.slots is not None and p.proxy.rates is not None:
-        collectors += [p.proxy.slots.collect, p.proxy.rates.collect]
+    collectors = [p.writer.collect, p.upstream.collect, *p.limits.collectors(), p.rejects.collect, p.retention.collect]
     collectors += [p.tracing.collect] if p.tracing is not None else []
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
@@ -219,7 +207,7 @@ def create_app(settings: Settings) -> web.Application:
         ops.on_response_prepare.append(server_header(settings.server.server_header))
     _routes(app.router, ops.router, parts)
     if ops is not app:
-        Routes(ops.router).add("*", "/{tail:.*}", not_found)
+        Handlers(ops.router).add("*", "/{tail:.*}", not_found)
     return app
 
 
@@ -249,9 +237,9 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
         _resource(opener.start, opener.close),
         _resource(p.retention.start, p.retention.close),
         _resource(p.writer.start, p.writer.close),
-        # Allowances go back before the writer's last flush: a borrow in flight could hold SQLite's write lock then.
-        _resource(p.proxy.budgets.pool.start, p.proxy.budgets.pool.close),
-        _slots_resource(p.proxy.slots),
+        # Allowances and slots go back before the writer's last flush: a borrow in flight could hold SQLite's
+        # write lock then.
+        _resource(p.limits.start, p.limits.close),
         _bus_resource(p.bus, p.settings.writer.drain_timeout),
         _resource(_nothing, close_log),
         _resource(_nothing, close_proxy),
@@ -263,7 +251,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     """Client routes on `router`; operations routes on `ops_router` (the same one when there is no ops port).
     The probes answer on both: a kubelet may probe either port."""
     health = Health(p.upstream, p.state, p.store, _writer_status(p.writer, p.bus), lambda: len(p.proxy.in_flight))
-    routes, ops = Routes(router), Routes(ops_router)
+    routes, ops = Handlers(router), Handlers(ops_router)
     for probes in {id(router): routes, id(ops_router): ops}.values():
         probes.add("GET", "/healthz", health.healthz)
         probes.add("GET", "/readyz", health.readyz)
@@ -277,12 +265,12 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     routes.add(
         "GET",
         "/v1/usage",
-        OwnUsage(p.auth, p.store, p.leases, p.settings.store.report_max_days, p.proxy.budgets).handle,
+        OwnUsage(p.auth, p.store, p.limits, p.settings.store.report_max_days).handle,
     )
     if p.settings.console.enabled:  # never a proxied path
         days = p.settings.store.report_max_days
         console = Console(
-            p.settings.console, p.admin, p.auth, p.store, p.proxy.budgets, days, p.upstream.forwarded_https
+            p.settings.console, p.admin, p.auth, p.store, p.limits.remaining, days, p.forwarding.forwarded_https
         )
         # Key holders where their requests go; operators where the admin API is (both, without an ops port).
         separate = ops_router is not router
@@ -318,17 +306,5 @@ def _tracing_resource(tracing: Tracing | None) -> CleanupCtx:
     async def stop() -> None:
         if tracing is not None:
             await asyncio.to_thread(tracing.close)  # the last export blocks, bounded by its timeout
-
-    return _resource(start, stop)
-
-
-def _slots_resource(slots: SharedSlots | None) -> CleanupCtx:
-    async def start() -> None:
-        if slots is not None:
-            await slots.start()
-
-    async def stop() -> None:
-        if slots is not None:
-            await slots.close()
 
     return _resource(start, stop)

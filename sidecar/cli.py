@@ -11,7 +11,7 @@ from typing import Any
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, load
-from sidecar.logs import setup
+from sidecar.ops.logs import setup
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except StartFailed as exc:
                 print(f"sidecar: {exc}", file=sys.stderr)
                 return 1
-        from sidecar.commands import run_command
+        from sidecar.admin.commands import run_command
 
         return asyncio.run(run_command(args, settings))
     except ConfigError as exc:

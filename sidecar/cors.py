@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from sidecar.errors import Forbidden
-from sidecar.records import new_request_id
-from sidecar.routes import Route
+from sidecar.records.record import new_request_id
+from sidecar.wire.routes import Route
 
 EXPOSE = (
     "x-request-id, retry-after, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "

@@ -38,7 +38,7 @@ from aiohttp import http_exceptions, web
 from aiohttp.streams import StreamReader
 
 from sidecar.errors import BadRequest, PayloadTooLarge, RequestTimeout, SidecarError
-from sidecar.records import new_request_id
+from sidecar.records.record import new_request_id
 
 # What a parse error was, in words, by aiohttp's exception class (the first match in this order wins).
 _PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (

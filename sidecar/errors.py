@@ -17,18 +17,31 @@
      ├── ReportTooSlow           503  server_error            (a usage report past store.report_timeout)
      └── ShuttingDown            503  server_shutting_down    outcome shutdown
 
-A leaf module (it imports only `records`, another leaf, for the `Outcome` an error ends a request with): it
-builds plain bytes and a header dict; the web layer wraps them in a response.
+At the end, `failure`: the one table from a transport or store failure (`sidecar.upstream.response`,
+`sidecar.upstream.deadline`, `sidecar.store.base`) to the error the client sees and the reason
+`sidecar_upstream_errors_total` counts it under, as httpx's `_exceptions.py` maps its transport's.
+
+A leaf module (it imports only leaves: `records` for the `Outcome` an error ends a request with, and the
+failures it maps): it builds plain bytes and a header dict; the web layer wraps them in a response.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import orjson
 
-from sidecar.records import Outcome
+from sidecar.records.record import Outcome
+from sidecar.store.base import ReportTimeout, StoreError
+from sidecar.upstream.deadline import DeadlineExpired
+from sidecar.upstream.response import ConnectFailed, PoolExhausted, UpstreamBroke, UpstreamFailure
+
+UpstreamErrorReason = Literal[
+    "connect", "timeout_first_byte", "timeout_idle", "timeout_total", "status_5xx", "dropped", "protocol"
+]
+UPSTREAM_ERROR_REASONS: tuple[UpstreamErrorReason, ...] = get_args(UpstreamErrorReason)
 
 
 class SidecarError(Exception):
@@ -172,3 +185,67 @@ class ShuttingDown(SidecarError):
 class UnsupportedMediaType(BadRequest):
     status = 415
     code = "unsupported_content_encoding"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A transport or store failure as the client sees it."""
+
+    error: SidecarError
+    reason: UpstreamErrorReason | None  # its `sidecar_upstream_errors_total` reason; None: not counted there
+
+
+def _deadline(exc: DeadlineExpired, _: bool) -> Failure:
+    reason: UpstreamErrorReason = _TIMEOUT_REASONS[exc.reason]
+    return Failure(UpstreamTimeout(f"The upstream did not answer in time ({exc})."), reason)
+
+
+_TIMEOUT_REASONS: dict[str, UpstreamErrorReason] = {
+    "first_byte": "timeout_first_byte",
+    "idle": "timeout_idle",
+    "total": "timeout_total",  # counted as idle once: the Literal makes such a slip a type error
+}
+
+
+def _store(exc: StoreError, changing: bool) -> Failure:
+    if isinstance(exc, ReportTimeout):
+        return Failure(ReportTooSlow("The report took too long and was stopped; ask for a shorter range."), None)
+    retry = "nothing was changed" if changing else "retry shortly"
+    return Failure(StoreUnavailable(f"The store is unavailable; {retry}."), None)
+
+
+# First match wins: a subclass before its base.
+_FAILURES: tuple[tuple[type[Exception], Callable[[Any, bool], Failure]], ...] = (
+    (
+        PoolExhausted,
+        lambda e, _: Failure(
+            Overloaded(f"The server is at capacity ({e}); retry shortly.", headers={"retry-after": "1"}), None
+        ),
+    ),
+    (
+        ConnectFailed,
+        lambda e, _: Failure(
+            UpstreamError(f"Cannot connect to the upstream: {e}.", code="upstream_unreachable"), "connect"
+        ),
+    ),
+    (
+        UpstreamBroke,
+        lambda e, _: Failure(
+            UpstreamError(f"The upstream connection broke mid-response: {e}", code="upstream_dropped"), "dropped"
+        ),
+    ),
+    (UpstreamFailure, lambda e, _: Failure(UpstreamError(f"The upstream request failed: {e}."), "protocol")),
+    (DeadlineExpired, _deadline),
+    (TimeoutError, lambda e, _: Failure(UpstreamTimeout("The upstream did not answer in time."), None)),
+    (StoreError, _store),
+)
+TRANSPORT_FAILURES = (UpstreamFailure, DeadlineExpired, TimeoutError)  # what a call to the upstream may raise
+
+
+def failure(exc: Exception, *, changing: bool = False) -> Failure:
+    """`exc`, a transport or store failure, as the client sees it (`changing`: the request meant to change
+    something, so a store failure says nothing was). Anything else is a programming error: it is re-raised."""
+    for kind, make in _FAILURES:
+        if isinstance(exc, kind):
+            return make(exc, changing)
+    raise exc

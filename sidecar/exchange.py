@@ -23,12 +23,12 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.audit import Auditor, Capture
-from sidecar.calls import Call
-from sidecar.leases import Lease
-from sidecar.records import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
-from sidecar.sse import StreamScanner
-from sidecar.upstream.pool import UpstreamResponse
+from sidecar.audit.capture import Auditor, Capture
+from sidecar.limits.admission import Lease
+from sidecar.records.record import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
+from sidecar.upstream.response import UpstreamResponse
+from sidecar.wire.body import Call
+from sidecar.wire.sse import StreamScanner
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,20 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
-from sidecar.allowances import Hold
-from sidecar.audit import Auditor
-from sidecar.auth import Authenticator, Principal
-from sidecar.budgets import Budgets
-from sidecar.calls import Call, parse
-from sidecar.config import LimitsCfg, ServerCfg
+from sidecar.audit.capture import Auditor
+from sidecar.config import ServerCfg
 from sidecar.cors import Cors, is_preflight
 from sidecar.edge import read_body
 from sidecar.errors import (
+    TRANSPORT_FAILURES,
     KeyNotValid,
     MethodNotAllowed,
     NotFound,
@@ -34,70 +30,56 @@ from sidecar.errors import (
     ShuttingDown,
     SidecarError,
     UnsupportedMediaType,
-    UpstreamError,
+    failure,
 )
 from sidecar.exchange import Admission, Exchange, client_gone
 from sidecar.inflight import InFlight
-from sidecar.leases import LeaseManager
-from sidecar.metrics import Metrics
-from sidecar.rates import SharedRates
-from sidecar.records import CLIENT_CLOSED_REQUEST, RequestRecord
-from sidecar.rejects import RejectSampler
+from sidecar.keys.auth import Authenticator, Principal
+from sidecar.limits.admission import Limits
+from sidecar.ops.metrics import Metrics
+from sidecar.ops.rejects import RejectSampler
+from sidecar.ops.tracing import Tracing
+from sidecar.records.record import CLIENT_CLOSED_REQUEST, RequestRecord
 from sidecar.relay import ClientGone, Relay
 from sidecar.responses import error_response
-from sidecar.routes import MODELS, NO_OUTPUT, Route
-from sidecar.slots import SharedSlots
-from sidecar.tokens import estimate_prompt
-from sidecar.tracing import Tracing
-from sidecar.upstream import Upstream
-from sidecar.upstream.pool import UpstreamFailure
-
-
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    prompt: int
-    reservation: int
+from sidecar.upstream.server import Upstream
+from sidecar.wire.body import Call, parse
+from sidecar.wire.headers import Forwarding, to_client
+from sidecar.wire.routes import MODELS, Route
 
 
 class Proxy:
     def __init__(
         self,
         upstream: Upstream,
+        forwarding: Forwarding,
         server: ServerCfg,
-        limits: LimitsCfg,
+        limits: Limits,
         auth: Authenticator,
-        leases: LeaseManager,
         metrics: Metrics,
         finish: Callable[[RequestRecord, bool], None],
-        budgets: Budgets,
-        rates: SharedRates | None = None,
-        slots: SharedSlots | None = None,
         auditor: Auditor | None = None,
         rejects: RejectSampler | None = None,
-        cors: Cors | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self.upstream = upstream
+        self.forwarding = forwarding
         self.cfg = upstream.cfg
         self.server = server
         self.limits = limits
         self.auth = auth
-        self.leases = leases
-        self.budgets = budgets
-        self.rates = rates  # None with SQLite: one replica, the local buckets are the whole truth
-        self.slots = slots  # likewise for concurrency
         self.metrics = metrics
         self.auditor = auditor
         self.rejects = rejects
-        self.cors = cors
+        self.cors = Cors(server.cors_origins) if server.cors_origins else None
         self.tracing = tracing  # None: off, and nothing of OpenTelemetry is touched
         self._finish = finish
         self.access_log = server.access_log  # the access line names the client and its user agent
         self.in_flight = InFlight()
         cap = auditor.cap if auditor is not None else 0
         self.relay = Relay(
-            upstream, metrics, self.in_flight, cap, auditor is not None and bool(auditor.policy.paths), tracing,
-            server.overhead_header,
+            upstream, forwarding, metrics, self.in_flight, cap, auditor is not None and bool(auditor.policy.paths),
+            tracing, server.overhead_header,
         )  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -105,7 +87,7 @@ class Proxy:
         client_id = request.headers.get("x-request-id")
         rec = RequestRecord.start(request.method, path[:256], client_id[:128] if client_id else None)
         if self.access_log:
-            rec.client_addr = self.upstream.client_address(request)
+            rec.client_addr = self.forwarding.client_address(request)
             agent = request.headers.get("user-agent")
             rec.user_agent = agent[:256] if agent else None
         cors = self.cors.headers(request.headers) if self.cors is not None else {}
@@ -161,50 +143,13 @@ class Proxy:
         return await self.relay.relay(request, ex)
 
     async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
-        estimate = self._estimate(call)
-        slot = None
-        if self.slots is not None and principal.concurrency and principal.key_id is not None:
-            slot = await self.slots.take(principal.key_id, principal.concurrency)
-        holds: list[Hold] = []
-        admitted = False
-        try:
-            await self._shared_holds(principal, estimate.reservation, holds)
-            leases = self.leases
-            lease = leases.acquire_now(principal, estimate.reservation)
-            if lease is None:  # it waits for a slot: that time is reported apart from the sidecar's own
-                began = time.monotonic()
-                try:
-                    lease = await leases.acquire(principal, estimate.reservation)
-                finally:
-                    rec.queued_ms = (time.monotonic() - began) * 1000.0
-            admitted = True
-        except RateLimited as exc:
-            if self.rates is not None:  # the figures for the whole deployment, not this replica's
-                self.rates.headers(principal, exc.headers)
-            raise
-        finally:
-            if not admitted:  # refused (or cancelled while queued) after something was taken: nothing was used
-                for hold in holds:
-                    hold.settle(0)
-                if slot is not None:
-                    slot.release()
-        lease.holds, lease.slot = tuple(holds), slot
-        if self.rates is not None:
-            self.rates.headers(principal, lease.headers)
-        return Admission(call, lease, estimate.prompt, estimate.reservation - estimate.prompt)
-
-    async def _shared_holds(self, principal: Principal, reservation: int, holds: list[Hold]) -> None:
-        """The key's budget, then (replicas sharing PostgreSQL) its minute limits for the whole deployment, into
-        `holds` as each is taken (the caller gives them back when admission fails)."""
-        kid, budget, period = principal.key_id, principal.budget_tokens, principal.budget_period
-        if kid is not None and budget is not None and period:
-            holds.append(await self.budgets.reserve(kid, budget, period, reservation))
-        if self.rates is not None and (tokens := await self.rates.take(principal, reservation)) is not None:
-            holds.append(tokens)
+        reservation = self.limits.reserve(call)
+        lease = await self.limits.admit(principal, reservation, rec.queued)
+        return Admission(call, lease, reservation.prompt, reservation.output)
 
     def _keep(self, request: web.Request) -> bool:
         """A request that ended before any key was verified costs a row only within a per-source rate."""
-        return self.rejects is None or self.rejects.keep(self.upstream.client_address(request))
+        return self.rejects is None or self.rejects.keep(self.forwarding.client_address(request))
 
     def _check_route(self, method: str, path: str) -> Route:
         route = self.upstream.routes.get(path)
@@ -235,13 +180,6 @@ class Proxy:
         rec.stream = call.stream
         return call
 
-    def _estimate(self, call: Call) -> Estimate:
-        if call.doc is None:
-            return Estimate(0, 0)
-        prompt = estimate_prompt(call.doc, len(call.body))
-        output = 0 if call.family in NO_OUTPUT else (call.max_tokens or self.limits.default_max_tokens)
-        return Estimate(prompt, prompt + output)
-
     async def _preflight(self, request: web.Request, path: str, rec: RequestRecord) -> web.StreamResponse:
         """A CORS preflight: answered here when `server.cors_origins` is set, else the upstream's to answer (as
         it is: a preflight never carries a key, and asks for no work)."""
@@ -254,7 +192,7 @@ class Proxy:
             return resp
         up = self.upstream
         target = up.target(path, request.raw_path.partition("?")[2])
-        headers = up.request_headers(request.headers, rec.request_id, request.remote)
+        headers = self.forwarding.to_upstream(request.headers, rec.request_id, request.remote)
         if rec.span is not None and self.tracing is not None:
             self.tracing.inject(rec.span, headers)
         try:
@@ -264,9 +202,7 @@ class Proxy:
                     body = await answer.read(1 << 16)
                 finally:
                     answer.close()
-        except (UpstreamFailure, TimeoutError):
-            raise UpstreamError("The upstream did not answer the preflight.") from None
+        except TRANSPORT_FAILURES as exc:
+            raise failure(exc).error from None
         rec.status = rec.upstream_status = answer.status
-        return web.Response(
-            status=answer.status, body=body, headers=up.response_headers(answer.headers, rec.request_id)
-        )
+        return web.Response(status=answer.status, body=body, headers=to_client(answer.headers, rec.request_id))

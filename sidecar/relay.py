@@ -20,39 +20,31 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.aggregate import StreamCapture
-from sidecar.audit import BodyCapture
+from sidecar.audit.aggregate import StreamCapture
+from sidecar.audit.capture import BodyCapture
 from sidecar.config import UpstreamCfg
 from sidecar.edge import RELAYED
-from sidecar.errors import Overloaded, SidecarError, UpstreamError, UpstreamTimeout
+from sidecar.errors import SidecarError, UpstreamError, failure
 from sidecar.exchange import Exchange, client_gone
 from sidecar.inflight import InFlight
-from sidecar.metrics import Metrics, UpstreamErrorReason
-from sidecar.records import Outcome, RequestRecord
-from sidecar.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE
-from sidecar.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
-from sidecar.tracing import Tracing
-from sidecar.upstream import Upstream
-from sidecar.upstream.deadline import Deadline, DeadlineExpired, Limit, Ticker
-from sidecar.upstream.pool import ConnectFailed, PoolExhausted, UpstreamFailure, UpstreamResponse
+from sidecar.ops.metrics import Metrics
+from sidecar.ops.tracing import Tracing
+from sidecar.records.record import Outcome, RequestRecord
+from sidecar.upstream.deadline import Deadline, DeadlineExpired, Ticker
+from sidecar.upstream.response import UpstreamBroke, UpstreamFailure, UpstreamResponse
+from sidecar.upstream.server import Upstream
+from sidecar.wire.headers import Forwarding, to_client
+from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE
+from sidecar.wire.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 
 BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
 _OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
-_TIMEOUT_REASONS: dict[Limit, UpstreamErrorReason] = {
-    "first_byte": "timeout_first_byte",
-    "idle": "timeout_idle",
-    "total": "timeout_total",  # counted as idle once: the Literal now makes such a slip a type error
-}
 
 
 class ClientGone(Exception):
     """The client's connection closed while the proxy was reading its body or writing to it (no text: it is
     caught by type, and the record says what happened)."""
-
-
-class UpstreamBroke(Exception):
-    """The upstream connection failed after its response had started."""
 
 
 def sse_error_event(err: SidecarError) -> bytes:
@@ -77,6 +69,7 @@ class Relay:
     def __init__(
         self,
         upstream: Upstream,
+        forwarding: Forwarding,
         metrics: Metrics,
         in_flight: InFlight,
         audit_cap: int,
@@ -85,6 +78,7 @@ class Relay:
         overhead_header: bool = False,
     ) -> None:
         self.upstream = upstream
+        self.forwarding = forwarding
         self.cfg: UpstreamCfg = upstream.cfg
         self.metrics = metrics
         self.in_flight = in_flight
@@ -100,13 +94,8 @@ class Relay:
             limits = (cfg.first_byte_timeout, cfg.stream_idle_timeout, cfg.total_timeout)
             async with Deadline(self.ticker, *limits) as deadline:
                 return await self._exchange(request, ex, deadline)
-        except DeadlineExpired as exc:
-            self.metrics.upstream_error(_TIMEOUT_REASONS[exc.reason])
-            return await self._fail(request, ex, UpstreamTimeout(f"The upstream did not answer in time ({exc})."))
-        except UpstreamBroke as exc:
-            self.metrics.upstream_error("dropped")
-            broke = UpstreamError(f"The upstream connection broke mid-response: {exc}", code="upstream_dropped")
-            return await self._fail(request, ex, broke)
+        except (DeadlineExpired, UpstreamBroke) as exc:
+            return await self._fail(request, ex, self._failed(exc))
         except asyncio.CancelledError:
             if (stop := self.in_flight.shutdown_cancel(client_gone(request))) is None:
                 raise
@@ -125,21 +114,21 @@ class Relay:
     async def _send(self, request: web.Request, ex: Exchange) -> UpstreamResponse:
         up = self.upstream
         target = up.target(ex.admitted.call.path, request.raw_path.partition("?")[2])
-        headers = up.request_headers(request.headers, ex.rec.request_id, request.remote)
+        headers = self.forwarding.to_upstream(request.headers, ex.rec.request_id, request.remote)
         if ex.rec.span is not None and self.tracing is not None:
             self.tracing.inject(ex.rec.span, headers)  # the model server's spans join this trace
         ex.rec.sent_at = time.monotonic()
         try:
             return await up.send(request.method, target, headers, ex.admitted.call.upstream_body())
-        except ConnectFailed as exc:
-            self.metrics.upstream_error("connect")
-            raise UpstreamError(f"Cannot connect to the upstream: {exc}.", code="upstream_unreachable") from None
-        except PoolExhausted as exc:
-            busy = f"The server is at capacity ({exc}); retry shortly."
-            raise Overloaded(busy, headers={"retry-after": "1"}) from None
         except UpstreamFailure as exc:
-            self.metrics.upstream_error("protocol")
-            raise UpstreamError(f"The upstream request failed: {exc}.") from None
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: Exception) -> SidecarError:
+        """A transport failure as the client sees it (`sidecar.errors.failure`), counted by its reason."""
+        failed = failure(exc)
+        if failed.reason is not None:
+            self.metrics.upstream_error(failed.reason)
+        return failed.error
 
     async def _whole(
         self, request: web.Request, ex: Exchange, up: UpstreamResponse, deadline: Deadline
@@ -221,7 +210,7 @@ class Relay:
         return resp
 
     def _headers(self, ex: Exchange, up: UpstreamResponse) -> dict[str, str] | CIMultiDict[str]:
-        headers = self.upstream.response_headers(up.headers, ex.rec.request_id)
+        headers = to_client(up.headers, ex.rec.request_id)
         if "server" not in headers:
             headers["server"] = ""  # the upstream named nobody: neither does aiohttp's default
         if ex.cors:  # ours replace the upstream's

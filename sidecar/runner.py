@@ -28,7 +28,7 @@ from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
 from sidecar.demo_upstream import create_demo_app
 from sidecar.edge import EdgeLimits, EdgeRunner
-from sidecar.logs import event
+from sidecar.ops.logs import event
 from sidecar.store.base import StoreError
 
 log = logging.getLogger("sidecar.runner")

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from sidecar.config import Settings, load
-from sidecar.logs import REQUEST_LOGGER
+from sidecar.ops.logs import REQUEST_LOGGER
 from sidecar.runner import Server
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import free_port, reap, wait_for

@@ -67,12 +67,12 @@ def open_resources(server: Server) -> list[str]:
 
 async def check_invariants(server: Server) -> None:
     """After every functional test: no request still running, no lease slot or token reservation left."""
-    from sidecar.app import LEASES, PROXY
+    from sidecar.app import LIMITS, PROXY
 
     proxy = server.app[PROXY]
     await wait_for(lambda: not proxy.in_flight.tasks, 10)
-    assert server.app[LEASES].totals() == (0, 0), "a lease slot or token reservation was left behind"
-    assert server.app[LEASES].global_active == 0
+    assert server.app[LIMITS].local.totals() == (0, 0), "a lease slot or token reservation was left behind"
+    assert server.app[LIMITS].local.global_active == 0
 
 
 async def assert_stored(server: Server, request_ids: list[str]) -> None:

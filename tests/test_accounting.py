@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.tokens import estimate_prompt
+from sidecar.wire.tokens import estimate_prompt
 from tests.common import CHAT
 from tests.fake_upstream import Script
 

@@ -16,8 +16,8 @@ import msgspec
 import orjson
 import pytest
 
-from sidecar.aggregate import Aggregate, Chunk, decode_chunks
-from sidecar.audit import AuditPolicy, sampled
+from sidecar.audit.aggregate import Aggregate, Chunk, decode_chunks
+from sidecar.audit.capture import AuditPolicy, sampled
 from sidecar.config import AuditCfg
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
@@ -331,7 +331,7 @@ async def test_a_long_audited_stream_is_folded_as_it_goes_and_cut_at_the_cap(fak
 
 
 def test_many_small_messages_cannot_push_the_last_one_out():
-    from sidecar.audit import shrink
+    from sidecar.audit.capture import shrink
 
     doc = {
         "model": "m",

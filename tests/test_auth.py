@@ -11,10 +11,11 @@ import aiohttp
 import orjson
 import pytest
 
-from sidecar.auth import Authenticator
 from sidecar.config import AuthCfg, LimitsCfg
 from sidecar.errors import Unauthorized
-from sidecar.keys import KeyAdmin, hash_secret, new_key
+from sidecar.keys.auth import Authenticator
+from sidecar.keys.format import hash_secret, new_key
+from sidecar.keys.service import KeyAdmin
 from sidecar.store import open_store
 from tests.test_faults import pg_proxy, through
 from tests.test_keys import ADMIN, admin, chat

@@ -10,10 +10,11 @@ import time
 import orjson
 import pytest
 
-from sidecar.auth import Authenticator, bearer, bearer_token
 from sidecar.config import AuthCfg, LimitsCfg
 from sidecar.errors import StoreUnavailable, Unauthorized
-from sidecar.keys import KeyAdmin, new_key
+from sidecar.keys.auth import Authenticator, bearer, bearer_token
+from sidecar.keys.format import new_key
+from sidecar.keys.service import KeyAdmin
 from sidecar.store import open_store
 
 PEPPER = b"p" * 32
@@ -169,8 +170,8 @@ def busy(store, rows: int = 2_000_000):
 
 
 def test_check_model_names_the_model_refused():
-    from sidecar.auth import Principal
     from sidecar.errors import Forbidden
+    from sidecar.keys.auth import Principal
 
     p = Principal("id", "n", 1, 2, 3, frozenset({"a"}))
     with pytest.raises(Forbidden) as raised:
@@ -192,8 +193,8 @@ def test_bearer_token_edge_cases():
 
 
 async def test_refusals_carry_exact_messages_and_codes(store):
-    from sidecar.auth import MISSING
-    from sidecar.keys import format_key, parse_key
+    from sidecar.keys.auth import MISSING
+    from sidecar.keys.format import format_key, parse_key
 
     admin = KeyAdmin(store, PEPPER)
     good = await admin.create({"name": "g"}, actor="t")
@@ -366,7 +367,8 @@ async def test_a_refresh_ahead_that_fails_past_max_stale_leaves_no_unretrieved_e
 
 
 async def test_a_static_key_verifies_without_the_store_and_stops_when_it_leaves_the_file(store, tmp_path, log_catcher):
-    from sidecar.keys import StaticKeys, format_key, hash_secret
+    from sidecar.keys.format import format_key, hash_secret
+    from sidecar.keys.static import StaticKeys
 
     kid, secret = "abcdefabcdef", "S" * 32
     key = format_key(kid, secret)

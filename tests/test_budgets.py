@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from sidecar.budgets import period_bounds, valid_period
+from sidecar.limits.periods import period_bounds, valid_period
 from tests.test_sre_cli import cli
 
 ADMIN = "budget-admin-token"

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.calls import json_depth_exceeds, parse
 from sidecar.errors import BadRequest
+from sidecar.wire.body import json_depth_exceeds, parse
 
 PATH = "/v1/chat/completions"
 

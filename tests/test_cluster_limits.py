@@ -16,9 +16,9 @@ import aiohttp
 import psycopg
 import pytest
 
-from sidecar.allowances import EMPTY_RECHECK, IDLE
-from sidecar.budgets import period_bounds
-from sidecar.slots import LEASE
+from sidecar.limits.borrowing import EMPTY_RECHECK, IDLE
+from sidecar.limits.periods import period_bounds
+from sidecar.limits.slots import LEASE
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 from tests.test_process import start

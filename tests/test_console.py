@@ -41,7 +41,7 @@ async def test_off_by_default_the_console_is_not_there(fake, sidecar):
 
 
 async def test_the_page_and_assets_have_a_strict_policy_and_no_inline_script(console):
-    html = (ROOT / "sidecar/console_static/index.html").read_text()
+    html = (ROOT / "sidecar/admin/console_static/index.html").read_text()
     assert not re.search(r"<script(?![^>]*\bsrc=)", html)  # no inline script
     assert not re.search(r"\sstyle=|\son[a-z]+=", html, re.I)  # no inline styles or event handlers
     async with browser() as s:

@@ -22,8 +22,8 @@ import orjson
 import psycopg
 import pytest
 
-from sidecar.allowances import IDLE
-from sidecar.slots import LEASE
+from sidecar.limits.borrowing import IDLE
+from sidecar.limits.slots import LEASE
 from tests.common import CHAT, CHAT_PATH, post
 from tests.fake_upstream import FakeUpstream, Script
 from tests.faults import Fault, FaultProxy

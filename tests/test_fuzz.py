@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.app import LEASES, PROXY, STORE, WRITER
+from sidecar.app import LIMITS, PROXY, STORE, WRITER
 from sidecar.runner import Server
 from sidecar.store.base import RequestQuery
 from tests.conftest import make_settings
@@ -114,7 +114,7 @@ def check_after(t: Threaded) -> None:
             if rows >= expected:
                 break
             await asyncio.sleep(0.02)
-        return writer.alive, app[LEASES].totals(), rows - expected, len(proxy.in_flight.tasks)
+        return writer.alive, app[LIMITS].local.totals(), rows - expected, len(proxy.in_flight.tasks)
 
     alive, leases, missing, active = t.call(state())
     assert alive, "the writer died"

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.keys import KEY_LEN, format_key, new_key, parse_key
+from sidecar.keys.format import KEY_LEN, format_key, new_key, parse_key
 from tests.common import CHAT
 
 ADMIN = "admin-token-canary-1234"
@@ -204,9 +204,9 @@ async def test_static_keys_file(tmp_path, fake, sidecar_factory):
 
 async def test_a_busy_key_whose_cache_expired_is_looked_up_once(tmp_path):
     """Many requests arriving when a key's cache entry has expired share one store lookup."""
-    from sidecar.auth import Authenticator
     from sidecar.config import AuthCfg, LimitsCfg
-    from sidecar.keys import KeyAdmin
+    from sidecar.keys.auth import Authenticator
+    from sidecar.keys.service import KeyAdmin
     from sidecar.store.sqlite import SqliteStore
 
     class CountingStore(SqliteStore):  # the real SQLite store; it counts key lookups and makes them slow

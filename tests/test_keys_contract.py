@@ -15,20 +15,10 @@ import pytest
 
 from sidecar.config import ConfigError
 from sidecar.errors import BadRequest, NotFound
-from sidecar.keys import (
-    KEY_LEN,
-    KeyAdmin,
-    StaticKeys,
-    format_key,
-    hash_secret,
-    listing,
-    load_pepper,
-    load_static_keys,
-    new_key,
-    parse_duration,
-    parse_key,
-    validate,
-)
+from sidecar.keys.format import KEY_LEN, format_key, hash_secret, new_key, parse_key
+from sidecar.keys.pepper import load_pepper
+from sidecar.keys.service import KeyAdmin, listing, parse_duration, validate
+from sidecar.keys.static import StaticKeys, load_static_keys
 from sidecar.store import open_store
 from sidecar.store.base import KeyRow
 

@@ -12,11 +12,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sidecar.app import LEASES, PROXY
-from sidecar.auth import Principal
+from sidecar.app import LIMITS, PROXY
 from sidecar.config import LimitsCfg
 from sidecar.errors import RateLimited
-from sidecar.leases import LeaseManager
+from sidecar.keys.auth import Principal
+from sidecar.limits.local import LocalLimits
 from tests import common
 from tests.conftest import wait_for
 from tests.test_calls import MAX_TOKENS
@@ -39,7 +39,7 @@ class LeaseMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock()
-        self.manager = LeaseManager(LimitsCfg(), clock=self.clock)
+        self.manager = LocalLimits(LimitsCfg(), clock=self.clock)
         self.principal = Principal("k1", "k", concurrency=3, rpm=20, tpm=500)
         self.live: list = []
         self.loop = asyncio.new_event_loop()
@@ -102,7 +102,7 @@ TestLeaseMachine.settings = settings(max_examples=150, stateful_step_count=40, d
 
 async def test_retry_after_is_truthful():
     clock = Clock()
-    manager = LeaseManager(LimitsCfg(), clock=clock)
+    manager = LocalLimits(LimitsCfg(), clock=clock)
     p = Principal("k", "k", concurrency=0, rpm=2, tpm=0)
     for _ in range(2):
         (await manager.acquire(p, 0)).release()
@@ -119,7 +119,7 @@ async def test_retry_after_is_truthful():
 
 async def test_token_budget_is_reconciled_to_real_usage():
     clock = Clock()
-    manager = LeaseManager(LimitsCfg(), clock=clock)
+    manager = LocalLimits(LimitsCfg(), clock=clock)
     p = Principal("k", "k", concurrency=0, rpm=0, tpm=1000)
     lease = await manager.acquire(p, 900)
     with pytest.raises(RateLimited) as info:
@@ -132,7 +132,7 @@ async def test_token_budget_is_reconciled_to_real_usage():
 
 
 async def test_global_cap_queues_then_rejects():
-    manager = LeaseManager(LimitsCfg(global_concurrency=1, queue_size=1, queue_timeout=0.2))
+    manager = LocalLimits(LimitsCfg(global_concurrency=1, queue_size=1, queue_timeout=0.2))
     p = Principal(None, "a", 0, 0, 0)
     first = await manager.acquire(p, 0)
     waiting = asyncio.create_task(manager.acquire(p, 0))
@@ -194,7 +194,7 @@ async def test_200_streams_against_concurrency_8(fake, limited):
         else:
             assert body.endswith(b"data: [DONE]\n\n") and "x-ratelimit-limit-requests" in headers
     await wait_for(lambda: len(limited.rows) == 200)
-    assert limited.server.app[LEASES].totals() == (0, 0)
+    assert limited.server.app[LIMITS].local.totals() == (0, 0)
     assert not limited.server.app[PROXY].in_flight.tasks
 
 
@@ -221,7 +221,7 @@ async def test_rate_limit_headers_and_429_shape(fake, limited):
 async def test_token_reservations_over_http_admit_what_the_arithmetic_allows_and_refund(fake, limited):
     """Five slow streams at max_tokens=300 against a tpm with room for three reservations: exactly three run,
     two are refused as `tokens`; once they end, each refunds what it reserved and did not use."""
-    from sidecar.tokens import estimate_prompt
+    from sidecar.wire.tokens import estimate_prompt
 
     fake.script.chunks, fake.script.delay_chunks = 5, 0.1  # 0.5 s each: all five overlap
     body = {**CHAT, "stream": True, "max_tokens": 300}
@@ -250,7 +250,7 @@ async def test_token_reservations_over_http_admit_what_the_arithmetic_allows_and
             await r.read()
     # refunded: three answers cost `used` each, not their reservation (without refunds: tpm - 4 reservations)
     assert tpm - 3 * used - reservation <= remaining <= tpm - reservation
-    await wait_for(lambda: limited.server.app[LEASES].totals() == (0, 0))
+    await wait_for(lambda: limited.server.app[LIMITS].local.totals() == (0, 0))
 
 
 @pytest.mark.parametrize(("raw", "passes", "reserved"), MAX_TOKENS, ids=[m[0].decode() for m in MAX_TOKENS])
@@ -270,7 +270,7 @@ async def test_max_tokens_values_reach_the_upstream_or_are_refused_as_the_table_
             else:
                 assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
                 assert fake.received == []
-    assert limited.server.app[LEASES].totals() == (0, 0)
+    assert limited.server.app[LIMITS].local.totals() == (0, 0)
 
 
 async def test_cancellation_at_every_await_point_leaves_nothing_behind(fake, limited):
@@ -297,5 +297,5 @@ async def test_cancellation_at_every_await_point_leaves_nothing_behind(fake, lim
             with contextlib.suppress(aiohttp.ClientError):
                 await client
             await wait_for(lambda: not proxy.in_flight.tasks)
-            assert limited.server.app[LEASES].totals() == (0, 0), f"leak after cancel at {delay:.3f}s"
+            assert limited.server.app[LIMITS].local.totals() == (0, 0), f"leak after cancel at {delay:.3f}s"
     await wait_for(lambda: len(limited.rows) == 30)

@@ -10,10 +10,10 @@ import asyncio
 
 import pytest
 
-from sidecar.auth import Principal
 from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
-from sidecar.leases import Bucket, LeaseManager
+from sidecar.keys.auth import Principal
+from sidecar.limits.local import Bucket, LocalLimits
 
 
 class Clock:
@@ -24,9 +24,9 @@ class Clock:
         return self.now
 
 
-def manager(**cfg) -> tuple[LeaseManager, Clock]:
+def manager(**cfg) -> tuple[LocalLimits, Clock]:
     clock = Clock()
-    return LeaseManager(LimitsCfg(**cfg), clock=clock), clock
+    return LocalLimits(LimitsCfg(**cfg), clock=clock), clock
 
 
 def full_headers(rpm: int, left_requests: int, reset_requests: str, tpm: int, left_tokens: int, reset_tokens: str):
@@ -366,7 +366,7 @@ async def test_queue_timeout_is_overloaded_with_retry_after():
     assert leases.global_active == 0
 
 
-def families(leases: LeaseManager) -> list[tuple]:
+def families(leases: LocalLimits) -> list[tuple]:
     return [
         (m.name, m.documentation, m.type, [(s.name, s.labels, s.value) for s in m.samples]) for m in leases.collect()
     ]

@@ -8,7 +8,7 @@ import aiohttp
 import orjson
 import pytest
 
-from sidecar.app import LEASES, PROXY
+from sidecar.app import LIMITS, PROXY
 from tests.conftest import wait_for
 
 ADMIN = "admin-token"
@@ -122,7 +122,7 @@ async def test_disconnect_after_k_chunks_is_one_counted_row(fake, rec_sidecar):
     row = rows[0]
     assert (row["outcome"], row["status"], row["usage_source"]) == ("client_disconnected", 499, "counted")
     assert 10 <= row["completion_tokens"] <= 15
-    assert rec_sidecar.server.app[LEASES].totals() == (0, 0)
+    assert rec_sidecar.server.app[LIMITS].local.totals() == (0, 0)
 
 
 async def test_cut_between_last_content_and_usage_chunk(fake, rec_sidecar):
@@ -233,9 +233,9 @@ async def test_store_down_rows_spool_and_replay_exactly_once(fake, sidecar_facto
 
 async def test_poison_row_among_good_ones(store_url, tmp_path):
     from sidecar.config import WriterCfg
-    from sidecar.records import RequestRecord
+    from sidecar.records.record import RequestRecord
+    from sidecar.records.writer import BatchWriter
     from sidecar.store import open_store
-    from sidecar.writer import BatchWriter
 
     store = open_store(store_url)
     await store.open()

@@ -785,7 +785,7 @@ async def make_key(url: str, **fields: Any) -> str:
 async def test_token_refunds_count_prompt_and_output_on_whole_and_streamed_answers(fake, sidecar_factory):
     """tpm=600 refills 10 tokens a second. Each answer uses 11 prompt + 5 output tokens; once it has ended, its
     reservation is settled to that, as the next answer's x-ratelimit-remaining-tokens shows."""
-    from sidecar.tokens import estimate_prompt
+    from sidecar.wire.tokens import estimate_prompt
 
     running = await sidecar_factory(fake.url, auth__enabled=True, server__admin_token=ADMIN)
     key = await make_key(running.url, rpm=100000, tpm=600)

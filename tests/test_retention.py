@@ -11,8 +11,8 @@ import aiohttp
 import orjson
 
 from sidecar.app import STORE, WRITER
-from sidecar.records import RequestRecord
-from sidecar.retention import Retention
+from sidecar.records.record import RequestRecord
+from sidecar.records.retention import Retention
 from sidecar.store import open_store
 from sidecar.store.base import RequestQuery
 from tests.conftest import wait_for

@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from sidecar.config import ConfigError, load
-from sidecar.routes import METHODS, PRESETS, RouteError, build, parse_entry
+from sidecar.wire.routes import METHODS, PRESETS, RouteError, build, parse_entry
 from tests.fake_upstream import SHAPED_ANSWERS
 
 # (prompt, completion) each answer shape carries; None: no usage in it (recorded as usage_source "none").

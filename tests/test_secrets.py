@@ -287,7 +287,7 @@ async def test_usage_csv_neutralises_spreadsheet_formulas(fake, sidecar_factory,
 )
 def test_every_credential_in_a_url_is_masked(url, secret):
     from sidecar.config import ConfigError, load, mask_url
-    from sidecar.logs import scrub
+    from sidecar.ops.logs import scrub
 
     assert secret not in mask_url(url) and secret not in scrub(f"connecting to {url} failed")
     if url.startswith("htp"):

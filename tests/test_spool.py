@@ -23,10 +23,10 @@ import pytest
 
 from sidecar.app import WRITER
 from sidecar.config import WriterCfg
-from sidecar.records import RequestRecord
+from sidecar.records.record import RequestRecord
+from sidecar.records.writer import BatchWriter
 from sidecar.store import open_store
 from sidecar.store.base import RequestQuery
-from sidecar.writer import BatchWriter
 from tests.conftest import wait_for
 from tests.fake_upstream import Script
 from tests.test_faults import pg_proxy, through

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 import pytest
 
-from sidecar.keys import parse_key
+from sidecar.keys.format import parse_key
 from tests.conftest import free_port, reap
 from tests.test_cli import wait_listening
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.sse import StreamScanner, count_deltas, delta_patterns, usage_from
+from sidecar.wire.sse import StreamScanner, count_deltas, delta_patterns, usage_from
 
 
 def stream(n: int, usage: bool = True, sep: bytes = b"\n\n") -> tuple[bytes, bytes]:
@@ -162,7 +162,7 @@ def test_usage_from_variants():
     ],
 )
 def test_parse_events_fast_path_equals_event_by_event(raw):
-    from sidecar.sse import _load_event, parse_events
+    from sidecar.wire.sse import _load_event, parse_events
 
     sep = b"\r\n\r\n" if b"\r\n" in raw else b"\n\n"
     expected = [obj for obj in (_load_event(e) for e in raw.split(sep)) if obj is not None]

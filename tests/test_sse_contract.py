@@ -7,8 +7,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from sidecar.routes import GENERATE
-from sidecar.sse import (
+from sidecar.wire.routes import GENERATE
+from sidecar.wire.sse import (
     StreamScanner,
     Usage,
     UsageFinder,
@@ -23,7 +23,7 @@ from sidecar.sse import (
     usage_object,
     usage_of,
 )
-from sidecar.tokens import BASE, MAX_DEPTH, PER_MESSAGE, _measure, estimate_prompt
+from sidecar.wire.tokens import BASE, MAX_DEPTH, PER_MESSAGE, _measure, estimate_prompt
 
 CONTENT = b'data: {"choices":[{"delta":{"content":"a"}}]}'
 USAGE_ONLY = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'

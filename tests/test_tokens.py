@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from sidecar.tokens import BASE, PER_MESSAGE, estimate_prompt
+from sidecar.wire.tokens import BASE, PER_MESSAGE, estimate_prompt
 
 PROSE = "\n\n".join(pydoc_data.topics.topics.values())
 CODE = "".join(inspect.getsource(m) for m in (asyncio.base_events, email.message, json.decoder, inspect))

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 
 from sidecar.config import WriterCfg
-from sidecar.records import RequestRecord
+from sidecar.records.record import RequestRecord
+from sidecar.records.writer import BatchWriter
 from sidecar.store import open_store
-from sidecar.writer import BatchWriter
 from tests.conftest import wait_for
 from tests.faults import Fault
 from tests.test_faults import pg_proxy, through

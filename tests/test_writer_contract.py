@@ -24,9 +24,9 @@ import orjson
 import pytest
 
 from sidecar.config import WriterCfg
-from sidecar.rows import sanitise
+from sidecar.records.rows import sanitise
+from sidecar.records.writer import BatchWriter
 from sidecar.store.base import RequestQuery
-from sidecar.writer import BatchWriter
 from tests.conftest import wait_for
 from tests.test_writer import opened, refuse_poison, rows
 

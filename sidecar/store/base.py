@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sidecar.records import ROW_FIELDS
+from sidecar.records.record import ROW_FIELDS
 
 REQUEST_COLUMNS = ROW_FIELDS  # the columns are the record's fields, by name
 KEY_COLUMNS = (

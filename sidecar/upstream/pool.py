@@ -46,7 +46,7 @@ from sidecar.upstream.response import (
 __all__ = [  # the failures and the response are part of the pool's API
     "ConnectFailed",
     "ConnectionBroken",
-    "Pool",
+    "ConnectionPool",
     "PoolExhausted",
     "ResponseTooLarge",
     "UpstreamFailure",
@@ -57,7 +57,7 @@ __all__ = [  # the failures and the response are part of the pool's API
 class Connection(asyncio.Protocol):
     """One upstream connection; it carries one request at a time."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
@@ -182,7 +182,7 @@ class Connection(asyncio.Protocol):
             self.transport.abort()  # no lingering: the upstream sees the connection gone at once
 
 
-class Pool:
+class ConnectionPool:
     """Keep-alive connections to one origin."""
 
     def __init__(

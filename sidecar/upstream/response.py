@@ -41,6 +41,10 @@ class PoolExhausted(UpstreamFailure):
     """`max_open` connections are busy and the wait for one is over its bound (queue length or time)."""
 
 
+class UpstreamBroke(UpstreamFailure):
+    """The upstream connection failed after its response had started."""
+
+
 class UpstreamResponse:
     """One response: its head, and its body as it arrives."""
 

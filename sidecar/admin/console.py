@@ -1,0 +1,368 @@
+"""Console: a small web console at `/console/` on the client port, off by default (`[console] enabled`).
+
+An operator signs in with the admin token, a key holder with their key; either is exchanged for a session
+cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over TLS, path `/console`) and never kept by the page. Every
+change needs the session's CSRF token in `x-csrf-token` and a JSON body; every page and asset goes out with a
+strict Content-Security-Policy (no inline script or style, nothing from elsewhere). The data comes from the
+admin API's own handlers (operators) and the key's own usage (key holders: never another key's). Reports run
+on the store's report connection within `store.report_timeout`, as the admin API's do, so they never queue in
+front of key lookups or health checks; a series reaches back at most 31 days.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.admin.api import Admin
+from sidecar.admin.params import only_params, read_json, since_param, time_param
+from sidecar.config import ConsoleCfg
+from sidecar.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Overloaded,
+    RateLimited,
+    SidecarError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from sidecar.handlers import Handlers, request_id
+from sidecar.keys.auth import Authenticator
+from sidecar.limits.budgets import Remaining, budget_fields
+from sidecar.responses import error_response, json_response
+from sidecar.store.base import Store
+
+COOKIE = "sidecar_console"
+ASSETS = {
+    "console.js": "text/javascript",
+    "console.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+    "index.html": "text/html",
+}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+SERIES_MAX_DAYS = 31
+SESSIONS_PER_KEY = 5
+FAILURES_PER_MINUTE = 10  # failed sign-ins from one address; then 429 until its minute is over
+KEY_RECHECK = 5.0  # seconds between checks that a key holder's key is still valid
+TOP_GROUPS = 12
+BUCKETS = {"hour": 3600, "day": 86400}
+Handler = Callable[[web.Request, str], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class Session:
+    role: str  # "admin" or "key"
+    csrf: str
+    born: float
+    used: float
+    key_id: str | None = None
+    name: str | None = None
+    checked: float = 0.0  # when the key was last found still valid
+
+
+class Console:
+    def __init__(
+        self,
+        cfg: ConsoleCfg,
+        admin: Admin,
+        auth: Authenticator,
+        store: Store,
+        remaining: Remaining,
+        max_days: int,
+        https: Callable[[web.Request], bool] = lambda request: request.secure,
+    ) -> None:
+        self.cfg = cfg
+        self.admin = admin
+        self.auth = auth
+        self.store = store
+        self.remaining = remaining
+        self.max_days = max_days
+        self.https = https  # whether the client reached us over TLS (here, or at a trusted proxy)
+        self._sessions: dict[str, Session] = {}
+        self._failures: dict[str, tuple[float, int]] = {}  # address -> (minute, failed sign-ins in it)
+        self._reports: set[str] = set()  # keys with a series running: one at a time per key
+        admin.on_key_change.append(self.forget_key)
+
+    def add_routes(self, routes: Handlers, operators: bool, holders: bool) -> None:
+        """The console on one port: operators sign in where the admin API is (`operators`), key holders where
+        their requests go (`holders`)."""
+        routes.add("GET", "/console", self.redirect)
+        routes.add("GET", "/console/", self.page)
+        routes.add("GET", "/console/static/{name}", self.asset)
+        roles = {role for role, on in (("admin", operators), ("key", holders)) if on}
+        routes.add("POST", "/console/api/session", self._secured(lambda request: self.sign_in(request, roles)))
+        routes.add("GET", "/console/api/session", self._secured(self.whoami))
+        routes.add("DELETE", "/console/api/session", self._api(self.sign_out, "any"))
+        if holders:
+            routes.add("GET", "/console/api/me", self._api(self.me, "key"))
+        routes.add("GET", "/console/api/series", self._api(self.series, "any"))
+        if not operators:
+            return
+        for method, path, handler in (
+            ("GET", "/console/api/keys", self.admin.list_keys),
+            ("POST", "/console/api/keys", self.admin.create_key),
+            ("GET", "/console/api/keys/{id}", self.admin.get_key),
+            ("PATCH", "/console/api/keys/{id}", self.admin.update_key),
+            ("DELETE", "/console/api/keys/{id}", self.admin.revoke_key),
+            ("GET", "/console/api/audit", self.admin.audit_log),
+            ("GET", "/console/api/usage", self.admin.usage),
+            ("GET", "/console/api/requests", self.admin.requests),
+            ("GET", "/console/api/audit-records", self.admin.audit_records),
+        ):
+            routes.add(method, path, self._api(handler, "admin"))
+
+    # --- pages ---------------------------------------------------------------------------------------------
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=308, headers={**SECURITY_HEADERS, "location": "/console/"})
+
+    async def page(self, request: web.Request) -> web.Response:
+        return self._asset_response("index.html")
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in ASSETS or name == "index.html":
+            raise NotFound("No such file.", code="unknown_url")
+        return self._asset_response(name)
+
+    @staticmethod
+    def _asset_response(name: str) -> web.Response:
+        body = resources.files("sidecar.admin").joinpath("console_static", name).read_bytes()
+        return web.Response(body=body, headers={**SECURITY_HEADERS, "content-type": f"{ASSETS[name]}; charset=utf-8"})
+
+    # --- sessions ------------------------------------------------------------------------------------------
+
+    async def sign_in(self, request: web.Request, roles: set[str]) -> web.StreamResponse:
+        rid = request_id(request)
+        self._json_only(request)
+        address = request.remote or "unknown"
+        self._not_too_many_failures(address)
+        doc = await read_json(request)
+        token = doc.get("token") if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token:
+            raise BadRequest('Send {"token": "..."}: the admin token or your key.', param="token")
+        try:
+            session = await self._session_for(token, roles)
+        except Unauthorized:
+            self._failed(address)
+            self.admin.refused(request, "console sign-in refused")
+            raise
+        self._sessions.pop(request.cookies.get(COOKIE, ""), None)  # a new session, never the old one's id
+        self._make_room(session)
+        sid = secrets.token_urlsafe(32)
+        self._sessions[sid] = session
+        resp = json_response(self._describe(session), rid)
+        secure = self.cfg.secure_cookie == "always" or (self.cfg.secure_cookie == "auto" and self.https(request))
+        resp.set_cookie(
+            COOKIE, sid, path="/console", httponly=True, samesite="Strict", secure=secure,
+            max_age=int(self.cfg.session_ttl),
+        )  # fmt: skip
+        return resp
+
+    async def _session_for(self, token: str, roles: set[str]) -> Session:
+        now = time.monotonic()
+        if self.admin.token_matches(token):
+            if "admin" not in roles:
+                raise Forbidden("Operators sign in on the operations port.", code="console_role")
+            return Session("admin", secrets.token_urlsafe(32), now, now)
+        if "key" not in roles:
+            raise Unauthorized("Sign in with the admin token.", code="invalid_admin_token")
+        principal = await self.auth.authenticate({"authorization": f"Bearer {token}"})
+        if principal.key_id is None:
+            raise Unauthorized("Sign in with the admin token or a key.", code="invalid_api_key")
+        return Session("key", secrets.token_urlsafe(32), now, now, principal.key_id, principal.name, now)
+
+    def _not_too_many_failures(self, address: str) -> None:
+        minute, failed = self._failures.get(address, (0.0, 0))
+        if failed >= FAILURES_PER_MINUTE and time.monotonic() - minute < 60:
+            raise RateLimited(
+                "Too many failed sign-ins from this address; wait a minute.", headers={"retry-after": "60"}
+            )
+
+    def _failed(self, address: str) -> None:
+        now = time.monotonic()
+        minute, failed = self._failures.get(address, (now, 0))
+        if now - minute >= 60:
+            minute, failed = now, 0
+        if len(self._failures) >= 10_000:  # bounded whatever the addresses: an old window is forgotten
+            self._failures.clear()
+        self._failures[address] = (minute, failed + 1)
+
+    def _make_room(self, new: Session) -> None:
+        """At most SESSIONS_PER_KEY sessions per key (its oldest goes), and `max_sessions` in all: then the least
+        recently used key holder's session goes (an operator's sign-in is never refused for lack of room)."""
+        self._sweep()
+        if new.key_id is not None:
+            mine = sorted((s.used, sid) for sid, s in self._sessions.items() if s.key_id == new.key_id)
+            for _, sid in mine[: max(0, len(mine) - SESSIONS_PER_KEY + 1)]:
+                del self._sessions[sid]
+        while len(self._sessions) >= self.cfg.max_sessions:
+            holders = [(s.used, sid) for sid, s in self._sessions.items() if s.role == "key"]
+            if not holders and new.role == "key":
+                raise Overloaded("Too many console sessions; try again later.", headers={"retry-after": "60"})
+            _, oldest = min(holders or [(s.used, sid) for sid, s in self._sessions.items()])
+            del self._sessions[oldest]
+
+    def forget_key(self, key_id: str) -> None:
+        """A key was revoked or changed (on this replica): its sessions end now (elsewhere: at the next check)."""
+        for sid in [sid for sid, s in self._sessions.items() if s.key_id == key_id]:
+            del self._sessions[sid]
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        """The page asks who it is at load: signed out is an answer (`role: null`), not an error."""
+        try:
+            session = await self._session(request)
+        except Unauthorized:
+            return json_response({"role": None}, request_id(request))
+        return json_response(self._describe(session), request_id(request))
+
+    async def sign_out(self, request: web.Request, rid: str, session: Session) -> Any:
+        self._sessions.pop(request.cookies.get(COOKIE, ""), None)
+        resp = json_response({"signed_out": True}, rid)
+        resp.del_cookie(COOKIE, path="/console")
+        return resp
+
+    @staticmethod
+    def _describe(session: Session) -> dict[str, Any]:
+        return {"role": session.role, "csrf": session.csrf, "key_id": session.key_id, "name": session.name}
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for sid in [sid for sid, s in self._sessions.items() if not self._alive(s, now)]:
+            del self._sessions[sid]
+
+    def _alive(self, session: Session, now: float) -> bool:
+        return now - session.used < self.cfg.session_ttl and now - session.born < self.cfg.session_max_age
+
+    @staticmethod
+    def _secured(
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """The console's security headers on every API answer, errors included (they hold keys and CSRF
+        tokens: never cached)."""
+
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                resp = await handler(request)
+            except SidecarError as err:
+                resp = error_response(err, request_id(request))
+            resp.headers.update(SECURITY_HEADERS)
+            return resp
+
+        return run
+
+    def _api(self, handler: Callable[..., Awaitable[Any]], role: str) -> Callable[[web.Request], Awaitable[Any]]:
+        """A console API route: a live session of `role` ("any": either), its CSRF token on every change."""
+
+        async def run(request: web.Request) -> web.StreamResponse:
+            rid = request_id(request)
+            session = await self._session(request)
+            if role not in ("any", session.role):
+                raise Forbidden("Not for this session.", code="console_role")
+            if request.method != "GET":
+                self._json_only(request)
+                sent = request.headers.get("x-csrf-token", "").encode("utf-8", "surrogateescape")
+                if not hmac.compare_digest(sent, session.csrf.encode()):
+                    raise Forbidden("Missing or wrong CSRF token.", code="csrf")
+            result = await (handler(request, rid) if role == "admin" else handler(request, rid, session))
+            if isinstance(result, web.StreamResponse):
+                return result
+            return json_response(result, rid, 201 if request.method == "POST" else 200)
+
+        return self._secured(run)
+
+    async def _session(self, request: web.Request) -> Session:
+        sid = request.cookies.get(COOKIE, "")
+        session = self._sessions.get(sid)
+        now = time.monotonic()
+        if session is None or not self._alive(session, now):
+            self._sessions.pop(sid, None)
+            raise Unauthorized("Sign in to the console.", code="console_session")
+        if session.key_id is not None and now - session.checked >= KEY_RECHECK:
+            if not await self._still_valid(session.key_id):  # revoked or expired since: the session ends
+                self._sessions.pop(sid, None)
+                raise Unauthorized("This key is no longer valid.", code="console_session")
+            session.checked = now
+        session.used = now  # sliding, within session_max_age
+        return session
+
+    async def _still_valid(self, key_id: str) -> bool:
+        row = self.auth.static.get(key_id) or await self.store.get_key(key_id)
+        return row is not None and row.revoked_at is None and (row.expires_at or math.inf) > time.time()
+
+    @staticmethod
+    def _json_only(request: web.Request) -> None:
+        """A change comes from the page's fetch with a JSON body, never from a form another site posts."""
+        if request.method in ("POST", "PATCH") and request.content_type != "application/json":
+            raise UnsupportedMediaType("Send JSON (content-type: application/json).")
+
+    # --- data ----------------------------------------------------------------------------------------------
+
+    async def me(self, request: web.Request, rid: str, session: Session) -> Any:
+        only_params(request, ())
+        assert session.key_id is not None
+        row = self.auth.static.get(session.key_id) or await self.store.get_key(session.key_id)
+        if row is None:
+            raise NotFound("This key is no longer in the store.", code="key_not_found")
+        budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, self.remaining)
+        return {**row.public(), **budget}
+
+    async def series(self, request: web.Request, rid: str, session: Session) -> Any:
+        """Requests and tokens per hour or day, split by key, model or outcome; a key holder's own only."""
+        only_params(request, ("since", "until", "bucket", "split"))
+        bucket = request.query.get("bucket", "day")
+        split = request.query.get("split", "model")
+        if bucket not in BUCKETS:
+            raise BadRequest("`bucket` must be hour or day.", param="bucket")
+        if split not in ("key", "model", "outcome") or (split == "key" and session.role != "admin"):
+            raise BadRequest("`split` must be model or outcome (key: operators).", param="split")
+        since = since_param(request, min(self.max_days, SERIES_MAX_DAYS))
+        until = time_param(request, "until")
+        key_id = session.key_id if session.role == "key" else None
+        if key_id is not None and key_id in self._reports:
+            raise RateLimited("One report at a time per key.", headers={"retry-after": "1"})
+        if key_id is not None:
+            self._reports.add(key_id)
+        try:
+            rows = await self.store.usage_series(since, until, BUCKETS[bucket], split, key_id)
+        finally:
+            if key_id is not None:
+                self._reports.discard(key_id)
+        rows = _top_groups(rows, split)
+        return {"object": "list", "since": since, "until": until, "bucket": bucket, "split": split, "data": rows}
+
+
+def _top_groups(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """The `TOP_GROUPS` largest groups by tokens, the rest folded into `other` (a client names its model)."""
+    totals: dict[Any, int] = {}
+    for row in rows:
+        totals[row[split]] = totals.get(row[split], 0) + row["total_tokens"] + row["requests"]
+    if len(totals) <= TOP_GROUPS:
+        return rows
+    keep = set(sorted(totals, key=lambda g: totals[g], reverse=True)[:TOP_GROUPS])
+    folded: dict[tuple[int, Any], dict[str, Any]] = {}
+    for row in rows:
+        group = row[split] if row[split] in keep else "other"
+        into = folded.setdefault((row["t"], group), {"t": row["t"], split: group, "requests": 0, "total_tokens": 0})
+        into["requests"] += row["requests"]
+        into["total_tokens"] += row["total_tokens"]
+    return list(folded.values())

@@ -1,0 +1,177 @@
+"""Admission: the one place that decides whether a request may go to the upstream, and what it holds while it runs.
+
+`Limits.reserve(call)` says what a request reserves (its prompt estimate plus its output budget); `admit`
+takes, in this order, each able to refuse with a 429 (or a 503 when the store is down and the limit fails
+closed):
+
+1. the key's concurrency slot for the whole deployment (`slots`, replicas sharing PostgreSQL);
+2. the key's token budget for its period (`budgets`, through the allowances `borrowing` keeps);
+3. its requests and tokens per minute for the whole deployment (`rates`, replicas sharing PostgreSQL);
+4. this replica's own lease (`local`): the key's concurrency and per-minute buckets, then the global cap on
+   upstream requests, queued for when `limits.global_concurrency` is reached.
+
+A refusal (or a cancel while queued) gives back what was taken, in reverse order, as if nothing was used. The
+`Lease` an admitted request holds settles every part to the real usage once (`settle`) and lets go of them
+once (`release`), local lease first, shared slot last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.metrics_core import Metric
+
+from sidecar.config import LimitsCfg
+from sidecar.errors import RateLimited
+from sidecar.keys.auth import Principal
+from sidecar.limits.borrowing import Borrower, Hold
+from sidecar.limits.budgets import Budgets
+from sidecar.limits.local import LocalLease, LocalLimits
+from sidecar.limits.rates import SharedRates
+from sidecar.limits.slots import SharedSlots, SlotHold
+from sidecar.store.base import Store
+from sidecar.wire.body import Call
+from sidecar.wire.routes import NO_OUTPUT
+from sidecar.wire.tokens import estimate_prompt
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a request reserves before it goes: its prompt estimate and its output budget, in tokens."""
+
+    prompt: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.output
+
+
+class Lease:
+    """What one admitted request holds: its local lease, its shared allowances (budget, tokens per minute) and
+    its shared concurrency slot. `settle` and `release` each act once."""
+
+    __slots__ = ("holds", "local", "slot")
+
+    def __init__(self, local: LocalLease, holds: tuple[Hold, ...] = (), slot: SlotHold | None = None) -> None:
+        self.local = local
+        self.holds = holds
+        self.slot = slot
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The `x-ratelimit-*` headers the answer carries."""
+        return self.local.headers
+
+    def settle(self, prompt: int | None, completion: int | None) -> None:
+        """Reconcile every reservation to what the request really used (once; later calls are no-ops)."""
+        if self.local.settled:
+            return
+        used = (prompt or 0) + (completion or 0)
+        for hold in self.holds:
+            hold.settle(used)
+        self.local.settle(prompt, completion)
+
+    def release(self) -> None:
+        if self.local.released:
+            return
+        self.settle(0, 0)  # a no-op when settled; else nothing known to have been used: refund
+        self.local.release()
+        if self.slot is not None:
+            self.slot.release()
+
+
+class Limits:
+    """Admission for the proxy and the routes that cost a request (a key's own usage report), and the figures
+    the reports show (a budget's remaining tokens)."""
+
+    def __init__(self, cfg: LimitsCfg, store: Store) -> None:
+        self.cfg = cfg
+        self.local = LocalLimits(cfg)
+        self.borrower = Borrower(store)
+        self.budgets = Budgets(cfg.timezone, self.borrower)
+        shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
+        # None with SQLite: one replica, its local buckets and slots are the whole truth.
+        self.rates = SharedRates(self.borrower, cfg.store_down) if shared else None
+        self.slots = SharedSlots(store, cfg.store_down) if shared else None
+
+    def reserve(self, call: Call) -> Reservation:
+        """What `call` reserves: nothing for a body the sidecar does not read, else its prompt estimate and its
+        output budget (`max_tokens`, or `limits.default_max_tokens`; none for a route with no output)."""
+        if call.doc is None:
+            return Reservation(0, 0)
+        prompt = estimate_prompt(call.doc, len(call.body))
+        output = 0 if call.family in NO_OUTPUT else (call.max_tokens or self.cfg.default_max_tokens)
+        return Reservation(prompt, output)
+
+    async def admit(self, principal: Principal, reservation: Reservation, queued: Callable[[float], None]) -> Lease:
+        """Everything the request must hold, in the order of this module's docstring, or `RateLimited` (or
+        `StoreUnavailable`) with nothing held. A wait for a global slot is reported to `queued` (milliseconds,
+        refused or not): that time is the queue's, not the sidecar's own."""
+        need = reservation.total
+        slot = None
+        if self.slots is not None and principal.concurrency and principal.key_id is not None:
+            slot = await self.slots.take(principal.key_id, principal.concurrency)
+        holds: list[Hold] = []
+        admitted = False
+        try:
+            await self._shared_holds(principal, need, holds)
+            local = self.local.acquire_now(principal, need)
+            if local is None:
+                local = await self._queue(principal, need, queued)
+            admitted = True
+        except RateLimited as exc:
+            if self.rates is not None:  # the figures for the whole deployment, not this replica's
+                self.rates.headers(principal, exc.headers)
+            raise
+        finally:
+            if not admitted:  # refused (or cancelled while queued) after something was taken: nothing was used
+                for hold in reversed(holds):
+                    hold.settle(0)
+                if slot is not None:
+                    slot.release()
+        if self.rates is not None:
+            self.rates.headers(principal, local.headers)
+        return Lease(local, tuple(holds), slot)
+
+    def admit_local(self, principal: Principal) -> Lease:
+        """A request of the key's that costs no tokens and no upstream slot (a usage report): one request of its
+        per-minute budget and a concurrency slot while it runs. Raises `RateLimited` beyond them."""
+        return Lease(self.local.acquire_local(principal))
+
+    def remaining(self, key_id: str, budget: int, period: str) -> Awaitable[tuple[int, float]]:
+        """A budget's tokens left as this replica counts (in-flight reservations included) and when it resets."""
+        return self.budgets.remaining(key_id, budget, period)
+
+    async def _shared_holds(self, principal: Principal, need: int, holds: list[Hold]) -> None:
+        """The key's budget, then (replicas sharing PostgreSQL) its minute limits for the whole deployment, into
+        `holds` as each is taken (the caller gives them back when admission fails)."""
+        kid, budget, period = principal.key_id, principal.budget_tokens, principal.budget_period
+        if kid is not None and budget is not None and period:
+            holds.append(await self.budgets.reserve(kid, budget, period, need))
+        if self.rates is not None and (tokens := await self.rates.take(principal, need)) is not None:
+            holds.append(tokens)
+
+    async def _queue(self, principal: Principal, need: int, queued: Callable[[float], None]) -> LocalLease:
+        began = time.monotonic()
+        try:
+            return await self.local.acquire(principal, need)
+        finally:
+            queued((time.monotonic() - began) * 1000.0)
+
+    def collectors(self) -> list[Callable[[], Iterator[Metric]]]:
+        shared = [self.slots.collect, self.rates.collect] if self.slots is not None and self.rates else []
+        return [self.local.collect, self.borrower.collect, *shared]
+
+    async def start(self) -> None:
+        await self.borrower.start()
+        if self.slots is not None:
+            await self.slots.start()
+
+    async def close(self) -> None:
+        """Allowances and slots go back to the store (at drain: the writer's last flush comes after)."""
+        if self.slots is not None:
+            await self.slots.close()
+        await self.borrower.close()

@@ -1,0 +1,98 @@
+"""Budgets: a key's token allowance per period: a calendar `day`, `week` (from Monday) or `month` in
+`limits.timezone`, or a plain duration (`10m`, `1h`: windows aligned to the epoch, for tests and short trials).
+
+The store holds each key's balance for the period (`limit_balances`), shared by every replica: it starts at the
+budget less what the key's stored requests used in the period. A replica borrows an allowance from it (at least
+what a request needs, else an eighth of what is left) and admits requests from that allowance without a store
+round trip, topping it up in the background when half is spent (one borrow in flight per key); what a request
+did not use goes back to the allowance, and an idle key's allowance (or one at drain) goes back to the balance.
+Admission reserves the request's prompt estimate plus its output budget, as the minute buckets do, and refuses
+a request whose reservation does not fit (429 `insufficient_quota`, `retry-after` at the period's end). With the
+store unreachable, an allowance in hand is still spent; beyond it: 503 (a budget is billing: it fails closed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from sidecar.errors import InsufficientQuota
+from sidecar.limits.borrowing import FRACTION, Balance, Borrower, Hold
+from sidecar.limits.periods import CALENDAR, period_bounds
+
+Remaining = Callable[[str, int, str], Awaitable[tuple[int, float]]]  # (key, budget, period) -> (left, resets at)
+
+
+class Budgets:
+    """Admission against a key's budget through the allowances borrowed: the store's balance for the period is the
+    one truth all replicas share."""
+
+    def __init__(self, timezone: str, borrower: Borrower, clock: Callable[[], float] = time.time) -> None:
+        self.tz = ZoneInfo(timezone)
+        self.borrower = borrower
+        self.store = borrower.store
+        self.clock = clock
+
+    async def reserve(self, key_id: str, budget: int, period: str, need: int) -> Hold:
+        """Hold `need` tokens of the key's budget for a request, or raise InsufficientQuota."""
+        now = self.clock()
+        start, end = period_bounds(period, now, self.tz)
+        bucket = f"{start:.0f}:{budget}"  # a new period, or a changed budget, is a new balance
+
+        def borrow(want: float) -> Awaitable[tuple[float, float]]:
+            return self._borrow(key_id, bucket, budget, start, want)
+
+        until = self.borrower.clock() + (end - now)  # the borrower's clock: the allowance goes back at the period's end
+        hold = await self.borrower.take(Balance(key_id, "budget", bucket), need, borrow, until)
+        if hold is None:
+            raise InsufficientQuota(
+                f"This key's token budget for the {_name(period)} is used up ({budget} tokens; this request "
+                f"reserves {need}). It resets at {_iso(end)}.",
+                headers={"retry-after": str(max(1, math.ceil(end - now)))},
+            )
+        return hold
+
+    async def _borrow(self, key_id: str, bucket: str, budget: int, start: float, want: float) -> tuple[float, float]:
+        return await self.store.borrow_budget(key_id, bucket, budget, start, want, FRACTION)
+
+    async def remaining(self, key_id: str, budget: int, period: str) -> tuple[int, float]:
+        """(tokens left this period, when it ends), as the key's stored requests say."""
+        start, end = period_bounds(period, self.clock(), self.tz)
+        return max(0, budget - await self.store.tokens_since(key_id, start)), end
+
+
+def _name(period: str) -> str:
+    return period if period in CALENDAR else f"{period} period"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def budget_fields(
+    key_id: str,
+    budget: int | None,
+    period: str | None,
+    remaining: Remaining,
+) -> dict[str, object]:
+    """`budget_remaining` and `budget_resets_at` (epoch seconds) for a key with a budget; nothing without."""
+    if budget is None or not period:
+        return {}
+    left, end = await remaining(key_id, budget, period)
+    return {"budget_remaining": left, "budget_resets_at": end}
+
+
+def from_store(
+    spent_since: Callable[[str, float], Awaitable[int]], timezone: str, clock: Callable[[], float] = time.time
+) -> Remaining:
+    """What is left as the store's rows say (the CLI: no process counting in flight)."""
+    tz = ZoneInfo(timezone)
+
+    async def remaining(key_id: str, budget: int, period: str) -> tuple[int, float]:
+        start, end = period_bounds(period, clock(), tz)
+        return max(0, budget - await spent_since(key_id, start)), end
+
+    return remaining

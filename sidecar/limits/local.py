@@ -1,0 +1,256 @@
+"""Local limits: this replica's per-key concurrency and requests/tokens per minute, and the global cap on upstream
+requests (with its bounded queue).
+
+Budgets are token buckets on a monotonic clock (capacity = the per-minute limit, refilled continuously). A
+request reserves one request and `prompt estimate + output budget` tokens (capped at the bucket's capacity, so
+a large request can still run when the bucket is full); `LocalLease.settle(prompt, completion)` reconciles the
+reservation to real usage (refund or debit: the bucket may go negative and later requests wait for it).
+`release()` is idempotent and unsettled leases are refunded in full. A rejected request holds nothing and
+changes no counter: every check happens before anything is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import Metric
+
+from sidecar.config import LimitsCfg
+from sidecar.errors import Overloaded, RateLimited
+from sidecar.keys.auth import Principal
+from sidecar.ops.series import gauge
+
+
+class Bucket:
+    __slots__ = ("capacity", "level", "limit_text", "rate", "stamp")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.limit_text = str(per_minute)  # the x-ratelimit-limit-* value, on every response
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = self.capacity
+        self.stamp = now
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def wait_for(self, need: float) -> float:
+        """Seconds until `need` is available (0 when it is now)."""
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def reset_in(self) -> float:
+        return max(0.0, (self.capacity - self.level) / self.rate)
+
+
+@dataclass(slots=True)
+class KeyState:
+    concurrency: int
+    requests: Bucket | None
+    tokens: Bucket | None
+    active: int = 0
+    reserved: int = 0  # tokens reserved by this key's unsettled leases
+
+
+@dataclass(slots=True)
+class LocalLease:
+    manager: LocalLimits
+    state: KeyState
+    reserved: int
+    holds_global: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+    released: bool = False
+
+    def settle(self, prompt: int | None, completion: int | None) -> None:
+        """Reconcile the token reservation to what the request really used (once; later calls are no-ops)."""
+        if self.settled:
+            return
+        self.settled = True
+        used = (prompt or 0) + (completion or 0)
+        state = self.state
+        state.reserved -= self.reserved
+        if state.tokens is not None:
+            state.tokens.refill(self.manager.clock())
+            bucket = state.tokens
+            bucket.level = min(bucket.capacity, bucket.level + self.reserved - used)  # a refund never overfills
+        self.reserved = 0
+
+    def release(self) -> None:
+        if self.released:
+            return
+        if not self.settled:
+            self.settle(0, 0)  # nothing known to have been used: refund the reservation
+        self.released = True
+        self.state.active -= 1
+        if self.holds_global:
+            self.manager.release_global()
+
+
+class LocalLimits:
+    def __init__(self, cfg: LimitsCfg, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self._keys: dict[tuple[str | None, int, int, int], KeyState] = {}
+        self.global_active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def state_for(self, p: Principal) -> KeyState:
+        # Keyed by limits too: changing a key's limits starts a fresh state instead of a confusing mix.
+        k = (p.key_id, p.concurrency, p.rpm, p.tpm)
+        state = self._keys.get(k)
+        if state is None:
+            now = self.clock()
+            state = self._keys[k] = KeyState(
+                p.concurrency, Bucket(p.rpm, now) if p.rpm else None, Bucket(p.tpm, now) if p.tpm else None
+            )
+        return state
+
+    def acquire_now(self, principal: Principal, estimate: int) -> LocalLease | None:
+        """A lease without waiting, or None when the request must queue for a global slot (then `acquire`).
+
+        Raises `RateLimited` like `acquire` when the key's limits say no.
+        """
+        cap = self.cfg.global_concurrency
+        if not cap:
+            return self._admit(principal, estimate, False)
+        if self.global_active >= cap or self._waiters:
+            return None
+        self.global_active += 1
+        return self._admit_holding(principal, estimate, True)
+
+    def acquire_local(self, principal: Principal) -> LocalLease:
+        """A request of the key's that costs no tokens and no upstream slot (a usage report): one request of
+        its per-minute budget and a concurrency slot while it runs. Raises `RateLimited` beyond them."""
+        return self._admit(principal, 0, False)
+
+    async def acquire(self, principal: Principal, estimate: int) -> LocalLease:
+        return self._admit_holding(principal, estimate, await self._acquire_global())
+
+    def _admit_holding(self, principal: Principal, estimate: int, holds_global: bool) -> LocalLease:
+        admitted = False
+        try:
+            lease = self._admit(principal, estimate, holds_global)
+            admitted = True
+            return lease
+        finally:
+            if holds_global and not admitted:  # rejected by the key's limits: the global slot goes back
+                self.release_global()
+
+    def _admit(self, p: Principal, estimate: int, holds_global: bool) -> LocalLease:
+        state = self.state_for(p)
+        now = self.clock()
+        req, tok = state.requests, state.tokens
+        if state.concurrency and state.active >= state.concurrency:
+            raise RateLimited(
+                f"Too many concurrent requests for this key (limit {state.concurrency}).",
+                headers={"retry-after": "1"},
+                type_="requests",
+                reason="concurrency",
+            )
+        if req is not None:
+            req.refill(now)
+            if req.level < 1:
+                raise RateLimited(
+                    f"Rate limit reached: {p.rpm} requests per minute.",
+                    type_="requests",
+                    headers=self._limit_headers(state, retry=req.wait_for(1)),
+                )
+        need = 0
+        if tok is not None:
+            tok.refill(now)
+            need = min(estimate, int(tok.capacity))
+            if need > 0 and tok.level < need:  # a request that costs no tokens is not refused for them
+                raise RateLimited(
+                    f"Rate limit reached: {p.tpm} tokens per minute; this request reserves {need}.",
+                    type_="tokens",
+                    headers=self._limit_headers(state, retry=tok.wait_for(need)),
+                )
+        # Every check passed: take.
+        state.active += 1
+        if req is not None:
+            req.level -= 1
+        if tok is not None:
+            tok.level -= need
+        state.reserved += need
+        return LocalLease(self, state, need, holds_global, self._limit_headers(state))
+
+    @staticmethod
+    def _limit_headers(state: KeyState, retry: float | None = None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if retry is not None:
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+        req, tok = state.requests, state.tokens
+        if req is not None:
+            headers["x-ratelimit-limit-requests"] = req.limit_text
+            headers["x-ratelimit-remaining-requests"] = str(max(0, int(req.level)))
+            headers["x-ratelimit-reset-requests"] = f"{req.reset_in():.3f}s"
+        if tok is not None:
+            headers["x-ratelimit-limit-tokens"] = tok.limit_text
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, int(tok.level)))
+            headers["x-ratelimit-reset-tokens"] = f"{tok.reset_in():.3f}s"
+        return headers
+
+    async def _acquire_global(self) -> bool:
+        cap = self.cfg.global_concurrency
+        if not cap:
+            return False
+        if self.global_active < cap and not self._waiters:
+            self.global_active += 1
+            return True
+        if len(self._waiters) >= self.cfg.queue_size:
+            raise Overloaded("The server is at capacity; retry shortly.", headers={"retry-after": "1"})
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(self.cfg.queue_timeout):
+                await fut
+        except TimeoutError:
+            self._drop_waiter(fut)
+            raise Overloaded(
+                f"No capacity within {self.cfg.queue_timeout:g}s; retry shortly.", headers={"retry-after": "1"}
+            ) from None
+        except asyncio.CancelledError:
+            self._drop_waiter(fut)
+            raise
+        return True  # the releaser handed its slot over: global_active already counts us
+
+    def _drop_waiter(self, fut: asyncio.Future[None]) -> None:
+        if fut.done() and not fut.cancelled():
+            self.release_global()  # we were handed a slot at the same moment: pass it on
+        else:
+            fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+
+    def release_global(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over; global_active stays the same
+                return
+        self.global_active -= 1
+
+    def totals(self) -> tuple[int, int]:
+        """(active leases, reserved tokens) over all keys: zero when nothing is in flight."""
+        return sum(s.active for s in self._keys.values()), sum(s.reserved for s in self._keys.values())
+
+    def collect(self) -> Iterator[Metric]:
+        active, reserved = self.totals()
+        yield gauge(
+            "sidecar_lease_slots_active", "Concurrency slots held by requests, over all keys.", (), {(): active}
+        )
+        yield gauge("sidecar_lease_tokens_reserved", "Tokens reserved by requests in flight.", (), {(): reserved})
+        yield gauge(
+            "sidecar_upstream_slots_active", "Requests holding a global upstream slot.", (), {(): self.global_active}
+        )
+        yield gauge(
+            "sidecar_lease_queue_depth", "Requests waiting for a global upstream slot.", (), {(): len(self._waiters)}
+        )

@@ -1,0 +1,139 @@
+"""Headers across the proxy, both ways, and who the client is.
+
+Hop-by-hop headers, anything the `Connection` header names, and the client's credentials never cross. The
+client's address is the peer's, or what a trusted proxy in front of us (`server.trusted_proxies`) says in
+`X-Forwarded-For`; only then are its `X-Forwarded-Host/Proto/Port` passed on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from multidict import CIMultiDict
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+# Set by us from the peer's address (a client's own claims are kept only from a trusted proxy): vLLM's uvicorn
+# believes these from 127.0.0.1, so an unchecked one would let any client choose the address vLLM logs.
+_FORWARDING = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip"}
+)
+
+
+_TRUSTED_FORWARDING = ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
+
+
+# Never forwarded to the upstream: the framing we rebuild, the client's credentials, cookies and our own id.
+_REQUEST_DROP = (
+    _FORWARDING
+    | HOP_BY_HOP
+    | {
+        "host",
+        "content-length",
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "expect",
+        "accept-encoding",
+        "x-request-id",
+        "content-encoding",
+    }
+)
+
+
+# Never relayed to the client: the framing our server rebuilds, the upstream's request id (ours replaces it),
+# and cookies (a model server has none to give; one that did would hand them to every key holder).
+# (`Date` and `Server` are the upstream's: kept, unless `server.server_header` names us.)
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "set-cookie"}
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("connection")
+    return {t.strip().lower() for t in value.split(",")} if value else set()
+
+
+def filter_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dict[str, str] | CIMultiDict[str]:
+    """The headers minus `drop` and whatever `Connection` names.
+
+    A plain dict is several times cheaper to build and consume than a CIMultiDict; the multidict is
+    used only when a kept header name repeats (rare: e.g. two `Link` headers), so none is lost.
+    """
+    named = _connection_tokens(headers) if "connection" in headers else ()
+    kept = [(name, value) for name, value in headers.items() if (low := name.lower()) not in drop and low not in named]
+    out = {name.lower(): value for name, value in kept}
+    if len(out) == len(kept):
+        return out
+    return CIMultiDict(kept)
+
+
+def to_client(incoming: Mapping[str, str], request_id: str) -> dict[str, str] | CIMultiDict[str]:
+    """The upstream's response headers as the client gets them."""
+    headers = filter_headers(incoming, _RESPONSE_DROP)
+    headers["x-request-id"] = request_id
+    return headers
+
+
+class Forwarding:
+    """Who the client is and what the upstream hears of it: the peer, or the last hop a trusted proxy in front of
+    us added to `X-Forwarded-For` (`server.trusted_proxies`)."""
+
+    def __init__(self, trusted_proxies: tuple[str, ...] = ()) -> None:
+        self._trusted = tuple(ipaddress.ip_network(net, strict=False) for net in trusted_proxies)
+
+    def to_upstream(
+        self, incoming: Mapping[str, str], request_id: str, peer: str | None
+    ) -> dict[str, str] | CIMultiDict[str]:
+        """The client's request headers as the upstream gets them (its own credentials are the upstream's to add)."""
+        headers = filter_headers(incoming, _REQUEST_DROP)
+        headers["x-request-id"] = request_id
+        if peer is not None:
+            claimed = incoming.get("x-forwarded-for") if self._trusted and self._is_trusted(peer) else None
+            headers["x-forwarded-for"] = f"{claimed}, {peer}" if claimed else peer
+            if claimed is not None:
+                for name in _TRUSTED_FORWARDING:
+                    if (value := incoming.get(name)) is not None:
+                        headers[name] = value
+        headers["accept-encoding"] = "identity"  # the proxy reads usage out of the body it relays
+        return headers
+
+    def client_address(self, request: Any) -> str | None:
+        """The client's address: the peer's, or the last hop a trusted proxy in front of us added to
+        `X-Forwarded-For`."""
+        peer: str | None = request.remote
+        if peer is not None and self._trusted and self._is_trusted(peer):
+            claimed = request.headers.get("x-forwarded-for")
+            if claimed:
+                return str(claimed).rsplit(",", 1)[-1].strip() or peer
+        return peer
+
+    def forwarded_https(self, request: Any) -> bool:
+        """Whether the client reached us over TLS: here, or at a trusted proxy that says so."""
+        if request.secure:
+            return True
+        peer = request.remote
+        trusted = peer is not None and bool(self._trusted) and self._is_trusted(peer)
+        return trusted and request.headers.get("x-forwarded-proto", "").strip().lower() == "https"
+
+    def _is_trusted(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted)

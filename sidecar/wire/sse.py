@@ -1,0 +1,373 @@
+"""Pure server-sent-events scanning for OpenAI-style streams (no aiohttp.web, no I/O).
+
+`StreamScanner.feed(chunk)` looks at a copy of each upstream chunk as it passes: it splits complete events,
+notes the first event that carries generated output (TTFT), counts output deltas (one per token on vLLM,
+llama-server and SGLang), and reads the usage event. It returns the bytes to send on: the chunk itself,
+untouched, unless `strip_usage` is set, in which case complete events are passed on except the one usage
+event the client did not ask for (a partial trailing event is held until its terminator arrives; SSE clients
+dispatch only complete events, so holding it costs the client nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from sidecar.wire.routes import CHAT, COMPLETIONS, FAMILIES, GENERATE, NATIVE, OTHER, RESPONSES
+
+DONE = b"[DONE]"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None = None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_from(obj: Any) -> Usage | None:
+    """Usage from a chat/completions/embeddings `usage` object or a Responses-API one; None when absent."""
+    if not isinstance(obj, dict):
+        return None
+    prompt = _int_or_none(obj.get("prompt_tokens", obj.get("input_tokens")))
+    completion = _int_or_none(obj.get("completion_tokens", obj.get("output_tokens")))
+    details = obj.get("prompt_tokens_details") or obj.get("input_tokens_details")
+    cached = _int_or_none(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if prompt is None and completion is None:
+        total = _int_or_none(obj.get("total_tokens"))  # a rerank or score answer: all of it is input
+        return Usage(total, 0, cached) if total is not None else None
+    if completion is None and "total_tokens" in obj and prompt is not None:
+        total = _int_or_none(obj.get("total_tokens"))
+        completion = total - prompt if total is not None and total >= prompt else None
+    return Usage(prompt, completion, cached)
+
+
+def usage_of(obj: Any) -> Usage | None:
+    """The usage an answer (or a stream event) carries, in any of the shapes servers use: OpenAI's `usage`
+    object (also inside a Responses-API `response`), llama-server's native `tokens_evaluated`/`tokens_predicted`,
+    SGLang's `meta_info`, a tokenizer's `count` (vLLM) or `tokens` list (llama-server)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = usage_from(obj.get("usage"))
+    if usage is not None:
+        return usage
+    response = obj.get("response")
+    if isinstance(response, dict) and (usage := usage_from(response.get("usage"))) is not None:
+        return usage
+    prompt, completion = _int_or_none(obj.get("tokens_evaluated")), _int_or_none(obj.get("tokens_predicted"))
+    if prompt is not None or completion is not None:
+        return Usage(prompt, completion, _int_or_none(obj.get("tokens_cached")))
+    meta = obj.get("meta_info")
+    if isinstance(meta, dict) and (usage := usage_from(meta)) is not None:
+        return usage
+    if (usage := usage_from(obj)) is not None:  # counted at the top level (Anthropic's count_tokens)
+        return usage
+    count = _int_or_none(obj.get("count"))
+    if count is None and isinstance(obj.get("tokens"), list):
+        count = len(obj["tokens"])
+    return Usage(count, 0) if count is not None else None
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The joined `data:` field of one event (without its terminator), or None when it has none."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
+
+
+# What marks one output delta (≈ one token) in an event, per API, as (key, empty-value) byte patterns.
+# `ntent":"` matches both `"content":"` and `"reasoning_content":"`. A key pattern can only match a real key:
+# inside a JSON string every quote is escaped. Each pattern costs one C-speed pass over the new bytes, so the
+# set is chosen per request (tool arguments only when the request declared tools).
+_CHAT = ((b'ntent":"', b'ntent":""'), (b'"reasoning":"', b""))
+_TOOLS = ((b'"arguments":"', b'"arguments":""'),)
+_COMPLETIONS = ((b'"text":"', b'"text":""'),)
+_RESPONSES = ((b'.delta"', b""),)  # `"type":"response.output_text.delta"` and friends
+
+
+Patterns = tuple[tuple[bytes, bytes], ...]
+
+
+def delta_patterns(family: str, tools: bool, spaced: bool = False) -> Patterns:
+    """The delta patterns for a route family (`sidecar.routes`; a path is looked up there)."""
+    family = FAMILIES.get(family, OTHER) if family.startswith("/") else family
+    patterns: Patterns
+    if family == RESPONSES:
+        patterns = _RESPONSES
+    elif family in (COMPLETIONS, GENERATE):
+        patterns = _COMPLETIONS
+    else:  # chat, and llama-server's native `content` deltas
+        patterns = _CHAT + _TOOLS if tools else _CHAT
+    if spaced:
+        patterns = tuple((k.replace(b'":"', b'": "'), e.replace(b'":"', b'": "')) for k, e in patterns)
+    return patterns
+
+
+def count_deltas(region: bytes, patterns: Patterns) -> int:
+    """Output deltas in complete events; one per choice per event, as vLLM, llama-server and SGLang stream."""
+    n = 0
+    for key, empty in patterns:
+        hits = region.count(key)
+        if hits and empty:
+            hits -= region.count(empty)
+        n += hits
+    return n
+
+
+class StreamScanner:
+    __slots__ = (
+        "_regions",
+        "_family",
+        "_usage_key",
+        "_patterns",
+        "_tools",
+        "_sep",
+        "_spaced",
+        "_tail",
+        "deltas",
+        "done",
+        "kept",
+        "first_output",
+        "strip_usage",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        strip_usage: bool = False,
+        keep_events: bool = False,
+        family: str = CHAT,
+        tools: bool = True,
+    ) -> None:
+        self.strip_usage = strip_usage
+        self._family = FAMILIES.get(family, OTHER) if family.startswith("/") else family
+        self._usage_key = _USAGE_KEYS.get(self._family, b'"usage"')
+        self._tools = tools
+        self._patterns = delta_patterns(self._family, tools)
+        self.deltas = 0
+        self.usage: Usage | None = None
+        self.done = False
+        self.first_output = False
+        self._tail = b""
+        self._sep = b""
+        self._spaced = False
+        self._regions: list[bytes] | None = [] if keep_events else None  # complete events, kept for audit
+        self.kept = 0  # bytes in `_regions`
+
+    @property
+    def regions(self) -> list[bytes]:
+        """The complete events seen so far, as they came (only when kept): join them with `sep`."""
+        return self._regions if self._regions is not None else []
+
+    def take_regions(self) -> list[bytes]:
+        """The complete events kept so far (see `regions`), handed over: the scanner keeps none of them."""
+        if self._regions is None:
+            return []
+        regions, self._regions, self.kept = self._regions, [], 0
+        return regions
+
+    @property
+    def sep(self) -> bytes:
+        return self._sep or b"\n\n"
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Scan one upstream chunk; return the bytes to pass on to the client."""
+        buf = self._tail + chunk if self._tail else chunk
+        if not self._sep:  # the first line ending tells the stream's separator (\n\n or \r\n\r\n)
+            nl = buf.find(b"\n")
+            if nl < 0:
+                self._tail = buf
+                return b"" if self.strip_usage else chunk
+            self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
+            if b'": "' in buf:
+                self._patterns = delta_patterns(self._family, self._tools, spaced=True)
+                self._spaced = True
+        cut = buf.rfind(self._sep)
+        if cut < 0:
+            self._tail = buf
+            return b"" if self.strip_usage else chunk
+        end = cut + len(self._sep)
+        self._tail = buf[end:]
+        hidden = self._account(buf[:cut])
+        if not self.strip_usage:
+            return chunk
+        if hidden is None:
+            return buf[:end]
+        start, stop, replacement = hidden
+        return buf[:start] + replacement + buf[stop:end]
+
+    def flush(self) -> bytes:
+        """At the end of the upstream body: scan and return an unterminated trailing event, if any."""
+        tail, self._tail = self._tail, b""
+        if not tail:
+            return b""
+        hidden = self._account(tail)
+        if not self.strip_usage:
+            return b""
+        if hidden is None:
+            return tail
+        start, stop, replacement = hidden  # the unterminated last event stays unterminated
+        return tail[:start] + replacement[: -len(self.sep)] + tail[stop:]
+
+    def _account(self, region: bytes) -> tuple[int, int, bytes] | None:
+        """Account for complete events (`region`, without its final separator).
+
+        Returns (start, stop, replacement) for the event that carries the usage we asked for: the slice to
+        replace, separator included, and what goes there instead (nothing, or the event without `usage`,
+        separator included); None when nothing changes.
+        """
+        sep = self._sep
+        n = count_deltas(region, self._patterns)
+        if n:
+            self.deltas += n
+            self.first_output = True
+        if region.endswith(b"data: [DONE]"):  # nothing follows [DONE]: it ends the region it is in
+            self.done = True
+        if self._regions is not None:
+            self._regions.append(region)
+            self.kept += len(region)
+        at = region.rfind(self._usage_key)
+        if at < 0:
+            return None
+        start = region.rfind(sep, 0, at)
+        start = 0 if start < 0 else start + len(sep)
+        stop = region.find(sep, at)
+        stop = len(region) if stop < 0 else stop
+        event = region[start:stop]
+        obj = _load_event(event)
+        if obj is None:
+            return None
+        usage = usage_of(obj)
+        if usage is None:
+            return None
+        self.usage = usage
+        # Only the usage chunk we asked for (no choices) changes; continuous usage stats on content chunks stay.
+        if not self.strip_usage or obj.get("choices") != [] or not isinstance(obj.get("usage"), dict):
+            return None
+        rest = {k: v for k, v in obj.items() if k != "usage"}
+        if rest.keys() <= _ENVELOPE:
+            return start, stop + len(sep), b""  # nothing but our usage: the event goes
+        # Other fields too (llama-server's `timings`): the event stays, without the `usage` key we added.
+        return start, stop + len(sep), _without_data(event, sep[: len(sep) // 2]) + b"data: " + orjson.dumps(rest) + sep
+
+
+# What a usage-only chunk holds besides `usage` when nothing else is in it (hidden whole then).
+_ENVELOPE = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier", "choices"})
+# The key that marks the event holding a family's usage (OpenAI's `usage` unless the family says otherwise).
+_USAGE_KEYS = {NATIVE: b'"tokens_predicted"', GENERATE: b'"meta_info"'}
+
+
+def _without_data(event: bytes, eol: bytes) -> bytes:
+    """An event's lines other than `data:` (its `event:`, `id:`, comments), each ending in `eol`."""
+    lines = event.replace(b"\r\n", b"\n").split(b"\n")
+    kept = [line for line in lines if line and not line.startswith(b"data:")]
+    return b"".join(line + eol for line in kept)
+
+
+def events_array(regions: list[bytes], sep: bytes) -> bytes | None:
+    """The text of a JSON array of the stream's events, if the stream is nothing but `data: {...}` events.
+
+    One C-speed replace instead of a split and a parse per event. A JSON text cannot hold a raw line break
+    (strings escape it), so the separator only ever occurs between events; anything else in the stream
+    (comments, `event:` lines, multi-line data) leaves text that is not JSON, which the caller's decode
+    rejects, and the stream goes down the general path. None when it does not even start like one.
+    """
+    body = sep.join(regions)
+    if not body.startswith(b"data: "):
+        return None
+    if body.endswith(b"data: [DONE]"):
+        body = body[: -len(b"data: [DONE]")].rstrip(b"\r\n")
+    return b"[" + body[6:].replace(sep + b"data: ", b",") + b"]"
+
+
+def parse_events(regions: list[bytes], sep: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of a stream's events, given its regions of complete events, one event at a time (the
+    fast path for the usual stream, one decode of `events_array`, is the caller's: `aggregate.decode_chunks`)."""
+    out = []
+    for event in sep.join(regions).split(sep):
+        obj = _load_event(event)
+        if obj is not None:
+            out.append(obj)
+    return out
+
+
+def _load_event(event: bytes) -> dict[str, Any] | None:
+    data = event_data(event.replace(b"\r\n", b"\n") if b"\r" in event else event)
+    if data is None or data == DONE:
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class UsageFinder:
+    """The last `"usage"` key of a JSON body that passes by chunk by chunk, with what follows it (`SPAN` bytes:
+    a usage object is small), wherever it is: vLLM puts `prompt_logprobs` after `usage`, so it need not be near
+    the end. `usage_object(finder.region)` reads it."""
+
+    SPAN = 8192
+    _KEY = b'"usage"'
+    __slots__ = ("_carry", "_filling", "region")
+
+    def __init__(self) -> None:
+        self.region = b""
+        self._carry = b""
+        self._filling = False
+
+    def add(self, data: bytes) -> None:
+        buf = self._carry + data if self._carry else data
+        at = buf.rfind(self._KEY)
+        if at >= 0:
+            self.region = buf[at : at + self.SPAN]
+            self._filling = len(self.region) < self.SPAN
+        elif self._filling:
+            self.region += data[: self.SPAN - len(self.region)]
+            self._filling = len(self.region) < self.SPAN
+        self._carry = buf[-(len(self._KEY) - 1) :]
+
+
+def usage_object(body: bytes) -> Any:
+    """The top-level `usage` object of a JSON response, found from the end without parsing the whole body.
+
+    Embeddings answers are megabytes of floats with `usage` near the end. A key `"usage"` followed by `:` and
+    `{` cannot come from inside a JSON string (quotes there are escaped), so the last such match is the key.
+    """
+    at = len(body)
+    while True:
+        at = body.rfind(b'"usage"', 0, at)
+        if at < 0:
+            return None
+        i = at + 7
+        while i < len(body) and body[i] in b" \t\r\n":
+            i += 1
+        if i < len(body) and body[i] == 0x3A:  # ':'
+            i += 1
+            while i < len(body) and body[i] in b" \t\r\n":
+                i += 1
+            if i < len(body) and body[i] == 0x7B:  # '{'
+                return _object_at(body, i)
+
+
+def _object_at(body: bytes, start: int) -> Any:
+    # A usage object is small and nests at most one level (`prompt_tokens_details`): try each closing brace.
+    end = start
+    for _ in range(8):
+        end = body.find(b"}", end + 1)
+        if end < 0:
+            return None
+        try:
+            return orjson.loads(body[start : end + 1])
+        except orjson.JSONDecodeError:
+            continue
+    return None

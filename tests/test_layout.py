@@ -1,0 +1,105 @@
+"""The floor plan holds: the wings are packages that say what they own and show one face, the main hall stays
+small, no class name means two things, admission is decided in `limits/` alone, and the suite's files import
+helpers from `tests/support/`, never from each other. A lint over the source, like `test_clock.py`'s."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from collections import defaultdict
+from pathlib import Path
+
+import sidecar
+
+ROOT = Path(sidecar.__file__).parent
+TESTS = Path(__file__).parent
+WINGS = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists())
+HALL = sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in ("__init__", "__main__"))
+
+
+def modules() -> list[Path]:
+    return sorted(ROOT.rglob("*.py"))
+
+
+def imports(path: Path) -> list[ast.ImportFrom]:
+    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module]
+
+
+def wing_of(path: Path) -> str | None:
+    parts = path.relative_to(ROOT).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def test_the_wings_are_the_expected_packages():
+    assert WINGS == ["admin", "audit", "keys", "limits", "ops", "records", "store", "upstream", "wire"]
+
+
+def test_every_wing_says_what_it_owns_and_names_its_face():
+    for wing in WINGS:
+        package = importlib.import_module(f"sidecar.{wing}")
+        doc = package.__doc__ or ""
+        assert len(doc.split()) >= 30 and "\n\n" not in doc.strip(), f"{wing}: one paragraph of what it owns"
+        face = package.__all__
+        assert face and all((ROOT / wing / f"{name}.py").exists() or hasattr(package, name) for name in face), wing
+
+
+def test_at_most_fourteen_modules_stay_in_the_main_hall():
+    assert len(HALL) <= 14, HALL
+
+
+def test_other_wings_import_only_a_wings_face():
+    faces = {wing: set(importlib.import_module(f"sidecar.{wing}").__all__) for wing in WINGS}
+    reached = []
+    for path in modules():
+        mine = wing_of(path)
+        for node in imports(path):
+            parts = node.module.split(".")  # type: ignore[union-attr]
+            if parts[0] != "sidecar" or len(parts) < 3 or parts[1] not in faces or parts[1] == mine:
+                continue
+            if parts[2] not in faces[parts[1]]:
+                reached.append(f"{path.relative_to(ROOT)} imports sidecar.{parts[1]}.{parts[2]}")
+    assert reached == []
+
+
+def test_the_lint_finds_a_reach_behind_a_face():
+    faces = set(importlib.import_module("sidecar.limits").__all__)
+    assert "local" not in faces and "borrowing" not in faces and "admission" in faces
+
+
+def test_no_two_classes_share_a_name():
+    where = defaultdict(list)
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where[node.name].append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+def test_admission_is_decided_in_limits_alone():
+    """Nothing outside `limits/` reaches the pieces admission is made of; the proxy takes at most ten
+    collaborators."""
+    inner = {"sidecar.limits.local", "sidecar.limits.borrowing", "sidecar.limits.rates", "sidecar.limits.slots"}
+    outside = [p for p in modules() if wing_of(p) != "limits"]
+    assert [(str(p), n.module) for p in outside for n in imports(p) if n.module in inner] == []
+    proxy = next(
+        n
+        for n in ast.walk(ast.parse((ROOT / "proxy.py").read_text()))
+        if isinstance(n, ast.FunctionDef) and n.name == "__init__"
+    )
+    assert len(proxy.args.args) - 1 <= 10
+
+
+def test_test_files_import_helpers_from_support_not_from_each_other():
+    bad = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                leaf = name.split(".")
+                if leaf[0] == "tests" and len(leaf) > 1 and (leaf[1].startswith("test_") or leaf[1] == "conftest"):
+                    bad.append(f"{path.name}: {name}")
+    assert bad == []
