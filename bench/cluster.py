@@ -5,9 +5,9 @@
     .venv/bin/python bench/cluster.py --rounds 1 --duration 5
 
 It starts the mock upstream (bench/mock_upstream.py), a throwaway PostgreSQL with pg_stat_statements (Debian's
-binaries, as the tests do: tests/pg.py), and three setups, each with one key whose every limit is set (rpm, tpm,
-concurrency, a daily token budget) and far from reached: one sidecar on SQLite; three on SQLite, each its own
-store and key (nothing shared: what three processes on this machine cost); three on the PostgreSQL. Then:
+binaries, as the tests do: tests/support/postgres.py), and three setups, each with one key whose every limit is
+set (rpm, tpm, concurrency, a daily token budget) and far from reached: one sidecar on SQLite; three on SQLite, each
+its own store and key (nothing shared: what three processes on this machine cost); three on the PostgreSQL. Then:
 
 1. **Cost**, rounds alternating: `--conns` closed-loop connections of non-streaming chat (bench/loadgen.c) at
    each setup in turn, split over its replicas. CPU seconds per request of the sidecar processes (utime + stime
@@ -54,7 +54,7 @@ from bench.run import (  # noqa: E402
     settle,
     tree_cpu,
 )
-from tests.pg import PgServer, find_bin  # noqa: E402
+from tests.support.postgres import PgServer, find_bin  # noqa: E402
 
 HIGH = {
     "rpm": 100_000_000,

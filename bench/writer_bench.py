@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/writer_bench.py [--rows 200000] [--pg]
 
-With --pg a throwaway PostgreSQL server is started the same way the tests do (tests/pg.py).
+With --pg a throwaway PostgreSQL server is started the same way the tests do (tests/support/postgres.py).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
             rate = asyncio.run(run(f"sqlite:///{d}/w{int(spool)}.db", rows, spool))
             print(f"sqlite   spool={spool!s:5}  {rate:10.0f} rows/s  ({a.rows} rows)")
     if a.pg:
-        from tests.pg import PgServer, find_bin
+        from tests.support.postgres import PgServer, find_bin
 
         bindir = find_bin()
         if bindir is None:

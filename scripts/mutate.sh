@@ -18,12 +18,12 @@ SCRATCH=${SIDECAR_MUTATION_DIR:-/tmp/sidecar-mutation}
 # group: modules to mutate | test files that cover them (PostgreSQL variants left out: the same code paths,
 # a cluster per mutant run would cost more than the rest)
 declare -A MODULES=(
-  [leases]="sidecar/leases.py"
-  [writer]="sidecar/writer.py sidecar/rows.py"
+  [leases]="sidecar/limits/local.py"
+  [writer]="sidecar/records/writer.py sidecar/records/rows.py"
   [deadline]="sidecar/upstream/deadline.py"
-  [sse]="sidecar/sse.py sidecar/tokens.py"
+  [sse]="sidecar/wire/sse.py sidecar/wire/tokens.py"
   [relay]="sidecar/relay.py sidecar/exchange.py"
-  [auth]="sidecar/auth.py sidecar/keys.py"
+  [auth]="sidecar/keys/auth.py sidecar/keys/format.py sidecar/keys/pepper.py sidecar/keys/static.py sidecar/keys/service.py"
 )
 declare -A TESTS=(
   [leases]="tests/test_leases.py tests/test_leases_contract.py"

@@ -47,7 +47,7 @@ build_server() {
 build_model() {
     [[ -s $MODEL ]] && return 0
     "$PY" -m pip install --quiet "gguf==0.19.0" "numpy<3"
-    "$PY" "$ROOT/tests/real_model.py" "$MODEL.tmp" && mv "$MODEL.tmp" "$MODEL"
+    "$PY" "$ROOT/tests/support/real_model.py" "$MODEL.tmp" && mv "$MODEL.tmp" "$MODEL"
 }
 
 case ${1:-build} in

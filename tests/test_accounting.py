@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sidecar.wire.tokens import estimate_prompt
-from tests.common import CHAT
-from tests.fake_upstream import Script
+from tests.support.bodies import CHAT
+from tests.support.fake_upstream import Script
 
 
 def test_token_id_prompts_count_one_token_per_id():

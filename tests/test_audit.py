@@ -19,8 +19,8 @@ import pytest
 from sidecar.audit.aggregate import Aggregate, Chunk, decode_chunks
 from sidecar.audit.capture import AuditPolicy, sampled
 from sidecar.config import AuditCfg
-from tests.conftest import free_port, reap
-from tests.test_cli import wait_listening
+from tests.support.processes import reap
+from tests.support.waits import free_port, wait_listening
 
 CANARY_HEADER = "sk-canary-header-7f3a"
 CANARY_BODY = "canary-body-secret-91c2"
@@ -163,7 +163,7 @@ async def test_stream_aggregate_equals_the_non_streaming_response(fake, audited,
 
 
 async def test_disconnect_mid_stream_gives_a_partial_record(fake, audited, tmp_path):
-    from tests.test_disconnect import open_stream
+    from tests.support.clients import open_stream
 
     fake.script.chunks, fake.script.delay_chunks = 100, 0.02
     reader, writer = await open_stream(audited.port, {**CHAT, "stream": True})
@@ -275,7 +275,7 @@ async def test_a_sink_that_blocks_forever(fake, tmp_path):
 
 
 async def test_disconnect_while_waiting_for_a_whole_answer_is_still_audited(fake, audited, tmp_path):
-    from tests.test_disconnect import open_stream
+    from tests.support.clients import open_stream
 
     fake.script.delay_headers = 5.0
     _, writer = await open_stream(audited.port, CHAT)
@@ -374,7 +374,7 @@ PATHS = {  # how the request ends -> (fake's script, sidecar options, the record
 async def test_redaction_holds_on_every_way_a_request_ends(fake, sidecar_factory, tmp_path, path):
     """The canaries (a credential header, a redacted body path) are absent from the audit record whatever
     ended the request; and a `request_id` in the client's body is the client's, never the record's."""
-    from tests.test_disconnect import open_stream
+    from tests.support.clients import open_stream
 
     script, options, outcome = PATHS[path]
     for name, value in script.items():

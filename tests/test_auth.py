@@ -17,10 +17,9 @@ from sidecar.keys.auth import Authenticator
 from sidecar.keys.format import hash_secret, new_key
 from sidecar.keys.service import KeyAdmin
 from sidecar.store import open_store
-from tests.test_faults import pg_proxy, through
-from tests.test_keys import ADMIN, admin, chat
+from tests.support.clients import ADMIN, admin, chat
+from tests.support.faults import through
 
-__all__ = ["pg_proxy"]  # a fixture, imported for the tests below
 PEPPER = b"p" * 32
 
 

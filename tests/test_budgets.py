@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from sidecar.limits.periods import period_bounds, valid_period
-from tests.test_sre_cli import cli
+from tests.support.processes import cli
 
 ADMIN = "budget-admin-token"
 AUTH = {"authorization": f"Bearer {ADMIN}"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,13 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tools import ensure_helm
+from tests.support.helm import CHART, KUBE_VERSIONS, LATEST, PEPPER, helm_run, render_values
 
-CHART = Path(__file__).resolve().parent.parent / "helm" / "sidecar"
-# Chart.yaml's kubeVersion is ">=1.25.0-0 <1.38.0-0": every minor it claims, each rendered and validated.
-KUBE_VERSIONS = [f"1.{minor}.0" for minor in range(25, 38)]
-LATEST = KUBE_VERSIONS[-1]
-PEPPER = "test-pepper-0123456789abcdef"
 DSN = "postgresql://u:p@db:5432/s"
 FULL = "t-sidecar"  # release "t"
 
@@ -120,30 +114,6 @@ SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 CRD_KINDS = {"ServiceMonitor", "HTTPRoute"}  # not in Kubernetes' own schemas: checked by shape below
 
 
-@pytest.fixture(scope="module")
-def helm() -> str:
-    try:
-        return ensure_helm()
-    except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"helm unavailable in CI: {exc}")
-        pytest.skip(f"helm unavailable: {exc}")
-
-
-@functools.cache
-def _values_file(values_json: str) -> str:
-    fd, path = tempfile.mkstemp(prefix="sidecar-values-", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        f.write(values_json)  # JSON is YAML
-    return path
-
-
-def helm_run(helm: str, values: dict, *args: str, command: str = "template") -> subprocess.CompletedProcess[str]:
-    release = [] if command == "lint" else ["t"]
-    cmd = [helm, command, *release, str(CHART), "-f", _values_file(json.dumps(values, sort_keys=True)), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
 def refused(helm: str, values: dict, *args: str) -> str:
     out = helm_run(helm, values, *args)
     assert out.returncode != 0, "rendered, but should have been refused"
@@ -160,12 +130,6 @@ def _render_text(helm: str, name: str, kube: str, api: bool) -> str:
 
 def render(helm: str, name: str, kube: str = LATEST, api: bool = True) -> list[dict]:
     return [d for d in yaml.safe_load_all(_render_text(helm, name, kube, api)) if d]
-
-
-def render_values(helm: str, values: dict, *args: str) -> list[dict]:
-    out = helm_run(helm, values, "--kube-version", LATEST, *args)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:

@@ -12,21 +12,7 @@ import sys
 import aiohttp
 import orjson
 
-from tests.conftest import free_port
-
-
-async def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise AssertionError("sidecar did not start")
+from tests.support.waits import free_port, wait_listening
 
 
 async def test_serve_with_demo_upstream_and_sigterm(tmp_path):

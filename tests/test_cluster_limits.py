@@ -19,9 +19,8 @@ import pytest
 from sidecar.limits.borrowing import EMPTY_RECHECK, IDLE
 from sidecar.limits.periods import period_bounds
 from sidecar.limits.slots import LEASE
-from tests.conftest import free_port, reap
-from tests.test_cli import wait_listening
-from tests.test_process import start
+from tests.support.processes import reap, start
+from tests.support.waits import free_port, wait_listening
 
 ADMIN = "cluster-admin-token"
 PEPPER = "cluster-pepper-0123456789abcdef"

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.test_keys import ADMIN, admin
+from tests.support.clients import ADMIN, admin
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
@@ -178,7 +178,7 @@ async def test_a_revoked_keys_session_ends_at_once_and_a_key_holds_at_most_five(
 
 
 async def test_with_an_ops_port_operators_sign_in_there_only(plain):
-    from tests.conftest import free_port
+    from tests.support.waits import free_port
 
     ops = free_port()
     running = await plain(server__ops_port=ops)

@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.test_keys import ADMIN, admin
+from tests.support.clients import ADMIN, admin
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "console"

@@ -5,30 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-import orjson
-
-from tests.common import STREAM
-from tests.conftest import wait_for
+from tests.support.bodies import STREAM
+from tests.support.clients import open_stream
+from tests.support.waits import wait_for
 
 CHAT = STREAM  # these tests stream
-
-
-async def open_stream(
-    port: int, body: dict, headers: dict[str, str] | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    payload = orjson.dumps(body)
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode()
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + extra
-        + b"Content-Length: "
-        + str(len(payload)).encode()
-        + b"\r\n\r\n"
-        + payload
-    )
-    await writer.drain()
-    return reader, writer
 
 
 async def read_tokens(reader: asyncio.StreamReader, n: int) -> None:

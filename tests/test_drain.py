@@ -9,20 +9,12 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import free_port, reap
-from tests.test_cli import wait_listening
-from tests.test_process import CHAT, count_rows, start
+from tests.support.bodies import STREAM
+from tests.support.clients import stream
+from tests.support.processes import count_rows, reap, start
+from tests.support.waits import free_port, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def stream(url, script):
-    headers = {"x-fake-script": script}
-    try:
-        async with aiohttp.ClientSession() as s, s.post(url + "/v1/chat/completions", json=CHAT, headers=headers) as r:
-            return r.status, await r.read()
-    except aiohttp.ClientError as exc:
-        return 0, repr(exc).encode()
 
 
 async def test_sigterm_drains_short_streams_and_ends_long_ones(fake, tmp_path):
@@ -45,7 +37,7 @@ async def test_sigterm_drains_short_streams_and_ends_long_ones(fake, tmp_path):
                         break
                 assert time.monotonic() - signalled < 0.2, "readyz still 200 0.2 s after SIGTERM"
                 await asyncio.sleep(0.005)
-            async with s.post(url + "/v1/chat/completions", json={**CHAT, "stream": False}) as r:
+            async with s.post(url + "/v1/chat/completions", json={**STREAM, "stream": False}) as r:
                 assert r.status == 200  # a new request during the grace period is still served
         short_results = await asyncio.gather(*short)
         long_results = await asyncio.gather(*long)

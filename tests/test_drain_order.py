@@ -15,11 +15,10 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import free_port, reap
-from tests.test_chart import CHART, helm  # noqa: F401 - the fixture
-from tests.test_cli import wait_listening
-from tests.test_drain import stream
-from tests.test_process import count_rows, start
+from tests.support.clients import stream
+from tests.support.helm import CHART
+from tests.support.processes import count_rows, reap, start
+from tests.support.waits import free_port, wait_listening
 
 STREAM = '{"chunks": 30, "delay_chunks": 0.1}'  # 3 s: longer than the drain grace, shorter than its timeout
 DRAIN = {"SIDECAR_SERVER_DRAIN_GRACE": "1", "SIDECAR_SERVER_DRAIN_TIMEOUT": "20"}
@@ -45,7 +44,7 @@ class Pod:
     def __init__(self, tmp_path) -> None:
         self.vllm_port, self.port, self.ops_port = free_port(), free_port(), free_port()
         self.vllm = subprocess.Popen(
-            [sys.executable, "-m", "tests.upstream_process", str(self.vllm_port)],
+            [sys.executable, "-m", "tests.support.upstream_process", str(self.vllm_port)],
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
         upstream = f"http://127.0.0.1:{self.vllm_port}/v1"
@@ -78,7 +77,7 @@ async def stop_in_kubernetes_order(pod: Pod, prestop: list[str] | None) -> float
     return hook_done
 
 
-async def test_vllm_prestop_lets_the_sidecar_drain_first(helm, tmp_path):  # noqa: F811 - the fixture
+async def test_vllm_prestop_lets_the_sidecar_drain_first(helm, tmp_path):
     pod = Pod(tmp_path)
     try:
         prestop = rendered_prestop(helm, pod.ops_port)

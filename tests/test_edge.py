@@ -12,7 +12,7 @@ import asyncio
 import orjson
 import pytest
 
-from tests.fake_upstream import Script
+from tests.support.fake_upstream import Script
 
 H = b"Host: x\r\n"
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})

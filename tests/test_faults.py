@@ -1,4 +1,5 @@
-"""Network faults between the sidecar and the upstream, and between the sidecar and PostgreSQL (tests/faults.py).
+"""Network faults between the sidecar and the upstream, and between the sidecar and PostgreSQL
+(tests/support/faults.py).
 
 Upstream: each break (RST, FIN, a connection that goes silent) at each point of a streamed response (inside
 the response head, mid-stream, inside the hidden usage event), plus latency, a bandwidth cap, a late close and
@@ -24,9 +25,10 @@ import pytest
 
 from sidecar.limits.borrowing import IDLE
 from sidecar.limits.slots import LEASE
-from tests.common import CHAT, CHAT_PATH, post
-from tests.fake_upstream import FakeUpstream, Script
-from tests.faults import Fault, FaultProxy
+from tests.support.bodies import CHAT, CHAT_PATH
+from tests.support.clients import post
+from tests.support.fake_upstream import FakeUpstream, Script
+from tests.support.faults import Fault, FaultProxy, through
 
 STREAM = {**CHAT, "stream": True}
 FAST_TIMEOUTS = {"upstream__first_byte_timeout": 0.6, "upstream__stream_idle_timeout": 0.6}
@@ -132,20 +134,6 @@ async def test_upstream_down_then_back(fake, upstream_proxy, sidecar_factory):
 
 
 # PostgreSQL behind the fault proxy
-
-
-@pytest.fixture
-async def pg_proxy(pg_server: Any) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy("127.0.0.1", pg_server.port)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
-
-
-def through(proxy: FaultProxy, dsn: str) -> str:
-    head, _, rest = dsn.rpartition("@")
-    db = rest.split("/", 1)[1]
-    return f"{head}@{proxy.url_host}/{db}"
 
 
 async def burst(url: str, n: int) -> None:

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from sidecar.app import LIMITS, PROXY, STORE, WRITER
 from sidecar.runner import Server
 from sidecar.store.base import RequestQuery
-from tests.conftest import make_settings
-from tests.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.sidecars import make_settings
 
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
 

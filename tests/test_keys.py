@@ -16,9 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.keys.format import KEY_LEN, format_key, new_key, parse_key
-from tests.common import CHAT
-
-ADMIN = "admin-token-canary-1234"
+from tests.support.bodies import CHAT
+from tests.support.clients import ADMIN, admin, chat
 
 
 def test_key_format_round_trip():
@@ -32,17 +31,6 @@ def test_a_single_typo_is_caught_by_the_checksum(position, char):
     typo = key[:position] + char + key[position + 1 :]
     if typo != key:
         assert parse_key(typo) is None
-
-
-async def admin(session, method, url, body=None, token=ADMIN):
-    async with session.request(method, url, json=body, headers={"authorization": f"Bearer {token}"}) as r:
-        return r.status, await r.json(), r.headers.get("x-request-id")
-
-
-async def chat(session, url, key, body=None):
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    async with session.post(url + "/v1/chat/completions", json=body or CHAT, headers=headers) as r:
-        return r.status, await r.json()
 
 
 @pytest.fixture

@@ -91,7 +91,7 @@ def test_admission_is_decided_in_limits_alone():
 
 def test_test_files_import_helpers_from_support_not_from_each_other():
     bad = []
-    for path in sorted(TESTS.glob("*.py")):
+    for path in sorted(TESTS.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module:

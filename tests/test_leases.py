@@ -17,9 +17,9 @@ from sidecar.config import LimitsCfg
 from sidecar.errors import RateLimited
 from sidecar.keys.auth import Principal
 from sidecar.limits.local import LocalLimits
-from tests import common
-from tests.conftest import wait_for
-from tests.test_calls import MAX_TOKENS
+from tests.support import bodies as common
+from tests.support.bodies import MAX_TOKENS
+from tests.support.waits import wait_for
 
 ADMIN = "admin-token"
 CHAT = {**common.CHAT, "max_tokens": 20}

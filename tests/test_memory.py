@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import free_port, reap
-from tests.test_cli import wait_listening
+from tests.support.processes import reap
+from tests.support.waits import free_port, wait_listening
 
 MIB = 1024 * 1024
 

@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import free_port
-from tests.test_chart import PEPPER, helm, render_values  # noqa: F401  (helm is a fixture)
-from tests.test_keys import ADMIN, admin
+from tests.support.clients import ADMIN, admin
+from tests.support.helm import PEPPER, render_values
+from tests.support.waits import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
@@ -67,7 +67,7 @@ def test_the_dashboard_file_is_what_its_generator_writes():
     assert out.returncode == 0, "helm/sidecar/files/dashboard.json is stale: run python3 scripts/dashboard.py"
 
 
-def test_the_dashboard_and_rules_render_only_when_asked(helm):  # noqa: F811
+def test_the_dashboard_and_rules_render_only_when_asked(helm):
     plain = render_values(helm, {"secrets": {"pepper": PEPPER}}, "--api-versions", RULE_API)
     assert not [d for d in plain if d["kind"] == "PrometheusRule" or d["metadata"]["name"].endswith("-dashboard")]
     on = {"secrets": {"pepper": PEPPER}, "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}
@@ -86,7 +86,7 @@ def test_the_dashboard_and_rules_render_only_when_asked(helm):  # noqa: F811
     assert [e["path"] for e in monitor["spec"]["endpoints"]] == ["/metrics"]  # no vLLM in the pod: auto is off
 
 
-def test_promtool_checks_the_rendered_rules(helm, tmp_path):  # noqa: F811
+def test_promtool_checks_the_rendered_rules(helm, tmp_path):
     path = tmp_path / "rules.yaml"
     groups = rules(helm)
     path.write_text(yaml.safe_dump({"groups": groups}))
@@ -163,7 +163,7 @@ async def traffic(url: str, key: str, limited: str) -> None:
             pass
 
 
-async def test_every_dashboard_query_and_alert_works_against_a_real_prometheus(fake, sidecar_factory, helm, tmp_path):  # noqa: F811
+async def test_every_dashboard_query_and_alert_works_against_a_real_prometheus(fake, sidecar_factory, helm, tmp_path):
     groups = rules(helm)
     rule_file = tmp_path / "rules.yaml"
     rule_file.write_text(yaml.safe_dump({"groups": groups}))

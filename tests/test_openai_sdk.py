@@ -77,7 +77,7 @@ async def test_models(fake, sidecar):
 
 
 async def test_sdk_sees_openai_shaped_errors(sidecar_factory):
-    from tests.conftest import free_port
+    from tests.support.waits import free_port
 
     running = await sidecar_factory(f"http://127.0.0.1:{free_port()}/v1")
     client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="k", max_retries=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import orjson
 
-from tests.conftest import free_port
+from tests.support.waits import free_port
 
 
 async def get(url: str) -> tuple[int, str]:

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 
 from sidecar.app import PROXY
-from tests.conftest import free_port
-from tests.test_drain import stream
+from tests.support.clients import stream
+from tests.support.waits import free_port
 
 ADMIN = "ops-admin-token"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -124,7 +124,7 @@ async def test_drain_refuses_anyone_but_loopback(fake, sidecar_factory):
 )
 def test_ops_port_config_errors(tmp_path, env, message):
     from sidecar.config import ConfigError
-    from tests.conftest import make_settings
+    from tests.support.sidecars import make_settings
 
     with pytest.raises(ConfigError, match=message):
         make_settings("http://127.0.0.1:1/v1", tmp_path, **env)
@@ -132,7 +132,7 @@ def test_ops_port_config_errors(tmp_path, env, message):
 
 async def test_a_taken_ops_port_is_named_in_the_start_error(fake, tmp_path):
     from sidecar.runner import Server, StartFailed, _start
-    from tests.conftest import make_settings
+    from tests.support.sidecars import make_settings
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -3,46 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
 
-from tests.common import STREAM
-from tests.conftest import free_port, reap
-from tests.test_cli import wait_listening
+from tests.support.bodies import STREAM
+from tests.support.processes import count_rows, reap, start
+from tests.support.waits import free_port, wait_listening
 
 CHAT = STREAM  # these tests stream
-
-
-def start(tmp_path, upstream, port, **env):
-    full = {
-        **os.environ,
-        "SIDECAR_SERVER_DATA_DIR": str(tmp_path),
-        "SIDECAR_STORE_URL": f"sqlite:///{tmp_path}/p.db",
-        "SIDECAR_UPSTREAM_URL": upstream,
-        "SIDECAR_AUTH_ENABLED": "false",
-        "SIDECAR_SERVER_ACCESS_LOG": "false",
-        **env,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--port", str(port)],
-        env=full,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def count_rows(tmp_path):
-    with sqlite3.connect(tmp_path / "p.db") as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        return dict(conn.execute("SELECT outcome, COUNT(*) FROM request_log GROUP BY outcome").fetchall())
 
 
 async def stream_many(url, n, body=CHAT):

@@ -10,9 +10,10 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.common import CHAT, post
-from tests.conftest import free_port, wait_for
-from tests.fake_upstream import SHAPED_ANSWERS
+from tests.support.bodies import CHAT
+from tests.support.clients import post
+from tests.support.fake_upstream import SHAPED_ANSWERS
+from tests.support.waits import free_port, wait_for
 
 
 async def test_non_streaming_body_is_byte_identical_and_ids_match(fake, sidecar):

@@ -4,7 +4,7 @@ Built by `bash scripts/real-upstream.sh build` into a cache outside the repo; th
 there (and fail when SIDECAR_REAL_UPSTREAM=required, as .ci/run sets after building it). The official openai
 SDK talks to the sidecar; the numbers are compared with llama-server's own, asked directly.
 
-The model's greedy completions never end early (see tests/real_model.py), so `completion_tokens == max_tokens`.
+The model's greedy completions never end early (see tests/support/real_model.py), so `completion_tokens == max_tokens`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import free_port
+from tests.support.waits import free_port
 
 pytestmark = pytest.mark.real_upstream
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from sidecar.app import LIMITS, PROXY
-from tests.conftest import wait_for
+from tests.support.waits import wait_for
 
 ADMIN = "admin-token"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there friend"}], "max_tokens": 50}

@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import glob
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.common import CHAT, CHAT_PATH, STREAM, post
-from tests.conftest import free_port, wait_for
+from tests.support.bodies import CHAT, CHAT_PATH, STREAM
+from tests.support.clients import post
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.waits import free_port, wait_for
 
 BIG = 1_500_000  # over relay.BUFFERED (1 MiB): relayed as it arrives
 
@@ -27,36 +28,10 @@ def big_body(size: int = BIG) -> bytes:
     return head + b"a" * (size - len(head) - len(tail)) + tail
 
 
-class Upstream:
-    """A tiny aiohttp upstream whose one handler a test sets; it records the peers (connections) it served."""
-
-    def __init__(self) -> None:
-        self.handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
-        self.peers: list[Any] = []
-        self.cancelled = 0
-        self.url = ""
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        assert request.transport is not None and self.handler is not None
-        self.peers.append(request.transport.get_extra_info("peername"))
-        await request.read()
-        try:
-            return await self.handler(request)
-        except (asyncio.CancelledError, ConnectionError):
-            self.cancelled += 1
-            raise
-
-
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = Upstream()
-    app = web.Application(handler_args={"handler_cancellation": True})
-    app.router.add_route("*", "/{tail:.*}", up._handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    up.url = f"http://127.0.0.1:{server.port}/v1"
-    yield up
-    await server.close()
+async def upstream(fake: FakeUpstream) -> FakeUpstream:
+    """The fake upstream, answering with the handler each test sets."""
+    return fake
 
 
 async def metrics(url: str) -> str:

@@ -12,7 +12,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.test_keys import ADMIN, admin
+from tests.support.clients import ADMIN, admin
 
 ROWS = {"sqlite": 300_000, "postgres": 2_000_000}  # enough for the reports to take over a second
 DAY = 86400

@@ -15,7 +15,7 @@ from sidecar.records.record import RequestRecord
 from sidecar.records.retention import Retention
 from sidecar.store import open_store
 from sidecar.store.base import RequestQuery
-from tests.conftest import wait_for
+from tests.support.waits import wait_for
 
 DAY = 86400.0
 

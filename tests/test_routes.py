@@ -13,7 +13,7 @@ from yarl import URL
 
 from sidecar.config import ConfigError, load
 from sidecar.wire.routes import METHODS, PRESETS, RouteError, build, parse_entry
-from tests.fake_upstream import SHAPED_ANSWERS
+from tests.support.fake_upstream import SHAPED_ANSWERS
 
 # (prompt, completion) each answer shape carries; None: no usage in it (recorded as usage_source "none").
 USAGE: dict[str, tuple[int, int] | None] = {

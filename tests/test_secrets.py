@@ -18,10 +18,10 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.common import CHAT
-from tests.conftest import free_port, reap
-from tests.fake_upstream import FAKE_CONTENT_TYPE, FAKE_DATE
-from tests.test_cli import wait_listening
+from tests.support.bodies import CHAT
+from tests.support.fake_upstream import FAKE_CONTENT_TYPE, FAKE_DATE
+from tests.support.processes import reap
+from tests.support.waits import free_port, wait_listening
 
 KEY = "sk-sc-secretsecret-ABCDEFGHIJKLMNOP"
 ADMIN = "admin-token-0123456789"

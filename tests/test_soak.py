@@ -22,11 +22,11 @@ from typing import Any
 
 import aiohttp
 
-from tests.common import CHAT
-from tests.conftest import free_port, reap
-from tests.fake_upstream import FakeUpstream, Script
-from tests.faults import Fault, FaultProxy
-from tests.test_cli import wait_listening
+from tests.support.bodies import CHAT
+from tests.support.fake_upstream import FakeUpstream, Script
+from tests.support.faults import Fault, FaultProxy
+from tests.support.processes import reap
+from tests.support.waits import free_port, wait_listening
 
 CHAOS = [
     None,

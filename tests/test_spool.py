@@ -27,11 +27,9 @@ from sidecar.records.record import RequestRecord
 from sidecar.records.writer import BatchWriter
 from sidecar.store import open_store
 from sidecar.store.base import RequestQuery
-from tests.conftest import wait_for
-from tests.fake_upstream import Script
-from tests.test_faults import pg_proxy, through
-
-__all__ = ["pg_proxy"]  # a fixture, imported for the tests below
+from tests.support.fake_upstream import Script
+from tests.support.faults import through
+from tests.support.waits import wait_for
 
 STREAM = {
     "model": "m",

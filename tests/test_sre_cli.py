@@ -23,22 +23,12 @@ import orjson
 import pytest
 
 from sidecar.keys.format import parse_key
-from tests.conftest import free_port, reap
-from tests.test_cli import wait_listening
+from tests.support.processes import cli, reap
+from tests.support.waits import free_port, wait_listening
 
 ADMIN = "sre-admin-token"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def cli(data_dir, *args, db=None, **env):
-    full = {**os.environ, "SIDECAR_SERVER_DATA_DIR": str(data_dir), **env}
-    full.pop("SIDECAR_STORE_URL", None)
-    if db is not None:
-        full["SIDECAR_STORE_URL"] = db
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], env=full, capture_output=True, text=True, timeout=60
-    )
 
 
 async def keyed(fake, sidecar_factory, tmp_path, **options):

@@ -1,5 +1,5 @@
 """Traces (#18): one server span per proxied request, exported over OTLP/HTTP to a real receiver started here
-(tests/otlp_receiver.py decodes the protobuf the SDK really sends), continuing a client's `traceparent` and
+(tests/support/otlp_receiver.py decodes the protobuf the SDK really sends), continuing a client's `traceparent` and
 handing the sidecar's own context to the upstream."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import sys
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, reap
-from tests.otlp_receiver import Receiver
-from tests.test_cli import wait_listening
-from tests.test_keys import ADMIN, admin
-from tests.test_process import start
+from tests.support.clients import ADMIN, admin
+from tests.support.otlp_receiver import Receiver
+from tests.support.processes import reap, start
+from tests.support.waits import free_port, wait_listening
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

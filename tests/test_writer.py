@@ -6,35 +6,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from sidecar.config import WriterCfg
-from sidecar.records.record import RequestRecord
 from sidecar.records.writer import BatchWriter
 from sidecar.store import open_store
-from tests.conftest import wait_for
-from tests.faults import Fault
-from tests.test_faults import pg_proxy, through
-
-__all__ = ["pg_proxy"]  # a fixture, imported for the test below
-
-
-def rows(n: int) -> list[dict[str, Any]]:
-    out = []
-    for i in range(n):
-        rec = RequestRecord.start("POST", "/v1/chat/completions")
-        rec.status, rec.model = 200, f"m{i}"
-        out.append(rec.finish().as_row())
-    return out
-
-
-async def opened(url: str) -> Any:
-    store = open_store(url)
-    await store.open()
-    await store.migrate()
-    return store
+from tests.support.faults import Fault, through
+from tests.support.stores import opened, refuse_poison, rows
+from tests.support.waits import wait_for
 
 
 async def test_rows_wait_for_a_full_batch_or_the_interval(store_url, tmp_path):
@@ -72,22 +52,6 @@ async def test_a_row_the_store_refuses_costs_only_itself(store_url, tmp_path):
     assert [d["request_id"] for d in dead] == [batch[25]["request_id"]]
     await writer.close()
     await store.close()
-
-
-async def refuse_poison(store_url: str) -> None:
-    """The store itself refuses rows whose model is 'poison': a SQLite trigger, a PostgreSQL CHECK constraint.
-    Nothing in the row is malformed, so sanitising cannot save it."""
-    if store_url.startswith("sqlite"):
-        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
-            db.execute(
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON request_log WHEN NEW.model = 'poison' "
-                "BEGIN SELECT RAISE(ABORT, 'poison refused'); END"
-            )
-    else:
-        import psycopg
-
-        async with await psycopg.AsyncConnection.connect(store_url, autocommit=True) as conn:
-            await conn.execute("ALTER TABLE request_log ADD CONSTRAINT no_poison CHECK (model <> 'poison')")
 
 
 async def test_a_row_the_store_itself_refuses_among_good_ones_costs_only_itself(store_url, tmp_path):

@@ -27,8 +27,8 @@ from sidecar.config import WriterCfg
 from sidecar.records.rows import sanitise
 from sidecar.records.writer import BatchWriter
 from sidecar.store.base import RequestQuery
-from tests.conftest import wait_for
-from tests.test_writer import opened, refuse_poison, rows
+from tests.support.stores import opened, refuse_poison, rows
+from tests.support.waits import wait_for
 
 LOCKED = "database is locked"
 AVAILABLE = "store available again; spool replayed"

@@ -1,7 +1,7 @@
 """The fake upstream as a process of its own, standing in for vLLM where a test needs two processes (the drain
 order of a pod). SIGTERM ends it at once, mid-stream: the worst a model server can do to the streams it serves.
 
-    python -m tests.upstream_process PORT
+    python -m tests.support.upstream_process PORT
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from tests.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream
 
 
 def main() -> None:

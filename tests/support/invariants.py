@@ -12,7 +12,7 @@ from typing import Any
 
 import sidecar as sidecar_package
 from sidecar.runner import Server
-from tests.helpers import wait_for
+from tests.support.waits import wait_for
 
 
 def sidecar_tasks(before: set[asyncio.Task[Any]]) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -126,9 +127,15 @@ class FakeUpstream:
     url: str = ""
     sent: dict[str, bytes] = field(default_factory=dict)  # x-request-id -> exact body bytes sent
     metrics_fetches: int = 0
+    # A test's own handler for every request, instead of the scripted routes below (set any time); with it, the
+    # connections served (`peers`) and the requests cancelled by the client's leaving (`cancelled`) are counted.
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+    peers: list[Any] = field(default_factory=list)
+    cancelled: int = 0
 
     def app(self) -> web.Application:
-        app = web.Application(handler_args={"handler_cancellation": True}, middlewares=[reject_bad_bodies])
+        middlewares = [self._own_handler, reject_bad_bodies]
+        app = web.Application(handler_args={"handler_cancellation": True}, middlewares=middlewares)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
@@ -138,6 +145,19 @@ class FakeUpstream:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/{tail:.*}", self.anything)
         return app
+
+    @web.middleware
+    async def _own_handler(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.handler is None:
+            return await handler(request)  # type: ignore[no-any-return]
+        assert request.transport is not None
+        self.peers.append(request.transport.get_extra_info("peername"))
+        await request.read()
+        try:
+            return await self.handler(request)
+        except (asyncio.CancelledError, ConnectionError):
+            self.cancelled += 1
+            raise
 
     def last(self) -> Received:
         return self.received[-1]

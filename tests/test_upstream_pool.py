@@ -1,4 +1,4 @@
-"""The upstream client's corners, through the sidecar, against raw asyncio upstreams that answer in odd ways:
+"""The upstream connection pool's corners, through the sidecar, against raw asyncio upstreams that answer in odd ways:
 a body delimited by the connection's close, 1xx heads before the real one, garbage, the pool's size limit and
 its idle timeout, and a fast upstream feeding a slow client (reading pauses instead of buffering everything).
 """
@@ -13,8 +13,9 @@ import aiohttp
 import orjson
 
 from sidecar.app import UPSTREAM
-from tests.common import CHAT_PATH, post
-from tests.fake_upstream import Script
+from tests.support.bodies import CHAT_PATH
+from tests.support.clients import post
+from tests.support.fake_upstream import Script
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 CHUNKS = 2048  # of 64 KiB: 128 MiB, more than the kernel's socket buffers can hold

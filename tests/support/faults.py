@@ -186,3 +186,9 @@ class FaultProxy:
             server_w.close()
         else:
             raise ValueError(f"unknown fault {fault.kind!r}")
+
+
+def through(proxy: FaultProxy, dsn: str) -> str:
+    head, _, rest = dsn.rpartition("@")
+    db = rest.split("/", 1)[1]
+    return f"{head}@{proxy.url_host}/{db}"

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sidecar.errors import BadRequest
 from sidecar.wire.body import json_depth_exceeds, parse
+from tests.support.bodies import MAX_TOKENS
 
 PATH = "/v1/chat/completions"
 
@@ -27,22 +28,6 @@ def test_stream_and_usage_flags():
         {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
     )
     assert call({"model": "m"}).upstream_body() == orjson.dumps({"model": "m"})
-
-
-# The output budget: which values reach the upstream, which the sidecar refuses, and why (see README).
-MAX_TOKENS = [
-    # raw value      reaches upstream  reservation (None: limits.default_max_tokens)  why
-    (b"-1", True, None),  # llama-server: no limit. Not ours to judge; we reserve the default
-    (b"0", True, None),  # the upstream decides what 0 means
-    (b"1", True, 1),
-    (b"2147483648", True, 10_000_000),  # a positive integer: reserved, capped at the ceiling (and the bucket)
-    (b"1.5", True, None),  # a number that is not a positive integer: passed on, default reserved
-    (b"300.0", True, 300),  # a float that is an integer: what the upstream's validation reads it as
-    (b"null", True, None),  # absent
-    (b"1e400", False, None),  # not JSON a parser can represent (infinity): 400 invalid_json
-    (b'"3"', False, None),  # a string: no budget the sidecar can reason about: 400
-    (b"true", False, None),  # a boolean: likewise
-]
 
 
 @pytest.mark.parametrize(("raw", "passes", "reserved"), MAX_TOKENS, ids=[m[0].decode() for m in MAX_TOKENS])

@@ -1,0 +1,63 @@
+"""Fixtures shared by many test files (registered by `tests/conftest.py`): the session's throwaway PostgreSQL
+(`pg_server`), a fresh database per test (`pg_url`), `store_url` (a store test against SQLite and PostgreSQL
+both), a fault-injecting proxy in front of PostgreSQL (`pg_proxy`) and helm (`helm`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.support.faults import FaultProxy
+from tests.support.helm import ensure_helm
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Any:
+    from tests.support.postgres import PgServer, find_bin
+
+    bindir = find_bin()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL binaries are missing in CI (apt-get install postgresql)")
+        pytest.skip("PostgreSQL binaries not installed (apt-get install postgresql)")
+    server = PgServer(bindir)
+    server.init()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    import uuid
+
+    return str(pg_server.create_db("t_" + uuid.uuid4().hex[:12]))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: Any, tmp_path: Any) -> str:
+    """Each store test runs against both backends."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def pg_proxy(pg_server: Any) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy("127.0.0.1", pg_server.port)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    try:
+        return ensure_helm()
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"helm unavailable in CI: {exc}")
+        pytest.skip(f"helm unavailable: {exc}")
