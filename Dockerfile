@@ -8,8 +8,10 @@ FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-# Wheels for the sidecar and every dependency; the final stage installs them offline.
-RUN python3 -m pip wheel --no-cache-dir --wheel-dir /wheels .
+# Wheels for the sidecar, its tracing extra and every dependency; the final stage installs them offline, pinned
+# to this build's version by the requirements file written here.
+RUN python3 -m pip wheel --no-cache-dir --wheel-dir /wheels ".[otel]" \
+    && python3 -c "import sidecar; print(f'sidecar[otel]=={sidecar.__version__}')" > /wheels/requirements.txt
 
 FROM ${BASE_IMAGE}
 ARG UID=10001
@@ -20,7 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SIDECAR_SERVER_DATA_DIR=/data \
     SIDECAR_STORE_URL=sqlite:////data/sidecar.db
 COPY --from=build /wheels /wheels
-RUN python3 -m pip install --no-cache-dir --no-index --find-links=/wheels /wheels/sidecar-*.whl \
+RUN python3 -m pip install --no-cache-dir --no-index --find-links=/wheels --requirement /wheels/requirements.txt \
     && rm -rf /wheels \
     && mkdir -p /data \
     && chown "${UID}:${UID}" /data

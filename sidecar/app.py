@@ -36,7 +36,7 @@ from sidecar.ops.logs import RequestLog
 from sidecar.ops.metrics import Metrics
 from sidecar.ops.rejects import RejectSampler
 from sidecar.ops.state import RunState
-from sidecar.ops.tracing import Tracing
+from sidecar.ops.tracing import Tracing, require_sdk
 from sidecar.ops.tracing import wanted as tracing_wanted
 from sidecar.ops.upstream_page import ModelNames, UpstreamPage
 from sidecar.proxy import Proxy
@@ -156,6 +156,9 @@ class Parts:
 
 def build(settings: Settings) -> Parts:
     s = settings
+    traced = tracing_wanted(s.tracing, os.environ)
+    if traced:
+        require_sdk()  # before anything is created (a pepper file, a store): one line, and nothing left behind
     api_key = read_secret("upstream.api_key", s.upstream.api_key, s.upstream.api_key_file)
     admin_token = read_secret("server.admin_token", s.server.admin_token, s.server.admin_token_file)
     queue = (s.limits.queue_size, s.limits.queue_timeout)
@@ -171,7 +174,7 @@ def build(settings: Settings) -> Parts:
     bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     rejects = RejectSampler(s.server.reject_rows_per_minute)
-    tracing = Tracing(s.tracing, os.environ, s.audit) if tracing_wanted(s.tracing, os.environ) else None
+    tracing = Tracing(s.tracing, os.environ, s.audit) if traced else None
     finish = record_finisher(metrics, writer, request_log, tracing, upstream.address)
     proxy = Proxy(upstream, forwarding, s.server, limits, auth, metrics, finish, auditor, rejects, tracing)
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)

@@ -203,6 +203,48 @@ def test_off_by_default_nothing_of_opentelemetry_is_loaded(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+def without_opentelemetry(tmp_path) -> dict[str, str]:
+    """An environment whose Python cannot import OpenTelemetry's SDK: a package of that name, empty, ahead of
+    site-packages on the path (as if the `otel` extra were not installed)."""
+    shadow = tmp_path / "shadow" / "opentelemetry"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return {**env, "PYTHONPATH": str(tmp_path / "shadow"), "SIDECAR_SERVER_DATA_DIR": str(tmp_path)}
+
+
+@pytest.mark.parametrize(
+    "switch", [{"SIDECAR_TRACING_ENABLED": "true"}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"}]
+)
+def test_tracing_asked_for_without_the_otel_extra_is_one_clear_start_up_error(tmp_path, switch):
+    env = {**without_opentelemetry(tmp_path), **switch}
+    argv = [sys.executable, "-m", "sidecar", "serve", "--upstream", "http://127.0.0.1:9/v1", "--port", "0"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sidecar: configuration error: tracing is on"), out.stderr
+    assert "pip install 'sidecar[otel]'" in lines[0] and "Traceback" not in out.stderr
+
+
+async def test_without_the_otel_extra_the_sidecar_serves_with_tracing_off(fake, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--upstream", fake.url, "--port", str(port)],
+        env={**without_opentelemetry(tmp_path), "SIDECAR_AUTH_ENABLED": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await wait_listening(port, proc)
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200 and (await r.json())["choices"]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        reap(proc)
+
+
 async def test_the_standard_otel_variables_turn_it_on_and_name_the_service(fake, receiver, tmp_path):
     port = free_port()
     proc = start(

@@ -12,6 +12,7 @@ SDK would (which logs a line per span), and counted: an exporter that is down or
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
@@ -22,7 +23,7 @@ from multidict import CIMultiDict
 from prometheus_client.metrics_core import Metric
 
 from sidecar.audit.capture import AuditPolicy
-from sidecar.config import AuditCfg, TracingCfg, mask_url
+from sidecar.config import AuditCfg, ConfigError, TracingCfg, mask_url
 from sidecar.ops.series import counter
 from sidecar.records.record import Outcome, RequestRecord
 from sidecar.wire.routes import CHAT, COMPLETIONS, EMBEDDINGS, GENERATE, MESSAGES, NATIVE, RESPONSES
@@ -61,6 +62,24 @@ def wanted(cfg: TracingCfg, env: Mapping[str, str]) -> bool:
     if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
         return False
     return cfg.enabled or bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def require_sdk() -> None:
+    """One clear start-up error when tracing is asked for and OpenTelemetry's SDK or its OTLP exporter is not
+    installed (they are the `otel` extra: the sidecar runs without them while tracing is off)."""
+    missing = []
+    for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(module)
+    if missing:
+        raise ConfigError(
+            "tracing is on (tracing.enabled or an OTEL_EXPORTER_OTLP_*ENDPOINT variable) but OpenTelemetry is not "
+            f"installed ({', '.join(missing)}): install the extra, pip install 'sidecar[otel]'"
+        )
 
 
 def _bounded(inner: BatchSpanProcessor, queue_size: int) -> Any:
@@ -328,7 +347,7 @@ def _exporter(cfg: TracingCfg, env: Mapping[str, str]) -> Any:
                 OTLPSpanExporter as Grpc,
             )
         except ImportError:
-            log.warning("OTLP gRPC exporter not installed (pip install 'sidecar[grpc]'): using HTTP/protobuf")
+            log.warning("OTLP gRPC exporter not installed (pip install 'sidecar[otel,grpc]'): using HTTP/protobuf")
         else:
             return Grpc(endpoint=cfg.endpoint or None, timeout=timeout)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
