@@ -66,7 +66,7 @@ def record_finisher(
     metrics: Metrics, writer: BatchWriter, request_log: RequestLog | None, tracing: Tracing | None, server: str
 ) -> Callable[[RequestRecord, bool], None]:
     """The terminal hook every record goes through exactly once: metrics and its trace span, then (when `keep`:
-    see `sidecar.rejects`) the store and the request log line."""
+    see `sidecar.ops.rejects`) the store and the request log line."""
 
     def finish(rec: RequestRecord, keep: bool) -> None:
         metrics.observe(rec)

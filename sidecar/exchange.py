@@ -10,7 +10,7 @@ response, the stream scanner, the audit capture. Its exit, in this order:
    model server generating);
 3. release the lease (refunding what was reserved and not used);
 4. finish the record: exactly one per request, unless it ended before any key was verified and the
-   per-source reject rate says it costs only counters (`sidecar.rejects`);
+   per-source reject rate says it costs only counters (`sidecar.ops.rejects`);
 5. hand off the audit record.
 """
 

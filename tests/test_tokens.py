@@ -1,4 +1,4 @@
-"""The prompt estimate's documented bounds (sidecar/tokens.py), proven against a real tokenizer's counts.
+"""The prompt estimate's documented bounds (sidecar/wire/tokens.py), proven against a real tokenizer's counts.
 
 The tokenizer is the 65,000-token byte-level BPE that anthropic's SDK shipped until 0.38 (a dev dependency,
 loaded from its package data: nothing is downloaded). The texts are Python's own documentation and source,

@@ -16,7 +16,7 @@ KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
 def module_of(name: str) -> str:
-    """sidecar.leases.xǁLeaseManagerǁ_admit__mutmut_3 -> sidecar/leases.py"""
+    """sidecar.limits.local.xǁLocalLimitsǁ_admit__mutmut_3 -> sidecar/limits/local.py"""
     return re.split(r"\.x[_ǁ]", name, maxsplit=1)[0].replace(".", "/") + ".py"
 
 

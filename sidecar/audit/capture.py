@@ -6,7 +6,7 @@ request id (same id, same decision), and does not apply to keys forced `on`.
 
 The record holds the full request body and the response; a stream is aggregated into one
 `chat.completion`-shaped object (content, reasoning, tool calls assembled from their deltas, finish reasons,
-usage, per choice index: `sidecar.aggregate`), with `complete: false` when the stream did not finish.
+usage, per choice index: `sidecar.audit.aggregate`), with `complete: false` when the stream did not finish.
 Headers follow an allowlist and credentials are always redacted; configured body paths (`messages[*].content`)
 become a length + sha256 placeholder. Everything is bounded by `max_payload_bytes` before it is decoded: a
 request is cut field by field (`shrink`), a response body is kept whole only up to the cap (`BodyCapture`).

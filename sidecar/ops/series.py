@@ -1,7 +1,7 @@
 """Metric series as plain numbers, turned into Prometheus families at scrape time (no web layer here).
 
 Components count in plain Python numbers (no locks, no label lookups: prometheus_client's own metric objects
-cost several microseconds per update) and give `sidecar.metrics.Metrics` a collector that yields these
+cost several microseconds per update) and give `sidecar.ops.metrics.Metrics` a collector that yields these
 families; leases, the writer, the upstream pool and the rest depend on this module only.
 """
 

@@ -1,7 +1,7 @@
 """BatchWriter: request records into the store in batches, off the hot path, losing none.
 
 `put(row)` is synchronous, never awaits and never raises. With the spool on it appends the row to the current
-journal segment (`sidecar.spool`: one `write(2)` into the page cache, so a killed process loses nothing) and
+journal segment (`sidecar.records.spool`: one `write(2)` into the page cache, so a killed process loses nothing) and
 queues it. A flush cycle rotates the segment, inserts the queued rows in batches of `max_rows` with
 `ON CONFLICT (request_id) DO NOTHING`, and deletes the old segment once they are all in.
 

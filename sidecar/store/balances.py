@@ -1,6 +1,6 @@
 """Balances: the statements of the limits replicas share (#17), written once for both backends and mixed into
-`SqlStore`: token budgets and per-minute buckets (`limit_balances`, borrowed from by `sidecar.allowances`) and
-concurrency slots on a lease (`limit_slots`, `sidecar.slots`). Balances are computed from the database's clock
+`SqlStore`: token budgets and per-minute buckets (`limit_balances`, borrowed from by `sidecar.limits.borrowing`) and
+concurrency slots on a lease (`limit_slots`, `sidecar.limits.slots`). Balances are computed from the database's clock
 (`db_now`), never a replica's.
 """
 

@@ -98,7 +98,7 @@ Patterns = tuple[tuple[bytes, bytes], ...]
 
 
 def delta_patterns(family: str, tools: bool, spaced: bool = False) -> Patterns:
-    """The delta patterns for a route family (`sidecar.routes`; a path is looked up there)."""
+    """The delta patterns for a route family (`sidecar.wire.routes`; a path is looked up there)."""
     family = FAMILIES.get(family, OTHER) if family.startswith("/") else family
     patterns: Patterns
     if family == RESPONSES:

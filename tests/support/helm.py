@@ -54,7 +54,7 @@ def ensure_helm() -> str:
     return str(target)
 
 
-CHART = Path(__file__).resolve().parent.parent / "helm" / "sidecar"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "sidecar"
 
 
 # Chart.yaml's kubeVersion is ">=1.25.0-0 <1.38.0-0": every minor it claims, each rendered and validated.
