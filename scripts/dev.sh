@@ -70,7 +70,8 @@ case "$cmd" in
     ensure_prometheus
     ensure_chromium
     set +e
-    .venv/bin/python -m pytest "$@"
+    # Both cores (pytest-xdist): the tests mostly wait on sockets and timers. SIDECAR_TEST_WORKERS=0: one process.
+    .venv/bin/python -m pytest -n "${SIDECAR_TEST_WORKERS:-2}" "$@"
     rc=$?
     set -e
     if [ "$rc" = 5 ]; then echo "pytest: no tests were collected (exit 5), treated as success" >&2; exit 0; fi

@@ -18,19 +18,19 @@ SCRATCH=${SIDECAR_MUTATION_DIR:-/tmp/sidecar-mutation}
 # group: modules to mutate | test files that cover them (PostgreSQL variants left out: the same code paths,
 # a cluster per mutant run would cost more than the rest)
 declare -A MODULES=(
-  [leases]="sidecar/limits/local.py"
+  [leases]="sidecar/limits/local.py sidecar/limits/admission.py"
   [writer]="sidecar/records/writer.py sidecar/records/rows.py"
   [deadline]="sidecar/upstream/deadline.py"
   [sse]="sidecar/wire/sse.py sidecar/wire/tokens.py"
-  [relay]="sidecar/relay.py sidecar/exchange.py"
+  [relay]="sidecar/relay.py sidecar/exchange.py sidecar/errors.py"
   [auth]="sidecar/keys/auth.py sidecar/keys/format.py sidecar/keys/pepper.py sidecar/keys/static.py sidecar/keys/service.py"
 )
 declare -A TESTS=(
-  [leases]="tests/test_leases.py tests/test_leases_contract.py"
+  [leases]="tests/test_leases.py tests/test_leases_contract.py tests/test_budgets.py"
   [writer]="tests/test_writer.py tests/test_spool.py tests/test_writer_contract.py"
   [deadline]="tests/test_deadline.py tests/test_proxy.py"
   [sse]="tests/test_sse.py tests/test_tokens.py tests/test_sse_contract.py"
-  [relay]="tests/test_relay_contract.py tests/test_disconnect.py tests/test_proxy.py"
+  [relay]="tests/test_errors_contract.py tests/test_relay_contract.py tests/test_disconnect.py tests/test_proxy.py"
   [auth]="tests/test_auth_contract.py tests/test_keys_contract.py tests/test_auth.py tests/test_keys.py"
 )
 # and a -k filter: tests that need the session's PostgreSQL or run for seconds, whose promises faster tests of

@@ -232,7 +232,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
             p.request_log.close()
 
     async def close_proxy() -> None:
-        p.proxy.relay.ticker.close()
+        p.proxy.close()
         p.rejects.summary()
 
     return [

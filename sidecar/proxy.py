@@ -82,6 +82,10 @@ class Proxy:
             tracing, server.overhead_header,
         )  # fmt: skip
 
+    def close(self) -> None:
+        """At shutdown, after the drain: the relay's deadline ticker stops."""
+        self.relay.ticker.close()
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
         client_id = request.headers.get("x-request-id")

@@ -14,6 +14,7 @@ from yarl import URL
 from sidecar.config import ConfigError, load
 from sidecar.wire.routes import METHODS, PRESETS, RouteError, build, parse_entry
 from tests.support.fake_upstream import SHAPED_ANSWERS
+from tests.support.waits import free_port
 
 # (prompt, completion) each answer shape carries; None: no usage in it (recorded as usage_source "none").
 USAGE: dict[str, tuple[int, int] | None] = {
@@ -170,6 +171,28 @@ async def test_without_cors_origins_preflights_and_cors_headers_are_the_upstream
         async with s.options(running.url + "/props", headers=PREFLIGHT) as r:
             assert r.status == 200 and (await r.json()) == {"reached": "/props"}
     assert fake.last().method == "OPTIONS" and fake.last().headers["origin"] == "https://app.example"
+
+
+async def test_a_preflight_the_upstream_cannot_answer_fails_as_the_error_table_says(fake, sidecar_factory):
+    """Forwarded preflights fail through `errors.failure`, as proxied requests do: unreachable is a 502 that says
+    so, no first byte in time a 504."""
+    down = await sidecar_factory(f"http://127.0.0.1:{free_port()}/v1", upstream__routes=["GET /props"])
+    slow = await sidecar_factory(fake.url, upstream__routes=["GET /props"], upstream__first_byte_timeout=0.2)
+
+    async def hang(request):
+        await asyncio.sleep(5)
+
+    fake.handler = hang
+    async with aiohttp.ClientSession() as s:
+        for running, status, code in ((down, 502, "upstream_unreachable"), (slow, 504, "upstream_timeout")):
+            async with s.options(running.url + "/props", headers=PREFLIGHT) as r:
+                assert r.status == status and (await r.json())["error"]["code"] == code
+                assert r.headers["x-request-id"].startswith("req_")
+    rows = await down.stored(2)  # the two share the test's data dir: one store
+    assert sorted((r["status"], r["outcome"], r["error_code"]) for r in rows) == [
+        (502, "upstream_error", "upstream_unreachable"),
+        (504, "upstream_timeout", "upstream_timeout"),
+    ]
 
 
 async def test_listening_on_several_addresses(fake, sidecar_factory):

@@ -172,6 +172,8 @@ class Limits:
 
     async def close(self) -> None:
         """Allowances and slots go back to the store (at drain: the writer's last flush comes after)."""
-        if self.slots is not None:
-            await self.slots.close()
-        await self.borrower.close()
+        try:
+            if self.slots is not None:
+                await self.slots.close()  # raises when the store is unreachable: the borrower still closes
+        finally:
+            await self.borrower.close()
