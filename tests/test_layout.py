@@ -113,3 +113,38 @@ def test_test_files_import_helpers_from_support_not_from_each_other():
                 if leaf[0] == "tests" and len(leaf) > 1 and (leaf[1].startswith("test_") or leaf[1] == "conftest"):
                     bad.append(f"{path.name}: {name}")
     assert bad == []
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The `sidecar` modules a module imports when it runs (not those named for type checking only)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
+    found = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("sidecar") and id(n) not in typing_only:
+            found.add(n.module)
+    return found
+
+
+def test_no_module_imports_itself_round_a_cycle():
+    graph = {}
+    for path in modules():
+        name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = runtime_imports(path)
+    done: set[str] = set()
+
+    def visit(module: str, trail: list[str]) -> None:
+        assert module not in trail, " -> ".join([*trail[trail.index(module) :], module])
+        if module in done or module not in graph:
+            return
+        for dep in graph[module]:
+            visit(dep, [*trail, module])
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
