@@ -108,6 +108,8 @@ class LimitsCfg:
     rpm: int = 0
     tpm: int = 0
     default_max_tokens: int = 1024
+    enforce_max_tokens: bool = False  # write default_max_tokens into a request that names no output cap
+    media_tokens: int = 1024  # the prompt estimate of one image, audio or video item
     global_concurrency: int = 1024
     queue_size: int = 256
     queue_timeout: float = 30.0
@@ -197,6 +199,7 @@ _POSITIVE = {
     "auth.cache_ttl",
     "auth.lookup_timeout",
     "limits.default_max_tokens",
+    "limits.media_tokens",
     "limits.queue_size",
     "writer.max_rows",
     "writer.flush_interval_ms",

@@ -6,6 +6,8 @@ response, the stream scanner, the audit capture. Its exit, in this order:
 
 1. settle usage: the upstream's usage event, else the deltas counted so far; a client gone before any usage
    was known is charged at least what its body proves (the prompt; a started whole answer's output budget);
+   a body the sidecar could not read (an upload) is charged what it reserved when the upstream took it and
+   said no usage;
 2. release the upstream connection (a complete answer) or close it (anything else: closing is what stops a
    model server generating);
 3. release the lease (refunding what was reserved and not used);
@@ -123,12 +125,16 @@ class Exchange:
         if admission is None:
             return
         prompt = admission.prompt_estimate or None
-        if scanner is not None:
-            if scanner.usage is not None:
-                u = scanner.usage
-                rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")
-            else:
-                rec.set_usage(prompt, scanner.deltas, None, "counted")
+        if scanner is not None and scanner.usage is not None:
+            u = scanner.usage
+            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")
+        elif admission.call.doc is None:
+            if rec.usage_source == "none" and admission.output_budget and (gone or 200 <= rec.status < 300):
+                # A body the sidecar could not read (an upload) that the upstream took without a usage
+                # figure: charged what it reserved, the documented minimum (`Limits.reserve`).
+                rec.set_usage(admission.output_budget, 0, None, "reserved")
+        elif scanner is not None:
+            rec.set_usage(prompt, scanner.deltas, None, "counted")
         elif gone and rec.usage_source == "none":
             # Admitted means sent (the relay sends before its first await): the prompt was the upstream's to
             # process. A whole answer that had started was generated in full before it was sent: without its

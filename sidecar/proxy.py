@@ -147,7 +147,12 @@ class Proxy:
         return await self.relay.relay(request, ex)
 
     async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
-        reservation = self.limits.reserve(call)
+        enforced = self.limits.cfg.enforce_max_tokens
+        uncapped = not enforced and self.limits.uncapped(call)
+        context = await self.upstream.models.context(call.model) if uncapped else None
+        reservation = self.limits.reserve(call, context)
+        if reservation.cap is not None:
+            call = call.capped(reservation.cap)
         lease = await self.limits.admit(principal, reservation, rec.queued)
         return Admission(call, lease, reservation.prompt, reservation.output)
 
@@ -178,8 +183,7 @@ class Proxy:
             raise ClientGone from None
         rec.upload_ms = (time.monotonic() - began) * 1000.0
         rec.bytes_in = len(body)
-        content_type = request.headers.get("content-type", "")
-        call = parse(request.method, route, body, self.server.max_json_depth, content_type)
+        call = parse(request.method, route, body, self.server.max_json_depth)
         rec.model = call.model
         rec.stream = call.stream
         return call

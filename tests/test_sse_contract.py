@@ -483,39 +483,41 @@ def nest(levels: int, kind: type) -> object:
     return value
 
 
+def measure(value: object, keys: bool) -> tuple[int, int]:
+    counted = _measure(value, keys=keys)
+    return counted.chars, counted.ids
+
+
 @pytest.mark.parametrize("kind", [list, dict])
 def test_measure_stops_below_the_maximum_depth(kind):
     assert MAX_DEPTH == 64
-    assert _measure(nest(65, kind), keys=False) == (3, 0)  # the innermost container at depth 64: counted
-    assert _measure(nest(66, kind), keys=False) == (0, 0)  # at depth 65: not
+    assert measure(nest(65, kind), keys=False) == (3, 0)  # the innermost container at depth 64: counted
+    assert measure(nest(66, kind), keys=False) == (0, 0)  # at depth 65: not
 
 
 def test_measure_keys_at_every_depth_it_reaches():
-    assert _measure(nest(65, dict), keys=True) == (3 + 65, 0)
-    assert _measure(nest(66, dict), keys=True) == (65, 0)
+    assert measure(nest(65, dict), keys=True) == (3 + 65, 0)
+    assert measure(nest(66, dict), keys=True) == (65, 0)
 
 
 def test_measure_strings_ids_and_keys():
-    assert _measure([1, 2, [3, True], "ab", None, 1.5], keys=False) == (2, 3)
-    assert _measure([{"abcd": "x"}], keys=True) == (5, 0)
-    assert _measure([{"abcd": "x"}], keys=False) == (1, 0)
-    assert _measure({"k": "hello"}, keys=False) == (5, 0)
-    assert _measure({"a": "xx", "b": "yyy"}, keys=False) == (5, 0)
-    assert _measure({"ab": "xyz"}, keys=True) == (5, 0)
-    assert _measure({"a": {"bc": "x"}}, keys=True) == (4, 0)
-    assert _measure({"a": {"bc": "x"}}, keys=False) == (1, 0)
-    assert _measure({"ab": [1, 2], "cd": {"e": [3]}}, keys=True) == (5, 3)
-    assert _measure({"ab": [1, 2], "cd": {"e": [3]}}, keys=False) == (0, 3)
-    assert _measure("é", keys=False) == (2, 0)
+    assert measure([1, 2, [3, True], "ab", None, 1.5], keys=False) == (2, 3)
+    assert measure([{"abcd": "x"}], keys=True) == (5, 0)
+    assert measure([{"abcd": "x"}], keys=False) == (1, 0)
+    assert measure({"k": "hello"}, keys=False) == (5, 0)
+    assert measure({"a": "xx", "b": "yyy"}, keys=False) == (5, 0)
+    assert measure({"ab": "xyz"}, keys=True) == (5, 0)
+    assert measure({"a": {"bc": "x"}}, keys=True) == (4, 0)
+    assert measure({"a": {"bc": "x"}}, keys=False) == (1, 0)
+    assert measure({"ab": [1, 2], "cd": {"e": [3]}}, keys=True) == (5, 3)
+    assert measure({"ab": [1, 2], "cd": {"e": [3]}}, keys=False) == (0, 3)
+    assert measure("é", keys=False) == (2, 0)
 
 
 def test_estimate_without_a_body():
-    assert estimate_prompt(None) == 0
-    assert estimate_prompt(None, body_len=600) == 0
-    assert estimate_prompt({}) == 0
-    assert estimate_prompt({}, body_len=6) == 1
-    assert estimate_prompt({}, body_len=7) == 2  # six bytes a token, rounded up
-    assert estimate_prompt({"model": "m"}, body_len=60) == 10
+    assert estimate_prompt(None) == 0  # a body not read: its reservation is `Limits.reserve`'s minimum
+    assert estimate_prompt({}) == BASE
+    assert estimate_prompt({"model": "a-very-long-model-name", "user": "someone", "stop": ["x" * 90]}) == BASE
 
 
 def test_estimate_of_a_chat_with_tools_and_functions():
@@ -532,6 +534,6 @@ def test_estimate_of_a_chat_with_tools_and_functions():
 def test_estimate_of_a_prompt_or_an_input():
     assert estimate_prompt({"prompt": "abcdefg"}) == 3 + BASE
     assert estimate_prompt({"input": "abcdef"}) == 2 + BASE
-    assert estimate_prompt({"prompt": "abc", "input": "abcdefghi"}) == 1 + BASE  # the prompt first
+    assert estimate_prompt({"prompt": "abc", "input": "abcdefghi"}) == 4 + BASE  # both reach the upstream
     responses_input = {"input": [{"type": "input_text", "text": "hello"}]}  # values only: input_text hello
     assert estimate_prompt(responses_input) == 5 + BASE

@@ -39,10 +39,12 @@ from sidecar.wire.tokens import estimate_prompt
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """What a request reserves before it goes: its prompt estimate and its output budget, in tokens."""
+    """What a request reserves before it goes: its prompt estimate and its output budget (for all its
+    answers), in tokens; `cap`: the output cap to write into a request that named none (else None)."""
 
     prompt: int
     output: int
+    cap: int | None = None
 
     @property
     def total(self) -> int:
@@ -97,14 +99,37 @@ class Limits:
         self.rates = SharedRates(self.borrower, cfg.store_down) if shared else None
         self.slots = SharedSlots(store, cfg.store_down) if shared else None
 
-    def reserve(self, call: Call) -> Reservation:
-        """What `call` reserves: nothing for a body the sidecar does not read, else its prompt estimate and its
-        output budget (`max_tokens`, or `limits.default_max_tokens`; none for a route with no output)."""
+    def uncapped(self, call: Call) -> bool:
+        """Whether `call` can generate output it names no cap for: its reservation then needs the model's
+        context length (`reserve`'s `context`), unless the cap is enforced."""
+        return call.doc is not None and call.max_tokens is None and call.family not in NO_OUTPUT
+
+    def reserve(self, call: Call, context: int | None = None) -> Reservation:
+        """What `call` reserves (README, "What a client can make it cost"):
+        - a body the sidecar reads: its prompt estimate, plus its output budget times the answers it asks for
+          (`n`, `best_of`, a batch's prompts). The budget is `max_tokens` when named; else, with
+          `limits.enforce_max_tokens`, `limits.default_max_tokens` written into the forwarded body; else what
+          the model can produce (its `context` length less the prompt, a whole context per answer when there
+          are several) when the upstream lists it, else `limits.default_max_tokens`. Nothing for a route with
+          no output.
+        - a body it cannot read (an upload, a route of no known family): `limits.default_max_tokens`, settled
+          to the upstream's usage when it reports one (else charged as reserved); a bodiless request
+          (GET /v1/models, /health): nothing, it costs no tokens."""
+        cfg = self.cfg
         if call.doc is None:
-            return Reservation(0, 0)
-        prompt = estimate_prompt(call.doc, len(call.body))
-        output = 0 if call.family in NO_OUTPUT else (call.max_tokens or self.cfg.default_max_tokens)
-        return Reservation(prompt, output)
+            return Reservation(0, cfg.default_max_tokens if call.body else 0)
+        prompt = estimate_prompt(call.doc, cfg.media_tokens)
+        if call.family in NO_OUTPUT:
+            return Reservation(prompt, 0)
+        if call.max_tokens is not None:
+            return Reservation(prompt, call.max_tokens * call.answers)
+        if cfg.enforce_max_tokens:
+            return Reservation(prompt, cfg.default_max_tokens * call.answers, cfg.default_max_tokens)
+        if context is None:
+            return Reservation(prompt, cfg.default_max_tokens * call.answers)
+        if call.answers == 1:
+            return Reservation(prompt, max(context - prompt, 0))
+        return Reservation(prompt, context * call.answers)
 
     async def admit(self, principal: Principal, reservation: Reservation, queued: Callable[[float], None]) -> Lease:
         """Everything the request must hold, in the order of this module's docstring, or `RateLimited` (or

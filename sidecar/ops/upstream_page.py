@@ -15,19 +15,16 @@ import asyncio
 import logging
 import time
 
-import orjson
 from aiohttp import web
 
 from sidecar.errors import TRANSPORT_FAILURES
 from sidecar.ops.metrics import Metrics
 from sidecar.records.record import new_request_id
-from sidecar.upstream.response import UpstreamFailure
 from sidecar.upstream.server import Upstream
 
 log = logging.getLogger("sidecar.scrape")
 PAGE_LIMIT = 16 * 1024 * 1024  # vLLM's page with many models and buckets is well under this
 MODELS_EVERY = 60.0
-MAX_MODELS = 256  # label values: bounded whatever the upstream lists
 
 
 class UpstreamPage:
@@ -88,11 +85,7 @@ class ModelNames:
             await self.refresh()
 
     async def refresh(self) -> None:
-        try:
-            status, _, body = await self.upstream.get(self.upstream.target("/v1/models", ""), 1 << 20)
-            data = orjson.loads(body).get("data") if status == 200 else None
-        except (TimeoutError, UpstreamFailure, orjson.JSONDecodeError, AttributeError):
-            return  # asked again after MODELS_EVERY; until then the labels stay as they were
-        if isinstance(data, list):
-            names = [m.get("id") for m in data if isinstance(m, dict)]
-            self.metrics.models = frozenset([n[:200] for n in names if isinstance(n, str) and n][:MAX_MODELS])
+        """The labels follow the list; a failed ask leaves them as they were."""
+        await self.upstream.models.refresh()
+        if self.upstream.models.names is not None:
+            self.metrics.models = self.upstream.models.names

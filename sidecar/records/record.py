@@ -25,7 +25,7 @@ class Outcome(enum.StrEnum):
     SHUTDOWN = "shutdown"
 
 
-UsageSource = Literal["upstream", "counted", "none"]  # from the answer, counted from the deltas, unknown
+UsageSource = Literal["upstream", "counted", "reserved", "none"]  # answer, deltas, reservation, unknown
 
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the response was sent"

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from sidecar import __version__
 from sidecar.config import ConfigError, UpstreamCfg
 from sidecar.ops.series import WAIT_BUCKETS, Hist, counter, gauge, histogram
+from sidecar.upstream.models import LISTS_LENGTHS, ModelList
 from sidecar.upstream.pool import ConnectionPool
 from sidecar.upstream.response import UpstreamFailure, UpstreamResponse
 from sidecar.wire import routes
@@ -47,6 +48,7 @@ class Upstream:
         except routes.RouteError as exc:
             raise ConfigError(f"upstream.routes: {exc}") from None
         self.paths = frozenset(self.routes)
+        self.models = ModelList(self.get, self.target("/v1/models", ""), cfg.kind in LISTS_LENGTHS)
         self._pool: ConnectionPool | None = None
         self._closed = False
 
@@ -62,6 +64,7 @@ class Upstream:
             wait_timeout=self._queue_timeout,
         )
         self._pool.on_wait = self._waited.observe
+        self.models.start()
 
     @property
     def pool(self) -> ConnectionPool:
@@ -69,6 +72,7 @@ class Upstream:
         return self._pool
 
     async def close(self) -> None:
+        await self.models.close()
         if self._pool is not None:
             await self._pool.close()
             self._closed = True

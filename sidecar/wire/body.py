@@ -1,14 +1,17 @@
 """Call: what the proxy learns from one request before it goes upstream (pure, no I/O).
 
-`parse(method, route, body)` reads the JSON body of a request on a route whose family is JSON and extracts the
-model, the streaming flag, the output budget and whether the client asked for a usage chunk. Only what the
-proxy must reason about is checked (`BadRequest` with the field in `param`); the rest is the upstream's.
+`parse(method, route, body)` reads the JSON body of a request on a route whose family is JSON, whatever its
+Content-Type says (llama-server and vLLM parse it as JSON regardless, so a label cannot hide a body from the
+limits), and extracts the model, the streaming flag, the output budget, how many answers it asks for (`n`,
+`best_of`, the prompts of a batch) and whether the client asked for a usage chunk. `/invocations` is read as
+the family its body selects, by vLLM's own rule. Only what the proxy must reason about is checked
+(`BadRequest` with the field in `param`); the rest is the upstream's.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -16,11 +19,18 @@ import orjson
 from sidecar.errors import BadRequest
 from sidecar.wire.routes import (
     BUDGET_FIELDS,
+    CAP_FIELD,
     CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
     FAMILIES,
     GENERATE,
+    INVOCATIONS,
     JSON_FAMILIES,
+    NATIVE,
     OTHER,
+    POOLING,
+    RERANK,
     STREAMING,
     USAGE_OPTION,
     Route,
@@ -41,6 +51,12 @@ class Call:
     client_usage: bool = False
     tools: bool = False  # the request declared tools, so the stream may carry tool-call argument deltas
     family: str = OTHER
+    answers: int = 1  # answers generated: `n` (or `best_of`, when larger) for each prompt of a batch
+    cap: int | None = None  # an output cap the proxy writes into the forwarded body (limits.enforce_max_tokens)
+
+    def capped(self, cap: int) -> Call:
+        """This call with `cap` written into its forwarded body as the output budget it did not name."""
+        return replace(self, cap=cap, max_tokens=cap)
 
     @property
     def wants_hidden_usage(self) -> bool:
@@ -48,12 +64,21 @@ class Call:
         return self.stream and not self.client_usage and self.family in USAGE_OPTION
 
     def upstream_body(self) -> bytes:
-        """The body sent upstream: the client's bytes, or with `include_usage` added when we need usage."""
-        if not self.wants_hidden_usage or self.doc is None:
+        """The body sent upstream: the client's bytes, or with `include_usage` added when we need usage and the
+        output cap written when the proxy enforces one."""
+        if (not self.wants_hidden_usage and self.cap is None) or self.doc is None:
             return self.body
         doc = dict(self.doc)
-        options = doc.get("stream_options")
-        doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if self.wants_hidden_usage:
+            options = doc.get("stream_options")
+            doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if self.cap is not None:
+            field = CAP_FIELD[self.family]
+            if self.family == GENERATE:
+                params = doc.get("sampling_params")
+                doc["sampling_params"] = {**(params if isinstance(params, dict) else {}), field: self.cap}
+            else:
+                doc[field] = self.cap
         return orjson.dumps(doc)
 
 
@@ -82,13 +107,14 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
     return False
 
 
-def parse(method: str, path: str | Route, body: bytes, max_depth: int = 64, content_type: str = "") -> Call:
-    """What the proxy needs to know of a request. Only JSON bodies of the routes whose family is read as JSON
-    are parsed (a multipart upload or an unknown route is passed on untouched); of those, only what the proxy
+def parse(method: str, path: str | Route, body: bytes, max_depth: int = 64) -> Call:
+    """What the proxy needs to know of a request. The bodies of the routes whose family is JSON are parsed as
+    JSON whatever their Content-Type (a body that is not JSON there is a 400 before the upstream); any other
+    route's body (an upload, an unknown route) is passed on untouched. Of a JSON body, only what the proxy
     reasons about is checked: `model` (a string, no control characters), `stream` (a boolean), the output
-    budget (a number or null). Everything else is the upstream's to judge."""
+    budget and the answer counts (numbers or null). Everything else is the upstream's to judge."""
     route = path if isinstance(path, Route) else Route(path, ("POST",), FAMILIES.get(path, OTHER))
-    if method != "POST" or route.family not in JSON_FAMILIES or content_type.startswith("multipart/"):
+    if method != "POST" or route.family not in JSON_FAMILIES:
         return Call(route.path, body, None, family=route.family)
     if not body:
         raise BadRequest("The request body is empty; a JSON object is required.", code="invalid_body")
@@ -100,6 +126,7 @@ def parse(method: str, path: str | Route, body: bytes, max_depth: int = 64, cont
         raise BadRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(doc, dict):
         raise BadRequest("The JSON body must be an object.", code="invalid_body")
+    family = invocation_family(doc) if route.family == INVOCATIONS else route.family
     model = doc.get("model")
     if model is not None and (not isinstance(model, str) or not model or len(model) > 256):
         raise BadRequest(
@@ -107,10 +134,55 @@ def parse(method: str, path: str | Route, body: bytes, max_depth: int = 64, cont
         )
     if model is not None and _CONTROL.search(model):
         raise BadRequest("`model` must not contain control characters.", param="model", code="invalid_value")
-    stream = _flag(doc, "stream") and route.family in STREAMING
+    stream = _flag(doc, "stream") and family in STREAMING
     tools = bool(doc.get("tools") or doc.get("functions"))
-    usage = _client_usage(doc) if route.family in USAGE_OPTION else False
-    return Call(route.path, body, doc, model, stream, _budget(doc, route.family), usage, tools, route.family)
+    usage = _client_usage(doc) if family in USAGE_OPTION else False
+    budget = _budget(doc, family)
+    return Call(route.path, body, doc, model, stream, budget, usage, tools, family, _answers(doc, family))
+
+
+def invocation_family(doc: dict[str, Any]) -> str:
+    """The family an `/invocations` body stands for, by vLLM's rule (the first request type its body
+    validates as: chat, completion, embedding, then scoring and pooling)."""
+    if "messages" in doc:
+        return CHAT
+    if "prompt" in doc:
+        return COMPLETIONS
+    if "input" in doc:
+        return EMBEDDINGS
+    if "query" in doc or "text_1" in doc or "queries" in doc:
+        return RERANK
+    return POOLING
+
+
+def _answers(doc: dict[str, Any], family: str) -> int:
+    """How many answers the request makes the upstream generate: `n` or `best_of` (the larger: vLLM
+    generates `best_of` to return `n`) times the prompts of a batch (`prompt` as a list of strings or of
+    token-id lists; SGLang's `text` or `input_ids` lists)."""
+    where = doc.get("sampling_params") if family == GENERATE else doc
+    per_prompt = max(_count(where, "n"), _count(where, "best_of")) if isinstance(where, dict) else 1
+    return per_prompt * _prompts(doc, family)
+
+
+def _count(where: dict[str, Any], name: str) -> int:
+    value = where.get(name)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"`{name}` must be a number.", param=name, code="invalid_type")
+    return min(int(value), MAX_TOKENS_CEILING) if value >= 1 else 1  # below 1: the upstream refuses it
+
+
+def _prompts(doc: dict[str, Any], family: str) -> int:
+    if family in (COMPLETIONS, NATIVE):
+        batch = doc.get("prompt")
+    elif family == GENERATE:
+        batch = doc.get("text", doc.get("input_ids"))
+    else:
+        return 1
+    if isinstance(batch, list) and batch and all(isinstance(p, str | list | dict) for p in batch):
+        return len(batch)  # a list of prompts (a list of plain ids is one prompt)
+    return 1
 
 
 def _flag(doc: dict[str, Any], name: str) -> bool:
@@ -124,25 +196,28 @@ def _flag(doc: dict[str, Any], name: str) -> bool:
 
 def _budget(doc: dict[str, Any], family: str) -> int | None:
     """The output budget the request names, for the reservation: a positive integer (or a float that is one),
-    else None (the default is reserved). Of chat's two fields (`max_completion_tokens`, then `max_tokens`), the
-    first that is neither null nor 0 counts, as vLLM reads them; llama-server's `n_predict` counts whenever it
-    is there. Any number, and null, goes on to the upstream as it is (llama-server takes -1 for "no limit"); a
-    type no budget can have (a string, a boolean, an object) is a 400, since the proxy cannot reason about it."""
+    0 when it asks for no output, else None (no cap named: `Limits.reserve` says what is reserved). Of chat's
+    two fields (`max_completion_tokens`, then `max_tokens`), the first that is neither null nor 0 counts, as
+    vLLM reads them; llama-server's `n_predict` counts whenever it is there. Any number, and null, goes on to
+    the upstream as it is (llama-server takes -1 for "no limit": no cap); a type no budget can have (a string,
+    a boolean, an object) is a 400, since the proxy cannot reason about it."""
     where = doc.get("sampling_params") if family == GENERATE else doc
     if not isinstance(where, dict):
         return None
+    zero = False
     for name in BUDGET_FIELDS.get(family, ()):
         value = where.get(name)
         if value is None or (family == CHAT and value == 0 and not isinstance(value, bool)):
+            zero = zero or value == 0
             continue  # absent; or, in a chat, null or 0: the next field names the budget (vLLM's `a or b`)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise BadRequest(f"`{name}` must be a number.", param=name, code="invalid_type")
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # 300.0 is 300 to the upstream's validation (pydantic's int accepts it)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and value >= 0:
             return min(value, MAX_TOKENS_CEILING)
-        return None
-    return None
+        return None  # negative (llama-server's -1: no limit) or fractional (the upstream refuses it)
+    return 0 if zero else None
 
 
 def _client_usage(doc: dict[str, Any]) -> bool:

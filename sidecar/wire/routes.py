@@ -19,6 +19,7 @@ from dataclasses import dataclass
 CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS = "chat", "completions", "responses", "embeddings"
 NATIVE, GENERATE, RERANK, TOKENIZE = "native", "generate", "rerank", "tokenize"
 POOLING, MESSAGES, MODELS, OTHER = "pooling", "messages", "models", "other"
+INVOCATIONS = "invocations"  # vLLM's SageMaker entry point: the body says which family it is (`wire.body`)
 
 FAMILIES: dict[str, str] = {
     "/v1/chat/completions": CHAT,
@@ -42,7 +43,7 @@ FAMILIES: dict[str, str] = {
     "/classify": POOLING,
     "/pooling": POOLING,
     "/encode": POOLING,
-    "/invocations": OTHER,
+    "/invocations": INVOCATIONS,
     "/tokenize": TOKENIZE,
     "/detokenize": TOKENIZE,
     "/apply-template": TOKENIZE,
@@ -52,7 +53,7 @@ FAMILIES: dict[str, str] = {
     "/models": MODELS,
 }
 JSON_FAMILIES = frozenset(
-    {CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS, NATIVE, GENERATE, RERANK, TOKENIZE, POOLING, MESSAGES}
+    {CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS, NATIVE, GENERATE, RERANK, TOKENIZE, POOLING, MESSAGES, INVOCATIONS}
 )
 STREAMING = frozenset({CHAT, COMPLETIONS, RESPONSES, NATIVE, GENERATE, MESSAGES})
 USAGE_OPTION = frozenset({CHAT, COMPLETIONS})  # OpenAI's `stream_options.include_usage`
@@ -65,6 +66,11 @@ BUDGET_FIELDS: dict[str, tuple[str, ...]] = {
     NATIVE: ("n_predict", "max_tokens"),
     MESSAGES: ("max_tokens",),
     GENERATE: ("max_new_tokens",),  # inside `sampling_params`
+}
+# Where `limits.enforce_max_tokens` writes the cap of a request that names none (chat: `max_tokens`, which
+# every server reads, vLLM when `max_completion_tokens` is unset or 0).
+CAP_FIELD: dict[str, str] = {
+    family: fields[-1] if family == CHAT else fields[0] for family, fields in BUDGET_FIELDS.items()
 }
 
 _OPENAI = (

@@ -12,9 +12,9 @@ CHAT_PATH = "/v1/chat/completions"
 
 # The output budget: which values reach the upstream, which the sidecar refuses, and why (see README).
 MAX_TOKENS = [
-    # raw value      reaches upstream  reservation (None: limits.default_max_tokens)  why
-    (b"-1", True, None),  # llama-server: no limit. Not ours to judge; we reserve the default
-    (b"0", True, None),  # the upstream decides what 0 means
+    # raw value      reaches upstream  reservation (None: no cap named, see `Limits.reserve`)  why
+    (b"-1", True, None),  # llama-server: no limit. Not ours to judge: reserved as a request with no cap
+    (b"0", True, 0),  # no output asked for: none reserved (vLLM refuses it; llama-server generates nothing)
     (b"1", True, 1),
     (b"2147483648", True, 10_000_000),  # a positive integer: reserved, capped at the ceiling (and the bucket)
     (b"1.5", True, None),  # a number that is not a positive integer: passed on, default reserved
