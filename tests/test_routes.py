@@ -41,7 +41,7 @@ USAGE: dict[str, tuple[int, int] | None] = {
     "/chat/completions": (5, 2),
     "/v1/messages": (5, 2),
     "/v1/messages/count_tokens": (12, 0),
-    "/invocations": (5, 2),  # a chat body: read as the chat it stands for
+    "/invocations": (11, 5),  # a chat body: read as the chat it stands for (the fake answers it as one)
 }
 UPLOADS = ("/v1/audio/transcriptions", "/v1/audio/translations")  # not read: charged the reserved minimum
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi", "text": "hi"}
