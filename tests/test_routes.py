@@ -41,9 +41,10 @@ USAGE: dict[str, tuple[int, int] | None] = {
     "/chat/completions": (5, 2),
     "/v1/messages": (5, 2),
     "/v1/messages/count_tokens": (12, 0),
+    "/v1/audio/translations": (300, 40),  # not read, but the answer says its usage
     "/invocations": (11, 5),  # a chat body: read as the chat it stands for (the fake answers it as one)
 }
-UPLOADS = ("/v1/audio/transcriptions", "/v1/audio/translations")  # not read: charged the reserved minimum
+UPLOADS = ("/v1/audio/transcriptions",)  # not read, no usage in the answer: charged the reserved minimum
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi", "text": "hi"}
 
 

@@ -46,8 +46,8 @@ class ModelList:
             self._start()
 
     async def context(self, model: str | None) -> int | None:
-        """The context length of `model` (of the only model, when none is named), or None when the upstream
-        does not say. While the first ask is out, a caller waits for it; later ones use what is known and
+        """The context length of `model` (the longest listed, when it names none or one not listed: an alias
+        the upstream may resolve), or None when the upstream does not say. While the first ask is out, a caller waits for it; later ones use what is known and
         refresh it in the background when it is old."""
         if not self.lengths:
             return None
@@ -55,9 +55,8 @@ class ModelList:
             await asyncio.shield(self._asking)
         elif time.monotonic() - self._asked >= EVERY:
             self._start()
-        if model is None and len(self.contexts) == 1:
-            return next(iter(self.contexts.values()))
-        return self.contexts.get(model) if model is not None else None
+        known = self.contexts.get(model) if model is not None else None
+        return known if known is not None else max(self.contexts.values(), default=None)
 
     async def refresh(self) -> None:
         """Ask the upstream (callers arriving meanwhile wait for the same answer)."""

@@ -88,6 +88,11 @@ SHAPED_ANSWERS: dict[str, Any] = {
     "/chat/completions": {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}},
     "/v1/messages": {"content": [], "usage": {"input_tokens": 5, "output_tokens": 2}},
     "/v1/messages/count_tokens": {"input_tokens": 12},
+    # an upload the sidecar does not read, answered with a usage object (transcriptions are answered without)
+    "/v1/audio/translations": {
+        "text": "hi",
+        "usage": {"prompt_tokens": 300, "completion_tokens": 40, "total_tokens": 340},
+    },
 }
 
 
@@ -132,10 +137,13 @@ class FakeUpstream:
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
     peers: list[Any] = field(default_factory=list)
     cancelled: int = 0
+    max_model_len: int | None = None  # listed in /v1/models when set, as vLLM lists it
 
     def app(self) -> web.Application:
         middlewares = [self._own_handler, reject_bad_bodies]
-        app = web.Application(handler_args={"handler_cancellation": True}, middlewares=middlewares)
+        app = web.Application(
+            handler_args={"handler_cancellation": True}, middlewares=middlewares, client_max_size=64 << 20
+        )
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
@@ -379,7 +387,10 @@ class FakeUpstream:
         return web.json_response(
             {
                 "object": "list",
-                "data": [{"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fake"}],
+                "data": [
+                    {"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fake"}
+                    | ({"max_model_len": self.max_model_len} if self.max_model_len else {})
+                ],
             }
         )
 
