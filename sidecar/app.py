@@ -199,6 +199,7 @@ def create_app(settings: Settings) -> web.Application:
     p = parts
     collectors = [p.writer.collect, p.upstream.collect, *p.limits.collectors(), p.rejects.collect, p.retention.collect]
     collectors += [p.tracing.collect] if p.tracing is not None else []
+    collectors += [p.proxy.auditor.collect] if p.proxy.auditor is not None else []
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))

@@ -44,7 +44,7 @@ from sidecar.relay import ClientGone, Relay
 from sidecar.responses import error_response
 from sidecar.upstream.server import Upstream
 from sidecar.wire.body import Call, parse
-from sidecar.wire.headers import Forwarding, to_client
+from sidecar.wire.headers import Forwarding, clean_text, to_client
 from sidecar.wire.routes import MODELS, Route
 
 
@@ -88,12 +88,12 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
-        client_id = request.headers.get("x-request-id")
-        rec = RequestRecord.start(request.method, path[:256], client_id[:128] if client_id else None)
+        # The client's strings are made valid text here, once: the row, the log line and the audit take them as is.
+        client_id = clean_text(request.headers.get("x-request-id", ""), 128) or None
+        rec = RequestRecord.start(request.method, clean_text(path, 256), client_id)
         if self.access_log:
             rec.client_addr = self.forwarding.client_address(request)
-            agent = request.headers.get("user-agent")
-            rec.user_agent = agent[:256] if agent else None
+            rec.user_agent = clean_text(request.headers.get("user-agent", ""), 256) or None
         cors = self.cors.headers(request.headers) if self.cors is not None else {}
         if self.tracing is not None:
             known = path if path in self.upstream.routes else None  # span names stay bounded

@@ -88,6 +88,7 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.command == "keys" and args.action == "create" and args.static:
             return await _static_key(args, settings)
+        _check_text(args)
         creating = args.command == "keys" and args.action == "create"
         pepper = _pepper(settings) if creating else b""  # before the store: no pepper, no new empty store
         store = await _open(settings, create=args.command == "migrate")
@@ -104,6 +105,23 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
     except StoreError as err:
         print(f"sidecar: store error: {err}", file=sys.stderr)
         return 1
+
+
+# The arguments that become a key's fields or a store query (paths are not: their bytes are the file system's).
+_TEXT_ARGS = ("id", "key", "name", "models", "model", "request_id")
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Python keeps a command line's bytes that are not UTF-8 as lone surrogates, which no store, JSON encoder
+    or log line takes: such a name or filter is refused in one line, not with a traceback."""
+    for name in _TEXT_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raw = value.encode("utf-8", "surrogateescape")
+                raise CommandError(f"{name}: {raw!r} is not UTF-8 text") from None
 
 
 async def _open(settings: Settings, *, create: bool) -> Store:

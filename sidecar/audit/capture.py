@@ -15,17 +15,23 @@ request is cut field by field (`shrink`), a response body is kept whole only up 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from prometheus_client.metrics_core import Metric
 
 from sidecar.audit.aggregate import StreamCapture
 from sidecar.config import AuditCfg
+from sidecar.ops.logs import dumps
+from sidecar.ops.series import counter
+from sidecar.wire.headers import clean_text
 
+log = logging.getLogger("sidecar.audit")
 SCHEMA_VERSION = 1
 REDACTED = "[REDACTED]"
 _SECRET_HEADER = re.compile(r"authorization|cookie|api[-_]?key|token|secret|password|session", re.IGNORECASE)
@@ -65,7 +71,7 @@ class AuditPolicy:
             if _SECRET_HEADER.search(low):
                 out[low] = REDACTED  # even when allowlisted: credentials never reach a sink
             elif low in allow:
-                out[low] = value
+                out[low] = clean_text(value)  # a byte that is not UTF-8 (kept as a lone surrogate) as U+FFFD
         return out
 
     def redact(self, doc: Any) -> Any:
@@ -87,7 +93,7 @@ def parse_path(text: str) -> list[str]:
 
 
 def placeholder(value: Any) -> dict[str, Any]:
-    raw = value.encode() if isinstance(value, str) else orjson.dumps(value)
+    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else _encoded(value) or b"null"
     return {"redacted": True, "length": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
@@ -117,7 +123,8 @@ def build_record(
     request_digest: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """The audit record for one request and its JSON line, within `cap` bytes: over it, the request and the
-    response are cut field by field (`shrink`); only if that is not enough are they left out (metadata stays)."""
+    response are cut field by field (`shrink`); only if that is not enough, or if they cannot be encoded at all
+    (nested deeper than JSON encoders go), are they left out (metadata stays)."""
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "request_id": rec["request_id"],
@@ -138,18 +145,27 @@ def build_record(
         "request": {"headers": request_headers, "body": request_body, **(request_digest or {})},
         "response": response,
     }
-    line = orjson.dumps(record, default=str)
-    if len(line) > cap:
+    line = _encoded(record)
+    if line is None or len(line) > cap:
         record["request"]["body"] = shrink(request_body, cap // 3)
         record["response"] = shrink(response, cap // 3)
         record["truncated"] = True
-        line = orjson.dumps(record, default=str)
-    if len(line) > cap:
+        line = _encoded(record)
+    if line is None or len(line) > cap:
         record["request"] = {"headers": request_headers, "body": None, **(request_digest or {})}
         record["response"] = None
         record["truncated"] = True
-        line = orjson.dumps(record, default=str)
+        line = dumps(record)  # metadata only: always encodable
     return record, line + b"\n"
+
+
+def _encoded(doc: Any) -> bytes | None:
+    """`doc` as JSON (text that is not valid UTF-8 with U+FFFD: `sidecar.ops.logs.dumps`); None for a doc nested
+    too deeply to encode, which the record then cuts or leaves out, like one over the cap."""
+    try:
+        return dumps(doc)
+    except TypeError:
+        return None
 
 
 def shrink(doc: Any, budget: int) -> Any:
@@ -160,7 +176,10 @@ def shrink(doc: Any, budget: int) -> Any:
     limit = max(64, budget // 4)
     while True:
         out = _cut(doc, limit, max(8, limit // 16))
-        if limit <= 64 or len(orjson.dumps(out, default=str)) <= budget:
+        if limit <= 64:
+            return out
+        encoded = _encoded(out)
+        if encoded is not None and len(encoded) <= budget:
             return out
         limit //= 2
 
@@ -251,6 +270,7 @@ class Auditor:
         self.policy = AuditPolicy(cfg)
         self.cap = cfg.max_payload_bytes
         self.emit = emit
+        self.unencodable = 0
 
     def capture(
         self,
@@ -271,17 +291,38 @@ class Auditor:
         return Capture(self.policy.headers(headers), kept, digest)
 
     def finish(self, capture: Capture, row: Mapping[str, Any], response: Any, complete: bool) -> None:
-        """Build and emit the record; a streamed response is the aggregate of `capture.stream`."""
-        if capture.stream is not None:
-            response = capture.stream.result()
-        record, line = build_record(
+        """Build and emit the record; a streamed response is the aggregate of `capture.stream`. Never raises: a
+        request or response that cannot be encoded or cut (nested too deeply) is left out of the record, which
+        keeps its metadata and is counted (`sidecar_audit_unencodable`)."""
+        try:
+            if capture.stream is not None:
+                response = capture.stream.result()
+            record, line = self._build(capture, row, self.policy.redact(response), complete, self.cap)
+        except Exception as exc:  # the request is answered already: the audit must not turn it into a 500
+            self.unencodable += 1
+            fields = {"request_id": row.get("request_id"), "error": type(exc).__name__}
+            log.warning("audit record kept without its bodies: they could not be encoded", extra={"fields": fields})
+            record, line = self._build(capture, row, None, complete, 0)  # a cap of 0: the metadata, `truncated`
+        self.emit(record, line)
+
+    def _build(
+        self, capture: Capture, row: Mapping[str, Any], response: Any, complete: bool, cap: int
+    ) -> tuple[dict[str, Any], bytes]:
+        return build_record(
             rec=row,
             endpoint=str(row.get("path")),
             request_headers=capture.headers,
-            request_body=capture.body,
-            response=self.policy.redact(response),
+            request_body=capture.body if cap else None,
+            response=response,
             complete=complete,
-            cap=self.cap,
+            cap=cap,
             request_digest=capture.digest,
         )
-        self.emit(record, line)
+
+    def collect(self) -> Iterator[Metric]:
+        yield counter(
+            "sidecar_audit_unencodable",
+            "Audit records written without their request and response, which could not be encoded.",
+            (),
+            {(): self.unencodable},
+        )

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +30,9 @@ from sidecar.store.base import AdminEvent, KeyRow, Store
 log = logging.getLogger("sidecar.keys")
 
 LIMIT_FIELDS = ("concurrency", "rpm", "tpm")
+# Not in a name or a model: control characters (NUL is refused by PostgreSQL's text, ESC would reach the terminal of
+# whoever lists the keys) and lone surrogates (bytes that were not UTF-8 in a command line: refused by every sink).
+_NOT_TEXT = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 EDITABLE = ("name", "concurrency", "rpm", "tpm", "models", "expires_at", "audit", "budget_tokens", "budget_period")
 
 
@@ -150,6 +154,8 @@ def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
         if name == "name":
             if not isinstance(value, str) or not 1 <= len(value) <= 200:
                 raise BadRequest("`name` must be a string of 1-200 characters.", param="name")
+            if _NOT_TEXT.search(value):
+                raise BadRequest("`name` must not contain control characters.", param="name", code="invalid_value")
             out["name"] = value
         elif name in ("budget_tokens", "budget_period"):
             out[name] = _budget_field(name, value)
@@ -159,7 +165,8 @@ def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             out[name] = value
         elif name == "models":
             if value is not None and (
-                not isinstance(value, list | tuple) or not all(isinstance(m, str) and m for m in value)
+                not isinstance(value, list | tuple)
+                or not all(isinstance(m, str) and m and not _NOT_TEXT.search(m) for m in value)
             ):
                 raise BadRequest("`models` must be a list of model names or null.", param="models")
             out["models"] = None if value is None or list(value) == ["*"] else tuple(value)  # ["*"]: all models

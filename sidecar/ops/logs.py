@@ -1,6 +1,8 @@
 """Structured logging: one JSON object per line on stderr.
 
-Callers pass structured data as `extra={"fields": {...}}`; it is merged into the line. Our own code only ever
+Callers pass structured data as `extra={"fields": {...}}`; it is merged into the line. A line is encoded by
+`dumps`, which cannot be refused what a client sent: text that is not valid UTF-8 is written with U+FFFD
+(`sidecar.wire.headers.clean_text`), so a byte in a header never costs a line. Our own code only ever
 logs key ids and masked settings; as a second line of defence every line, whoever wrote it (aiohttp, asyncio,
 psycopg, ...), goes through `scrub()` before it is written: bearer tokens, `sk-` keys, credential headers and
 passwords in URLs are replaced by `***`.
@@ -16,6 +18,8 @@ import sys
 from typing import Any
 
 import orjson
+
+from sidecar.wire.headers import clean_text
 
 REQUEST_LOGGER = "sidecar.request"
 _SECRETS = (
@@ -48,6 +52,42 @@ def scrub(text: str) -> str:
     return text
 
 
+_INT_MIN, _UINT_MAX = 2**63, 2**64 - 1  # orjson encodes integers of 64 bits, signed or not
+
+
+def dumps(doc: Any) -> bytes:
+    """`doc` as JSON. What orjson refuses is encoded repaired (`repaired`): text that is not valid UTF-8 (a
+    client's undecodable bytes, as aiohttp keeps them: lone surrogates) and integers beyond 64 bits. Raises
+    TypeError only for a doc nested deeper than orjson's 255 levels."""
+    try:
+        return orjson.dumps(doc, default=str)
+    except TypeError:
+        pass
+    try:
+        return orjson.dumps(repaired(doc), default=_text)
+    except RecursionError:
+        raise TypeError("nested too deeply to be encoded") from None
+
+
+def repaired(doc: Any) -> Any:
+    """A copy of `doc` orjson takes: every string and key made valid UTF-8 (`clean_text`), every integer
+    beyond 64 bits written as text."""
+    if isinstance(doc, str):
+        return clean_text(doc)
+    if isinstance(doc, dict):
+        return {clean_text(str(k)): repaired(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [repaired(v) for v in doc]
+    if isinstance(doc, int) and not -_INT_MIN <= doc <= _UINT_MAX:
+        return str(doc) if doc.bit_length() <= 1024 else f"an integer of {doc.bit_length()} bits"  # str() has a limit
+    return doc
+
+
+def _text(value: Any) -> str:
+    """orjson's `default`: what it cannot encode, as text it can."""
+    return clean_text(str(value))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -61,7 +101,11 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return scrub(orjson.dumps(line, default=str).decode())
+        try:
+            return scrub(dumps(line).decode())
+        except TypeError:  # fields nested too deeply: the line without them, still one JSON object
+            bare = {"ts": line["ts"], "level": line["level"], "logger": record.name, "msg": record.getMessage()}
+            return scrub(dumps({**bare, "unencodable": True}).decode())
 
 
 def setup(level: str) -> None:
@@ -100,8 +144,8 @@ class RequestLog:
 
     def write_access(self, line: bytes, ts: float, client: str | None, agent: str | None) -> None:
         """The request's row as its access line: first the fields every other log line has (`ts`, `level`,
-        `logger`, `msg`), then the client's address and user agent (scrubbed: a client may put anything there),
-        then the row."""
+        `logger`, `msg`), then the client's address and user agent (scrubbed: a client may put anything there;
+        `dumps`: even bytes that are not UTF-8), then the row."""
         head = {
             "ts": round(ts, 3),
             "level": "info",
@@ -110,7 +154,7 @@ class RequestLog:
             "client_addr": client,
             "user_agent": scrub(agent) if agent else None,
         }
-        self.write_line(orjson.dumps(head)[:-1] + b"," + line[1:])
+        self.write_line(dumps(head)[:-1] + b"," + line[1:])
 
     def write_line(self, line: bytes) -> None:
         """One JSON object, already encoded (the writer's own encoding of the record is reused)."""

@@ -64,6 +64,24 @@ _REQUEST_DROP = (
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "set-cookie"}
 
 
+def clean_text(value: str, limit: int | None = None) -> str:
+    """`value` (cut to `limit` characters) as text every sink takes: valid UTF-8, no NUL.
+
+    aiohttp decodes a header's bytes as UTF-8 with `surrogateescape`, so a byte that is not UTF-8 (one `\\xff`
+    in a `User-Agent`) becomes a lone surrogate, which orjson, the log line, the audit record and PostgreSQL all
+    refuse. The bytes are recovered and decoded again with U+FFFD for each that is not UTF-8; NUL (which
+    PostgreSQL's text refuses) becomes U+FFFD too. Text that is already clean costs one `isascii()`.
+    """
+    text = value if limit is None else value[:limit]
+    if text.isascii() and "\x00" not in text:
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no undecodable byte makes (from a JSON escape, say)
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     value = headers.get("connection")
     return {t.strip().lower() for t in value.split(",")} if value else set()
@@ -119,8 +137,8 @@ class Forwarding:
         peer: str | None = request.remote
         if peer is not None and self._trusted and self._is_trusted(peer):
             claimed = request.headers.get("x-forwarded-for")
-            if claimed:
-                return str(claimed).rsplit(",", 1)[-1].strip() or peer
+            if claimed:  # the proxy's word, but the bytes are the client's: made text a log line can hold
+                return clean_text(str(claimed).rsplit(",", 1)[-1].strip(), 256) or peer
         return peer
 
     def forwarded_https(self, request: Any) -> bool:
