@@ -23,7 +23,7 @@ from sidecar.audit.bus import AuditBus, Sink
 from sidecar.audit.capture import Auditor
 from sidecar.audit.db import DbSink
 from sidecar.audit.files import JsonlSink, StderrSink
-from sidecar.config import Settings, mask_url, read_secret, retention_seconds
+from sidecar.config import Settings, admin_token, mask_url, read_secret, retention_seconds
 from sidecar.edge import server_header
 from sidecar.handlers import Handlers
 from sidecar.keys.auth import Authenticator
@@ -160,7 +160,7 @@ def build(settings: Settings) -> Parts:
     if traced:
         require_sdk()  # before anything is created (a pepper file, a store): one line, and nothing left behind
     api_key = read_secret("upstream.api_key", s.upstream.api_key, s.upstream.api_key_file)
-    admin_token = read_secret("server.admin_token", s.server.admin_token, s.server.admin_token_file)
+    token = admin_token(s.server)
     queue = (s.limits.queue_size, s.limits.queue_timeout)
     upstream = Upstream(s.upstream, s.upstream.url, api_key, queue)
     forwarding = Forwarding(s.server.trusted_proxies)
@@ -179,7 +179,7 @@ def build(settings: Settings) -> Parts:
     proxy = Proxy(upstream, forwarding, s.server, limits, auth, metrics, finish, auditor, rejects, tracing)
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
-    admin = Admin(admin_token, keys, store, auth, s.store.report_max_days, limits.remaining)
+    admin = Admin(token, keys, store, auth, s.store.report_max_days, limits.remaining, forwarding.client_address)
     return Parts(
         s, upstream, metrics, RunState(), store, auth, limits, forwarding, keys, request_log, writer, bus, rejects,
         retention, proxy, admin, tracing, ModelNames(upstream, metrics),
@@ -254,7 +254,10 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
 def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) -> None:
     """Client routes on `router`; operations routes on `ops_router` (the same one when there is no ops port).
     The probes answer on both: a kubelet may probe either port."""
-    health = Health(p.upstream, p.state, p.store, _writer_status(p.writer, p.bus), lambda: len(p.proxy.in_flight))
+    health = Health(
+        p.upstream, p.state, p.store, _writer_status(p.writer, p.bus), lambda: len(p.proxy.in_flight),
+        p.admin.holds_token,
+    )  # fmt: skip
     routes, ops = Handlers(router), Handlers(ops_router)
     for probes in {id(router): routes, id(ops_router): ops}.values():
         probes.add("GET", "/healthz", health.healthz)

@@ -25,6 +25,7 @@ ENV_PREFIX = "SIDECAR_"
 _DURATION = re.compile(r"^(\d{1,12})([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_DURATION = 100 * 366 * 86400  # a century: anything longer is a typo (and would overflow a timestamp)
+MIN_ADMIN_TOKEN = 16  # characters, as the pepper: a shorter one (a placeholder, `x`) is guessed
 
 
 class ConfigError(ValueError):
@@ -340,6 +341,8 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"server.port: must be 1-65535, got {s.server.port}")
     if s.server.ops_port > 65535:
         raise ConfigError(f"server.ops_port: must be 1-65535 (or 0: off), got {s.server.ops_port}")
+    if s.server.admin_token and not s.server.admin_token_file:  # a file is read (and checked) at start
+        _long_enough("server.admin_token", s.server.admin_token)
     if s.server.ops_port and s.server.ops_port == s.server.port:
         raise ConfigError(f"server.ops_port: must differ from server.port ({s.server.port}); 0 turns it off")
     for net in s.server.trusted_proxies:
@@ -405,6 +408,23 @@ def read_secret(name: str, value: str, path: str) -> str:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def admin_token(server: ServerCfg) -> str:
+    """The admin token, inline or from its file (the file wins); "" (none configured) turns the admin API off."""
+    if server.admin_token_file:
+        name = "server.admin_token_file"
+        return _long_enough(name, read_secret(name, server.admin_token, server.admin_token_file))
+    return _long_enough("server.admin_token", server.admin_token) if server.admin_token else ""
+
+
+def _long_enough(name: str, token: str) -> str:
+    if len(token) < MIN_ADMIN_TOKEN:
+        raise ConfigError(
+            f"{name}: the admin token has {len(token)} characters; at least {MIN_ADMIN_TOKEN} are required "
+            "(e.g. `openssl rand -hex 24`)"
+        )
+    return token
 
 
 def summary(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ TIMED = [
     "limits/local.py", "limits/admission.py", "limits/borrowing.py", "limits/slots.py", "upstream/deadline.py",
     "upstream/pool.py", "upstream/response.py", "records/writer.py", "records/spool.py", "relay.py",
     "exchange.py", "inflight.py", "edge.py", "runner.py", "ops/rejects.py", "ops/health.py", "cors.py",
-    "audit/bus.py", "audit/files.py", "audit/db.py",
+    "audit/bus.py", "audit/files.py", "audit/db.py", "admin/throttle.py",
 ]  # fmt: skip
 WALL = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"), ("date", "today")}
 

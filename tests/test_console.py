@@ -184,8 +184,8 @@ async def test_with_an_ops_port_operators_sign_in_there_only(plain):
     running = await plain(server__ops_port=ops)
     async with browser() as s:
         _, key, _ = await admin(s, "POST", f"http://127.0.0.1:{ops}/admin/keys", {"name": "holder"})
-        status, body, _ = await sign_in(s, running.url, ADMIN)
-        assert status == 403 and body["error"]["code"] == "console_role"
+        status, body, _ = await sign_in(s, running.url, ADMIN)  # not compared there: as wrong as any wrong key
+        assert (status, body["error"]["code"]) == (401, "invalid_api_key")
         assert (await sign_in(s, running.url, key["key"]))[0] == 200
         async with s.get(running.url + "/console/api/keys") as r:
             assert r.status == 404  # no operator routes on the client port at all
@@ -247,3 +247,61 @@ async def test_a_series_keeps_the_largest_groups_and_folds_the_rest(plain, fake)
     groups = {row["model"] for row in rows}
     assert len(groups) == 13 and "other" in groups
     assert sum(row["requests"] for row in rows) == 15
+
+
+async def test_failed_sign_ins_lock_out_one_client_on_one_port_only(plain):
+    """Counted per client address (behind a trusted proxy: the one it names) and per port: a guesser locks out
+    neither the proxy's other clients nor the operator on the ops port."""
+    from tests.support.waits import free_port
+
+    ops = free_port()
+    running = await plain(server__ops_port=ops, server__trusted_proxies=("127.0.0.1/32",))
+    async with browser() as s:
+        _, key, _ = await admin(s, "POST", f"http://127.0.0.1:{ops}/admin/keys", {"name": "holder"})
+    async with browser() as s:
+        statuses = [(await sign_in(s, running.url, f"sk-wrong-{n}"))[0] for n in range(11)]
+        assert statuses == [401] * 10 + [429]
+        async with s.post(
+            running.url + "/console/api/session", json={"token": key["key"]}, headers={"x-forwarded-for": "203.0.113.9"}
+        ) as r:
+            assert r.status == 200  # another client behind the same proxy
+    async with browser() as s:
+        assert (await sign_in(s, f"http://127.0.0.1:{ops}", ADMIN))[0] == 200  # the same address, the ops port
+
+
+async def test_a_session_holds_on_its_own_port_and_each_role_has_its_cookie(plain):
+    """Browsers send a host's cookies to all its ports: the operator's session must not work on the client port,
+    and a key holder signing in there must not sign the operator out of the ops port."""
+    from tests.support.waits import free_port
+
+    ops = free_port()
+    running = await plain(server__ops_port=ops)
+    ops_url = f"http://127.0.0.1:{ops}"
+    async with browser() as s:
+        _, key, _ = await admin(s, "POST", ops_url + "/admin/keys", {"name": "holder"})
+        assert (await sign_in(s, ops_url, ADMIN))[0] == 200
+        async with s.get(running.url + "/console/api/series?split=key") as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "console_session"  # as with none
+        async with s.get(running.url + "/console/api/session") as r:
+            assert (await r.json())["role"] is None
+        assert (await sign_in(s, running.url, key["key"]))[0] == 200
+        async with s.get(running.url + "/console/api/me") as r:
+            assert r.status == 200
+        async with s.get(ops_url + "/console/api/keys") as r:
+            assert r.status == 200  # the operator is still signed in on the ops port
+        async with s.get(ops_url + "/console/api/session") as r:
+            assert (await r.json())["role"] == "admin"
+
+
+async def test_the_cookie_max_age_follows_the_sliding_session(plain):
+    running = await plain(console__session_ttl=120, console__session_max_age=100_000)
+    async with browser() as s:
+        _, _, r = await sign_in(s, running.url, ADMIN)
+        assert "Max-Age=120" in r.headers["set-cookie"]
+        async with s.get(running.url + "/console/api/keys") as r:
+            assert r.status == 200 and "Max-Age=120" in r.headers.get("set-cookie", "")  # renewed with the session
+    capped = await plain(console__session_ttl=120, console__session_max_age=50)
+    async with browser() as s:
+        _, _, r = await sign_in(s, capped.url, ADMIN)
+        max_age = int(r.headers["set-cookie"].split("Max-Age=")[1].split(";")[0])
+        assert 0 < max_age <= 50  # never past what the session has left

@@ -241,10 +241,10 @@ async def test_shared_limits_when_postgresql_goes_away(fake, pg_proxy, pg_url, s
         store__url=through(pg_proxy, pg_url),
         store__op_timeout=1.0,
         auth__enabled=True,
-        server__admin_token="faults-admin",
+        server__admin_token="faults-admin-token-0123",
         limits__store_down=policy,
     )
-    admin = {"authorization": "Bearer faults-admin"}
+    admin = {"authorization": "Bearer faults-admin-token-0123"}
     async with aiohttp.ClientSession() as s:
         async with s.post(
             running.url + "/admin/keys", json={"name": "k", "concurrency": 4, "rpm": 1000}, headers=admin

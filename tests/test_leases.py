@@ -21,7 +21,7 @@ from tests.support import bodies as common
 from tests.support.bodies import MAX_TOKENS
 from tests.support.waits import wait_for
 
-ADMIN = "admin-token"
+ADMIN = "admin-token-0123456789"
 CHAT = {**common.CHAT, "max_tokens": 20}
 
 

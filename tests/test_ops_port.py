@@ -13,7 +13,7 @@ from sidecar.app import PROXY
 from tests.support.clients import stream
 from tests.support.waits import free_port
 
-ADMIN = "ops-admin-token"
+ADMIN = "ops-admin-token-0123"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -113,6 +113,25 @@ async def test_drain_refuses_anyone_but_loopback(fake, sidecar_factory):
         code, body = await status(s, "GET", f"http://127.0.0.1:{ops_port}/drain")
         assert code == 200 and body["draining"] is False
     assert running.server.app[PROXY].in_flight.tasks == set()
+
+
+@pytest.mark.parametrize(
+    "proxied", [{"x-forwarded-for": "203.0.113.5"}, {"forwarded": "for=203.0.113.5"}, {"x-real-ip": "203.0.113.5"}]
+)
+async def test_drain_through_a_proxy_needs_the_admin_token(fake, sidecar_factory, proxied):
+    """Without an ops port, a proxy on the host or in the pod reaches /drain from loopback too: a request that
+    names the client it came from is refused unless it carries the admin token."""
+    running = await sidecar_factory(fake.url, server__admin_token=ADMIN)
+    async with aiohttp.ClientSession() as s:
+        code, body = await status(s, "POST", running.url + "/drain", headers=proxied)
+        assert code == 403 and body["error"]["code"] == "loopback_only"
+        wrong = {**proxied, "authorization": "Bearer not-the-admin-token"}
+        code, body = await status(s, "POST", running.url + "/drain", headers=wrong)
+        assert code == 401 and body["error"]["code"] == "invalid_admin_token"
+        assert (await status(s, "GET", running.url + "/drain"))[1]["draining"] is False  # nothing drained
+        code, body = await status(s, "POST", running.url + "/drain", headers={**proxied, **AUTH})
+        assert code == 200 and body["draining"] is True
+    await asyncio.wait_for(running.server.drain(), 5)
 
 
 @pytest.mark.parametrize(

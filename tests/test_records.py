@@ -11,7 +11,7 @@ import pytest
 from sidecar.app import LIMITS, PROXY
 from tests.support.waits import wait_for
 
-ADMIN = "admin-token"
+ADMIN = "admin-token-0123456789"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there friend"}], "max_tokens": 50}
 
 

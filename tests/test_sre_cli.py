@@ -26,7 +26,7 @@ from sidecar.keys.format import parse_key
 from tests.support.processes import cli, reap
 from tests.support.waits import free_port, wait_listening
 
-ADMIN = "sre-admin-token"
+ADMIN = "sre-admin-token-0123"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -1,5 +1,8 @@
 """The admin API: keys, the admin audit log, usage and request listings. Bearer admin token; off without one.
 
+Wrong tokens are counted per client address and port by a `Throttle` (shared with the console's sign-in): after
+`FAILURES_PER_MINUTE` in a minute the next get 429, so the token cannot be guessed at the server's speed.
+
 Every mutation goes through `KeyAdmin`, which writes the change and its audit row in one transaction. Errors
 are raised and rendered by `sidecar.responses` (OpenAI-shaped; the store being down is a 503, never a 500).
 """
@@ -16,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 
 from sidecar.admin.params import MAX_PAGE, int_param, only_params, page, page_query, read_json, since_param, time_param
 from sidecar.admin.tables import csv_text
+from sidecar.admin.throttle import Throttle
 from sidecar.errors import BadRequest, NotFound, Unauthorized
 from sidecar.handlers import Handlers, request_id
 from sidecar.keys.auth import Authenticator, bearer_token
@@ -40,8 +44,11 @@ class Admin:
         auth: Authenticator,
         max_days: int = 366,
         remaining: Remaining | None = None,
+        client: Callable[[web.Request], str | None] = lambda request: request.remote,
     ) -> None:
         self.remaining = remaining
+        self.client = client  # the client's address (`server.trusted_proxies`): in the audit log and the throttle
+        self.throttle = Throttle(client)
         self.max_days = max_days
         self.token = token.encode()
         self.keys = keys
@@ -89,20 +96,26 @@ class Admin:
         if not self.token:
             raise NotFound("The admin API is off: no admin token is configured.", code="unknown_url")
         value = request.headers.get("authorization")
+        if value is None:  # no guess at all: counted, never throttled
+            self._refused(request, "admin request without a token")
+            raise Unauthorized("A valid admin token is required.", code="invalid_admin_token")
+        self.throttle.check(request)
         token = bearer_token(value)
-        if token is None or not hmac.compare_digest(token.encode(), self.token):
-            self.token_failures += 1
-            if self._failure_log.keep(request.remote):
-                fields = {"peer": request.remote, "method": request.method, "path": request.path[:200]}
-                log.warning(
-                    "admin token rejected" if value else "admin request without a token", extra={"fields": fields}
-                )
+        if token is None or not self.token_matches(token):
+            self.refused(request, "admin token rejected")
             raise Unauthorized("A valid admin token is required.", code="invalid_admin_token")
 
-    @staticmethod
-    def _actor(request: web.Request) -> str:
+    def holds_token(self, request: web.Request) -> bool:
+        """Whether the request carries the admin token, for a route that takes it besides another proof (`/drain`).
+        None sent: False; a wrong one is refused (401, or 429 once too many) and counted as the admin API's are."""
+        if not self.token or "authorization" not in request.headers:
+            return False
+        self._check_token(request)
+        return True
+
+    def _actor(self, request: web.Request) -> str:
         via = "console" if request.path.startswith("/console/") else "admin-api"
-        return f"{via}:{request.remote or 'unknown'}"
+        return f"{via}:{self.client(request) or 'unknown'}"
 
     async def list_keys(self, request: web.Request, rid: str) -> Any:
         only_params(request, ())  # none: a filter it would ignore is refused
@@ -151,13 +164,20 @@ class Admin:
             listener(kid)
 
     def token_matches(self, token: str) -> bool:
+        # A header's bytes that are not UTF-8 arrive as lone surrogates: kept as they came, never an encode error.
         return bool(self.token) and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.token)
 
     def refused(self, request: web.Request, what: str) -> None:
-        """A wrong credential: counted with the admin token's failures, logged within the same per-address rate."""
+        """A wrong credential: counted with the admin token's failures and by the throttle, logged within the same
+        per-address rate."""
+        self.throttle.failed(request)
+        self._refused(request, what)
+
+    def _refused(self, request: web.Request, what: str) -> None:
         self.token_failures += 1
-        if self._failure_log.keep(request.remote):
-            fields = {"peer": request.remote, "method": request.method, "path": request.path[:200]}
+        client = self.client(request)
+        if self._failure_log.keep(client):
+            fields = {"client": client, "peer": request.remote, "method": request.method, "path": request.path[:200]}
             log.warning(what, extra={"fields": fields})
 
     async def audit_log(self, request: web.Request, rid: str) -> Any:

@@ -1,7 +1,10 @@
 """Console: a small web console at `/console/` on the client port, off by default (`[console] enabled`).
 
 An operator signs in with the admin token, a key holder with their key; either is exchanged for a session
-cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over TLS, path `/console`) and never kept by the page. Every
+cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over TLS, path `/console`) and never kept by the page. A
+session holds on the port it was made on only, and each role has its own cookie: browsers send a host's cookies
+to all its ports, so an operator's session must not work on the client port, and a key holder signing in there
+must not sign the operator out of the ops port. Failed sign-ins count in the admin API's `Throttle`. Every
 change needs the session's CSRF token in `x-csrf-token` and a JSON body; every page and asset goes out with a
 strict Content-Security-Policy (no inline script or style, nothing from elsewhere). The data comes from the
 admin API's own handlers (operators) and the key's own usage (key holders: never another key's). Reports run
@@ -24,6 +27,7 @@ from aiohttp import web
 
 from sidecar.admin.api import Admin
 from sidecar.admin.params import only_params, read_json, since_param, time_param
+from sidecar.admin.throttle import local_port
 from sidecar.config import ConsoleCfg
 from sidecar.errors import (
     BadRequest,
@@ -41,7 +45,8 @@ from sidecar.limits.budgets import Remaining, budget_fields
 from sidecar.responses import error_response, json_response
 from sidecar.store.base import Store
 
-COOKIE = "sidecar_console"
+ROLES = ("admin", "key")
+COOKIES = {"admin": "sidecar_console", "key": "sidecar_console_key"}  # one per role
 ASSETS = {
     "console.js": "text/javascript",
     "console.css": "text/css",
@@ -61,7 +66,6 @@ SECURITY_HEADERS = {
 }
 SERIES_MAX_DAYS = 31
 SESSIONS_PER_KEY = 5
-FAILURES_PER_MINUTE = 10  # failed sign-ins from one address; then 429 until its minute is over
 KEY_RECHECK = 5.0  # seconds between checks that a key holder's key is still valid
 TOP_GROUPS = 12
 BUCKETS = {"hour": 3600, "day": 86400}
@@ -74,6 +78,7 @@ class Session:
     csrf: str
     born: float
     used: float
+    port: int  # the port it was made on, and the only one it holds on
     key_id: str | None = None
     name: str | None = None
     checked: float = 0.0  # when the key was last found still valid
@@ -98,7 +103,6 @@ class Console:
         self.max_days = max_days
         self.https = https  # whether the client reached us over TLS (here, or at a trusted proxy)
         self._sessions: dict[str, Session] = {}
-        self._failures: dict[str, tuple[float, int]] = {}  # address -> (minute, failed sign-ins in it)
         self._reports: set[str] = set()  # keys with a series running: one at a time per key
         admin.on_key_change.append(self.forget_key)
 
@@ -108,13 +112,13 @@ class Console:
         routes.add("GET", "/console", self.redirect)
         routes.add("GET", "/console/", self.page)
         routes.add("GET", "/console/static/{name}", self.asset)
-        roles = {role for role, on in (("admin", operators), ("key", holders)) if on}
+        roles = tuple(role for role, on in zip(ROLES, (operators, holders), strict=True) if on)
         routes.add("POST", "/console/api/session", self._secured(lambda request: self.sign_in(request, roles)))
-        routes.add("GET", "/console/api/session", self._secured(self.whoami))
-        routes.add("DELETE", "/console/api/session", self._api(self.sign_out, "any"))
+        routes.add("GET", "/console/api/session", self._secured(lambda request: self.whoami(request, roles)))
+        routes.add("DELETE", "/console/api/session", self._api(self.sign_out, "any", roles))
         if holders:
-            routes.add("GET", "/console/api/me", self._api(self.me, "key"))
-        routes.add("GET", "/console/api/series", self._api(self.series, "any"))
+            routes.add("GET", "/console/api/me", self._api(self.me, "key", roles))
+        routes.add("GET", "/console/api/series", self._api(self.series, "any", roles))
         if not operators:
             return
         for method, path, handler in (
@@ -128,7 +132,7 @@ class Console:
             ("GET", "/console/api/requests", self.admin.requests),
             ("GET", "/console/api/audit-records", self.admin.audit_records),
         ):
-            routes.add(method, path, self._api(handler, "admin"))
+            routes.add(method, path, self._api(handler, "admin", roles))
 
     # --- pages ---------------------------------------------------------------------------------------------
 
@@ -151,61 +155,56 @@ class Console:
 
     # --- sessions ------------------------------------------------------------------------------------------
 
-    async def sign_in(self, request: web.Request, roles: set[str]) -> web.StreamResponse:
+    async def sign_in(self, request: web.Request, roles: tuple[str, ...]) -> web.StreamResponse:
         rid = request_id(request)
         self._json_only(request)
-        address = request.remote or "unknown"
-        self._not_too_many_failures(address)
+        self.admin.throttle.check(request)
         doc = await read_json(request)
         token = doc.get("token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise BadRequest('Send {"token": "..."}: the admin token or your key.', param="token")
+        port = local_port(request)
         try:
-            session = await self._session_for(token, roles)
+            session = await self._session_for(token, roles, port)
         except Unauthorized:
-            self._failed(address)
             self.admin.refused(request, "console sign-in refused")
             raise
-        self._sessions.pop(request.cookies.get(COOKIE, ""), None)  # a new session, never the old one's id
+        for role in roles:  # one session per port, never the old one's id: whatever was signed in here ends
+            old = request.cookies.get(COOKIES[role], "")
+            if old in self._sessions and self._sessions[old].port == port:
+                del self._sessions[old]
         self._make_room(session)
         sid = secrets.token_urlsafe(32)
         self._sessions[sid] = session
         resp = json_response(self._describe(session), rid)
-        secure = self.cfg.secure_cookie == "always" or (self.cfg.secure_cookie == "auto" and self.https(request))
-        resp.set_cookie(
-            COOKIE, sid, path="/console", httponly=True, samesite="Strict", secure=secure,
-            max_age=int(self.cfg.session_ttl),
-        )  # fmt: skip
+        for role in roles:  # the other role's cookie on this port names a session that just ended
+            if role != session.role and COOKIES[role] in request.cookies:
+                resp.del_cookie(COOKIES[role], path="/console")
+        self._set_cookie(resp, request, sid, session)
         return resp
 
-    async def _session_for(self, token: str, roles: set[str]) -> Session:
+    async def _session_for(self, token: str, roles: tuple[str, ...], port: int) -> Session:
+        """The session a token opens on this port. Where operators do not sign in, the admin token is not even
+        compared: it fails as any wrong key does, so the client port is no oracle for it."""
         now = time.monotonic()
-        if self.admin.token_matches(token):
-            if "admin" not in roles:
-                raise Forbidden("Operators sign in on the operations port.", code="console_role")
-            return Session("admin", secrets.token_urlsafe(32), now, now)
+        if "admin" in roles and self.admin.token_matches(token):
+            return Session("admin", secrets.token_urlsafe(32), now, now, port)
         if "key" not in roles:
             raise Unauthorized("Sign in with the admin token.", code="invalid_admin_token")
         principal = await self.auth.authenticate({"authorization": f"Bearer {token}"})
         if principal.key_id is None:
             raise Unauthorized("Sign in with the admin token or a key.", code="invalid_api_key")
-        return Session("key", secrets.token_urlsafe(32), now, now, principal.key_id, principal.name, now)
+        return Session("key", secrets.token_urlsafe(32), now, now, port, principal.key_id, principal.name, now)
 
-    def _not_too_many_failures(self, address: str) -> None:
-        minute, failed = self._failures.get(address, (0.0, 0))
-        if failed >= FAILURES_PER_MINUTE and time.monotonic() - minute < 60:
-            raise RateLimited(
-                "Too many failed sign-ins from this address; wait a minute.", headers={"retry-after": "60"}
-            )
-
-    def _failed(self, address: str) -> None:
-        now = time.monotonic()
-        minute, failed = self._failures.get(address, (now, 0))
-        if now - minute >= 60:
-            minute, failed = now, 0
-        if len(self._failures) >= 10_000:  # bounded whatever the addresses: an old window is forgotten
-            self._failures.clear()
-        self._failures[address] = (minute, failed + 1)
+    def _set_cookie(self, resp: web.StreamResponse, request: web.Request, sid: str, session: Session) -> None:
+        """The session's cookie, its `Max-Age` what the session has left: renewed on every answer as the session
+        slides, never past `session_max_age`."""
+        left = min(self.cfg.session_ttl, self.cfg.session_max_age - (time.monotonic() - session.born))
+        secure = self.cfg.secure_cookie == "always" or (self.cfg.secure_cookie == "auto" and self.https(request))
+        resp.set_cookie(
+            COOKIES[session.role], sid, path="/console", httponly=True, samesite="Strict", secure=secure,
+            max_age=max(1, math.ceil(left)),
+        )  # fmt: skip
 
     def _make_room(self, new: Session) -> None:
         """At most SESSIONS_PER_KEY sessions per key (its oldest goes), and `max_sessions` in all: then the least
@@ -227,18 +226,20 @@ class Console:
         for sid in [sid for sid, s in self._sessions.items() if s.key_id == key_id]:
             del self._sessions[sid]
 
-    async def whoami(self, request: web.Request) -> web.Response:
+    async def whoami(self, request: web.Request, roles: tuple[str, ...]) -> web.Response:
         """The page asks who it is at load: signed out is an answer (`role: null`), not an error."""
         try:
-            session = await self._session(request)
+            sid, session = await self._session(request, roles)
         except Unauthorized:
             return json_response({"role": None}, request_id(request))
-        return json_response(self._describe(session), request_id(request))
+        resp = json_response(self._describe(session), request_id(request))
+        self._set_cookie(resp, request, sid, session)
+        return resp
 
     async def sign_out(self, request: web.Request, rid: str, session: Session) -> Any:
-        self._sessions.pop(request.cookies.get(COOKIE, ""), None)
+        self._sessions.pop(request.cookies.get(COOKIES[session.role], ""), None)
         resp = json_response({"signed_out": True}, rid)
-        resp.del_cookie(COOKIE, path="/console")
+        resp.del_cookie(COOKIES[session.role], path="/console")
         return resp
 
     @staticmethod
@@ -270,12 +271,15 @@ class Console:
 
         return run
 
-    def _api(self, handler: Callable[..., Awaitable[Any]], role: str) -> Callable[[web.Request], Awaitable[Any]]:
-        """A console API route: a live session of `role` ("any": either), its CSRF token on every change."""
+    def _api(
+        self, handler: Callable[..., Awaitable[Any]], role: str, roles: tuple[str, ...]
+    ) -> Callable[[web.Request], Awaitable[Any]]:
+        """A console API route on a port serving `roles`: a live session of `role` ("any": either), its CSRF token
+        on every change."""
 
         async def run(request: web.Request) -> web.StreamResponse:
             rid = request_id(request)
-            session = await self._session(request)
+            sid, session = await self._session(request, roles)
             if role not in ("any", session.role):
                 raise Forbidden("Not for this session.", code="console_role")
             if request.method != "GET":
@@ -284,19 +288,29 @@ class Console:
                 if not hmac.compare_digest(sent, session.csrf.encode()):
                     raise Forbidden("Missing or wrong CSRF token.", code="csrf")
             result = await (handler(request, rid) if role == "admin" else handler(request, rid, session))
-            if isinstance(result, web.StreamResponse):
-                return result
-            return json_response(result, rid, 201 if request.method == "POST" else 200)
+            resp = result if isinstance(result, web.StreamResponse) else json_response(
+                result, rid, 201 if request.method == "POST" else 200
+            )  # fmt: skip
+            if sid in self._sessions:  # not just signed out
+                self._set_cookie(resp, request, sid, session)
+            return resp
 
         return self._secured(run)
 
-    async def _session(self, request: web.Request) -> Session:
-        sid = request.cookies.get(COOKIE, "")
-        session = self._sessions.get(sid)
-        now = time.monotonic()
-        if session is None or not self._alive(session, now):
-            self._sessions.pop(sid, None)
-            raise Unauthorized("Sign in to the console.", code="console_session")
+    async def _session(self, request: web.Request, roles: tuple[str, ...]) -> tuple[str, Session]:
+        """The live session this request's cookies name on this port. Another port's session (the browser sends
+        it here too), or another role's under a role's cookie, is no session: the same 401 as none."""
+        now, port = time.monotonic(), local_port(request)
+        for role in roles:
+            sid = request.cookies.get(COOKIES[role], "")
+            session = self._sessions.get(sid)
+            if session is not None and not self._alive(session, now):
+                del self._sessions[sid]
+            elif session is not None and session.role == role and session.port == port:
+                return sid, await self._touch(sid, session, now)
+        raise Unauthorized("Sign in to the console.", code="console_session")
+
+    async def _touch(self, sid: str, session: Session, now: float) -> Session:
         if session.key_id is not None and now - session.checked >= KEY_RECHECK:
             if not await self._still_valid(session.key_id):  # revoked or expired since: the session ends
                 self._sessions.pop(sid, None)

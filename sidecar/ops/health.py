@@ -26,6 +26,7 @@ from sidecar.ops.state import RunState
 from sidecar.records.record import new_request_id
 from sidecar.store.base import Store, StoreError
 from sidecar.upstream.server import Upstream
+from sidecar.wire.headers import forwarded
 
 log = logging.getLogger("sidecar.health")
 STORE_PING = 0.5  # a probe never waits longer on the store (kubelet probes time out after a few seconds)
@@ -39,12 +40,14 @@ class Health:
         store: Store,
         writers: Callable[[], dict[str, dict[str, Any]]] = dict,
         in_flight: Callable[[], int] = int,
+        operator: Callable[[web.Request], bool] = lambda request: False,
     ) -> None:
         self.upstream = upstream
         self.state = state
         self.store = store
         self.writers = writers
         self.in_flight = in_flight
+        self.operator = operator  # whether a request carries the admin token (a wrong one raises 401 or 429)
         self._last_reason = ""
         self._store_down = False
 
@@ -79,10 +82,15 @@ class Health:
     async def drain(self, request: web.Request) -> web.Response:
         """`POST /drain` starts the drain SIGTERM would (readyz 503, grace, listener closed, in-flight requests
         finish) without ending the process; `GET` only reports. For vLLM's preStop in the same pod: a native
-        sidecar gets SIGTERM only after vLLM has exited, too late to drain the streams vLLM serves. Loopback
-        only: anyone else could take the replica out of service."""
-        if not _loopback(request):
-            raise Forbidden("/drain is only served to the loopback address.", code="loopback_only")
+        sidecar gets SIGTERM only after vLLM has exited, too late to drain the streams vLLM serves. Anyone else
+        could take the replica out of service for good: served to a loopback peer that is not a proxy passing a
+        client's request on (a proxy in the pod or on the host is loopback too, and says whose request it is), or
+        to whoever holds the admin token."""
+        if not self.operator(request) and not (_loopback(request) and not forwarded(request.headers)):
+            raise Forbidden(
+                "/drain is served on loopback to a request that did not come through a proxy, or with the admin token.",
+                code="loopback_only",
+            )
         if request.method == "POST":
             self.state.request_drain()
         doc = {"draining": self.state.draining, "drained": self.state.drained, "in_flight": self.in_flight()}

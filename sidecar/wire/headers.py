@@ -39,6 +39,12 @@ _FORWARDING = frozenset(
 _TRUSTED_FORWARDING = ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
 
 
+def forwarded(headers: Mapping[str, str]) -> bool:
+    """Whether a proxy passed this request on: it names the client it came from (`X-Forwarded-For`, `Forwarded`,
+    `X-Real-IP`)."""
+    return any(name in headers for name in ("x-forwarded-for", "forwarded", "x-real-ip"))
+
+
 # Never forwarded to the upstream: the framing we rebuild, the client's credentials, cookies and our own id.
 _REQUEST_DROP = (
     _FORWARDING

@@ -1,5 +1,6 @@
 """Clients of a running sidecar: a whole POST (`post`), the admin API (`admin`, with `ADMIN`, the tests' admin
-token), a keyed chat (`chat`), a scripted stream (`stream`) and a raw socket stream a test can cut (`open_stream`)."""
+token), a keyed chat (`chat`), a scripted stream (`stream`), a raw socket stream a test can cut (`open_stream`)
+and bytes no HTTP client would send, with the whole answer (`raw`)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,14 @@ async def stream(url, script):
             return r.status, await r.read()
     except aiohttp.ClientError as exc:
         return 0, repr(exc).encode()
+
+
+async def raw(port: int, request: bytes) -> bytes:
+    """`request` as it is on a new connection (send `Connection: close`): the whole answer, head and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
