@@ -1,6 +1,6 @@
 """The upstream's model list (`GET /v1/models`): the names it serves and, where it says (vLLM's
-`max_model_len`, on the `vllm` and `sglang` presets), each model's context length, which bounds what a request with no output cap can make it
-generate. Asked for in the background when the upstream is opened, then again once the list is a minute old
+`max_model_len`, on the `vllm` and `sglang` presets), each model's context length, which bounds what a request
+with no output cap can make it generate. Asked for in the background when the upstream is opened, then again once the list is a minute old
 and someone needs it; never on a request's path, except the few that arrive while the first ask is still out
 (they wait for it, within the upstream's health timeout). A failed ask leaves what was known (until then:
 nothing, and the callers fall back to their defaults).
@@ -47,8 +47,8 @@ class ModelList:
 
     async def context(self, model: str | None) -> int | None:
         """The context length of `model` (the longest listed, when it names none or one not listed: an alias
-        the upstream may resolve), or None when the upstream does not say. While the first ask is out, a caller waits for it; later ones use what is known and
-        refresh it in the background when it is old."""
+        the upstream may resolve), or None when the upstream does not say. While the first ask is out, a
+        caller waits for it; later ones use what is known and refresh it in the background when it is old."""
         if not self.lengths:
             return None
         if self._asking is not None and not self._asking.done() and not self.listed:
