@@ -1,9 +1,11 @@
 """The upstream's model list (`GET /v1/models`): the names it serves and, where it says (vLLM's
 `max_model_len`, on the `vllm` and `sglang` presets), each model's context length, which bounds what a request
-with no output cap can make it generate. Asked for in the background when the upstream is opened, then again once the list is a minute old
-and someone needs it; never on a request's path, except the few that arrive while the first ask is still out
-(they wait for it, within the upstream's health timeout). A failed ask leaves what was known (until then:
-nothing, and the callers fall back to their defaults).
+with no output cap can make it generate.
+
+Asked for in the background when the upstream is opened, then again once the list is a minute old and someone
+needs it; never on a request's path, except the few that arrive while the first ask is still out (they wait for
+it, within the upstream's health timeout). A failed ask leaves what was known (until then: nothing, and the
+callers fall back to their defaults) and is tried again after `RETRY` seconds.
 """
 
 from __future__ import annotations
