@@ -13,7 +13,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from sidecar.config import UpstreamCfg
+from sidecar.upstream.server import Upstream
 from tests.support.bodies import CHAT
 from tests.support.clients import ADMIN
 from tests.support.fake_upstream import Script
@@ -209,3 +213,37 @@ async def test_an_enforced_cap_is_written_into_a_request_that_names_none(fake, s
     assert orjson.loads(fake.last().body)["n_predict"] == 1024  # llama-server's "no limit" is given one
     assert (await send(running.url, key, "/completion", {"prompt": "hi", "n_predict": 5}))[0] == 200
     assert orjson.loads(fake.last().body)["n_predict"] == 5  # a named cap is left as it is
+
+
+async def test_the_model_list_is_asked_again_after_a_failure_and_an_unlisted_model_gets_the_longest():
+    """`upstream/models.ModelList` against a real server whose list fails first (a vLLM still loading)."""
+    listing: dict[str, Any] = {"status": 503}
+
+    async def models(request: web.Request) -> web.Response:
+        if listing["status"] != 200:
+            return web.Response(status=listing["status"])
+        data = [{"id": "small", "max_model_len": 4096}, {"id": "big", "max_model_len": 32768}, {"id": "embed"}]
+        return web.json_response({"object": "list", "data": data})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    upstream = Upstream(UpstreamCfg(kind="vllm"), f"http://127.0.0.1:{server.port}/v1", "")
+    await upstream.open()
+    try:
+        assert await upstream.models.context("small") is None  # waits for the first ask, which failed
+        listing["status"] = 200
+        await upstream.models.refresh()
+        assert await upstream.models.context("small") == 4096
+        assert await upstream.models.context("an-alias") == 32768  # not listed: the longest, never less
+        assert await upstream.models.context(None) == 32768
+        assert upstream.models.names == frozenset({"small", "big", "embed"})
+        listing["status"] = 500
+        await upstream.models.refresh()
+        assert await upstream.models.context("small") == 4096  # a failed ask keeps what was known
+        other = Upstream(UpstreamCfg(kind="llama.cpp"), f"http://127.0.0.1:{server.port}/v1", "")
+        assert await other.models.context("small") is None  # a preset whose list gives no lengths: never asked
+    finally:
+        await upstream.close()
+        await server.close()
