@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tests.support.bodies import CHAT
+from tests.support.clients import raw
 from tests.support.fake_upstream import FAKE_CONTENT_TYPE, FAKE_DATE
 from tests.support.processes import reap
 from tests.support.waits import free_port, wait_listening
@@ -43,16 +44,6 @@ def sidecar(tmp_path: Path, *args: str, cwd: Path | None = None, **env: str) -> 
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-async def raw(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 HOSTILE = [
