@@ -268,7 +268,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     routes.add(
         "GET",
         "/v1/usage",
-        OwnUsage(p.auth, p.store, p.limits, p.settings.store.report_max_days).handle,
+        OwnUsage(p.auth, p.store, p.limits, p.settings.store.report_max_days, p.forwarding.client_address).handle,
     )
     if p.settings.console.enabled:  # never a proxied path
         days = p.settings.store.report_max_days

@@ -100,6 +100,7 @@ class AuthCfg:
     cache_ttl: float = 5.0
     max_stale: float = 300.0
     lookup_timeout: float = 1.0  # the longest a request waits for the key store
+    unknown_key_rate: int = 60  # lookups of key ids this replica does not hold, per client address a minute; 0: any
 
 
 @dataclass(frozen=True)

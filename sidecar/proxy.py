@@ -131,7 +131,7 @@ class Proxy:
         if is_preflight(request):
             return self._preflight(request, path, ex.rec)
         route = self._check_route(request.method, path)
-        principal = self.auth.known(request.headers) or await self.auth.authenticate(request.headers)
+        principal = self.auth.known(request.headers) or await self._authenticate(request)
         ex.authenticated = True
         ex.rec.key_id = principal.key_id
         call = await self._read_call(request, route, ex.rec)
@@ -143,6 +143,10 @@ class Proxy:
         if ex.rec.span is not None and self.tracing is not None:
             self.tracing.admitted(ex.rec.span, call.family, call.model, call.max_tokens, ex.rec.queued_ms, call.doc)
         return await self.relay.relay(request, ex)
+
+    async def _authenticate(self, request: web.Request) -> Principal:
+        """The key's principal; the client's address bounds its lookups of unknown keys (`keys.auth`)."""
+        return await self.auth.authenticate(request.headers, self.forwarding.client_address(request))
 
     async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
         reservation = self.limits.reserve(call)

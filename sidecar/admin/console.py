@@ -161,7 +161,7 @@ class Console:
         if not isinstance(token, str) or not token:
             raise BadRequest('Send {"token": "..."}: the admin token or your key.', param="token")
         try:
-            session = await self._session_for(token, roles)
+            session = await self._session_for(token, roles, address)
         except Unauthorized:
             self._failed(address)
             self.admin.refused(request, "console sign-in refused")
@@ -178,7 +178,7 @@ class Console:
         )  # fmt: skip
         return resp
 
-    async def _session_for(self, token: str, roles: set[str]) -> Session:
+    async def _session_for(self, token: str, roles: set[str], address: str) -> Session:
         now = time.monotonic()
         if self.admin.token_matches(token):
             if "admin" not in roles:
@@ -186,7 +186,7 @@ class Console:
             return Session("admin", secrets.token_urlsafe(32), now, now)
         if "key" not in roles:
             raise Unauthorized("Sign in with the admin token.", code="invalid_admin_token")
-        principal = await self.auth.authenticate({"authorization": f"Bearer {token}"})
+        principal = await self.auth.authenticate({"authorization": f"Bearer {token}"}, address)
         if principal.key_id is None:
             raise Unauthorized("Sign in with the admin token or a key.", code="invalid_api_key")
         return Session("key", secrets.token_urlsafe(32), now, now, principal.key_id, principal.name, now)
