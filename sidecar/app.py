@@ -23,7 +23,7 @@ from sidecar.audit.bus import AuditBus, Sink
 from sidecar.audit.capture import Auditor
 from sidecar.audit.db import DbSink
 from sidecar.audit.files import JsonlSink, StderrSink
-from sidecar.config import Settings, admin_token, mask_url, read_secret, retention_seconds
+from sidecar.config import Settings, admin_token, jsonl_retention_seconds, mask_url, read_secret, retention_seconds
 from sidecar.edge import server_header
 from sidecar.handlers import Handlers
 from sidecar.keys.auth import Authenticator
@@ -102,7 +102,10 @@ def _audit_bus(s: Settings, store: Store) -> AuditBus:
             sinks.append(StderrSink(cfg.queue_size))
         elif name == "jsonl":
             directory = cfg.jsonl_dir or str(Path(s.server.data_dir) / "audit")
-            sinks.append(JsonlSink(cfg.queue_size, directory, cfg.jsonl_max_bytes, cfg.jsonl_max_age, cfg.jsonl_gzip))
+            keep = jsonl_retention_seconds(cfg)
+            sinks.append(
+                JsonlSink(cfg.queue_size, directory, cfg.jsonl_max_bytes, cfg.jsonl_max_age, cfg.jsonl_gzip, keep)
+            )
         elif name == "db":
             writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"), "audit", store.insert_audit)
             sinks.append(DbSink(writer, cfg.queue_size))
@@ -272,7 +275,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     routes.add(
         "GET",
         "/v1/usage",
-        OwnUsage(p.auth, p.store, p.limits, p.settings.store.report_max_days).handle,
+        OwnUsage(p.auth, p.store, p.limits, p.settings.store.report_max_days, p.forwarding.client_address).handle,
     )
     if p.settings.console.enabled:  # never a proxied path
         days = p.settings.store.report_max_days

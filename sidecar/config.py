@@ -101,6 +101,7 @@ class AuthCfg:
     cache_ttl: float = 5.0
     max_stale: float = 300.0
     lookup_timeout: float = 1.0  # the longest a request waits for the key store
+    unknown_key_rate: int = 60  # lookups of key ids this replica does not hold, per client address a minute; 0: any
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class AuditCfg:
     jsonl_max_bytes: int = 64 * 1024 * 1024
     jsonl_max_age: float = 3600.0
     jsonl_gzip: bool = False
+    jsonl_retention: str = "90d"  # segments last written longer ago are deleted; "0" keeps them all
     queue_size: int = 10_000
     max_payload_bytes: int = 1024 * 1024
     header_allowlist: tuple[str, ...] = ("content-type", "user-agent", "x-request-id", "openai-organization")
@@ -362,6 +364,9 @@ def _check(s: Settings) -> None:
         raise ConfigError("store.url: must be sqlite:///PATH or postgresql://...")
     if s.store.retention not in ("", "0") and duration(s.store.retention) is None:
         raise ConfigError(f"store.retention: expected a duration such as 90d or 0 (keep), got {s.store.retention!r}")
+    if s.audit.jsonl_retention not in ("", "0") and duration(s.audit.jsonl_retention) is None:
+        shown = s.audit.jsonl_retention
+        raise ConfigError(f"audit.jsonl_retention: expected a duration such as 30d or 0 (keep), got {shown!r}")
     if not 0.0 <= s.audit.sample_rate <= 1.0:
         raise ConfigError(f"audit.sample_rate: must be between 0 and 1, got {s.audit.sample_rate}")
     if s.limits.store_down not in ("local", "reject"):
@@ -398,6 +403,11 @@ def duration(text: str) -> float | None:
 def retention_seconds(store: StoreCfg) -> float:
     """How long request and audit rows are kept; 0 keeps them forever."""
     return 0.0 if store.retention in ("", "0") else duration(store.retention) or 0.0
+
+
+def jsonl_retention_seconds(audit: AuditCfg) -> float:
+    """How long the jsonl audit sink keeps a segment after its last write; 0 keeps them forever."""
+    return 0.0 if audit.jsonl_retention in ("", "0") else duration(audit.jsonl_retention) or 0.0
 
 
 def read_secret(name: str, value: str, path: str) -> str:

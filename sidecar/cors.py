@@ -5,8 +5,9 @@ answered here, without a key (browsers never send one on a preflight): 204 with 
 headers asked for, a max-age, or 403 for an origin not in the list. Every answer to an allowed origin, relayed
 or our own (a 401 or 429 the page must be able to read), carries `Access-Control-Allow-Origin`, `Vary: Origin`
 and exposes our headers (`x-request-id`, rate limits); the upstream's own `Access-Control-*` headers are dropped.
-Without origins configured the sidecar does no CORS: preflights go to the upstream as they are and its
-`Access-Control-*` headers reach the client unchanged.
+Without origins configured the sidecar does no CORS: every preflight is refused here (403, as for an origin
+not in the list), never relayed (it carries no key, and the upstream would get it with its own), and the
+upstream's `Access-Control-*` headers on an answer reach the client unchanged.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from sidecar.config import ServerCfg
 from sidecar.cors import Cors, is_preflight
 from sidecar.edge import read_body
 from sidecar.errors import (
-    TRANSPORT_FAILURES,
     KeyNotValid,
     MethodNotAllowed,
     NotFound,
@@ -30,7 +29,6 @@ from sidecar.errors import (
     ShuttingDown,
     SidecarError,
     UnsupportedMediaType,
-    failure,
 )
 from sidecar.exchange import Admission, Exchange, client_gone
 from sidecar.inflight import InFlight
@@ -44,7 +42,7 @@ from sidecar.relay import ClientGone, Relay
 from sidecar.responses import error_response
 from sidecar.upstream.server import Upstream
 from sidecar.wire.body import Call, parse
-from sidecar.wire.headers import Forwarding, clean_text, to_client
+from sidecar.wire.headers import Forwarding, clean_text
 from sidecar.wire.routes import MODELS, Route
 
 
@@ -131,9 +129,9 @@ class Proxy:
         if self.in_flight.shutting_down:  # drained (`POST /drain`), still running: nothing new may start
             raise ShuttingDown("The server is shutting down; retry the request.")
         if is_preflight(request):
-            return await self._preflight(request, path, ex.rec)
+            return self._preflight(request, path, ex.rec)
         route = self._check_route(request.method, path)
-        principal = self.auth.known(request.headers) or await self.auth.authenticate(request.headers)
+        principal = self.auth.known(request.headers) or await self._authenticate(request)
         ex.authenticated = True
         ex.rec.key_id = principal.key_id
         call = await self._read_call(request, route, ex.rec)
@@ -145,6 +143,10 @@ class Proxy:
         if ex.rec.span is not None and self.tracing is not None:
             self.tracing.admitted(ex.rec.span, call.family, call.model, call.max_tokens, ex.rec.queued_ms, call.doc)
         return await self.relay.relay(request, ex)
+
+    async def _authenticate(self, request: web.Request) -> Principal:
+        """The key's principal; the client's address bounds its lookups of unknown keys (`keys.auth`)."""
+        return await self.auth.authenticate(request.headers, self.forwarding.client_address(request))
 
     async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
         enforced = self.limits.cfg.enforce_max_tokens
@@ -188,29 +190,13 @@ class Proxy:
         rec.stream = call.stream
         return call
 
-    async def _preflight(self, request: web.Request, path: str, rec: RequestRecord) -> web.StreamResponse:
-        """A CORS preflight: answered here when `server.cors_origins` is set, else the upstream's to answer (as
-        it is: a preflight never carries a key, and asks for no work)."""
+    def _preflight(self, request: web.Request, path: str, rec: RequestRecord) -> web.StreamResponse:
+        """A CORS preflight, always answered here: 204 for an origin in `server.cors_origins`, else 403 (every
+        origin, when none is configured). Never relayed: it carries no key, and the upstream would get it with
+        its own key, outside every limit."""
         route = self.upstream.routes.get(path)
         if route is None:
             raise NotFound(f"Unknown path {path[:200]!r}.", code="unknown_url")
-        if self.cors is not None:
-            resp = self.cors.preflight(request, route)
-            rec.status = resp.status
-            return resp
-        up = self.upstream
-        target = up.target(path, request.raw_path.partition("?")[2])
-        headers = self.forwarding.to_upstream(request.headers, rec.request_id, request.remote)
-        if rec.span is not None and self.tracing is not None:
-            self.tracing.inject(rec.span, headers)
-        try:
-            async with asyncio.timeout(self.cfg.first_byte_timeout):
-                answer = await up.send("OPTIONS", target, headers, b"")
-                try:
-                    body = await answer.read(1 << 16)
-                finally:
-                    answer.close()
-        except TRANSPORT_FAILURES as exc:
-            raise failure(exc).error from None
-        rec.status = rec.upstream_status = answer.status
-        return web.Response(status=answer.status, body=body, headers=to_client(answer.headers, rec.request_id))
+        resp = (self.cors or Cors(())).preflight(request, route)
+        rec.status = resp.status
+        return resp

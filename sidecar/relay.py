@@ -287,7 +287,10 @@ class Relay:
         tail = scanner.flush()
         if tail:
             await self._write(resp, tail, rec)
-        await resp.write_eof()
+        try:
+            await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None  # closed after the last event, before the terminating chunk
         return resp
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
 import gzip
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -18,9 +20,11 @@ import pytest
 
 from sidecar.audit.aggregate import Aggregate, Chunk, decode_chunks
 from sidecar.audit.capture import AuditPolicy, sampled
-from sidecar.config import AuditCfg
+from sidecar.audit.files import JsonlSink
+from sidecar.config import AuditCfg, ConfigError, load
+from tests.support.disks import fill, small_disk
 from tests.support.processes import reap
-from tests.support.waits import free_port, wait_listening
+from tests.support.waits import free_port, wait_for, wait_listening
 
 CANARY_HEADER = "sk-canary-header-7f3a"
 CANARY_BODY = "canary-body-secret-91c2"
@@ -408,3 +412,75 @@ async def test_redaction_holds_on_every_way_a_request_ends(fake, sidecar_factory
     assert record["request_id"].startswith("req_") and record["request_id"] != "req_client_chosen"
     assert ours is None or record["request_id"] == ours
     assert record["request"]["body"]["request_id"] == "req_client_chosen"  # the client's field, kept as sent
+
+
+def audit_line(i: int) -> bytes:
+    """An audit record of about 2 KB that gzip cannot shrink much (so a batch of them outgrows a page or two)."""
+    pad = base64.b64encode(os.urandom(1500)).decode()
+    return orjson.dumps({"request_id": f"req_{i:06d}", "emitted_at": time.time(), "pad": pad}) + b"\n"
+
+
+def segment_lines(directory: Path) -> list[bytes]:
+    """Every line of every segment, read whole (a torn gzip member raises here, as it would for `zcat`)."""
+    out: list[bytes] = []
+    for path in sorted(directory.glob("audit-*.jsonl*")):
+        data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        out += data.splitlines()
+    return out
+
+
+@pytest.mark.parametrize("gzip_on", [False, True], ids=["plain", "gzip"])
+async def test_a_full_disk_loses_or_keeps_whole_audit_records_never_part_of_one(tmp_path, gzip_on):
+    """The jsonl sink's segment on a small tmpfs filled to a page or two: a batch that does not fit is written in
+    part, then fails; the part is cut off again, so the segment holds whole records only, and once there is
+    room again the next batches follow them (not half a record). Every line parses; exactly the records counted
+    written are there, once each."""
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        sink = JsonlSink(1000, str(disk / "audit"), 1 << 30, 3600.0, gzip_on)
+        await sink.start()
+        try:
+            sink.offer(audit_line(0), {})
+            await wait_for(lambda: sink.written == 1, 10)  # the segment exists before the disk fills
+            filler = fill(disk)
+            os.truncate(filler, filler.stat().st_size - 6000)  # a page or two free: less than the next batch
+            for i in range(1, 9):
+                sink.offer(audit_line(i), {})
+            await wait_for(lambda: sink.written + sink.failed == 9, 10)
+            assert sink.failed > 0
+            filler.unlink()
+            for i in range(9, 14):
+                sink.offer(audit_line(i), {})
+            await wait_for(lambda: sink.written + sink.failed == 14, 10)
+        finally:
+            await sink.close(5.0)
+        lines = segment_lines(disk / "audit")
+        ids = [orjson.loads(line)["request_id"] for line in lines]
+    assert len(ids) == len(set(ids)) == sink.written
+    assert {f"req_{i:06d}" for i in range(9, 14)} <= set(ids)
+
+
+async def test_jsonl_segments_past_their_retention_are_deleted(fake, sidecar_factory, tmp_path):
+    """`audit.jsonl_retention`: at start (and every 10 minutes) the sink deletes the segments, any replica's,
+    last written longer ago; newer ones, the one being written and files that are not segments stay."""
+    audit = tmp_path / "audit"
+    audit.mkdir(mode=0o700)
+    day = 86400.0
+    ages = {"audit-20200101T000000Z-7-00001.jsonl": 9, "audit-20200101T000000Z-8-00002.jsonl.gz": 8}
+    ages |= {"audit-20200101T000000Z-9-00003.jsonl": 6, "notes.txt": 30}
+    for name, days in ages.items():
+        (audit / name).write_bytes(b"{}\n")
+        os.utime(audit / name, (time.time() - days * day,) * 2)
+    running = await sidecar_factory(
+        fake.url, audit__capture="all", audit__jsonl_dir=str(audit), audit__jsonl_retention="7d"
+    )
+    await wait_for(lambda: not (audit / "audit-20200101T000000Z-7-00001.jsonl").exists(), 5)
+    async with aiohttp.ClientSession() as s, s.post(running.url + "/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+    await running.server.runner.cleanup()  # the sink writes its record and closes the segment
+    left = sorted(p.name for p in audit.iterdir())
+    assert [n for n in left if n.startswith("audit-2020")] == ["audit-20200101T000000Z-9-00003.jsonl"]
+    assert "notes.txt" in left and len(records(audit)) == 2  # the 6-day-old segment's record, and the new one
+    assert "audit segments past audit.jsonl_retention deleted" in running.log_text()
+    with pytest.raises(ConfigError, match="audit.jsonl_retention: expected a duration"):
+        load(None, {}, {"audit.jsonl_retention": "7 days"})
+    assert load(None, {}, {"audit.jsonl_retention": "0"}).audit.jsonl_retention == "0"  # kept forever

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 
 import aiohttp
 import orjson
@@ -14,9 +15,10 @@ import pytest
 from sidecar.config import AuthCfg, LimitsCfg
 from sidecar.errors import Unauthorized
 from sidecar.keys.auth import Authenticator
-from sidecar.keys.format import hash_secret, new_key
+from sidecar.keys.format import format_key, hash_secret, new_key
 from sidecar.keys.service import KeyAdmin
 from sidecar.store import open_store
+from tests.support.bodies import CHAT
 from tests.support.clients import ADMIN, admin, chat
 from tests.support.faults import through
 
@@ -315,3 +317,37 @@ async def test_a_replica_started_with_the_store_down_serves_static_keys_and_land
     rows = await running.stored(21, timeout=30)  # 20 served, 1 refused: all spooled, then stored once
     assert len(rows) == 21 == len({r["request_id"] for r in rows})
     assert "store unreachable at start" in running.log_text() and "store reachable" in running.log_text()
+
+
+async def test_unknown_keys_from_one_client_address_are_refused_without_a_lookup_past_its_allowance(
+    fake, sidecar_factory
+):
+    """Behind a trusted proxy, the client's address is the one it forwards: from one address, 60 forged keys a
+    minute get their lookup and a 401; the next gets a 429 with Retry-After, without a lookup. Another address
+    has its own allowance, and a key already verified is not slowed down. A real key new to this replica, from
+    the address that used up its allowance, is told to retry (429), never that it is wrong (401)."""
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, server__trusted_proxies=["127.0.0.1"]
+    )
+
+    async def ask(s: aiohttp.ClientSession, key: str, client: str) -> tuple[int, Any, Any]:
+        headers = {"authorization": f"Bearer {key}", "x-forwarded-for": client}
+        async with s.post(running.url + "/v1/chat/completions", json=CHAT, headers=headers) as r:
+            return r.status, r.headers, await r.json()
+
+    async with aiohttp.ClientSession() as s:
+        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "known"})
+        assert (await ask(s, created["key"], "203.0.113.7"))[0] == 200
+        forged = [format_key(f"{i:012d}", "A" * 32) for i in range(62)]
+        answers = [await ask(s, key, "203.0.113.7") for key in forged[:61]]
+        assert [status for status, _, _ in answers] == [401] * 60 + [429]
+        _, headers, body = answers[-1]
+        assert int(headers["retry-after"]) >= 1 and body["error"]["code"] == "rate_limit_exceeded"
+        assert "unknown API keys" in body["error"]["message"]
+        assert (await ask(s, forged[61], "203.0.113.8"))[0] == 401  # another client: its own allowance
+        assert (await ask(s, created["key"], "203.0.113.7"))[0] == 200  # a verified key: no lookup, no wait
+        _, fresh, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "new"})
+        assert (await ask(s, fresh["key"], "203.0.113.7"))[0] == 429
+        assert (await ask(s, fresh["key"], "203.0.113.9"))[0] == 200
+        async with s.get(running.url + "/metrics") as r:
+            assert 'sidecar_rate_limited_total{reason="unknown_key"} 2.0' in await r.text()

@@ -5,17 +5,21 @@ lookup then fails at once with a StoreError, as a refused connection does."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import Counter
 
 import orjson
 import pytest
 
 from sidecar.config import AuthCfg, LimitsCfg
-from sidecar.errors import StoreUnavailable, Unauthorized
+from sidecar.errors import RateLimited, StoreUnavailable, Unauthorized
 from sidecar.keys.auth import Authenticator, bearer, bearer_token
-from sidecar.keys.format import new_key
+from sidecar.keys.format import format_key, new_key
 from sidecar.keys.service import KeyAdmin
 from sidecar.store import open_store
+from sidecar.store.base import KeyRow
+from sidecar.store.sqlite import SqliteStore
 
 PEPPER = b"p" * 32
 
@@ -402,3 +406,79 @@ async def test_no_store_and_no_static_key_is_a_401():
     with pytest.raises(Unauthorized) as raised:
         await auth.authenticate(headers(unknown))
     assert raised.value.code == "invalid_api_key"
+
+
+class CountingStore(SqliteStore):
+    """The real SQLite store, counting the key lookups it answers."""
+
+    lookups = 0
+
+    async def get_key(self, key_id: str) -> KeyRow | None:
+        self.lookups += 1
+        return await super().get_key(key_id)
+
+
+@pytest.fixture
+async def counted(tmp_path):
+    store = CountingStore(f"{tmp_path}/counted.db")
+    await store.open()
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+def forged(i: int) -> str:
+    """A well-formed key (its checksum right) whose id no store holds."""
+    return format_key(f"{i:012d}", "A" * 32)
+
+
+async def refusals(auth: Authenticator, keys: list[str]) -> Counter[int]:
+    """Each key tried once, a thousand at a time: how many got which status."""
+    seen: Counter[int] = Counter()
+
+    async def one(key: str) -> None:
+        try:
+            await auth.authenticate(headers(key))
+        except Unauthorized as err:
+            seen[err.status] += 1
+        except RateLimited as err:
+            assert int(err.headers["retry-after"]) >= 1
+            seen[err.status] += 1
+
+    for start in range(0, len(keys), 1000):
+        await asyncio.gather(*(one(key) for key in keys[start : start + 1000]))
+    return seen
+
+
+async def test_a_flood_of_forged_keys_costs_the_store_a_bounded_number_of_lookups_and_evicts_no_key(counted):
+    """101,000 forged keys, past the 100,000 entries at which the old cache was cleared whole (a real key's last
+    known state with it, so a store outage then refused it) and each one a lookup before: now the store is asked
+    for at most the shared allowance (10 x 60 a minute, and what refills meanwhile), the rest get 429 without a
+    lookup, and the real key verified before the flood is still served through a store outage."""
+    store = counted
+    created = await KeyAdmin(store, PEPPER).create({"name": "k"}, actor="test")
+    auth = Authenticator(AuthCfg(cache_ttl=1.0, max_stale=600), LimitsCfg(), store, PEPPER)
+    await auth.authenticate(headers(created.key))
+    began, asked = time.monotonic(), store.lookups
+    seen = await refusals(auth, [forged(i) for i in range(101_000)])
+    lookups = store.lookups - asked
+    refill = math.ceil((time.monotonic() - began) * 10)  # the shared bucket's 10 a second
+    assert lookups <= 600 + refill and seen[401] == lookups and seen[429] == 101_000 - lookups
+    await asyncio.sleep(1.1)  # the real key's entry is past its TTL: its next request asks the store...
+    await store.close()  # ...which is gone: the entry the flood did not push out serves it
+    assert (await auth.authenticate(headers(created.key))).key_id == created.row.id
+
+
+async def test_unknown_ids_are_an_lru_of_their_own_that_never_pushes_out_a_key(counted):
+    """With the allowance off, 10,500 forged ids each cost a lookup and fill the table of unknown ids past its
+    bound of 10,000: its oldest entries go (asked again: a lookup), its newest stay (no lookup), and the real
+    key's entry, the oldest of all but in a table of its own, stays (a wrong secret for its id: no lookup)."""
+    store = counted
+    created = await KeyAdmin(store, PEPPER).create({"name": "k"}, actor="test")
+    auth = Authenticator(AuthCfg(cache_ttl=60, unknown_key_rate=0), LimitsCfg(), store, PEPPER)
+    await auth.authenticate(headers(created.key))
+    assert await refusals(auth, [forged(i) for i in range(10_500)]) == {401: 10_500}
+    asked = store.lookups
+    assert await refusals(auth, [format_key(created.row.id, "B" * 32)]) == {401: 1} and store.lookups == asked
+    assert await refusals(auth, [forged(10_499)]) == {401: 1} and store.lookups == asked
+    assert await refusals(auth, [forged(0)]) == {401: 1} and store.lookups == asked + 1

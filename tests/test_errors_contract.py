@@ -1,7 +1,7 @@
 """The one table from transport and store failures to what the client sees (`sidecar.errors.failure`): every
-row's status, code, message and metric reason, exactly. The relay, the preflight, the upstream metrics page and
-every non-proxied route go through it; over real sockets: tests/test_relay_contract.py (the relay),
-tests/test_routes.py (a forwarded preflight), tests/test_own_metrics.py (the upstream's page)."""
+row's status, code, message and metric reason, exactly. The relay, the upstream metrics page and every
+non-proxied route go through it; over real sockets: tests/test_relay_contract.py (the relay),
+tests/test_own_metrics.py (the upstream's page)."""
 
 from __future__ import annotations
 

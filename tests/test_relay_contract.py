@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import logging
+import os
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,8 +79,6 @@ def sse_answer(
 
 async def raw_request(port: int, body: dict[str, Any], rcvbuf: int | None = None) -> Any:
     """A client on a raw socket that sends one request and reads nothing unless the test says so."""
-    import socket
-
     sock = socket.socket()
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -983,3 +984,52 @@ async def test_a_large_answer_on_a_native_route_keeps_the_usage_object_it_carrie
     assert status == 200 and got == body
     row = running.rows[-1]
     assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (7, 3, "upstream")
+
+
+def send_fin(writer: asyncio.StreamWriter) -> None:
+    """The client's FIN, sent now (not at the loop's next turn, as `close()` would): through a duplicate of the
+    socket's descriptor, since uvloop's transport socket has no `shutdown`."""
+    dup = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    dup.shutdown(socket.SHUT_WR)
+    dup.close()
+
+
+async def test_a_client_that_leaves_just_before_the_terminating_chunk_is_a_disconnect(upstream, sidecar, caplog):
+    """The client reads to the last event and closes before the stream's terminating chunk is written: the race
+    of a benchmark whose clients close at the end of each round. The upstream ends its answer and the client's
+    socket closes in the same turn of the loop, so the sidecar sees the upstream's end first and writes the
+    terminating chunk to a closing connection: a client disconnect (its row, its metric), never a handler error."""
+    end = asyncio.Event()
+    clients: list[asyncio.StreamWriter] = []
+    events = [
+        b'data: {"choices":[{"index":0,"delta":{"content":"tok1 "}}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path != CHAT_PATH:  # the model list the metrics page asks for
+            return web.json_response({"object": "list", "data": []})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"".join(events))
+        await end.wait()
+        await resp.write_eof()  # the terminating chunk is on its way to the sidecar...
+        send_fin(clients[0])  # ...and, in the same turn of the loop, the client's connection closes
+        return resp
+
+    upstream.handler = handler
+    reader, writer = await raw_request(sidecar.port, STREAM)
+    clients.append(writer)
+    seen = b""
+    while b"[DONE]" not in seen:
+        seen += await reader.read(65536)
+    end.set()
+    await wait_for(lambda: len(sidecar.rows) == 1)
+    row = sidecar.rows[0]
+    assert (row["outcome"], row["status"], row["error_code"]) == ("client_disconnected", 499, "client_disconnected")
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (7, 1, "upstream")
+    assert 'sidecar_client_disconnects_total{route="/v1/chat/completions"} 1.0' in await metrics(sidecar.url)
+    assert sidecar.catcher.tracebacks == [] and "request failed" not in sidecar.log_text()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    writer.close()

@@ -9,6 +9,7 @@ import asyncio
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from sidecar.config import ConfigError, load
@@ -170,34 +171,33 @@ async def test_cors_for_configured_origins(fake, sidecar_factory):
     assert fake.received == []  # preflights are answered here
 
 
-async def test_without_cors_origins_preflights_and_cors_headers_are_the_upstreams(fake, sidecar_factory):
-    running = await sidecar_factory(fake.url, upstream__routes=["GET /props"])
-    async with aiohttp.ClientSession() as s:
-        async with s.options(running.url + "/props", headers=PREFLIGHT) as r:
-            assert r.status == 200 and (await r.json()) == {"reached": "/props"}
-    assert fake.last().method == "OPTIONS" and fake.last().headers["origin"] == "https://app.example"
-
-
-async def test_a_preflight_the_upstream_cannot_answer_fails_as_the_error_table_says(fake, sidecar_factory):
-    """Forwarded preflights fail through `errors.failure`, as proxied requests do: unreachable is a 502 that says
-    so, no first byte in time a 504."""
+async def test_without_cors_origins_a_preflight_is_refused_here_and_never_reaches_the_upstream(fake, sidecar_factory):
+    """A preflight carries no key: relayed, it would reach the upstream with the upstream's own key, outside every
+    limit. Without `server.cors_origins` the sidecar does no CORS, so it refuses every preflight itself (403, as
+    for an origin not in the list), whether keys are required or not and whether the upstream is up or not; the
+    upstream's CORS headers on an answer still reach the client unchanged."""
+    keyed = await sidecar_factory(fake.url, auth__enabled=True, upstream__api_key="upstream-key-canary")
+    open_ = await sidecar_factory(fake.url, upstream__routes=["GET /props"], upstream__api_key="upstream-key-canary")
     down = await sidecar_factory(f"http://127.0.0.1:{free_port()}/v1", upstream__routes=["GET /props"])
-    slow = await sidecar_factory(fake.url, upstream__routes=["GET /props"], upstream__first_byte_timeout=0.2)
-
-    async def hang(request):
-        await asyncio.sleep(5)
-
-    fake.handler = hang
     async with aiohttp.ClientSession() as s:
-        for running, status, code in ((down, 502, "upstream_unreachable"), (slow, 504, "upstream_timeout")):
-            async with s.options(running.url + "/props", headers=PREFLIGHT) as r:
-                assert r.status == status and (await r.json())["error"]["code"] == code
+        for url, path in ((keyed.url, "/v1/chat/completions"), (open_.url, "/props"), (down.url, "/props")):
+            async with s.options(url + path, headers=PREFLIGHT) as r:
+                assert r.status == 403, (url, path)
+                assert (await r.json())["error"]["code"] == "origin_not_allowed"
                 assert r.headers["x-request-id"].startswith("req_")
-    rows = await down.stored(2)  # the two share the test's data dir: one store
-    assert sorted((r["status"], r["outcome"], r["error_code"]) for r in rows) == [
-        (502, "upstream_error", "upstream_unreachable"),
-        (504, "upstream_timeout", "upstream_timeout"),
-    ]
+                assert not [name for name in r.headers if name.lower().startswith("access-control-")]
+    assert fake.received == []  # nothing reached the upstream, with its key or without
+
+    async def cors_upstream(request):
+        return web.json_response({"ok": True}, headers={"access-control-allow-origin": "https://app.example"})
+
+    fake.handler = cors_upstream
+    async with aiohttp.ClientSession() as s:
+        async with s.get(open_.url + "/props", headers={"origin": "https://app.example"}) as r:
+            assert r.status == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    rows = await down.stored(4)  # the three share the test's data dir: one store
+    refused = [r for r in rows if r["method"] == "OPTIONS"]
+    assert [(r["status"], r["upstream_status"]) for r in refused] == [(403, None)] * 3
 
 
 async def test_listening_on_several_addresses(fake, sidecar_factory):

@@ -165,7 +165,7 @@ class Console:
             raise BadRequest('Send {"token": "..."}: the admin token or your key.', param="token")
         port = local_port(request)
         try:
-            session = await self._session_for(token, roles, port)
+            session = await self._session_for(token, roles, port, self.admin.throttle.client(request) or "")
         except Unauthorized:
             self.admin.refused(request, "console sign-in refused")
             raise
@@ -183,15 +183,16 @@ class Console:
         self._set_cookie(resp, request, sid, session)
         return resp
 
-    async def _session_for(self, token: str, roles: tuple[str, ...], port: int) -> Session:
-        """The session a token opens on this port. Where operators do not sign in, the admin token is not even
-        compared: it fails as any wrong key does, so the client port is no oracle for it."""
+    async def _session_for(self, token: str, roles: tuple[str, ...], port: int, address: str) -> Session:
+        """The session a token opens on this port (`address`: the client's, which bounds its lookups of unknown
+        keys). Where operators do not sign in, the admin token is not even compared: it fails as any wrong key
+        does, so the client port is no oracle for it."""
         now = time.monotonic()
         if "admin" in roles and self.admin.token_matches(token):
             return Session("admin", secrets.token_urlsafe(32), now, now, port)
         if "key" not in roles:
             raise Unauthorized("Sign in with the admin token.", code="invalid_admin_token")
-        principal = await self.auth.authenticate({"authorization": f"Bearer {token}"})
+        principal = await self.auth.authenticate({"authorization": f"Bearer {token}"}, address)
         if principal.key_id is None:
             raise Unauthorized("Sign in with the admin token or a key.", code="invalid_api_key")
         return Session("key", secrets.token_urlsafe(32), now, now, port, principal.key_id, principal.name, now)

@@ -8,6 +8,8 @@ reaches back at most `store.report_max_days`, and runs on the store's report con
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from sidecar.admin.params import only_params, since_param, time_param
@@ -21,7 +23,15 @@ from sidecar.store.base import Store
 
 
 class OwnUsage:
-    def __init__(self, auth: Authenticator, store: Store, limits: Limits, max_days: int) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        store: Store,
+        limits: Limits,
+        max_days: int,
+        client_address: Callable[[web.Request], str | None] = lambda request: request.remote,
+    ) -> None:
+        self.client_address = client_address  # bounds a client's lookups of unknown keys (`keys.auth`)
         self.limits = limits
         self.auth = auth
         self.store = store
@@ -32,7 +42,7 @@ class OwnUsage:
         lease: Lease | None = None
         running: str | None = None
         try:
-            principal = await self.auth.authenticate(request.headers)
+            principal = await self.auth.authenticate(request.headers, self.client_address(request))
             if principal.key_id is None:
                 raise BadRequest("Usage is per key; authentication is off.", code="no_key")
             only_params(request, ("since", "until", "by"))

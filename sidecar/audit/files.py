@@ -1,21 +1,32 @@
-"""File-like audit sinks, each written from its own daemon thread: stderr (JSON lines) and rotating JSONL."""
+"""File-like audit sinks, each written from its own daemon thread: stderr (JSON lines) and rotating JSONL.
+
+The JSONL sink writes each batch of whole records straight to the segment's descriptor (no buffer of ours or
+Python's that could keep a remainder for the next write), and a write that fails part way (a full disk) is cut
+back to where the batch began: a segment holds whole records only, and the batch is counted failed. When
+even that cut fails, the segment is left as it is and the next batch starts a new one, so nothing is ever
+appended after a torn record. Segments last written longer ago than `audit.jsonl_retention` are deleted, by
+the sink's thread, at start and then every `SWEEP_EVERY` seconds.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
 _POLL = 0.02  # seconds between the worker's looks at its queue when it found it empty
 _BATCH = 512
+SWEEP_EVERY = 600.0  # seconds between looks for segments past their retention
+log = logging.getLogger("sidecar.audit")
 
 
 class ThreadedSink:
@@ -72,6 +83,7 @@ class ThreadedSink:
             if stopping:
                 self.finish()
                 return
+            self.tick()
             self._stop.wait(_POLL)
 
     def write(self, line: bytes) -> None:
@@ -79,6 +91,9 @@ class ThreadedSink:
 
     def finish(self) -> None:
         """Called on the worker thread at shutdown, after the last record."""
+
+    def tick(self) -> None:
+        """Called on the worker thread between looks at the queue (housekeeping; cheap when there is none)."""
 
 
 class StderrSink(ThreadedSink):
@@ -95,22 +110,29 @@ class StderrSink(ThreadedSink):
 
 
 class JsonlSink(ThreadedSink):
-    """A file per segment (`audit-<utc time>-<n>.jsonl[.gz]`), 0600 in a 0700 dir, rotated by size or age,
-    fsynced when rotated and at shutdown."""
+    """A file per segment (`audit-<utc time>-<pid>-<n>.jsonl[.gz]`), 0600 in a 0700 dir, rotated by size or age,
+    fsynced when rotated and at shutdown; whole records only (a failed write is cut back); segments older than
+    `retention` seconds (0: kept) deleted."""
 
     name = "jsonl"
 
-    def __init__(self, queue_size: int, directory: str, max_bytes: int, max_age: float, gzip_on: bool) -> None:
+    def __init__(
+        self, queue_size: int, directory: str, max_bytes: int, max_age: float, gzip_on: bool, retention: float = 0.0
+    ) -> None:
         super().__init__(queue_size)
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.gzip = gzip_on
-        self._file: IO[bytes] | None = None
-        self._raw: IO[bytes] | None = None
+        self.retention = retention
+        self.deleted = 0  # segments deleted past their retention
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._end = 0  # where the segment's last whole record ends: a failed write is cut back to it
         self._size = 0
         self._opened = 0.0
         self._n = 0
+        self._sweep_at = 0.0  # the first tick sweeps
 
     def _open(self) -> None:
         if self._n == 0:  # created on first use: a sidecar that never audits leaves no empty directory
@@ -119,33 +141,80 @@ class JsonlSink(ThreadedSink):
         self._n += 1
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = self.dir / f"audit-{stamp}-{os.getpid()}-{self._n:05d}.jsonl{'.gz' if self.gzip else ''}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._raw = self._file = os.fdopen(fd, "ab")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._path = path
+        self._end = os.fstat(self._fd).st_size
         self._size = 0
         self._opened = time.monotonic()
 
     def _close_segment(self) -> None:
-        if self._file is None or self._raw is None:
+        fd, self._fd, self._path = self._fd, None, None
+        if fd is None:
             return
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        self._file = self._raw = None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def write(self, line: bytes) -> None:
-        if self._file is not None and (self._size >= self.max_bytes or time.monotonic() - self._opened >= self.max_age):
+        if self._fd is not None and (self._size >= self.max_bytes or time.monotonic() - self._opened >= self.max_age):
             self._close_segment()
-        if self._file is None:
+        if self._fd is None:
             self._open()
-        assert self._file is not None
-        # With gzip, every record is a gzip member of its own: a segment is readable (zcat) while it is
-        # being written, and a crash loses at most the record being written.
-        self._file.write(gzip.compress(line, 6) if self.gzip else line)
-        self._file.flush()
+        assert self._fd is not None
+        # With gzip, every batch is a gzip member of its own: a segment is readable (zcat) while it is
+        # being written.
+        data = gzip.compress(line, 6) if self.gzip else line
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            self._cut_back()
+            raise
+        self._end += len(data)
         self._size += len(line)
+
+    def _cut_back(self) -> None:
+        """A write failed part way: the segment back to its last whole record; if even that fails, the segment
+        is left (its tail torn) and the next batch starts a new one, so no record follows the torn one."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._end)
+        except OSError:
+            fd, self._fd, self._path = self._fd, None, None
+            os.close(fd)
 
     def finish(self) -> None:
         self._close_segment()
+
+    def tick(self) -> None:
+        if self.retention > 0 and time.monotonic() >= self._sweep_at:
+            self._sweep_at = time.monotonic() + SWEEP_EVERY
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Delete the segments (any replica's, in this directory) last written before the retention; how many."""
+        oldest = time.time() - self.retention
+        deleted = 0
+        try:
+            paths = [p for p in self.dir.iterdir() if p.name.startswith("audit-") and ".jsonl" in p.name]
+        except OSError:  # not created yet (nothing audited), or unreadable: nothing to delete
+            return 0
+        for path in paths:
+            try:
+                if path != self._path and path.stat().st_mtime < oldest:
+                    path.unlink()
+                    deleted += 1
+            except OSError:  # deleted by another replica meanwhile, or not ours to delete
+                continue
+        if deleted:
+            self.deleted += deleted
+            log.info(
+                "audit segments past audit.jsonl_retention deleted",
+                extra={"fields": {"segments": deleted, "dir": str(self.dir)}},
+            )
+        return deleted
 
 
 def read_jsonl(directory: str, since: float, until: float | None, key_id: str | None) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,19 @@ working on their last known state without waiting for it: a request waits for th
 `auth.lookup_timeout`, and only when the store was answering a moment ago or the key is not known; after
 `max_stale`, and for keys never seen, requests fail closed with a 503. Static keys come from
 `auth.static_keys_file`, reloaded when it changes. Keys never appear in errors or logs: only their public id.
+
+Forged keys (well formed, any id) cost a store lookup each, so they are bounded twice. The ids the store said
+do not exist are cached apart from the keys it confirmed, each table a bounded LRU (the oldest entry goes, never
+the whole table): forged ids only push out other forged ids, never a real key's last known state (which is
+what serves it through a store outage). And a lookup of an id this replica holds nothing for costs the client's
+address (`Forwarding.client_address`) one of `auth.unknown_key_rate` a minute, all addresses together at most
+`UNKNOWN_GLOBAL_FACTOR` times that (`LookupGate`); past it the request gets 429 with `Retry-After`, without a
+lookup. A 429 rather than a 401: the gate is decided before the store is asked, so it would also refuse a real
+key new to this replica that shares an address with a forger (a NAT, a proxy not in `server.trusted_proxies`);
+a 401 would tell that client its key is wrong and most clients stop there, a 429 tells it to retry, which
+clients do (OpenAI's SDKs honour `Retry-After`). The forger learns nothing from it: whether an id is asked for
+depends only on whether this replica holds it, never on whether a key is valid (key ids are public anyway).
+A lookup that finds a real key gives its allowance back, so only forged keys use it up.
 """
 
 from __future__ import annotations
@@ -15,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.config import AuthCfg, LimitsCfg
-from sidecar.errors import Forbidden, KeyNotValid, StoreUnavailable, Unauthorized
+from sidecar.errors import Forbidden, KeyNotValid, RateLimited, StoreUnavailable, Unauthorized
 from sidecar.keys.format import hash_secret, parse_key
 from sidecar.keys.static import StaticKeys
 from sidecar.store.base import KeyRow, Store, StoreError
@@ -29,7 +44,10 @@ MISSING = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using "
     "Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
-_MAX_CACHE = 100_000
+_MAX_CACHE = 100_000  # keys the store confirmed (and tokens verified): far more than a deployment has in use
+_MAX_UNKNOWN = 10_000  # ids the store said do not exist
+_MAX_SOURCES = 10_000  # client addresses the lookup gate tracks
+UNKNOWN_GLOBAL_FACTOR = 10  # all addresses together: this many times one address's allowance
 log = logging.getLogger("sidecar.auth")
 
 
@@ -77,6 +95,58 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-api-key") or None
 
 
+class LookupGate:
+    """Lookups of key ids a client address may start: `per_minute` a minute each (a token bucket holding a
+    minute's worth), all addresses together `UNKNOWN_GLOBAL_FACTOR` times that; 0 turns it off. The addresses
+    are an LRU of `_MAX_SOURCES`: one that falls out starts again with a full bucket, which the shared bucket
+    still bounds."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._sources: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, stamp)
+        self._all = (self.capacity * UNKNOWN_GLOBAL_FACTOR, time.monotonic())
+
+    def take(self, source: str | None) -> float:
+        """0.0 when a lookup for `source` may start (and is counted), else the seconds until one may."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        address = source or "unknown"
+        mine, shared = self._tokens(address, now)
+        allowed = mine >= 1.0 and shared >= 1.0
+        if allowed:
+            mine, shared = mine - 1.0, shared - 1.0
+        self._keep(address, mine, shared, now)
+        return 0.0 if allowed else max((1.0 - mine) / self.rate, (1.0 - shared) / (self.rate * UNKNOWN_GLOBAL_FACTOR))
+
+    def refund(self, source: str | None) -> None:
+        """A lookup that found a real key: its allowance back (only forged keys use it up)."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        address = source or "unknown"
+        mine, shared = self._tokens(address, now)
+        self._keep(
+            address, min(self.capacity, mine + 1.0), min(self.capacity * UNKNOWN_GLOBAL_FACTOR, shared + 1.0), now
+        )
+
+    def _tokens(self, address: str, now: float) -> tuple[float, float]:
+        """The address's tokens and everyone's, refilled up to now."""
+        tokens, stamp = self._sources.get(address, (self.capacity, now))
+        mine = min(self.capacity, tokens + (now - stamp) * self.rate)
+        tokens, stamp = self._all
+        everyone = self.capacity * UNKNOWN_GLOBAL_FACTOR
+        return mine, min(everyone, tokens + (now - stamp) * self.rate * UNKNOWN_GLOBAL_FACTOR)
+
+    def _keep(self, address: str, mine: float, shared: float, now: float) -> None:
+        self._all = (shared, now)
+        self._sources[address] = (mine, now)
+        self._sources.move_to_end(address)
+        if len(self._sources) > _MAX_SOURCES:
+            self._sources.popitem(last=False)
+
+
 class Authenticator:
     def __init__(
         self,
@@ -91,18 +161,21 @@ class Authenticator:
         self.store = store
         self.pepper = pepper
         self.static = static or StaticKeys("")
-        self._cache: dict[str, _Entry] = {}
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()  # ids the store (or the file) has a key for: LRU
+        self._unknown: OrderedDict[str, _Entry] = OrderedDict()  # ids it had none for: an LRU of their own
+        self.gate = LookupGate(cfg.unknown_key_rate)
         self._generation: dict[str, int] = {}  # bumped by `forget`: a lookup that saw another one does not count
         self._serving_stale = False  # the last lookup failed: keys known within max_stale are served at once
         self.stale_served = 0  # requests served a key's last known state because the store did not answer
         self._loading: dict[str, asyncio.Task[_Entry]] = {}
-        self._verified: dict[str, tuple[Principal, float]] = {}  # full key -> principal, until
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()  # full key -> principal, until
         self.anonymous = Principal(None, "anonymous", limits.concurrency, limits.rpm, limits.tpm)
 
     def forget(self, key_id: str) -> None:
         """The key changed (revoked, updated): drop what is cached, and what a lookup in flight would cache."""
         self._generation[key_id] = self._generation.get(key_id, 0) + 1
         self._cache.pop(key_id, None)
+        self._unknown.pop(key_id, None)
         self._loading.pop(key_id, None)  # later requests start a fresh lookup; the old one caches nothing
         for token in [t for t, (p, _) in self._verified.items() if p.key_id == key_id]:
             del self._verified[token]
@@ -119,7 +192,8 @@ class Authenticator:
             return seen[0]
         return None
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    async def authenticate(self, headers: Mapping[str, str], client: str | None = None) -> Principal:
+        """The key's principal; `client` is the client's address, for the allowance of lookups of unknown ids."""
         if not self.cfg.enabled:
             return self.anonymous
         token = bearer(headers)
@@ -133,10 +207,13 @@ class Authenticator:
         if parsed is None:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
         kid, secret = parsed
+        charged = self._charge(kid, client)
         generation = self._generation.get(kid, 0)
         entry = await self._entry(kid)
+        if charged and entry.row is not None:
+            self.gate.refund(client)
         if self._generation.get(kid, 0) != generation:  # forgotten while we waited: ask again
-            return await self.authenticate(headers)
+            return await self.authenticate(headers, client)
         row = entry.row
         if row is None or not hmac.compare_digest(row.hash, hash_secret(self.pepper, secret)):
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
@@ -145,17 +222,39 @@ class Authenticator:
         if row.expires_at is not None and row.expires_at <= time.time():
             raise KeyNotValid("This API key has expired.", kid, code="key_expired")
         assert entry.principal is not None
-        if len(self._verified) >= _MAX_CACHE:
-            self._verified.clear()
         # Verified tokens skip the entry until its refresh is due, so that a request then starts the refresh.
         until = min(entry.until, entry.refresh_at)
         if row.expires_at is not None:  # never past the key's own expiry
             until = min(until, time.monotonic() + row.expires_at - time.time())
         self._verified[token] = (entry.principal, until)
+        self._verified.move_to_end(token)
+        if len(self._verified) > _MAX_CACHE:
+            self._verified.popitem(last=False)  # the least recently verified; never the whole table
         return entry.principal
+
+    def _charge(self, kid: str, client: str | None) -> bool:
+        """Whether the request is about to look up an id this replica holds nothing for, which costs the client's
+        address one of its allowance (`LookupGate`); past the allowance, 429 without asking the store."""
+        if self.store is None or kid in self._cache or kid in self._loading:
+            return False  # nothing to ask, a known key, or a lookup already running (joined, not repeated)
+        unknown = self._unknown.get(kid)
+        if (unknown is not None and unknown.until > time.monotonic()) or self.static.get(kid) is not None:
+            return False  # answered without the store
+        wait = self.gate.take(client)
+        if wait > 0:
+            raise RateLimited(
+                "Too many requests with unknown API keys from this address; retry later.",
+                headers={"retry-after": str(math.ceil(wait))},
+                reason="unknown_key",
+            )
+        return True
 
     async def _entry(self, kid: str) -> _Entry:
         entry = self._cache.get(kid)
+        if entry is not None:
+            self._cache.move_to_end(kid)  # recently used: the last to be pushed out
+        else:
+            entry = self._unknown.get(kid)
         now = time.monotonic()
         if entry is not None and entry.until > now:
             if now >= entry.refresh_at:
@@ -218,11 +317,22 @@ class Authenticator:
             if self._serving_stale and asked:  # only an answer of the store's says it is back (not a static key)
                 self._serving_stale = False
                 log.warning("key store answering again")
-            if len(self._cache) >= _MAX_CACHE:
-                self._cache.clear()
-            self._cache[kid] = fresh
+            self._remember(kid, fresh)
             return fresh
         raise StoreUnavailable("The key changed while it was being looked up; retry.")
+
+    def _remember(self, kid: str, entry: _Entry) -> None:
+        """Cache the entry in its table (a key, or an id with none), each an LRU: at its bound the least recently
+        used entry goes, never the table. Forged ids thus only push out each other."""
+        known = entry.row is not None
+        table, other, bound = (
+            (self._cache, self._unknown, _MAX_CACHE) if known else (self._unknown, self._cache, _MAX_UNKNOWN)
+        )
+        other.pop(kid, None)
+        table[kid] = entry
+        table.move_to_end(kid)
+        if len(table) > bound:
+            table.popitem(last=False)
 
     def _stale(self, kid: str, entry: _Entry | None, exc: StoreError) -> _Entry:
         """The store did not answer: the last known state of a key it confirmed within `max_stale`, else 503."""
