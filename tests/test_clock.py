@@ -16,7 +16,7 @@ TIMED = [
     "limits/local.py", "limits/admission.py", "limits/borrowing.py", "limits/slots.py", "upstream/deadline.py",
     "upstream/pool.py", "upstream/response.py", "records/writer.py", "records/spool.py", "relay.py",
     "exchange.py", "inflight.py", "edge.py", "runner.py", "ops/rejects.py", "ops/health.py", "cors.py",
-    "audit/bus.py", "audit/files.py", "audit/db.py", "admin/throttle.py",
+    "audit/bus.py", "audit/db.py", "admin/throttle.py",
 ]  # fmt: skip
 WALL = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"), ("date", "today")}
 
@@ -50,3 +50,11 @@ def test_auth_reads_the_wall_clock_only_against_stored_wall_times():
     source = (ROOT / "keys/auth.py").read_text().splitlines()
     for line in wall_clock_reads(ast.parse("\n".join(source))):
         assert "expires_at" in source[line - 1], source[line - 1]
+
+
+def test_the_audit_files_read_the_wall_clock_only_against_segment_times():
+    """audit/files.py names segments by the calendar and deletes those whose last write (a file's mtime, a wall
+    time) is older than `audit.jsonl_retention`; its timers (rotation by age, the sweep's period) are monotonic."""
+    source = (ROOT / "audit/files.py").read_text().splitlines()
+    for line in wall_clock_reads(ast.parse("\n".join(source))):
+        assert "retention" in source[line - 1] or "strftime" in source[line - 1], source[line - 1]
