@@ -198,10 +198,13 @@ async def test_a_request_during_an_idle_give_back_is_charged(fake, sidecar_facto
         await running.stored(1)
         with psycopg.connect(pg_url) as lock:
             lock.execute("SELECT level FROM limit_balances WHERE key_id = %s FOR UPDATE", (kid,))
+            deadline = time.monotonic() + IDLE * 3
             while lock_waiters(pg_url) < 1:  # the idle sweep's give-back waits for the row (IDLE, then a sweep)
+                assert time.monotonic() < deadline, "no give-back came"
                 await asyncio.sleep(0.05)
             second = asyncio.create_task(chat(s, running.url, key))
             while not second.done() and lock_waiters(pg_url) < 2:  # spent from the share, or a borrow waits too
+                assert time.monotonic() < deadline + IDLE, "the second request neither ended nor waited"
                 await asyncio.sleep(0.05)
             lock.commit()
         assert (await second)[0] == 200

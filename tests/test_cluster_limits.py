@@ -328,7 +328,9 @@ async def test_a_killed_replicas_borrowed_budget_comes_back_within_the_lease(fak
             key, kid = await make_key(s, cluster.urls[0], budget_tokens=budget, budget_period="month")
             for crash in range(1, 3):
                 assert (await chat(s, cluster.urls[0], key))[0] == 200
+                stored_by = time.monotonic() + 10
                 while used(pg_url, kid) < crash * 16:  # its row is stored (the replica is idle for under IDLE)
+                    assert time.monotonic() < stored_by, "the request's row was never stored"
                     await asyncio.sleep(0.02)
                 held = budget - used(pg_url, kid) - balance_left(pg_url, kid)
                 assert held > 0  # replica 0 holds what it borrowed and did not spend
