@@ -13,7 +13,8 @@ its own store and key (nothing shared: what three processes on this machine cost
    each setup in turn, split over its replicas. CPU seconds per request of the sidecar processes (utime + stime
    from /proc), and of PostgreSQL; the ratios to the one SQLite replica.
 2. **Statements**: pg_stat_statements is reset before each cluster run; afterwards, calls of statements on the
-   limit tables (`limit_balances`, `limit_slots`) per request, and of all statements (the request rows too).
+   limit tables (`limit_balances`, `limit_slots`, `limit_holders`; not the rows' insert, which charges budgets
+   in the same statement) per request, and of all statements (the request rows too).
 3. **Overshoot**: a new key with `rpm`, one with `tpm` and one with a token budget, each low enough that the
    load runs into it; accepted requests (rows with status 200) and tokens used against what the limit allows
    (the bucket + its refill over the run, or the budget), and the early-refusal bound of README's section.
@@ -109,7 +110,9 @@ def limit_calls(pg: str) -> tuple[int, int]:
     """(calls of statements on the limit tables, calls of all statements) since the last reset."""
     with psycopg.connect(pg) as conn:
         rows = conn.execute("SELECT query, calls FROM pg_stat_statements").fetchall()
-    limits = sum(c for q, c in rows if "limit_balances" in q or "limit_slots" in q)
+    # The rows' insert charges the budgets in the same statement: a row's statement, not a limit's.
+    limit = ("limit_balances", "limit_slots", "limit_holders")
+    limits = sum(c for q, c in rows if any(t in q for t in limit) and "INSERT INTO request_log" not in q)
     everything = sum(c for q, c in rows if "pg_stat_statements" not in q)
     return limits, everything
 

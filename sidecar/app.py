@@ -279,9 +279,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     )
     if p.settings.console.enabled:  # never a proxied path
         days = p.settings.store.report_max_days
-        console = Console(
-            p.settings.console, p.admin, p.auth, p.store, p.limits.remaining, days, p.forwarding.forwarded_https
-        )
+        console = Console(p.settings.console, p.admin, p.auth, p.store, p.limits, days, p.forwarding.forwarded_https)
         # Key holders where their requests go; operators where the admin API is (both, without an ops port).
         separate = ops_router is not router
         console.add_routes(routes, operators=not separate, holders=True)

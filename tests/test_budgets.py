@@ -7,16 +7,20 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sqlite3
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
+import psycopg
 import pytest
 
+from sidecar.limits.borrowing import IDLE
 from sidecar.limits.periods import period_bounds, valid_period
 from tests.support.processes import cli
+from tests.support.stores import opened, rows
 
 ADMIN = "budget-admin-token"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -166,3 +170,91 @@ async def test_cli_sets_and_removes_a_budget(fake, sidecar_factory, tmp_path):
     assert cleared["budget_tokens"] is None and cleared["budget_period"] is None
     half = cli(tmp_path, "keys", "update", "capped", "--budget-tokens", "5")
     assert half.returncode == 1 and "set together" in half.stderr
+
+
+def lock_waiters(pg_url: str) -> int:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        query = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        return int(conn.execute(query).fetchone()[0])
+
+
+def budget_state(pg_url: str, kid: str) -> tuple[float, int]:
+    """(the budget balance's level, tokens the key's stored rows used)."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        level = conn.execute("SELECT SUM(level) FROM limit_balances WHERE key_id = %s AND dim = 'budget'", (kid,))
+        spent = conn.execute("SELECT COALESCE(SUM(total_tokens), 0) FROM request_log WHERE key_id = %s", (kid,))
+        return float(level.fetchone()[0]), int(spent.fetchone()[0])
+
+
+async def test_a_request_during_an_idle_give_back_is_charged(fake, sidecar_factory, pg_url):
+    """The idle allowance is on its way back to the store (held there by a lock this test takes on the balance's
+    row) when a request comes: the request must not spend from it, uncharged, but borrow anew; once everything
+    is idle again the balance is the budget less what the rows used."""
+    budget = 1000
+    running = await sidecar_factory(fake.url, auth__enabled=True, server__admin_token=ADMIN, store__url=pg_url)
+    async with aiohttp.ClientSession() as s:
+        key, kid = await make_key(s, running.url, budget_tokens=budget, budget_period="month")
+        assert (await chat(s, running.url, key))[0] == 200
+        await running.stored(1)
+        with psycopg.connect(pg_url) as lock:
+            lock.execute("SELECT level FROM limit_balances WHERE key_id = %s FOR UPDATE", (kid,))
+            deadline = time.monotonic() + IDLE * 3
+            while lock_waiters(pg_url) < 1:  # the idle sweep's give-back waits for the row (IDLE, then a sweep)
+                assert time.monotonic() < deadline, "no give-back came"
+                await asyncio.sleep(0.05)
+            second = asyncio.create_task(chat(s, running.url, key))
+            while not second.done() and lock_waiters(pg_url) < 2:  # spent from the share, or a borrow waits too
+                assert time.monotonic() < deadline + IDLE, "the second request neither ended nor waited"
+                await asyncio.sleep(0.05)
+            lock.commit()
+        assert (await second)[0] == 200
+        async with s.get(running.url + "/metrics") as r:
+            borrows = re.search(r"^sidecar_limit_borrows_total (\S+)$", await r.text(), re.M).group(1)
+        assert float(borrows) == 2  # the second request borrowed anew: the first share was on its way back
+        await running.stored(2)
+        deadline = time.monotonic() + IDLE * 3
+        while (state := budget_state(pg_url, kid)) != (budget - 2 * USED, 2 * USED):
+            assert time.monotonic() < deadline, state  # every allowance back: the balance is what the rows leave
+            await asyncio.sleep(0.25)
+
+
+def tables(store_url: str, key_id: str) -> tuple[float, float]:
+    """(the key's budget balance level, what replicas hold of it), read beside the store."""
+    sql = (
+        "SELECT (SELECT SUM(level) FROM limit_balances WHERE key_id = {p}), "
+        "(SELECT COALESCE(SUM(outstanding), 0) FROM limit_holders WHERE key_id = {p})"
+    )
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            row = db.execute(sql.format(p="?"), (key_id, key_id)).fetchone()
+    else:
+        with psycopg.connect(store_url) as db:
+            row = db.execute(sql.format(p="%s"), (key_id, key_id)).fetchone()
+    return float(row[0]), float(row[1])
+
+
+async def test_stored_rows_are_charged_once_to_the_writers_holding_or_else_the_balance(store_url):
+    """The budget's figure is kept, not summed: the balance plus what replicas hold is the budget less what the
+    stored rows used. A row is charged to the holding of the replica that stores it (what it borrowed less what
+    its rows used), a row stored by a replica holding nothing (a journal replayed after a restart) to the
+    balance, a batch stored twice once; a holding given back leaves the balance exact."""
+    now = time.time()
+    period = (now - 60, now + 3600)
+    one, other = await opened(store_url), await opened(store_url)  # two replicas
+    try:
+        assert await one.budget_left("k", "b", 1000, period) == 1000  # made from the rows: none yet
+        granted, left = await one.borrow_budget("k", "b", 1000, period, 40, 0.125, 10.0)
+        assert (granted, left) == (125, 875) and tables(store_url, "k") == (875, 125)
+        batch = [{**row, "key_id": "k", "total_tokens": USED} for row in rows(3)]
+        lines = [orjson.dumps(row) for row in batch]
+        for _ in range(2):  # the second time: a replayed batch, already stored
+            await one.insert_requests(lines)
+            assert tables(store_url, "k") == (875, 125 - 3 * USED)
+        await other.insert_requests([orjson.dumps({**row, "key_id": "k", "total_tokens": USED}) for row in rows(2)])
+        assert tables(store_url, "k") == (875 - 2 * USED, 125 - 3 * USED)
+        assert await one.budget_left("k", "b", 1000, period) == 1000 - 5 * USED
+        await one.give_back("k", "budget", "b", 125 - 3 * USED, lease=10.0)
+        assert tables(store_url, "k") == (1000 - 5 * USED, 0)
+    finally:
+        await one.close()
+        await other.close()

@@ -29,22 +29,31 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 
 class Cluster:
     def __init__(self, tmp_path, upstream: str, pg_url: str, n: int = 3) -> None:
+        self.tmp_path, self.upstream, self.pg_url = tmp_path, upstream, pg_url
         self.ports = [free_port() for _ in range(n)]
-        self.procs = [
-            start(
-                tmp_path / f"r{i}",
-                upstream,
-                port,
-                SIDECAR_STORE_URL=pg_url,
-                SIDECAR_AUTH_ENABLED="true",
-                SIDECAR_AUTH_PEPPER=PEPPER,
-                SIDECAR_SERVER_ADMIN_TOKEN=ADMIN,
-                SIDECAR_SERVER_DRAIN_GRACE="0",
-                SIDECAR_WRITER_FLUSH_INTERVAL_MS="20",
-            )
-            for i, port in enumerate(self.ports)
-        ]
+        self.procs = [self._start(i, port) for i, port in enumerate(self.ports)]
         self.urls = [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    def _start(self, i: int, port: int):
+        return start(
+            self.tmp_path / f"r{i}",
+            self.upstream,
+            port,
+            SIDECAR_STORE_URL=self.pg_url,
+            SIDECAR_AUTH_ENABLED="true",
+            SIDECAR_AUTH_PEPPER=PEPPER,
+            SIDECAR_SERVER_ADMIN_TOKEN=ADMIN,
+            SIDECAR_SERVER_DRAIN_GRACE="0",
+            SIDECAR_WRITER_FLUSH_INTERVAL_MS="20",
+        )
+
+    async def restart(self, i: int) -> None:
+        """Replica `i` again, after it ended: a new process on its data directory (its journal) and a new port."""
+        reap(self.procs[i])
+        self.ports[i] = free_port()
+        self.procs[i] = self._start(i, self.ports[i])
+        self.urls[i] = f"http://127.0.0.1:{self.ports[i]}"
+        await wait_listening(self.ports[i], self.procs[i])
 
     async def ready(self) -> None:
         for port, proc in zip(self.ports, self.procs, strict=True):
@@ -304,6 +313,39 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(fake, pg_url, 
         cluster.close()
     print(f"\nslots of a SIGKILLed replica usable again after {recovered:.1f} s (lease {LEASE:g} s)")
     assert recovered <= LEASE + 5
+
+
+async def test_a_killed_replicas_borrowed_budget_comes_back_within_the_lease(fake, pg_url, tmp_path):
+    """A replica borrows an allowance of a key's budget for one request, is SIGKILLed (no give-back) and
+    restarted, twice over: each time, what it borrowed and did not spend goes back to the balance within the
+    lease, so the balance is again the budget less what the rows used: nothing lost, nothing counted twice."""
+    budget = 584
+    cluster = Cluster(tmp_path, fake.url, pg_url, n=2)
+    recovered = []
+    try:
+        await cluster.ready()
+        async with aiohttp.ClientSession() as s:
+            key, kid = await make_key(s, cluster.urls[0], budget_tokens=budget, budget_period="month")
+            for crash in range(1, 3):
+                assert (await chat(s, cluster.urls[0], key))[0] == 200
+                stored_by = time.monotonic() + 10
+                while used(pg_url, kid) < crash * 16:  # its row is stored (the replica is idle for under IDLE)
+                    assert time.monotonic() < stored_by, "the request's row was never stored"
+                    await asyncio.sleep(0.02)
+                held = budget - used(pg_url, kid) - balance_left(pg_url, kid)
+                assert held > 0  # replica 0 holds what it borrowed and did not spend
+                cluster.procs[0].kill()  # SIGKILL: no drain, no give-back
+                killed = time.monotonic()
+                await cluster.restart(0)
+                while abs(balance_left(pg_url, kid) + used(pg_url, kid) - budget) > 1e-6:
+                    assert time.monotonic() - killed < LEASE + IDLE / 2 + 5, (held, balance_left(pg_url, kid))
+                    await asyncio.sleep(0.25)
+                recovered.append((held, round(time.monotonic() - killed, 1)))
+            spent = used(pg_url, kid)
+    finally:
+        cluster.close()
+    print(f"\nbudget {budget}: (held by the killed replica, back after seconds) {recovered}; {spent} used")
+    assert spent == 2 * 16
 
 
 async def borrow_statements(session, urls) -> int:

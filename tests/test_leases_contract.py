@@ -13,7 +13,7 @@ import pytest
 from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
 from sidecar.keys.auth import Principal
-from sidecar.limits.local import Bucket, LocalLimits
+from sidecar.limits.local import KEY_IDLE, Bucket, LocalLimits
 
 
 class Clock:
@@ -372,7 +372,7 @@ def families(leases: LocalLimits) -> list[tuple]:
     ]
 
 
-def expected(active: int, reserved: int, upstream: int) -> list[tuple]:
+def expected(active: int, reserved: int, upstream: int, keys: int | None = None) -> list[tuple]:
     return [
         (
             "sidecar_lease_slots_active",
@@ -398,12 +398,18 @@ def expected(active: int, reserved: int, upstream: int) -> list[tuple]:
             "gauge",
             [("sidecar_lease_queue_depth", {}, 0)],
         ),
+        (
+            "sidecar_lease_keys",
+            "Keys whose limits this replica keeps state for (idle ones are forgotten).",
+            "gauge",
+            [("sidecar_lease_keys", {}, 2 if keys is None else keys)],
+        ),
     ]
 
 
 def test_collect_reports_slots_reservations_and_upstream_slots():
     leases, _ = manager(global_concurrency=4)
-    assert families(leases) == expected(0, 0, 0)
+    assert families(leases) == expected(0, 0, 0, keys=0)
     a = leases.acquire_now(Principal("a", "a", 0, 0, 1000), 300)
     b = leases.acquire_now(Principal("b", "b", 0, 10, 1000), 40)
     local = leases.acquire_local(Principal("a", "a", 0, 0, 1000))
@@ -413,3 +419,30 @@ def test_collect_reports_slots_reservations_and_upstream_slots():
     for lease in (a, b, local):
         lease.release()
     assert families(leases) == expected(0, 0, 0)
+
+
+def test_one_off_keys_are_forgotten_once_idle_with_their_buckets_full():
+    """Thousands of keys that each send one request: their state goes once they have been idle for KEY_IDLE
+    with nothing in flight and full buckets (made afresh, it is the same), so it does not grow for ever; a
+    key still holding a lease, or whose bucket is still refilling, is kept."""
+    leases, clock = manager()
+    for n in range(2000):
+        leases.acquire_now(Principal(f"once-{n}", "k", concurrency=2, rpm=60, tpm=6000), 100).release()
+        clock.now += 0.05  # 100 seconds in all
+    kept = leases.acquire_now(Principal("busy", "k", concurrency=2, rpm=60, tpm=0), 0)  # in flight throughout
+    spent = Principal("spent", "k", concurrency=0, rpm=4, tpm=0)
+    for _ in range(4):
+        leases.acquire_now(spent, 0).release()  # its request bucket is empty: a minute to refill
+    tracked = families(leases)[-1][3][0][2]  # sidecar_lease_keys
+    assert tracked <= 2 * KEY_IDLE / 0.05 + 2  # the keys of the last two sweeps' windows, not all 2000
+    clock.now += KEY_IDLE  # everyone idle for KEY_IDLE; the spent bucket is half refilled
+    leases.acquire_now(Principal("newcomer", "k", 0, 0, 0), 0).release()  # a new key's request sweeps
+    assert {k[0] for k in leases._keys} == {"busy", "spent", "newcomer"}
+    for _ in range(2):
+        leases.acquire_now(spent, 0).release()  # half refilled: 2 of 4
+    with pytest.raises(RateLimited):  # what it spent is still counted: forgetting it would have refilled it
+        leases.acquire_now(spent, 0)
+    clock.now += 60
+    kept.release()
+    leases.acquire_now(Principal("another", "k", 0, 0, 0), 0).release()
+    assert {k[0] for k in leases._keys} == {"another"}

@@ -5,13 +5,16 @@ against the caller's own limits."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import sqlite3
 import time
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import psycopg
 import pytest
 
+from sidecar.limits.periods import period_bounds
 from tests.support.clients import ADMIN, admin
 
 ROWS = {"sqlite": 300_000, "postgres": 2_000_000}  # enough for the reports to take over a second
@@ -147,3 +150,108 @@ async def test_reports_are_bounded_in_range_and_count_against_the_keys_limits(fa
             assert r.status == 429  # the same budget: reports used it up
         status, _, _ = await admin(s, "GET", running.url + "/admin/usage?since=31d")
         assert status == 400
+
+
+FIGURE_ROWS = 1_200_000  # a key's rows in the current period: summing them took about a second
+
+
+def fill_period(store_url: str, key_id: str, n: int, start: float, now: float) -> None:
+    """`n` rows of `key_id`'s spread over [start, now): all in its budget's current period."""
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(store_url[len("sqlite:///") :]) as db:
+            db.executemany(
+                "INSERT INTO request_log (request_id, key_id, method, path, model, stream, status, outcome, "
+                "prompt_tokens, completion_tokens, total_tokens, usage_source, latency_ms, bytes_in, bytes_out, "
+                "chunks, started_at, finished_at) VALUES (?, ?, 'POST', '/v1/chat/completions', 'm', 0, 200, "
+                "'completed', 10, 5, 15, 'upstream', 1.0, 10, 10, 0, ?, ?)",
+                ((f"req_fig_{i:08d}", key_id, start + (now - start) * i / n, now) for i in range(n)),
+            )
+        return
+    with psycopg.connect(store_url, autocommit=True) as db:
+        db.execute(
+            "INSERT INTO request_log (request_id, key_id, method, path, model, stream, status, outcome, "
+            "prompt_tokens, completion_tokens, total_tokens, usage_source, latency_ms, bytes_in, bytes_out, chunks, "
+            "started_at, finished_at) SELECT 'req_fig_' || i, %s, 'POST', '/v1/chat/completions', 'm', false, 200, "
+            "'completed', 10, 5, 15, 'upstream', 1.0, 10, 10, 0, %s + (%s - %s) * i / %s, %s "
+            "FROM generate_series(0, %s - 1) AS i",
+            (key_id, start, now, start, n, now, n),
+        )
+
+
+@pytest.mark.slow
+async def test_loops_of_a_keys_figures_and_reports_do_not_stall_new_keys_or_readyz(fake, sidecar_factory, store_url):
+    """A key holder with a budget and a big period loops `/console/api/me` (its budget figure), the console's
+    series and `/v1/usage`, six loops each: a new key's first request still passes and `/readyz` still sees
+    the store. Those figures and reports run on the report connection, one at a time per key, under its lease."""
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, store__url=store_url, store__retention="0",
+        console__enabled=True,
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as s:
+        fields = {"name": "looper", "budget_tokens": 10**12, "budget_period": "month"}
+        _, a, _ = await admin(s, "POST", running.url + "/admin/keys", fields)
+        newcomers = [(await admin(s, "POST", running.url + "/admin/keys", {"name": f"new-{n}"}))[1] for n in range(40)]
+    now = time.time()
+    start, _ = period_bounds("month", now, ZoneInfo("UTC"))
+    await asyncio.to_thread(fill_period, store_url, a["id"], FIGURE_ROWS, start, now)
+    seen: collections.Counter[tuple[str, int]] = collections.Counter()
+    stop = asyncio.Event()
+    bearer = {"authorization": f"Bearer {a['key']}"}
+    targets = [
+        ("me", "/console/api/me", {}),
+        ("series", "/console/api/series?since=7d&bucket=hour&split=model", {}),
+        ("usage", "/v1/usage?since=7d", bearer),
+    ]
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as holder:
+        async with holder.post(running.url + "/console/api/session", json={"token": a["key"]}) as r:
+            assert r.status == 200
+
+        async def loop(name: str, path: str, headers: dict[str, str]) -> None:
+            while not stop.is_set():
+                async with holder.get(running.url + path, headers=headers) as r:
+                    await r.read()
+                    seen[name, r.status] += 1
+                await asyncio.sleep(0)
+
+        loops = [asyncio.create_task(loop(*target)) for target in targets for _ in range(6)]
+        firsts, ready = [], []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for n, b in enumerate(newcomers):
+                    if n >= 8 and all(seen[name, 200] for name, _, _ in targets):
+                        break  # each loop was served at least once meanwhile
+                    await asyncio.sleep(0.3)  # the loops are running
+                    async with s.post(
+                        running.url + "/v1/chat/completions",
+                        json={"model": "m", "messages": []},
+                        headers={"authorization": f"Bearer {b['key']}"},
+                    ) as r:
+                        firsts.append(r.status)
+                    async with s.get(running.url + "/readyz") as r:
+                        ready.append((r.status, (await r.json())["store"]))
+        finally:
+            stop.set()
+            await asyncio.gather(*loops)
+    print(f"\nloops of a key's figures and reports over {FIGURE_ROWS} rows: {dict(seen)}; first requests {firsts}")
+    assert len(firsts) >= 8 and set(firsts) == {200}
+    assert set(ready) == {(200, "ok")}
+    assert set(status for _, status in seen) <= {200, 429}, seen  # served, or refused by the key's own guard
+    assert all(seen[name, 200] > 0 for name, _, _ in targets)  # each figure and report was served meanwhile
+
+
+async def test_a_key_holders_console_figures_and_series_count_against_its_limits(fake, sidecar_factory):
+    """The console's `me` (the budget figure) and `series` cost a key holder what `/v1/usage` does: a request of
+    its per-minute budget each, 429 beyond it."""
+    running = await sidecar_factory(fake.url, auth__enabled=True, server__admin_token=ADMIN, console__enabled=True)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+        fields = {"name": "counted", "rpm": 3, "budget_tokens": 1000, "budget_period": "day"}
+        _, key, _ = await admin(s, "POST", running.url + "/admin/keys", fields)
+        async with s.post(running.url + "/console/api/session", json={"token": key["key"]}) as r:
+            assert r.status == 200
+        statuses = []
+        for path in ("/console/api/me", "/console/api/series?since=1d", "/v1/usage", "/console/api/me"):
+            async with s.get(running.url + path, headers={"authorization": f"Bearer {key['key']}"}) as r:
+                statuses.append(r.status)
+                if r.status == 200 and path == "/console/api/me":
+                    assert (await r.json())["budget_remaining"] == 1000
+    assert statuses == [200, 200, 200, 429]

@@ -134,7 +134,7 @@ class Admin:
         if row is None:
             raise NotFound("No such key.", code="key_not_found")
         budget = {}
-        if self.remaining is not None:  # as this replica counts: in-flight reservations included
+        if self.remaining is not None:  # as the store keeps it (on the report connection)
             budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, self.remaining)
         return {**row.public(), **budget, "source": "static" if static is not None else "store"}
 

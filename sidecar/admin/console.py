@@ -7,13 +7,16 @@ to all its ports, so an operator's session must not work on the client port, and
 must not sign the operator out of the ops port. Failed sign-ins count in the admin API's `Throttle`. Every
 change needs the session's CSRF token in `x-csrf-token` and a JSON body; every page and asset goes out with a
 strict Content-Security-Policy (no inline script or style, nothing from elsewhere). The data comes from the
-admin API's own handlers (operators) and the key's own usage (key holders: never another key's). Reports run
-on the store's report connection within `store.report_timeout`, as the admin API's do, so they never queue in
-front of key lookups or health checks; a series reaches back at most 31 days.
+admin API's own handlers (operators) and the key's own usage (key holders: never another key's). Reports and
+figures (a key's budget left) run on the store's report connection within `store.report_timeout`, as the admin
+API's do, so they never queue in front of key lookups or health checks; a key holder's cost what its
+`/v1/usage` does (`Limits.report`: one at a time, a request and a slot of its key's limits); a series reaches
+back at most 31 days.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import secrets
@@ -34,16 +37,16 @@ from sidecar.errors import (
     Forbidden,
     NotFound,
     Overloaded,
-    RateLimited,
     SidecarError,
     Unauthorized,
     UnsupportedMediaType,
 )
 from sidecar.handlers import Handlers, request_id
-from sidecar.keys.auth import Authenticator
-from sidecar.limits.budgets import Remaining, budget_fields
+from sidecar.keys.auth import Authenticator, Principal
+from sidecar.limits.admission import Limits
+from sidecar.limits.budgets import budget_fields
 from sidecar.responses import error_response, json_response
-from sidecar.store.base import Store
+from sidecar.store.base import KeyRow, Store
 
 ROLES = ("admin", "key")
 COOKIES = {"admin": "sidecar_console", "key": "sidecar_console_key"}  # one per role
@@ -82,6 +85,7 @@ class Session:
     key_id: str | None = None
     name: str | None = None
     checked: float = 0.0  # when the key was last found still valid
+    principal: Principal | None = None  # a key holder's key, as last found: its limits apply to its reports
 
 
 class Console:
@@ -91,7 +95,7 @@ class Console:
         admin: Admin,
         auth: Authenticator,
         store: Store,
-        remaining: Remaining,
+        limits: Limits,
         max_days: int,
         https: Callable[[web.Request], bool] = lambda request: request.secure,
     ) -> None:
@@ -99,11 +103,10 @@ class Console:
         self.admin = admin
         self.auth = auth
         self.store = store
-        self.remaining = remaining
+        self.limits = limits
         self.max_days = max_days
         self.https = https  # whether the client reached us over TLS (here, or at a trusted proxy)
         self._sessions: dict[str, Session] = {}
-        self._reports: set[str] = set()  # keys with a series running: one at a time per key
         admin.on_key_change.append(self.forget_key)
 
     def add_routes(self, routes: Handlers, operators: bool, holders: bool) -> None:
@@ -195,7 +198,9 @@ class Console:
         principal = await self.auth.authenticate({"authorization": f"Bearer {token}"}, address)
         if principal.key_id is None:
             raise Unauthorized("Sign in with the admin token or a key.", code="invalid_api_key")
-        return Session("key", secrets.token_urlsafe(32), now, now, port, principal.key_id, principal.name, now)
+        return Session(
+            "key", secrets.token_urlsafe(32), now, now, port, principal.key_id, principal.name, now, principal
+        )
 
     def _set_cookie(self, resp: web.StreamResponse, request: web.Request, sid: str, session: Session) -> None:
         """The session's cookie, its `Max-Age` what the session has left: renewed on every answer as the session
@@ -313,16 +318,19 @@ class Console:
 
     async def _touch(self, sid: str, session: Session, now: float) -> Session:
         if session.key_id is not None and now - session.checked >= KEY_RECHECK:
-            if not await self._still_valid(session.key_id):  # revoked or expired since: the session ends
+            row = await self._still_valid(session.key_id)
+            if row is None:  # revoked or expired since: the session ends
                 self._sessions.pop(sid, None)
                 raise Unauthorized("This key is no longer valid.", code="console_session")
+            session.principal = self.auth.principal_for(row)  # its limits as they are now
             session.checked = now
         session.used = now  # sliding, within session_max_age
         return session
 
-    async def _still_valid(self, key_id: str) -> bool:
+    async def _still_valid(self, key_id: str) -> KeyRow | None:
         row = self.auth.static.get(key_id) or await self.store.get_key(key_id)
-        return row is not None and row.revoked_at is None and (row.expires_at or math.inf) > time.time()
+        valid = row is not None and row.revoked_at is None and (row.expires_at or math.inf) > time.time()
+        return row if valid else None
 
     @staticmethod
     def _json_only(request: web.Request) -> None:
@@ -332,13 +340,21 @@ class Console:
 
     # --- data ----------------------------------------------------------------------------------------------
 
+    def _report(self, session: Session) -> contextlib.AbstractContextManager[None]:
+        """A key holder's report or figure holds what its `/v1/usage` would (`Limits.report`: one at a time, a
+        request of its per-minute budget, a concurrency slot); an operator's holds nothing."""
+        if session.principal is None:
+            return contextlib.nullcontext()
+        return self.limits.report(session.principal)
+
     async def me(self, request: web.Request, rid: str, session: Session) -> Any:
         only_params(request, ())
         assert session.key_id is not None
         row = self.auth.static.get(session.key_id) or await self.store.get_key(session.key_id)
         if row is None:
             raise NotFound("This key is no longer in the store.", code="key_not_found")
-        budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, self.remaining)
+        with self._report(session):  # its budget figure: on the report connection, under the key's limits
+            budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, self.limits.remaining)
         return {**row.public(), **budget}
 
     async def series(self, request: web.Request, rid: str, session: Session) -> Any:
@@ -353,15 +369,8 @@ class Console:
         since = since_param(request, min(self.max_days, SERIES_MAX_DAYS))
         until = time_param(request, "until")
         key_id = session.key_id if session.role == "key" else None
-        if key_id is not None and key_id in self._reports:
-            raise RateLimited("One report at a time per key.", headers={"retry-after": "1"})
-        if key_id is not None:
-            self._reports.add(key_id)
-        try:
+        with self._report(session):
             rows = await self.store.usage_series(since, until, BUCKETS[bucket], split, key_id)
-        finally:
-            if key_id is not None:
-                self._reports.discard(key_id)
         rows = _top_groups(rows, split)
         return {"object": "list", "since": since, "until": until, "bucket": bucket, "split": split, "data": rows}
 

@@ -310,7 +310,7 @@ class Authenticator:
             except StoreError as exc:
                 return self._stale(kid, entry, exc)
             ttl = self.cfg.cache_ttl
-            principal = self._principal(row) if row else None
+            principal = self.principal_for(row) if row else None
             fresh = _Entry(row, principal, now + ttl, now, static, refresh_at=now + ttl / 2)
             if self._generation.get(kid, 0) != generation:
                 continue  # revoked or changed while we read it: what we read may be from before; read again
@@ -354,7 +354,8 @@ class Authenticator:
                 extra={"fields": {"max_stale_s": self.cfg.max_stale, "error": error[:200]}},
             )
 
-    def _principal(self, row: KeyRow) -> Principal:
+    def principal_for(self, row: KeyRow) -> Principal:
+        """A key's row as a principal: its limits, the configured ones where it sets none."""
         d = self.limits
 
         def pick(value: int | None, default: int) -> int:

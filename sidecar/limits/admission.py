@@ -17,6 +17,7 @@ once (`release`), local lease first, shared slot last.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -86,8 +87,8 @@ class Lease:
 
 
 class Limits:
-    """Admission for the proxy and the routes that cost a request (a key's own usage report), and the figures
-    the reports show (a budget's remaining tokens)."""
+    """Admission for the proxy and the routes that cost a request (a key's own reports and figures: `report`),
+    and the figures the reports show (a budget's remaining tokens)."""
 
     def __init__(self, cfg: LimitsCfg, store: Store) -> None:
         self.cfg = cfg
@@ -98,6 +99,7 @@ class Limits:
         # None with SQLite: one replica, its local buckets and slots are the whole truth.
         self.rates = SharedRates(self.borrower, cfg.store_down) if shared else None
         self.slots = SharedSlots(store, cfg.store_down) if shared else None
+        self._reporting: set[str | None] = set()  # keys with a report running: one at a time per key
 
     def uncapped(self, call: Call) -> bool:
         """Whether `call` can generate output it names no cap for: its reservation then needs the model's
@@ -166,8 +168,26 @@ class Limits:
         per-minute budget and a concurrency slot while it runs. Raises `RateLimited` beyond them."""
         return Lease(self.local.acquire_local(principal))
 
+    @contextlib.contextmanager
+    def report(self, principal: Principal) -> Iterator[None]:
+        """What a report or figure a key asks for (its usage, its budget left, its series) holds while it runs:
+        the key's one report at a time, a request of its per-minute budget and a concurrency slot (`RateLimited`
+        beyond any of them). A report costs the store more than a request costs the proxy."""
+        kid = principal.key_id
+        if kid is not None and kid in self._reporting:
+            raise RateLimited("One report at a time per key.", headers={"retry-after": "1"})
+        lease = self.admit_local(principal)
+        if kid is not None:
+            self._reporting.add(kid)
+        try:
+            yield
+        finally:
+            self._reporting.discard(kid)
+            lease.release()
+
     def remaining(self, key_id: str, budget: int, period: str) -> Awaitable[tuple[int, float]]:
-        """A budget's tokens left as this replica counts (in-flight reservations included) and when it resets."""
+        """A budget's tokens left (the budget less what the stored rows used, as the store keeps it: on the report
+        connection) and when it resets."""
         return self.budgets.remaining(key_id, budget, period)
 
     async def _shared_holds(self, principal: Principal, need: int, holds: list[Hold]) -> None:

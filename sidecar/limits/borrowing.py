@@ -6,6 +6,12 @@ else a fraction of what is left, never more), admits requests from the allowance
 tops it up in the background when half is spent (one borrow in flight per balance), takes back what a request
 reserved and did not use, and returns the allowance of a balance idle for `IDLE` seconds, and every allowance at
 drain. The outstanding allowances are the error bound: what one replica holds, another cannot admit.
+
+What a replica holds of a budget is recorded in the store on a lease (`limit_holders`), renewed every `IDLE / 2`
+seconds while it holds a share of that balance: a replica killed without a goodbye stops renewing, and what it
+borrowed and did not spend in a stored row goes back to the balance once the lease has expired, at the next
+sweep of any replica or the next borrow from that balance (within `LEASE + IDLE / 2` seconds). Per-minute
+allowances need no lease: their buckets refill within a minute by themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from sidecar.store.base import Store, StoreError
 log = logging.getLogger("sidecar.allowances")
 FRACTION = 0.125  # a borrow takes an eighth of what is left (at least what the request needs)
 IDLE = 5.0  # seconds without a request before an allowance goes back to its balance
+LEASE = 10.0  # seconds a replica's holdings (of budgets here, of slots in `slots`) outlive its last renewal
 EMPTY_RECHECK = 1.0  # after a balance said "not enough", ask it again at most this often
 
 Borrow = Callable[[float], Awaitable[tuple[float, float]]]  # need -> (granted, left in the balance)
@@ -174,22 +181,49 @@ class Borrower:
         await self._give_back(lambda share: True)
 
     async def _sweep_forever(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(IDLE / 2)
             now = self.clock()
             try:
                 await self._give_back(partial(_due, now=now))
+                held = [(b.key_id, b.bucket) for b in self._shares if b.kind == "budget"]
+                await self.store.tend_holdings(held, LEASE)
+                failing = False
             except StoreError as exc:
-                log.warning("allowances not returned yet", extra={"fields": {"error": str(exc)[:200]}})
+                if not failing:  # once per outage: the sweep runs every few seconds
+                    log.warning("allowances not returned or renewed yet", extra={"fields": {"error": str(exc)[:200]}})
+                failing = True
 
     async def _give_back(self, due: Callable[[Share], bool]) -> None:
-        """Return the allowances of idle balances and ended periods (those with nothing in flight)."""
+        """Return the allowances of idle balances and ended periods (those with nothing in flight). Each share is
+        dropped before its allowance goes back: a request arriving meanwhile starts a new share (and borrows)
+        instead of spending, uncharged, from one on its way back."""
         for balance, share in list(self._shares.items()):
+            if self._shares.get(balance) is not share:
+                continue  # returned, or replaced, while an earlier give-back ran
             if share.reserved or share.borrowing is not None or not due(share):
                 continue
-            if share.allowance:
-                await self.store.give_back(balance.key_id, balance.kind, balance.bucket, share.allowance, balance.cap)
-            self._shares.pop(balance, None)
+            del self._shares[balance]
+            if not share.allowance:
+                continue
+            lease = LEASE if balance.kind == "budget" else None  # a budget's is held on a lease
+            try:
+                await self.store.give_back(
+                    balance.key_id, balance.kind, balance.bucket, share.allowance, balance.cap, lease
+                )
+            except StoreError:
+                self._keep(balance, share)
+                raise
+
+    def _keep(self, balance: Balance, share: Share) -> None:
+        """A give-back that failed: the allowance is still this replica's in the store, to use or return later
+        (into the share a request started meanwhile, if one did)."""
+        current = self._shares.get(balance)
+        if current is None:
+            self._shares[balance] = share
+        else:
+            current.allowance += share.allowance
 
 
 def _due(share: Share, now: float) -> bool:

@@ -5,10 +5,13 @@ The store holds each key's balance for the period (`limit_balances`), shared by 
 budget less what the key's stored requests used in the period. A replica borrows an allowance from it (at least
 what a request needs, else an eighth of what is left) and admits requests from that allowance without a store
 round trip, topping it up in the background when half is spent (one borrow in flight per key); what a request
-did not use goes back to the allowance, and an idle key's allowance (or one at drain) goes back to the balance.
+did not use goes back to the allowance, and an idle key's allowance (or one at drain) goes back to the balance;
+what a killed replica held goes back when its lease expires (`sidecar.limits.borrowing`).
 Admission reserves the request's prompt estimate plus its output budget, as the minute buckets do, and refuses
 a request whose reservation does not fit (429 `insufficient_quota`, `retry-after` at the period's end). With the
 store unreachable, an allowance in hand is still spent; beyond it: 503 (a budget is billing: it fails closed).
+What is left (`remaining`, the figure the reports show) is kept by the store beside the balance, never summed
+over the rows per call, and read on the report connection.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from sidecar.errors import InsufficientQuota
-from sidecar.limits.borrowing import FRACTION, Balance, Borrower, Hold
+from sidecar.limits.borrowing import FRACTION, LEASE, Balance, Borrower, Hold
 from sidecar.limits.periods import CALENDAR, period_bounds
 
 Remaining = Callable[[str, int, str], Awaitable[tuple[int, float]]]  # (key, budget, period) -> (left, resets at)
@@ -40,10 +43,10 @@ class Budgets:
         """Hold `need` tokens of the key's budget for a request, or raise InsufficientQuota."""
         now = self.clock()
         start, end = period_bounds(period, now, self.tz)
-        bucket = f"{start:.0f}:{budget}"  # a new period, or a changed budget, is a new balance
+        bucket = _bucket(start, budget)
 
         def borrow(want: float) -> Awaitable[tuple[float, float]]:
-            return self._borrow(key_id, bucket, budget, start, want)
+            return self.store.borrow_budget(key_id, bucket, budget, (start, end), want, FRACTION, LEASE)
 
         until = self.borrower.clock() + (end - now)  # the borrower's clock: the allowance goes back at the period's end
         hold = await self.borrower.take(Balance(key_id, "budget", bucket), need, borrow, until)
@@ -55,13 +58,16 @@ class Budgets:
             )
         return hold
 
-    async def _borrow(self, key_id: str, bucket: str, budget: int, start: float, want: float) -> tuple[float, float]:
-        return await self.store.borrow_budget(key_id, bucket, budget, start, want, FRACTION)
-
     async def remaining(self, key_id: str, budget: int, period: str) -> tuple[int, float]:
-        """(tokens left this period, when it ends), as the key's stored requests say."""
+        """(tokens left this period, when it ends): the budget less what the key's stored requests used, as the
+        store keeps it beside the balance (on the report connection: never in front of key lookups)."""
         start, end = period_bounds(period, self.clock(), self.tz)
-        return max(0, budget - await self.store.tokens_since(key_id, start)), end
+        left = await self.store.budget_left(key_id, _bucket(start, budget), budget, (start, end))
+        return max(0, round(left)), end
+
+
+def _bucket(start: float, budget: int) -> str:
+    return f"{start:.0f}:{budget}"  # a new period, or a changed budget, is a new balance
 
 
 def _name(period: str) -> str:

@@ -6,7 +6,9 @@ request reserves one request and `prompt estimate + output budget` tokens (cappe
 a large request can still run when the bucket is full); `LocalLease.settle(prompt, completion)` reconciles the
 reservation to real usage (refund or debit: the bucket may go negative and later requests wait for it).
 `release()` is idempotent and unsettled leases are refunded in full. A rejected request holds nothing and
-changes no counter: every check happens before anything is taken.
+changes no counter: every check happens before anything is taken. A key's state is forgotten once it has
+been idle for `KEY_IDLE` seconds with nothing in flight and its buckets full again (made afresh, it would be
+the same): one-off keys do not pile up.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
 from sidecar.keys.auth import Principal
 from sidecar.ops.series import gauge
+
+KEY_IDLE = 30.0  # seconds a key's state is kept after its last request (swept at most this often)
 
 
 class Bucket:
@@ -57,6 +61,18 @@ class KeyState:
     tokens: Bucket | None
     active: int = 0
     reserved: int = 0  # tokens reserved by this key's unsettled leases
+    last_used: float = 0.0
+
+    def idle(self, now: float) -> bool:
+        """Nothing in flight, no request for `KEY_IDLE` seconds and its buckets full: a fresh state is the same."""
+        if self.active or self.reserved or now - self.last_used < KEY_IDLE:
+            return False
+        return all(b is None or _refilled(b, now) for b in (self.requests, self.tokens))
+
+
+def _refilled(bucket: Bucket, now: float) -> bool:
+    bucket.refill(now)
+    return bucket.level >= bucket.capacity
 
 
 @dataclass(slots=True)
@@ -99,6 +115,7 @@ class LocalLimits:
         self.cfg = cfg
         self.clock = clock
         self._keys: dict[tuple[str | None, int, int, int], KeyState] = {}
+        self._pruned_at = clock()
         self.global_active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
@@ -108,10 +125,20 @@ class LocalLimits:
         state = self._keys.get(k)
         if state is None:
             now = self.clock()
+            self._prune(now)
             state = self._keys[k] = KeyState(
                 p.concurrency, Bucket(p.rpm, now) if p.rpm else None, Bucket(p.tpm, now) if p.tpm else None
             )
         return state
+
+    def _prune(self, now: float) -> None:
+        """Forget idle keys (`KeyState.idle`); when a new key comes, at most every `KEY_IDLE` seconds (a sweep
+        over every key's state)."""
+        if now - self._pruned_at < KEY_IDLE:
+            return
+        self._pruned_at = now
+        for k in [k for k, state in self._keys.items() if state.idle(now)]:
+            del self._keys[k]
 
     def acquire_now(self, principal: Principal, estimate: int) -> LocalLease | None:
         """A lease without waiting, or None when the request must queue for a global slot (then `acquire`).
@@ -174,6 +201,7 @@ class LocalLimits:
                     headers=self._limit_headers(state, retry=tok.wait_for(need)),
                 )
         # Every check passed: take.
+        state.last_used = now
         state.active += 1
         if req is not None:
             req.level -= 1
@@ -254,3 +282,7 @@ class LocalLimits:
         yield gauge(
             "sidecar_lease_queue_depth", "Requests waiting for a global upstream slot.", (), {(): len(self._waiters)}
         )
+        yield gauge(
+            "sidecar_lease_keys", "Keys whose limits this replica keeps state for (idle ones are forgotten).", (),
+            {(): len(self._keys)},
+        )  # fmt: skip

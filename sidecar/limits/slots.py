@@ -21,12 +21,11 @@ from functools import partial
 from prometheus_client.metrics_core import Metric
 
 from sidecar.errors import RateLimited, StoreUnavailable
-from sidecar.limits.borrowing import IDLE, StoreDown
+from sidecar.limits.borrowing import IDLE, LEASE, StoreDown
 from sidecar.ops.series import counter
 from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("sidecar.slots")
-LEASE = 10.0  # seconds a replica's slots outlive its last renewal
 
 
 @dataclass(slots=True)

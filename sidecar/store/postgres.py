@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar.store.balances import USED
 from sidecar.store.base import Params, ReportTimeout, StoreError
 from sidecar.store.sql import MIGRATIONS_TABLE, SqlStore, json_array, migrations, statements
 
@@ -37,11 +38,35 @@ _PASSING = (
 _NOT_YET = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.InsufficientPrivilege)
 
 
+# Rows stored, each charged to its key's budget balance for the period it started in: to this replica's holding
+# of that balance (`limit_holders`: what it borrowed less what its stored rows used), or to the balance itself
+# when it holds none (a row replayed from a journal after a restart). Only rows not stored yet are charged (all
+# parts of one statement see one snapshot): a batch the journal replays is charged once. The INSERT is the main
+# statement, so its reply is still `INSERT 0 n`.
+_CHARGED = (
+    "WITH batch AS (SELECT * FROM json_populate_recordset(NULL::request_log, %s::json)), "
+    "fresh AS (SELECT DISTINCT ON (request_id) key_id, started_at, {used} AS used FROM batch "
+    "WHERE key_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM request_log l WHERE l.request_id = batch.request_id) "
+    "ORDER BY request_id), "
+    "spent AS (SELECT b.key_id, b.bucket, SUM(fresh.used) AS used FROM fresh JOIN limit_balances b "
+    "ON b.key_id = fresh.key_id AND b.dim = 'budget' AND fresh.started_at >= b.starts_at "
+    "AND fresh.started_at < b.ends_at GROUP BY b.key_id, b.bucket), "
+    "held AS (UPDATE limit_holders h SET outstanding = h.outstanding - spent.used FROM spent "
+    "WHERE h.key_id = spent.key_id AND h.dim = 'budget' AND h.bucket = spent.bucket AND h.replica = %s "
+    "RETURNING h.key_id, h.bucket), "
+    "rest AS (UPDATE limit_balances b SET level = b.level - spent.used FROM spent "
+    "WHERE b.key_id = spent.key_id AND b.dim = 'budget' AND b.bucket = spent.bucket "
+    "AND NOT EXISTS (SELECT 1 FROM held WHERE held.key_id = spent.key_id AND held.bucket = spent.bucket)) "
+    "INSERT INTO request_log ({cols}) SELECT {cols} FROM batch ON CONFLICT (request_id) DO NOTHING"
+)
+
+
 class PostgresStore(SqlStore):
     kind = "postgres"
     placeholder = "%s"
     db_now = "extract(epoch from clock_timestamp())::double precision"
     lock_key = "SELECT pg_advisory_xact_lock(hashtext(?))"  # one key's slot borrowers one at a time
+    json_items = "SELECT json_array_elements_text(?::json)"
     migrations = MIGRATIONS
 
     def __init__(
@@ -157,6 +182,19 @@ class PostgresStore(SqlStore):
     def _sql(self, sql: str) -> str:
         return sql.replace("%", "%%").replace("?", "%s")
 
+    def _reclaim(self, balance: tuple[str, str] | None = None) -> list[tuple[str, Params]]:
+        """The expired holdings back to their balances in one statement: two replicas reclaiming at once each
+        delete (and so return) a holding at most once, the second finding it gone."""
+        one = "key_id = ? AND dim = 'budget' AND bucket = ? AND " if balance else ""
+        sql = (
+            f"WITH gone AS (DELETE FROM limit_holders WHERE {one}expires_at < {self.db_now} "
+            "RETURNING key_id, dim, bucket, outstanding), "
+            "back AS (SELECT key_id, dim, bucket, SUM(outstanding) AS amount FROM gone GROUP BY key_id, dim, bucket) "
+            "UPDATE limit_balances b SET level = b.level + back.amount FROM back "
+            "WHERE b.key_id = back.key_id AND b.dim = back.dim AND b.bucket = back.bucket"
+        )
+        return [(self._sql(sql), balance or ())]
+
     async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         try:
             async with asyncio.timeout(self.op_timeout), self.pool.connection() as conn, conn.cursor() as cur:
@@ -215,9 +253,12 @@ class PostgresStore(SqlStore):
             f"INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, %s::json) "
             f"ON CONFLICT ({columns[0]}) DO NOTHING"
         )
+        params: list[Any] = [payload]
+        if table == "request_log":
+            sql, params = _CHARGED.format(cols=cols, used=USED), [payload, self.replica]
         try:
             async with asyncio.timeout(self.op_timeout), self.pool.connection() as conn, conn.cursor() as cur:
-                await cur.execute(sql.encode(), [payload])
+                await cur.execute(sql.encode(), params)
                 return max(cur.rowcount, 0)
         except _NOT_YET as exc:  # the schema or a grant is missing: not the rows' fault, they wait in the spool
             raise StoreError(_text(exc)) from None

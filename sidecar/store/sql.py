@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.store.balances import Balances
+from sidecar.store.balances import USED, Balances
 from sidecar.store.base import (
     KEY_COLUMNS,
     REQUEST_COLUMNS,
@@ -145,12 +145,9 @@ class SqlStore(Balances):
         raise NotImplementedError
 
     async def tokens_since(self, key_id: str, since: float) -> int:
-        """Tokens a key's requests used since `since` (its budget spent so far in a period)."""
-        rows = await self._fetch(
-            self._sql(
-                "SELECT COALESCE(SUM(COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + "
-                "COALESCE(completion_tokens, 0))), 0) FROM request_log WHERE key_id = ? AND started_at >= ?"
-            ),
+        """Tokens a key's requests used since `since` (its budget spent so far in a period: the CLI's figure)."""
+        rows = await self._report(
+            self._sql(f"SELECT COALESCE(SUM({USED}), 0) FROM request_log WHERE key_id = ? AND started_at >= ?"),
             (key_id, since),
         )
         return int(rows[0][0])
@@ -339,6 +336,22 @@ def schema_v2(real: str) -> str:
     return f"CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at {real} NOT NULL)"
 
 
+def schema_v6(real: str) -> str:
+    """Version 6: what each replica holds of a budget balance, until `expires_at` unless renewed (a killed
+    replica's goes back to the balance then), and each balance's period, so that a stored row is charged to
+    the balance of the period it started in."""
+    return f"""ALTER TABLE limit_balances ADD COLUMN starts_at {real};
+ALTER TABLE limit_balances ADD COLUMN ends_at {real};
+CREATE TABLE limit_holders (
+  key_id TEXT NOT NULL, dim TEXT NOT NULL, bucket TEXT NOT NULL, replica TEXT NOT NULL, outstanding {real} NOT NULL,
+  expires_at {real} NOT NULL, PRIMARY KEY (key_id, dim, bucket, replica));
+CREATE INDEX limit_holders_expires ON limit_holders (expires_at);
+CREATE INDEX limit_holders_replica ON limit_holders (replica)"""
+
+
 def migrations(real: str, boolean: str, serial: str) -> tuple[str, ...]:
     """Every version of the schema in a backend's types, oldest first (`schema_migrations` counts them)."""
-    return (schema_v1(real, boolean, serial), schema_v2(real), SCHEMA_V3, schema_v4(real), schema_v5(real))
+    return (
+        schema_v1(real, boolean, serial), schema_v2(real), SCHEMA_V3, schema_v4(real), schema_v5(real),
+        schema_v6(real),
+    )  # fmt: skip

@@ -32,12 +32,28 @@ def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
 
 
 MIGRATIONS = migrations("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")
+_USED_NEW = "COALESCE(NEW.total_tokens, COALESCE(NEW.prompt_tokens, 0) + COALESCE(NEW.completion_tokens, 0))"  # USED
+# Each row the writer stores is charged to its key's budget balance for the period it started in: to this
+# replica's holding of it (what it borrowed less what its stored rows used), or to the balance itself when it
+# holds none (a row replayed from the journal after a restart). A TEMP trigger: on the writer's connection
+# only, where this process's rows are inserted, and it fires only for rows inserted (a replayed duplicate is
+# skipped by ON CONFLICT, and charged once).
+_CHARGE_TRIGGER = """CREATE TEMP TRIGGER IF NOT EXISTS charge_budgets AFTER INSERT ON main.request_log
+WHEN NEW.key_id IS NOT NULL BEGIN
+UPDATE limit_holders SET outstanding = outstanding - ({used}) WHERE replica = '{replica}' AND dim = 'budget'
+  AND key_id = NEW.key_id AND bucket IN (SELECT bucket FROM limit_balances b WHERE b.key_id = NEW.key_id
+  AND b.dim = 'budget' AND NEW.started_at >= b.starts_at AND NEW.started_at < b.ends_at);
+UPDATE limit_balances SET level = level - ({used}) WHERE key_id = NEW.key_id AND dim = 'budget'
+  AND NEW.started_at >= starts_at AND NEW.started_at < ends_at AND NOT EXISTS (SELECT 1 FROM limit_holders h
+  WHERE h.key_id = NEW.key_id AND h.dim = 'budget' AND h.bucket = limit_balances.bucket AND h.replica = '{replica}');
+END"""
 
 
 class SqliteStore(SqlStore):
     kind = "sqlite"
     placeholder = "?"
     db_now = "((julianday('now') - 2440587.5) * 86400.0)"
+    json_items = "SELECT value FROM json_each(?)"
     migrations = MIGRATIONS
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000, report_timeout: float = 10.0) -> None:
@@ -247,7 +263,10 @@ class SqliteStore(SqlStore):
                 self._w = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 for pragma in ("busy_timeout=0", "synchronous=NORMAL", "wal_autocheckpoint=0"):
                     self._w.execute(f"PRAGMA {pragma}")
+                self._w.execute(_CHARGE_TRIGGER.format(replica=self.replica, used=_USED_NEW))
             except sqlite3.Error as exc:
+                if self._w is not None:
+                    self._w.close()
                 self._w = None
                 raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from None
         return self._w
