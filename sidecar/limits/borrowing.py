@@ -108,6 +108,7 @@ class Borrower:
         self.clock = clock
         self._shares: dict[Balance, Share] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # set by `close`: the sweep stops between rounds, never inside a statement
         self._refills: set[asyncio.Future[None]] = set()
         self.borrows = 0  # statements sent to borrow (the benchmark's and the tests' figure)
 
@@ -173,17 +174,20 @@ class Borrower:
     async def close(self) -> None:
         """At drain: every allowance goes back, so other replicas can use it."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            # Not a cancel: one landing inside a store statement can be swallowed on its way out (psycopg
+            # cancels the query server-side), leaving a sweep that never ends and a drain that waits for it.
+            self._closing.set()
+            await self._sweeper
         if self._refills:
             await asyncio.wait(self._refills)
         await self._give_back(lambda share: True)
 
     async def _sweep_forever(self) -> None:
         failing = False
-        while True:
-            await asyncio.sleep(IDLE / 2)
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), IDLE / 2)
+                return
             now = self.clock()
             try:
                 await self._give_back(partial(_due, now=now))
