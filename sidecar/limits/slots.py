@@ -58,6 +58,7 @@ class SharedSlots:
         self.replica = uuid.uuid4().hex[:16]  # this process, in `limit_slots`
         self._keys: dict[tuple[str, int], KeySlots] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # set by `close`: the renewal stops between rounds
         self.asks = 0  # statements that asked the store for a slot
 
     def collect(self) -> Iterator[Metric]:
@@ -123,15 +124,16 @@ class SharedSlots:
     async def close(self) -> None:
         """At drain: every slot goes back."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._closing.set()  # not a cancel: one landing inside a store statement can be swallowed there
+            await self._task
         await self._return(lambda slots: True)
 
     async def _tend(self) -> None:
         """Renew this replica's lease, and give back the spare slots of idle keys."""
         while True:
-            await asyncio.sleep(LEASE / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), LEASE / 3)
+                return
             now = self.clock()
             try:
                 await self.store.renew_slots(self.replica, LEASE)

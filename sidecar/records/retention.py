@@ -35,6 +35,7 @@ class Retention:
         self.interval = interval
         self.deleted = dict.fromkeys(TABLES, 0)
         self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # set by `close`: the sweep stops between batches
 
     async def start(self) -> None:
         if self.keep_seconds > 0:
@@ -43,18 +44,20 @@ class Retention:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._closing.set()  # not a cancel: one landing inside a store statement can be swallowed there
+            await task
 
     async def _run(self) -> None:
-        await asyncio.sleep(min(FIRST_SWEEP, self.interval))
+        wait = min(FIRST_SWEEP, self.interval)
         while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), wait)
+                return
             try:
                 await self.sweep()
             except StoreError as exc:
                 log.warning("retention sweep failed; next one later", extra={"fields": {"error": str(exc)[:200]}})
-            await asyncio.sleep(self.interval)
+            wait = self.interval
 
     async def sweep(self) -> int:
         """Delete what is past retention now; the number of rows deleted."""
@@ -65,7 +68,7 @@ class Retention:
                 n = await self.store.delete_older(table, cutoff, BATCH)
                 self.deleted[table] += n
                 total += n
-                if n < BATCH:
+                if n < BATCH or self._closing.is_set():  # closing: the rest waits for the next start
                     break
                 await asyncio.sleep(PAUSE)
         if total:
