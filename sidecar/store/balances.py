@@ -156,9 +156,9 @@ class Balances:
         level = budget - float(spent[0][0])
         keep = self._sql(
             "INSERT INTO limit_balances (key_id, dim, bucket, level, granted, updated_at, starts_at, ends_at) "
-            "VALUES (?, 'budget', ?, ?, 0, ?, ?, ?) ON CONFLICT (key_id, dim, bucket) DO NOTHING"
-        )
-        await self._run([(keep, (key_id, bucket, level, time.time(), since, until))])
+            f"VALUES (?, 'budget', ?, ?, 0, {self.db_now}, ?, ?) ON CONFLICT (key_id, dim, bucket) DO NOTHING"
+        )  # stamped by the database's clock, as the rate buckets are
+        await self._run([(keep, (key_id, bucket, level, since, until))])
         return level
 
     async def borrow_rate(
