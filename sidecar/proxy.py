@@ -149,9 +149,7 @@ class Proxy:
         return await self.auth.authenticate(request.headers, self.forwarding.client_address(request))
 
     async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
-        enforced = self.limits.cfg.enforce_max_tokens
-        uncapped = not enforced and self.limits.uncapped(call)
-        context = await self.upstream.models.context(call.model) if uncapped else None
+        context = await self.upstream.models.context(call.model) if self.limits.needs_context(call) else None
         reservation = self.limits.reserve(call, context)
         if reservation.cap is not None:
             call = call.capped(reservation.cap)

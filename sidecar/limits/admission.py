@@ -101,10 +101,11 @@ class Limits:
         self.slots = SharedSlots(store, cfg.store_down) if shared else None
         self._reporting: set[str | None] = set()  # keys with a report running: one at a time per key
 
-    def uncapped(self, call: Call) -> bool:
-        """Whether `call` can generate output it names no cap for: its reservation then needs the model's
-        context length (`reserve`'s `context`), unless the cap is enforced."""
-        return call.doc is not None and call.max_tokens is None and call.family not in NO_OUTPUT
+    def needs_context(self, call: Call) -> bool:
+        """Whether `call`'s reservation needs the model's context length (`reserve`'s `context`): it can generate
+        output, names no cap for it, and no cap is enforced."""
+        uncapped = call.doc is not None and call.max_tokens is None and call.family not in NO_OUTPUT
+        return uncapped and not self.cfg.enforce_max_tokens
 
     def reserve(self, call: Call, context: int | None = None) -> Reservation:
         """What `call` reserves (README, "What a client can make it cost"):
