@@ -127,7 +127,14 @@ class Exchange:
         prompt = admission.prompt_estimate or None
         if scanner is not None and scanner.usage is not None:
             u = scanner.usage
-            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, "upstream")
+            rec.set_usage(
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+                "upstream",
+                u.cache_write_tokens,
+                u.reasoning_tokens,
+            )
         elif admission.call.doc is None:
             if rec.usage_source == "none" and admission.output_budget and (gone or 200 <= rec.status < 300):
                 # A body the sidecar could not read (an upload) that the upstream took without a usage

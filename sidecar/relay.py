@@ -244,7 +244,14 @@ class Relay:
                 completion = usage.completion_tokens
                 if completion is None and ex.admitted.call.family in NO_OUTPUT:
                     completion = 0  # nothing is generated there: a count of input tokens is all of it
-                rec.set_usage(usage.prompt_tokens, completion, usage.cached_tokens, "upstream")
+                rec.set_usage(
+                    usage.prompt_tokens,
+                    completion,
+                    usage.cached_tokens,
+                    "upstream",
+                    usage.cache_write_tokens,
+                    usage.reasoning_tokens,
+                )
 
     async def _stream(
         self, request: web.Request, ex: Exchange, up: UpstreamResponse, deadline: Deadline

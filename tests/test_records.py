@@ -193,6 +193,8 @@ async def test_reading_usage_everywhere(fake, rec_sidecar):
                 "completion_tokens": 15,
                 "total_tokens": 48,
                 "cached_tokens": 0,
+                "cache_write_tokens": 0,
+                "reasoning_tokens": 0,
                 "failed": 0,
             }
         ]

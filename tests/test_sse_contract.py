@@ -76,10 +76,12 @@ def test_usage_from_completion_is_total_minus_prompt_only_when_it_can_be():
 
 
 def test_usage_of_llama_server_native_counts():
-    assert usage_of({"content": "", "tokens_evaluated": 5, "tokens_predicted": 7, "tokens_cached": 2}) == Usage(5, 7, 2)
+    assert usage_of(
+        {"tokens_evaluated": 5, "tokens_predicted": 7, "tokens_cached": 12, "timings": {"cache_n": 2}}
+    ) == Usage(5, 7, 2)
     assert usage_of({"tokens_predicted": 3}) == Usage(None, 3, None)
     assert usage_of({"tokens_evaluated": 5}) == Usage(5, None, None)
-    assert usage_of({"tokens_evaluated": 5, "tokens_predicted": 0, "tokens_cached": -1}) == Usage(5, 0, None)
+    assert usage_of({"tokens_evaluated": 5, "tokens_predicted": 0, "timings": {"cache_n": -1}}) == Usage(5, 0, None)
 
 
 def test_usage_of_sglang_meta_info():
@@ -210,7 +212,9 @@ def test_tool_arguments_count_by_default_also_spaced():
 def test_llama_server_native_stream_by_path():
     scanner = StreamScanner(family="/completion")
     scanner.feed(b'data: {"content":"He","stop":false}\n\ndata: {"content":"y","stop":false}\n\n')
-    scanner.feed(b'data: {"content":"","stop":true,"tokens_evaluated":5,"tokens_predicted":2,"tokens_cached":1}\n\n')
+    scanner.feed(
+        b'data: {"content":"","stop":true,"tokens_evaluated":5,"tokens_predicted":2,"timings":{"cache_n":1}}\n\n'
+    )
     assert scanner.deltas == 2 and scanner.usage == Usage(5, 2, 1)
 
 

@@ -32,7 +32,7 @@ from sidecar.store.base import REQUEST_COLUMNS, USAGE_FIELDS, KeyRow, RequestQue
 KEY_TABLE = ("id", "name", "status", "rpm", "tpm", "concurrency", "models", "expires_at", "created_at", "source")
 REQUEST_TABLE = (
     "started_at", "request_id", "key_id", "key_name", "model", "status", "outcome", "prompt_tokens",
-    "completion_tokens", "latency_ms",
+    "cached_tokens", "cache_write_tokens", "completion_tokens", "reasoning_tokens", "latency_ms",
 )  # fmt: skip
 PAGE = 500
 

@@ -34,6 +34,10 @@ from sidecar.wire.headers import clean_text
 log = logging.getLogger("sidecar.audit")
 SCHEMA_VERSION = 1
 REDACTED = "[REDACTED]"
+_USAGE = (
+    "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+    "usage_source",
+)  # fmt: skip
 _SECRET_HEADER = re.compile(r"authorization|cookie|api[-_]?key|token|secret|password|session", re.IGNORECASE)
 _PATH_PART = re.compile(r"^([^\[\]]+)((?:\[(?:\*|\d+)\])*)$")
 
@@ -134,10 +138,7 @@ def build_record(
         "stream": rec.get("stream"),
         "outcome": rec.get("outcome"),
         "status": rec.get("status"),
-        "usage": {
-            k: rec.get(k)
-            for k in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "usage_source")
-        },
+        "usage": {k: rec.get(k) for k in _USAGE},
         "timings": {k: rec.get(k) for k in ("started_at", "finished_at", "ttft_ms", "latency_ms")},
         "emitted_at": time.time(),
         "complete": complete,

@@ -99,6 +99,13 @@ class Metrics:
                 if n:
                     self._tokens[(kind, model)] = self._tokens.get((kind, model), 0) + n
                 self._key_tokens[(kid, kind)] = self._key_tokens.get((kid, kind), 0) + (n or 0)
+            # The details are parts of the two above (not added to them): what a price list sets apart.
+            for kind, n in (
+                ("cached", rec.cached_tokens), ("cache_write", rec.cache_write_tokens),
+                ("reasoning", rec.reasoning_tokens),
+            ):  # fmt: skip
+                if n:
+                    self._tokens[(kind, model)] = self._tokens.get((kind, model), 0) + n
 
     def limited(self, reason: str) -> None:
         if reason in self._limited:
@@ -143,7 +150,9 @@ class Metrics:
             "sidecar_client_disconnects", "Clients that went away before the end.", "route", self._disconnects
         )
         tokens = CounterMetricFamily(
-            "sidecar_tokens", "Tokens recorded, by kind and model (models the upstream does not list: other).",
+            "sidecar_tokens",
+            "Tokens recorded, by kind (prompt, completion; cached, cache_write: parts of prompt; reasoning: part "
+            "of completion) and model (models the upstream does not list: other).",
             labels=("kind", "model"),
         )  # fmt: skip
         for labels, n in self._tokens.items():

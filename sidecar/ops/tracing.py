@@ -270,6 +270,13 @@ class Tracing:
             attributes["gen_ai.usage.input_tokens"] = rec.prompt_tokens
         if rec.completion_tokens is not None:
             attributes["gen_ai.usage.output_tokens"] = rec.completion_tokens
+        for name, value in (
+            ("gen_ai.usage.cache_read.input_tokens", rec.cached_tokens),
+            ("gen_ai.usage.cache_creation.input_tokens", rec.cache_write_tokens),
+            ("gen_ai.usage.reasoning.output_tokens", rec.reasoning_tokens),
+        ):
+            if value is not None:  # only what the upstream said
+                attributes[name] = value
         if rec.response_model:
             attributes["gen_ai.response.model"] = rec.response_model
         if rec.finish_reasons:

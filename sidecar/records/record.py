@@ -54,7 +54,9 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
-    cached_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens served from the upstream's cache
+    cache_write_tokens: int | None = None  # prompt tokens written to its cache (Anthropic's cache creation)
+    reasoning_tokens: int | None = None  # output tokens spent on reasoning
     usage_source: UsageSource = "none"
     upstream_status: int | None = None
     ttft_ms: float | None = None
@@ -93,11 +95,22 @@ class RequestRecord:
         if self.ttft_ms is None:
             self.ttft_ms = round((time.monotonic() - self.t0) * 1000.0, 3)
 
-    def set_usage(self, prompt: int | None, completion: int | None, cached: int | None, source: UsageSource) -> None:
+    def set_usage(
+        self,
+        prompt: int | None,
+        completion: int | None,
+        cached: int | None,
+        source: UsageSource,
+        cache_write: int | None = None,
+        reasoning: int | None = None,
+    ) -> None:
+        """The request's usage; the details (`cached`, `cache_write`, `reasoning`) only as the upstream said them."""
         self.prompt_tokens = prompt
         self.completion_tokens = completion
         self.total_tokens = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
         self.cached_tokens = cached
+        self.cache_write_tokens = cache_write
+        self.reasoning_tokens = reasoning
         self.usage_source = source
 
     def own_time(self) -> tuple[float, float] | None:

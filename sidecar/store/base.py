@@ -19,7 +19,10 @@ KEY_COLUMNS = (
 )  # fmt: skip
 Params = Sequence[Any]  # a statement's parameters
 USAGE_GROUPS = ("key", "model", "day")
-USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "failed")
+USAGE_FIELDS = (
+    "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "cache_write_tokens",
+    "reasoning_tokens", "failed",
+)  # fmt: skip
 """The columns of a usage report, after its group (`key`, `model` or `day`)."""
 
 

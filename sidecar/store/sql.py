@@ -183,6 +183,7 @@ class SqlStore(Balances):
             self._sql(
                 f"SELECT {group} AS grp, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
                 "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), "
+                "COALESCE(SUM(cache_write_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
                 "SUM(CASE WHEN outcome = 'completed' THEN 0 ELSE 1 END) "
                 f"FROM request_log {where} GROUP BY grp ORDER BY grp"
             ),
@@ -349,9 +350,14 @@ CREATE INDEX limit_holders_expires ON limit_holders (expires_at);
 CREATE INDEX limit_holders_replica ON limit_holders (replica)"""
 
 
+SCHEMA_V7 = """ALTER TABLE request_log ADD COLUMN cache_write_tokens INTEGER;
+ALTER TABLE request_log ADD COLUMN reasoning_tokens INTEGER"""
+"""Version 7: the usage details a row was missing: prompt tokens written to a cache, output tokens of reasoning."""
+
+
 def migrations(real: str, boolean: str, serial: str) -> tuple[str, ...]:
     """Every version of the schema in a backend's types, oldest first (`schema_migrations` counts them)."""
     return (
         schema_v1(real, boolean, serial), schema_v2(real), SCHEMA_V3, schema_v4(real), schema_v5(real),
-        schema_v6(real),
+        schema_v6(real), SCHEMA_V7,
     )  # fmt: skip

@@ -30,7 +30,8 @@ class Script:
     drop_after: int | None = None  # abort the TCP connection after this many content chunks
     hang_after: int | None = None  # stop sending (keep the connection) after this many content chunks
     prompt_tokens: int = 11
-    cached_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens, as vLLM reports it
+    reasoning_tokens: int | None = None  # completion_tokens_details.reasoning_tokens
     crlf: bool = False  # use \r\n\r\n event separators
     no_done: bool = False
     content_length_stream: bool = False  # send the SSE body with a content-length instead of chunked
@@ -86,7 +87,15 @@ SHAPED_ANSWERS: dict[str, Any] = {
     "/embedding": [{"index": 0, "embedding": [[0.1]]}],
     "/embeddings": {"data": [{"embedding": [0.1]}], "usage": {"prompt_tokens": 3, "total_tokens": 3}},
     "/chat/completions": {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}},
-    "/v1/messages": {"content": [], "usage": {"input_tokens": 5, "output_tokens": 2}},
+    "/v1/messages": {  # Anthropic's input_tokens leave out the cache's part: prompt_tokens is 5 + 3 + 4
+        "content": [],
+        "usage": {
+            "input_tokens": 5,
+            "output_tokens": 2,
+            "cache_read_input_tokens": 3,
+            "cache_creation_input_tokens": 4,
+        },
+    },
     "/v1/messages/count_tokens": {"input_tokens": 12},
     # an upload the sidecar does not read, answered with a usage object (transcriptions are answered without)
     "/v1/audio/translations": {
@@ -98,6 +107,20 @@ SHAPED_ANSWERS: dict[str, Any] = {
 
 FAKE_DATE = "Mon, 01 Jan 2001 00:00:00 GMT"
 FAKE_CONTENT_TYPE = "application/json;charset=UTF-8"
+
+
+def openai_usage(s: Script, completion: int) -> dict[str, Any]:
+    """A chat or completions usage object as vLLM reports it, with the details the script sets."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": s.prompt_tokens + completion,
+    }
+    if s.cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": s.cached_tokens}
+    if s.reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": s.reasoning_tokens}
+    return usage
 
 
 def token(i: int) -> str:
@@ -212,13 +235,7 @@ class FakeUpstream:
         doc = rec.json
         if doc.get("stream"):
             return await self._stream(request, doc, s)
-        usage = {
-            "prompt_tokens": s.prompt_tokens,
-            "completion_tokens": s.chunks,
-            "total_tokens": s.prompt_tokens + s.chunks,
-        }
-        if s.cached_tokens is not None:
-            usage["prompt_tokens_details"] = {"cached_tokens": s.cached_tokens}
+        usage = openai_usage(s, s.chunks)
         body = orjson.dumps(
             {
                 "id": "chatcmpl-fake",
@@ -251,19 +268,9 @@ class FakeUpstream:
         with_usage = s.usage and options.get("include_usage")
         events = []
 
-        def usage_of(n: int) -> dict[str, Any]:
-            u: dict[str, Any] = {
-                "prompt_tokens": s.prompt_tokens,
-                "completion_tokens": n,
-                "total_tokens": s.prompt_tokens + n,
-            }
-            if s.cached_tokens is not None:
-                u["prompt_tokens_details"] = {"cached_tokens": s.cached_tokens}
-            return u
-
         def ev(obj: dict[str, Any]) -> bytes:
             if with_usage and s.continuous_usage:
-                obj = {**obj, "usage": usage_of(obj.pop("_n", 0))}
+                obj = {**obj, "usage": openai_usage(s, obj.pop("_n", 0))}
             obj.pop("_n", None)
             return b"data: " + orjson.dumps(obj) + (b"\r\n\r\n" if s.crlf else b"\n\n")
 
@@ -305,7 +312,7 @@ class FakeUpstream:
             )
         )
         if with_usage:
-            events.append(ev({**base, "choices": [], "usage": usage_of(s.chunks)}))
+            events.append(ev({**base, "choices": [], "usage": openai_usage(s, s.chunks)}))
         if not s.no_done:
             events.append(b"data: [DONE]" + (b"\r\n\r\n" if s.crlf else b"\n\n"))
         return events
@@ -357,11 +364,7 @@ class FakeUpstream:
                         "finish_reason": "length",
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": s.prompt_tokens,
-                    "completion_tokens": s.chunks,
-                    "total_tokens": s.prompt_tokens + s.chunks,
-                },
+                "usage": openai_usage(s, s.chunks),
             }
         )
 

@@ -139,6 +139,9 @@
       { label: k, get: (r) => r[k] ?? "none" },
       { label: "requests", num: true, get: (r) => num.format(r.requests) },
       { label: "tokens", num: true, get: (r) => num.format(r.total_tokens) },
+      { label: "cached", num: true, get: (r) => num.format(r.cached_tokens) },
+      { label: "cache write", num: true, get: (r) => num.format(r.cache_write_tokens) },
+      { label: "reasoning", num: true, get: (r) => num.format(r.reasoning_tokens) },
       { label: "failed", num: true, get: (r) => num.format(r.failed) },
     ];
     const top = (rows) => rows.sort((a, b) => b.total_tokens - a.total_tokens).slice(0, 10);
@@ -228,6 +231,8 @@
       { label: "status", num: true, get: (r) => r.status },
       { label: "outcome", get: (r) => r.outcome },
       { label: "tokens", num: true, get: (r) => (r.total_tokens === null ? "" : num.format(r.total_tokens)) },
+      { label: "cached", num: true, get: (r) => (r.cached_tokens === null ? "" : num.format(r.cached_tokens)) },
+      { label: "reasoning", num: true, get: (r) => (r.reasoning_tokens === null ? "" : num.format(r.reasoning_tokens)) },
       { label: "ms", num: true, get: (r) => num.format(Math.round(r.latency_ms)) },
     ], page.data, (r) => {
       $("request-detail").textContent = JSON.stringify(r, null, 2);
