@@ -167,7 +167,7 @@ def build(settings: Settings) -> Parts:
     queue = (s.limits.queue_size, s.limits.queue_timeout)
     upstream = Upstream(s.upstream, s.upstream.url, api_key, queue)
     forwarding = Forwarding(s.server.trusted_proxies)
-    metrics = Metrics(upstream.paths)
+    metrics = Metrics(upstream.paths, upstream.routes.match)
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout, s.store.report_timeout)
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir, create=True)
     auth = Authenticator(s.auth, s.limits, store, pepper, StaticKeys(s.auth.static_keys_file))
@@ -290,7 +290,8 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
 
 def _proxied_routes(router: web.UrlDispatcher, proxy: Proxy, paths: frozenset[str]) -> None:
     for path in sorted(paths):  # exact paths resolve in one dict lookup
-        router.add_route("*", path, proxy.handle)
+        if "{" not in path:  # a template is ours to match (`Table.match`), never aiohttp's: it decodes the path
+            router.add_route("*", path, proxy.handle)
     router.add_route("*", "/{tail:.*}", proxy.handle)  # everything else: our 404/405, in OpenAI's shape
 
 

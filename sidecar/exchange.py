@@ -30,6 +30,7 @@ from sidecar.limits.admission import Lease
 from sidecar.records.record import CLIENT_CLOSED_REQUEST, Outcome, RequestRecord
 from sidecar.upstream.response import UpstreamResponse
 from sidecar.wire.body import Call
+from sidecar.wire.routes import UNCHARGED
 from sidecar.wire.sse import StreamScanner
 
 
@@ -125,7 +126,9 @@ class Exchange:
         if admission is None:
             return
         prompt = admission.prompt_estimate or None
-        if scanner is not None and scanner.usage is not None:
+        if admission.call.family in UNCHARGED:
+            pass  # a stored answer read back: its usage was charged when it was made (`wire.routes.STORED`)
+        elif scanner is not None and scanner.usage is not None:
             u = scanner.usage
             rec.set_usage(
                 u.prompt_tokens,

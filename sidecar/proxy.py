@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -94,7 +95,8 @@ class Proxy:
             rec.user_agent = clean_text(request.headers.get("user-agent", ""), 256) or None
         cors = self.cors.headers(request.headers) if self.cors is not None else {}
         if self.tracing is not None:
-            known = path if path in self.upstream.routes else None  # span names stay bounded
+            matched = self.upstream.routes.match(path)
+            known = matched.path if matched is not None else None  # span names stay bounded: a template's own
             rec.span = self.tracing.begin(request.headers, request.method, known, int(rec.started_at * 1e9))
         self.metrics.in_flight += 1
         try:
@@ -134,7 +136,7 @@ class Proxy:
         principal = self.auth.known(request.headers) or await self._authenticate(request)
         ex.authenticated = True
         ex.rec.key_id = principal.key_id
-        call = await self._read_call(request, route, ex.rec)
+        call = await self._read_call(request, route, path, ex.rec)
         if self.auditor is not None:
             ex.capture = self.auditor.capture(ex.rec.request_id, principal.audit, request.headers, call.doc, call.body)
         if call.doc is not None or (request.method != "GET" and call.family != MODELS):
@@ -161,14 +163,14 @@ class Proxy:
         return self.rejects is None or self.rejects.keep(self.forwarding.client_address(request))
 
     def _check_route(self, method: str, path: str) -> Route:
-        route = self.upstream.routes.get(path)
+        route = self.upstream.routes.match(path)
         if route is None:
             raise NotFound(f"Unknown path {path[:200]!r}.", code="unknown_url")
         if method not in route.methods:
             raise MethodNotAllowed(f"Method {method} is not allowed on {path}.", headers={"allow": route.allow})
         return route
 
-    async def _read_call(self, request: web.Request, route: Route, rec: RequestRecord) -> Call:
+    async def _read_call(self, request: web.Request, route: Route, path: str, rec: RequestRecord) -> Call:
         limit = self.server.max_body_bytes
         encoding = request.headers.get("content-encoding")
         if encoding and encoding.strip().lower() != "identity":
@@ -184,6 +186,8 @@ class Proxy:
         rec.upload_ms = (time.monotonic() - began) * 1000.0
         rec.bytes_in = len(body)
         call = parse(request.method, route, body, self.server.max_json_depth)
+        if call.path != path:  # a template's route: forwarded to the path asked for, never to the template
+            call = replace(call, path=path)
         rec.model = call.model
         rec.stream = call.stream
         return call
@@ -192,7 +196,7 @@ class Proxy:
         """A CORS preflight, always answered here: 204 for an origin in `server.cors_origins`, else 403 (every
         origin, when none is configured). Never relayed: it carries no key, and the upstream would get it with
         its own key, outside every limit."""
-        route = self.upstream.routes.get(path)
+        route = self.upstream.routes.match(path)
         if route is None:
             raise NotFound(f"Unknown path {path[:200]!r}.", code="unknown_url")
         resp = (self.cors or Cors(())).preflight(request, route)

@@ -34,7 +34,7 @@ from sidecar.upstream.deadline import Deadline, DeadlineExpired, Ticker
 from sidecar.upstream.response import UpstreamBroke, UpstreamFailure, UpstreamResponse
 from sidecar.upstream.server import Upstream
 from sidecar.wire.headers import Forwarding, to_client
-from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE
+from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, UNCHARGED
 from sidecar.wire.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 
 BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
@@ -240,7 +240,7 @@ class Relay:
                     usage = usage_of(orjson.loads(region))
                 except orjson.JSONDecodeError:
                     usage = None
-            if usage is not None:
+            if usage is not None and ex.admitted.call.family not in UNCHARGED:
                 completion = usage.completion_tokens
                 if completion is None and ex.admitted.call.family in NO_OUTPUT:
                     completion = 0  # nothing is generated there: a count of input tokens is all of it

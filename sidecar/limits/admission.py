@@ -120,7 +120,7 @@ class Limits:
           (GET /v1/models, /health): nothing, it costs no tokens."""
         cfg = self.cfg
         if call.doc is None:
-            return Reservation(0, cfg.default_max_tokens if call.body else 0)
+            return Reservation(0, cfg.default_max_tokens if call.body and call.family not in NO_OUTPUT else 0)
         prompt = estimate_prompt(call.doc, cfg.media_tokens)
         if call.family in NO_OUTPUT:
             return Reservation(prompt, 0)

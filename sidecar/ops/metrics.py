@@ -27,7 +27,7 @@ from sidecar import __version__
 from sidecar.errors import UPSTREAM_ERROR_REASONS, UpstreamErrorReason
 from sidecar.ops.series import Hist
 from sidecar.records.record import Outcome, RequestRecord, new_request_id
-from sidecar.wire.routes import FAMILIES, STREAMING
+from sidecar.wire.routes import STREAMING, Route, family_of
 
 _KNOWN_CODES = frozenset(
     {200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 499, 500, 502, 503, 504}
@@ -46,10 +46,11 @@ def code_label(status: int) -> str:
 class Metrics:
     """The proxy's series; handlers call the small methods below."""
 
-    def __init__(self, routes: Iterable[str]) -> None:
+    def __init__(self, routes: Iterable[str], match: Callable[[str], Route | None] | None = None) -> None:
         self.routes = frozenset(routes)
+        self._match = match  # a path of a template route is counted under its template: labels stay bounded
         # Time to first token means something only where tokens are generated.
-        self.generating = frozenset(r for r in self.routes if FAMILIES.get(r) in STREAMING)
+        self.generating = frozenset(r for r in self.routes if family_of(r) in STREAMING)
         self.registry = CollectorRegistry(auto_describe=False)
         self.in_flight = 0
         self.models: frozenset[str] = frozenset()  # what the upstream lists: the only `model` label values
@@ -73,11 +74,14 @@ class Metrics:
         self._extra.append(collect)
 
     def route(self, path: str) -> str:
-        return path if path in self.routes else "other"
+        if path in self.routes:
+            return path
+        matched = self._match(path) if self._match is not None else None
+        return matched.path if matched is not None else "other"
 
     def observe(self, rec: RequestRecord) -> None:
         """Everything a finished request counts for."""
-        route = rec.path if rec.path in self.routes else "other"
+        route = self.route(rec.path)
         key = (route, rec.status, rec.outcome)
         self._requests[key] = self._requests.get(key, 0) + 1
         _hist(self._duration, route, LATENCY_BUCKETS).observe(rec.latency_ms / 1000.0)

@@ -47,7 +47,7 @@ class Upstream:
             self.routes = routes.build(cfg.kind, cfg.routes, cfg.extra_paths)
         except routes.RouteError as exc:
             raise ConfigError(f"upstream.routes: {exc}") from None
-        self.paths = frozenset(self.routes)
+        self.paths = frozenset(self.routes)  # exact paths and templates, as configured
         self.models = ModelList(self.get, self.target("/v1/models", ""), cfg.kind in LISTS_LENGTHS)
         self._pool: ConnectionPool | None = None
         self._closed = False
