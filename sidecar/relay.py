@@ -261,7 +261,7 @@ class Relay:
         audit = ex.capture
         ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, audit is not None, call.family, call.tools)
         if audit is not None:
-            audit.stream = StreamCapture(self.audit_cap)
+            audit.stream = StreamCapture(self.audit_cap, call.family)
         read = up.readany
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)

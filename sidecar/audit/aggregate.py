@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from sidecar.wire.routes import CHAT
 from sidecar.wire.sse import events_array, parse_events
 
 
@@ -220,8 +221,9 @@ class StreamCapture:
 
     FOLD_BYTES = 256 * 1024
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, family: str = CHAT) -> None:
         self.cap = cap
+        self.family = family  # which API's events these are (`sidecar.wire.routes`): what they fold into
         self.aggregate = Aggregate()
         self.truncated = False
 
