@@ -113,6 +113,9 @@ def _key_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-tokens", type=int, help="tokens per budget period (with --budget-period)")
     p.add_argument("--budget-period", help="day, week, month (in limits.timezone) or a duration such as 10m")
     p.add_argument("--no-budget", action="store_true", help="remove the key's budget")
+    p.add_argument("--weight", type=float, help="its share of the upstream under contention (default 1)")
+    p.add_argument("--priority", choices=("high", "normal", "low"), help="its class in the queue (default normal)")
+    p.add_argument("--cache-group", help="keys of one group share a prefix-cache salt (upstream.cache_salt = key)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -164,8 +164,8 @@ async def test_keys_list_show_update_by_name_formats_and_models(fake, sidecar_fa
     table = cli(tmp_path, "keys", "list")
     assert table.returncode == 0
     header, row = table.stdout.splitlines()
-    assert header.split() == ["id", "name", "status", "rpm", "tpm", "concurrency", "models", "expires_at",
-                              "created_at", "source"]  # fmt: skip
+    assert header.split() == ["id", "name", "status", "rpm", "tpm", "concurrency", "weight", "priority", "models",
+                              "expires_at", "created_at", "source"]  # fmt: skip
     assert "team-a" in row and "active" in row and "m,n" in row and "None" not in table.stdout
     assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row)
     rows = list(csv.DictReader(io.StringIO(cli(tmp_path, "keys", "list", "--format", "csv").stdout)))

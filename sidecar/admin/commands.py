@@ -29,7 +29,10 @@ from sidecar.limits.budgets import budget_fields, from_store
 from sidecar.store import open_store
 from sidecar.store.base import REQUEST_COLUMNS, USAGE_FIELDS, KeyRow, RequestQuery, Store, StoreError
 
-KEY_TABLE = ("id", "name", "status", "rpm", "tpm", "concurrency", "models", "expires_at", "created_at", "source")
+KEY_TABLE = (
+    "id", "name", "status", "rpm", "tpm", "concurrency", "weight", "priority", "models", "expires_at", "created_at",
+    "source",
+)  # fmt: skip
 REQUEST_TABLE = (
     "started_at", "request_id", "key_id", "key_name", "model", "status", "outcome", "prompt_tokens",
     "cached_tokens", "cache_write_tokens", "completion_tokens", "reasoning_tokens", "latency_ms",
@@ -58,7 +61,7 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["models"] = None if models in ([], ["*"]) else models  # '*' (or nothing): every model
     if getattr(args, "expires_in", None):
         fields["expires_in"] = args.expires_in  # "never" clears an expiry
-    for name in ("budget_tokens", "budget_period"):
+    for name in ("budget_tokens", "budget_period", "weight", "priority", "cache_group"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_budget", False):
@@ -248,6 +251,8 @@ def _key_view(row: dict[str, Any]) -> dict[str, Any]:
         **limits,  # unset: the [limits] default applies, which is not "unlimited"
         "status": _status(row, now),
         "models": row.get("models") or "*",
+        "weight": 1 if row.get("weight") is None else row["weight"],
+        "priority": row.get("priority") or "normal",
         "expires_at": iso(row.get("expires_at")) if row.get("expires_at") is not None else "never",
         "created_at": iso(row.get("created_at")),
     }

@@ -62,6 +62,9 @@ class Principal:
     audit: str | None = None
     budget_tokens: int | None = None
     budget_period: str | None = None
+    weight: float = 1.0  # its share of the upstream under contention
+    priority: str = "normal"  # its class in the dispatch queue
+    cache_group: str | None = None  # the prefix-cache group it shares a salt with; None: a salt of its own
 
     def check_model(self, model: str | None) -> None:
         if self.models is not None and (model is None or model not in self.models):
@@ -371,4 +374,7 @@ class Authenticator:
             row.audit,
             row.budget_tokens if row.budget_period else None,
             row.budget_period,
+            row.weight if row.weight is not None else 1.0,
+            row.priority or "normal",
+            row.cache_group,
         )

@@ -33,7 +33,12 @@ LIMIT_FIELDS = ("concurrency", "rpm", "tpm")
 # Not in a name or a model: control characters (NUL is refused by PostgreSQL's text, ESC would reach the terminal of
 # whoever lists the keys) and lone surrogates (bytes that were not UTF-8 in a command line: refused by every sink).
 _NOT_TEXT = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-EDITABLE = ("name", "concurrency", "rpm", "tpm", "models", "expires_at", "audit", "budget_tokens", "budget_period")
+EDITABLE = (
+    "name", "concurrency", "rpm", "tpm", "models", "expires_at", "audit", "budget_tokens", "budget_period", "weight",
+    "priority", "cache_group",
+)  # fmt: skip
+PRIORITIES = ("high", "normal", "low")  # the dispatch queue's classes (limits/queue.py), in the order they go
+MAX_WEIGHT = 1000.0
 
 
 def parse_duration(text: str, param: str = "expires_in") -> float:
@@ -144,6 +149,23 @@ def _budget_field(name: str, value: Any) -> Any:
     return value
 
 
+def _share_field(name: str, value: Any) -> Any:
+    """`weight` (a number in (0, 1000]), `priority` (high, normal, low), `cache_group` (a name); null: default."""
+    if value is None:
+        return None
+    if name == "weight":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_WEIGHT:
+            raise BadRequest(f"`weight` must be a number above 0 and at most {MAX_WEIGHT:g}, or null.", param=name)
+        return float(value)
+    if name == "priority":
+        if value not in PRIORITIES:
+            raise BadRequest("`priority` must be high, normal, low or null.", param=name)
+        return value
+    if not isinstance(value, str) or not 1 <= len(value) <= 200 or _NOT_TEXT.search(value):
+        raise BadRequest("`cache_group` must be a name of 1-200 characters or null.", param=name)
+    return value
+
+
 def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     """Check admin input; return the KeyRow fields to set. Unknown or ill-typed fields are 400s."""
     out: dict[str, Any] = {}
@@ -159,6 +181,8 @@ def validate(fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             out["name"] = value
         elif name in ("budget_tokens", "budget_period"):
             out[name] = _budget_field(name, value)
+        elif name in ("weight", "priority", "cache_group"):
+            out[name] = _share_field(name, value)
         elif name in LIMIT_FIELDS:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise BadRequest(f"`{name}` must be a non-negative integer or null.", param=name)

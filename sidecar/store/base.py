@@ -15,7 +15,7 @@ from sidecar.records.record import ROW_FIELDS
 REQUEST_COLUMNS = ROW_FIELDS  # the columns are the record's fields, by name
 KEY_COLUMNS = (
     "id", "name", "hash", "created_at", "expires_at", "revoked_at", "concurrency", "rpm", "tpm", "models",
-    "audit", "updated_at", "budget_tokens", "budget_period",
+    "audit", "updated_at", "budget_tokens", "budget_period", "weight", "priority", "cache_group",
 )  # fmt: skip
 Params = Sequence[Any]  # a statement's parameters
 USAGE_GROUPS = ("key", "model", "day")
@@ -62,6 +62,9 @@ class KeyRow:
     updated_at: float = 0.0
     budget_tokens: int | None = None  # tokens per `budget_period` (day, week, month or a duration); None: none
     budget_period: str | None = None
+    weight: float | None = None  # its share of the upstream under contention (limits/queue.py); None: 1
+    priority: str | None = None  # "high", "normal" or "low": its class in the dispatch queue; None: normal
+    cache_group: str | None = None  # keys of one group share a prefix-cache salt (upstream.cache_salt); None: own
 
     def public(self) -> dict[str, Any]:
         """The key as shown by the admin API and CLI: everything but the hash."""

@@ -355,9 +355,16 @@ ALTER TABLE request_log ADD COLUMN reasoning_tokens INTEGER"""
 """Version 7: the usage details a row was missing: prompt tokens written to a cache, output tokens of reasoning."""
 
 
+def schema_v8(real: str) -> str:
+    """Version 8: a key's weight and priority class in the dispatch queue, and its prefix-cache group."""
+    return f"""ALTER TABLE api_keys ADD COLUMN weight {real};
+ALTER TABLE api_keys ADD COLUMN priority TEXT;
+ALTER TABLE api_keys ADD COLUMN cache_group TEXT"""
+
+
 def migrations(real: str, boolean: str, serial: str) -> tuple[str, ...]:
     """Every version of the schema in a backend's types, oldest first (`schema_migrations` counts them)."""
     return (
         schema_v1(real, boolean, serial), schema_v2(real), SCHEMA_V3, schema_v4(real), schema_v5(real),
-        schema_v6(real), SCHEMA_V7,
+        schema_v6(real), SCHEMA_V7, schema_v8(real),
     )  # fmt: skip

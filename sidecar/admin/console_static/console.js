@@ -158,6 +158,8 @@
       { label: "tpm", num: true, get: (k) => (k.tpm ? num.format(k.tpm) : "") },
       { label: "concurrency", num: true, get: (k) => k.concurrency ?? "" },
       { label: "budget", get: (k) => (k.budget_tokens ? `${num.format(k.budget_tokens)} / ${k.budget_period}` : "") },
+      { label: "weight", num: true, get: (k) => k.weight ?? 1 },
+      { label: "priority", get: (k) => k.priority || "normal" },
       { label: "created", get: (k) => when(k.created_at) },
       { label: "state", get: (k) => (k.revoked_at ? "revoked " + when(k.revoked_at) : "active") },
       { label: "", get: (k) => (k.revoked_at || k.source === "static" ? "" : actions(k)) },
@@ -202,6 +204,8 @@
     for (const [id, field] of [["new-rpm", "rpm"], ["new-tpm", "tpm"], ["new-concurrency", "concurrency"]]) {
       if ($(id).value) body[field] = Number($(id).value);
     }
+    if ($("new-weight").value) body.weight = Number($("new-weight").value);
+    if ($("new-priority").value) body.priority = $("new-priority").value;
     if ($("new-period").value) {
       body.budget_tokens = Number($("new-budget").value || 0);
       body.budget_period = $("new-period").value;
