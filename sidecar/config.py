@@ -115,6 +115,7 @@ class LimitsCfg:
     global_concurrency: int = 1024
     queue_size: int = 256
     queue_timeout: float = 30.0
+    queue_order: Literal["fair", "fifo"] = "fair"  # who goes next from the queue (limits/queue.py)
     timezone: str = "UTC"  # where a key's `day`, `week` and `month` budget periods begin
     store_down: str = "local"  # shared store unreachable: "local" (this replica's own limits) or "reject" (503)
 

@@ -344,9 +344,9 @@ async def test_full_queue_is_overloaded_at_once():
     with pytest.raises(Overloaded) as info:
         await leases.acquire(p, 0)
     exc = info.value
-    assert (exc.status, exc.type, exc.code) == (503, "server_overloaded", "server_overloaded")
-    assert exc.message == "The server is at capacity; retry shortly."
-    assert exc.headers == {"retry-after": "1"}
+    assert (exc.status, exc.type, exc.code) == (503, "server_overloaded", "queue_full")
+    assert exc.message == "The server is at capacity and its queue is full; retry shortly."
+    assert exc.headers == {"retry-after": "1", "x-sidecar-limit": "queue_full"}
     held.release()
     (await waiter).release()
     assert leases.global_active == 0 and leases.totals() == (0, 0)
@@ -360,7 +360,7 @@ async def test_queue_timeout_is_overloaded_with_retry_after():
         await leases.acquire(p, 0)
     exc = info.value
     assert exc.status == 503 and exc.message == "No capacity within 0.05s; retry shortly."
-    assert exc.headers == {"retry-after": "1"}
+    assert exc.headers == {"retry-after": "1", "x-sidecar-limit": "queue_timeout"}
     assert leases.global_active == 1 and leases.totals() == (1, 0)
     held.release()
     assert leases.global_active == 0
@@ -394,9 +394,9 @@ def expected(active: int, reserved: int, upstream: int, keys: int | None = None)
         ),
         (
             "sidecar_lease_queue_depth",
-            "Requests waiting for a global upstream slot.",
+            "Requests waiting for a global upstream slot, by priority class.",
             "gauge",
-            [("sidecar_lease_queue_depth", {}, 0)],
+            [("sidecar_lease_queue_depth", {"priority": p}, 0) for p in ("high", "normal", "low")],
         ),
         (
             "sidecar_lease_keys",

@@ -14,10 +14,8 @@ the same): one-off keys do not pile up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -26,7 +24,19 @@ from prometheus_client.metrics_core import Metric
 from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
 from sidecar.keys.auth import Principal
+from sidecar.limits.queue import PRIORITIES, DispatchQueue, Ticket
 from sidecar.ops.series import gauge
+
+_SHED = "The server is at capacity and gave this request's place to one of a higher priority; retry shortly."
+
+
+def _refused(code: str, message: str) -> Overloaded:
+    """A 503 of the dispatch queue that says which of its limits refused (its `code`, and the `x-sidecar-limit`
+    header): a client can tell a full queue from a wait that ran out or a place given to a higher class."""
+    err = Overloaded(message, headers={"retry-after": "1", "x-sidecar-limit": code})
+    err.code = code
+    return err
+
 
 KEY_IDLE = 30.0  # seconds a key's state is kept after its last request (swept at most this often)
 
@@ -82,6 +92,7 @@ class LocalLease:
     reserved: int
     holds_global: bool
     headers: dict[str, str] = field(default_factory=dict)
+    share: tuple[str, float, int] | None = None  # (key, weight, tokens charged) in the dispatch queue's counters
     settled: bool = False
     released: bool = False
 
@@ -91,6 +102,9 @@ class LocalLease:
             return
         self.settled = True
         used = (prompt or 0) + (completion or 0)
+        if self.share is not None:
+            key, weight, charged = self.share
+            self.manager.queue.charge(key, weight, used - charged)  # the reservation becomes the real usage
         state = self.state
         state.reserved -= self.reserved
         if state.tokens is not None:
@@ -106,6 +120,8 @@ class LocalLease:
             self.settle(0, 0)  # nothing known to have been used: refund the reservation
         self.released = True
         self.state.active -= 1
+        if self.share is not None:
+            self.manager.queue.done(self.share[0])
         if self.holds_global:
             self.manager.release_global()
 
@@ -117,7 +133,8 @@ class LocalLimits:
         self._keys: dict[tuple[str | None, int, int, int], KeyState] = {}
         self._pruned_at = clock()
         self.global_active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.limit = cfg.global_concurrency  # requests dispatched at once (the engine's saturation may lower it)
+        self.queue = DispatchQueue(cfg.queue_size, cfg.queue_order == "fair")
 
     def state_for(self, p: Principal) -> KeyState:
         # Keyed by limits too: changing a key's limits starts a fresh state instead of a confusing mix.
@@ -145,13 +162,14 @@ class LocalLimits:
 
         Raises `RateLimited` like `acquire` when the key's limits say no.
         """
-        cap = self.cfg.global_concurrency
-        if not cap:
+        if not self.limit:
             return self._admit(principal, estimate, False)
-        if self.global_active >= cap or self._waiters:
+        if self.global_active >= self.limit or len(self.queue):
             return None
         self.global_active += 1
-        return self._admit_holding(principal, estimate, True)
+        lease = self._admit_holding(principal, estimate, True)
+        self._dispatched(lease, principal, estimate)
+        return lease
 
     def acquire_local(self, principal: Principal) -> LocalLease:
         """A request of the key's that costs no tokens and no upstream slot (a usage report): one request of
@@ -159,7 +177,24 @@ class LocalLimits:
         return self._admit(principal, 0, False)
 
     async def acquire(self, principal: Principal, estimate: int) -> LocalLease:
-        return self._admit_holding(principal, estimate, await self._acquire_global())
+        holds = await self._acquire_global(principal, estimate)
+        try:
+            lease = self._admit_holding(principal, estimate, holds)
+        except RateLimited:
+            if holds:  # dispatched (and charged), then refused by the key's own limits: undo the charge
+                self.queue.charge(principal.key_id or "", principal.weight, -estimate)
+                self.queue.done(principal.key_id or "")
+            raise
+        if holds:
+            lease.share = (principal.key_id or "", principal.weight, estimate)
+        return lease
+
+    def _dispatched(self, lease: LocalLease, p: Principal, estimate: int) -> None:
+        """A lease that goes upstream without waiting: its reservation counts as its key's service, corrected
+        to the real usage when it settles (one that waited was charged when the queue chose it)."""
+        key = p.key_id or ""
+        self.queue.dispatched(key, p.weight, estimate)
+        lease.share = (key, p.weight, estimate)
 
     def _admit_holding(self, principal: Principal, estimate: int, holds_global: bool) -> LocalLease:
         admitted = False
@@ -226,44 +261,54 @@ class LocalLimits:
             headers["x-ratelimit-reset-tokens"] = f"{tok.reset_in():.3f}s"
         return headers
 
-    async def _acquire_global(self) -> bool:
-        cap = self.cfg.global_concurrency
-        if not cap:
+    async def _acquire_global(self, p: Principal, estimate: int) -> bool:
+        """A global upstream slot: at once when one is free and nobody waits, else a place in the dispatch queue
+        until `release_global` hands one over (or the queue's timeout, a full queue, or a higher class's request
+        pushing this one out: each a 503 that says which, with `retry-after`)."""
+        if not self.limit:
             return False
-        if self.global_active < cap and not self._waiters:
+        if self.global_active < self.limit and not len(self.queue):
             self.global_active += 1
+            self.queue.dispatched(p.key_id or "", p.weight, estimate)
             return True
-        if len(self._waiters) >= self.cfg.queue_size:
-            raise Overloaded("The server is at capacity; retry shortly.", headers={"retry-after": "1"})
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        rank = PRIORITIES.index(p.priority) if p.priority in PRIORITIES else 1
+        ticket, shed = self.queue.push(p.key_id or "", p.weight, rank, estimate, fut)
+        if ticket is None:
+            raise _refused("queue_full", "The server is at capacity and its queue is full; retry shortly.")
+        if shed is not None:
+            shed.handle.set_exception(_refused("queue_shed", _SHED))
         try:
             async with asyncio.timeout(self.cfg.queue_timeout):
                 await fut
         except TimeoutError:
-            self._drop_waiter(fut)
-            raise Overloaded(
-                f"No capacity within {self.cfg.queue_timeout:g}s; retry shortly.", headers={"retry-after": "1"}
-            ) from None
+            self._leave(ticket)
+            raise _refused("queue_timeout", f"No capacity within {self.cfg.queue_timeout:g}s; retry shortly.") from None
         except asyncio.CancelledError:
-            self._drop_waiter(fut)
+            self._leave(ticket)
             raise
         return True  # the releaser handed its slot over: global_active already counts us
 
-    def _drop_waiter(self, fut: asyncio.Future[None]) -> None:
-        if fut.done() and not fut.cancelled():
-            self.release_global()  # we were handed a slot at the same moment: pass it on
-        else:
-            fut.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(fut)
+    def _leave(self, ticket: Ticket) -> None:
+        """A waiter that stops waiting: out of the queue; or, when it was handed a slot at the same moment
+        (chosen and charged), the charge is undone and the slot goes on."""
+        if self.queue.remove(ticket):
+            return
+        fut = ticket.handle
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.queue.charge(ticket.key, ticket.weight, -ticket.cost)
+            self.queue.done(ticket.key)
+            self.release_global()
 
     def release_global(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
+        """A slot comes free: handed to the next waiter in the queue's order, else given back."""
+        while (ticket := self.queue.pop()) is not None:
+            fut = ticket.handle
             if not fut.done():
                 fut.set_result(None)  # hand the slot over; global_active stays the same
                 return
+            self.queue.charge(ticket.key, ticket.weight, -ticket.cost)  # it left already: nothing served
+            self.queue.done(ticket.key)
         self.global_active -= 1
 
     def totals(self) -> tuple[int, int]:
@@ -280,8 +325,9 @@ class LocalLimits:
             "sidecar_upstream_slots_active", "Requests holding a global upstream slot.", (), {(): self.global_active}
         )
         yield gauge(
-            "sidecar_lease_queue_depth", "Requests waiting for a global upstream slot.", (), {(): len(self._waiters)}
-        )
+            "sidecar_lease_queue_depth", "Requests waiting for a global upstream slot, by priority class.",
+            ("priority",), {(name,): self.queue.depth(rank) for rank, name in enumerate(PRIORITIES)},
+        )  # fmt: skip
         yield gauge(
             "sidecar_lease_keys", "Keys whose limits this replica keeps state for (idle ones are forgotten).", (),
             {(): len(self._keys)},
