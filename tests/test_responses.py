@@ -190,7 +190,11 @@ async def test_background_is_refused_before_the_upstream(fake, sidecar, value):
 
 
 def audit_records(where: Any) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for path in sorted(glob.glob(f"{where}/audit-*.jsonl")) for line in open(path, "rb")]
+    found = []
+    for path in sorted(glob.glob(f"{where}/audit-*.jsonl")):
+        with open(path, "rb") as lines:
+            found += [orjson.loads(line) for line in lines if line.strip()]
+    return found
 
 
 def meaning(response: dict[str, Any]) -> dict[str, Any]:
