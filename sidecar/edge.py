@@ -21,9 +21,11 @@ names what was wrong, the log line names the error's kind and the peer, and neit
 
 What this needs of aiohttp's internals is in one place, `AiohttpInternals`: three attributes of its
 `RequestHandler` (`_messages`, the parsed requests not yet handled; `_request_in_progress`; `_lingering_time`,
-set to 0) and the keyword arguments its `Server` keeps (`_kwargs`). `AiohttpInternals.check()` runs when the
-runner is built and fails loudly, naming what is missing, after an aiohttp upgrade that moved them;
-pyproject pins aiohttp's minor version, and tests/test_edge.py checks the meaning as well as the names.
+set to 0), the keyword arguments its `Server` keeps (`_kwargs`), and the step of a `StreamResponse` that adds
+default headers (`_prepare_headers`, on its `_headers`), which a relayed answer undoes (`RelayedResponse`).
+`AiohttpInternals.check()` runs when the runner is built and fails loudly, naming what is missing, after an
+aiohttp upgrade that moved them; pyproject pins aiohttp's minor version, and tests/test_edge.py checks the
+meaning as well as the names.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import http_exceptions, web
+from aiohttp import hdrs, http_exceptions, web
 from aiohttp.streams import StreamReader
 
 from sidecar.errors import BadRequest, PayloadTooLarge, RequestTimeout, SidecarError
@@ -85,12 +87,15 @@ class AiohttpInternals:
     HANDLER = ("_messages", "_request_in_progress", "_lingering_time", "_loop")
     SERVER = ("_kwargs", "_loop")
     RUNNER = ("_make_server",)
+    RESPONSE = ("_prepare_headers", "_headers")  # `RelayedResponse`/`RelayedStream` (the headers it adds)
 
     @staticmethod
-    def check(handler: object, server: object, runner: object = web.AppRunner) -> None:
+    def check(handler: object, server: object, runner: object = web.AppRunner, response: object = None) -> None:
+        response = web.StreamResponse() if response is None else response
         missing = [f"RequestHandler.{a}" for a in AiohttpInternals.HANDLER if not hasattr(handler, a)]
         missing += [f"Server.{a}" for a in AiohttpInternals.SERVER if not hasattr(server, a)]
         missing += [f"AppRunner.{a}" for a in AiohttpInternals.RUNNER if not hasattr(runner, a)]
+        missing += [f"StreamResponse.{a}" for a in AiohttpInternals.RESPONSE if not hasattr(response, a)]
         if missing:
             raise RuntimeError(
                 f"aiohttp {aiohttp.__version__} lacks what sidecar/edge.py relies on ({', '.join(missing)}): "
@@ -232,13 +237,33 @@ class EdgeServer(web.Server):
 RELAYED = web.RequestKey("relayed", bool)  # set on a request whose answer is the upstream's, with its headers
 
 
+class RelayedStream(web.StreamResponse):
+    """A relayed answer sent as it arrives: aiohttp's `StreamResponse` without the headers aiohttp adds of its
+    own when the upstream sent none: `Server` (aiohttp's name and version) and `Content-Type`
+    (`application/octet-stream` on any body). The answer carries the upstream's headers, ours (`x-request-id`,
+    `x-ratelimit-*`, CORS) and the framing (`Date`, `Content-Length`/`Transfer-Encoding`, `Connection`)."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        server, typed = hdrs.SERVER in headers, hdrs.CONTENT_TYPE in headers
+        await super()._prepare_headers()
+        if not server:
+            headers.popall(hdrs.SERVER, None)
+        if not typed:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+
+
+class RelayedResponse(web.Response, RelayedStream):
+    """A whole relayed answer: aiohttp's `Response`, with `RelayedStream`'s headers."""
+
+
 def server_header(name: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     """An `on_response_prepare` hook for `server.server_header`. Set, every answer says it; empty, a relayed
-    answer keeps the upstream's `Server` and one of our own says nothing (an empty value: aiohttp would send its
-    own name and version otherwise)."""
+    answer keeps the upstream's `Server` (or has none, as the upstream's) and one of our own says nothing (an
+    empty value: aiohttp would send its own name and version otherwise)."""
 
     async def hook(request: web.Request, response: web.StreamResponse) -> None:
-        # aiohttp has set its own default by now; a relayed answer carries the upstream's (or none).
+        # aiohttp has set its own default by now; a relayed answer carries the upstream's (or none: `Relayed*`).
         if name or not request.get(RELAYED, False):
             response.headers["Server"] = name
 

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from sidecar.audit.aggregate import StreamCapture
 from sidecar.audit.capture import BodyCapture
 from sidecar.config import UpstreamCfg
-from sidecar.edge import RELAYED
+from sidecar.edge import RELAYED, RelayedResponse, RelayedStream
 from sidecar.errors import SidecarError, UpstreamError, failure
 from sidecar.exchange import Exchange, client_gone
 from sidecar.inflight import InFlight
@@ -114,7 +114,8 @@ class Relay:
     async def _send(self, request: web.Request, ex: Exchange) -> UpstreamResponse:
         up = self.upstream
         target = up.target(ex.admitted.call.path, request.raw_path.partition("?")[2])
-        headers = self.forwarding.to_upstream(request.headers, ex.rec.request_id, request.remote)
+        fw = self.forwarding
+        headers = fw.to_upstream(request.headers, request.raw_headers, ex.rec.request_id, request.remote)
         if ex.rec.span is not None and self.tracing is not None:
             self.tracing.inject(ex.rec.span, headers)  # the model server's spans join this trace
         ex.rec.sent_at = time.monotonic()
@@ -160,7 +161,7 @@ class Relay:
             ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
         rec.bytes_out = len(body)
         self._whole_outcome(ex, up.status, body, whole=True)
-        return web.Response(status=up.status, body=body, headers=self._headers(ex, up))
+        return RelayedResponse(status=up.status, body=body, headers=self._headers(ex, up))
 
     async def _relay_body(
         self,
@@ -176,7 +177,7 @@ class Relay:
         rec = ex.rec
         rec.status = up.status
         limit = self.cfg.max_response_bytes
-        resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
+        resp = RelayedStream(status=up.status, headers=self._headers(ex, up))
         if up.content_length is not None:
             resp.content_length = up.content_length
         try:
@@ -209,13 +210,11 @@ class Relay:
             raise ClientGone from None
         return resp
 
-    def _headers(self, ex: Exchange, up: UpstreamResponse) -> dict[str, str] | CIMultiDict[str]:
+    def _headers(self, ex: Exchange, up: UpstreamResponse) -> CIMultiDict[str]:
         headers = to_client(up.headers, ex.rec.request_id)
-        if "server" not in headers:
-            headers["server"] = ""  # the upstream named nobody: neither does aiohttp's default
         if ex.cors:  # ours replace the upstream's
             for name in [n for n in headers if n.lower().startswith("access-control-")]:
-                del headers[name]
+                headers.popall(name, None)  # every spelling at once: a later one of the list is gone by then
             headers.update(ex.cors)
         headers.update(ex.admitted.lease.headers)
         if self.overhead_header:
@@ -266,7 +265,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
         deadline.touch(loop.time())
-        resp = web.StreamResponse(status=up.status, headers=self._headers(ex, up))
+        resp = RelayedStream(status=up.status, headers=self._headers(ex, up))
         rec.status = up.status
         if up.status >= 500:  # an error, even when it comes as a stream
             rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"

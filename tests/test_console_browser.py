@@ -142,6 +142,7 @@ async def test_a_person_uses_the_console_in_a_real_browser(fake, sidecar_factory
         limits = {"name": "traffic", "budget_tokens": 1100, "budget_period": "day"}
         _, traffic, _ = await admin(s, "POST", running.url + "/admin/keys", limits)
         statuses = []
+        fake.script.cached_tokens, fake.script.reasoning_tokens = 3, 2  # the details have columns of their own
         for max_tokens in (10, 10, 5000, 5000):
             headers = {"authorization": f"Bearer {traffic['key']}"}
             body = {**CHAT, "max_tokens": max_tokens}
@@ -153,6 +154,9 @@ async def test_a_person_uses_the_console_in_a_real_browser(fake, sidecar_factory
     print(f"\nconsole: first load {out['timing']['load_ms']:.0f} ms, {out['timing']['bytes']} bytes transferred "
           f"({out['timing']['decoded']} decoded)")  # fmt: skip
     assert out["usage_bars"] > 0 and traffic["id"] in out["top_keys"]
+    head, row = out["top_keys"].splitlines()[:2]
+    assert head == "key requests tokens cached cache write reasoning failed"
+    assert row.split()[3:6] == ["6", "0", "4"], row  # cached 2 x 3, no cache write, reasoning 2 x 2
     assert out["cookie"] == {"httpOnly": True, "sameSite": "Strict", "path": "/console"}
     assert out["cookie_visible_to_script"] == "" and out["inline_script_ran"] is False  # HttpOnly; CSP holds
     assert out["sdk_before_revoke"] and out["sdk_after_revoke"] == 401

@@ -5,6 +5,7 @@ read from every shape the sidecar knows, null when the upstream does not say, st
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
@@ -230,3 +231,38 @@ async def test_a_store_of_the_previous_version_gains_the_columns_and_keeps_its_r
         assert (row["cached_tokens"], row["cache_write_tokens"], row["reasoning_tokens"]) == (1, None, None)
     finally:
         await upgraded.close()
+
+
+async def test_invocations_are_recorded_audited_and_counted_as_the_route_they_dispatch_to(fake, sidecar_factory):
+    """vLLM's `/invocations` with a chat body: the model, the hidden usage chunk, the details, the audit
+    aggregate and the token series, as on `/v1/chat/completions`."""
+    running = await sidecar_factory(fake.url, upstream__kind="vllm", audit__capture="all", audit__sinks=("db",))
+    fake.script.cached_tokens, fake.script.reasoning_tokens = 2, 1
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/invocations", json={**CHAT, "stream": True}) as r:
+            assert r.status == 200
+            body = await r.read()
+    assert b'"usage"' not in body and orjson.loads(fake.last().body)["stream_options"] == {"include_usage": True}
+    (row,) = await running.stored(1)
+    assert (row["path"], row["model"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "/invocations",
+        "fake-model",
+        11,
+        5,
+    )
+    assert (row["cached_tokens"], row["reasoning_tokens"], row["usage_source"]) == (2, 1, "upstream")
+    from sidecar.app import STORE
+
+    store = running.server.app[STORE]
+    for _ in range(200):
+        if audited := await store.audit_records(RequestQuery(limit=5)):
+            break
+        await asyncio.sleep(0.02)
+    (record,) = audited
+    assert record["complete"] and record["model"] == "fake-model" and record["usage"]["cached_tokens"] == 2
+    response = record["response"]
+    assert response["object"] == "chat.completion"
+    assert response["choices"][0]["message"]["content"] == "".join(f"tok{i} " for i in range(5))
+    async with aiohttp.ClientSession() as s, s.get(running.url + "/metrics") as r:
+        text = await r.text()
+    assert 'sidecar_requests_total{code="200",outcome="completed",route="/invocations"} 1.0' in text

@@ -8,7 +8,8 @@ client's address is the peer's, or what a trusted proxy in front of us (`server.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from multidict import CIMultiDict
@@ -93,25 +94,39 @@ def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     return {t.strip().lower() for t in value.split(",")} if value else set()
 
 
-def filter_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dict[str, str] | CIMultiDict[str]:
-    """The headers minus `drop` and whatever `Connection` names.
+def filter_headers(
+    pairs: Iterable[tuple[str, str]], drop: frozenset[str], named: AbstractSet[str] = frozenset()
+) -> CIMultiDict[str]:
+    """The headers minus `drop` and what `Connection` named (`named`), each name spelled as it came.
 
-    A plain dict is several times cheaper to build and consume than a CIMultiDict; the multidict is
-    used only when a kept header name repeats (rare: e.g. two `Link` headers), so none is lost.
+    A case-insensitive multidict: a header set later (ours) replaces every spelling of its name with its own,
+    so one header results, and a name that repeats (two `Link` headers) keeps each of its lines.
     """
-    named = _connection_tokens(headers) if "connection" in headers else ()
-    kept = [(name, value) for name, value in headers.items() if (low := name.lower()) not in drop and low not in named]
-    out = {name.lower(): value for name, value in kept}
-    if len(out) == len(kept):
-        return out
-    return CIMultiDict(kept)
+    return CIMultiDict(
+        [(name, value) for name, value in pairs if (low := name.lower()) not in drop and low not in named]
+    )
 
 
-def to_client(incoming: Mapping[str, str], request_id: str) -> dict[str, str] | CIMultiDict[str]:
-    """The upstream's response headers as the client gets them."""
-    headers = filter_headers(incoming, _RESPONSE_DROP)
+def to_client(incoming: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
+    """The upstream's response headers as the client gets them (its spelling: the pool keeps the bytes' names)."""
+    named = _connection_tokens(incoming)
+    headers = filter_headers(incoming.items(), _RESPONSE_DROP, named)
     headers["x-request-id"] = request_id
     return headers
+
+
+def _sent_as_spelled(raw: Iterable[tuple[bytes, bytes]], named: AbstractSet[str]) -> CIMultiDict[str]:
+    """The client's headers minus `_REQUEST_DROP` and what `Connection` named, each name as the client spelled it:
+    from the raw lines, since aiohttp's parsed headers spell a name it knows its own way (`content-type` becomes
+    `Content-Type`). Decoded as aiohttp decodes them (which the pool undoes); a dropped line's value never is."""
+    drop = _REQUEST_DROP
+    return CIMultiDict(
+        [
+            (name, value.decode("utf-8", "surrogateescape"))
+            for line, value in raw
+            if (low := (name := line.decode("utf-8", "surrogateescape")).lower()) not in drop and low not in named
+        ]
+    )
 
 
 class Forwarding:
@@ -122,10 +137,12 @@ class Forwarding:
         self._trusted = tuple(ipaddress.ip_network(net, strict=False) for net in trusted_proxies)
 
     def to_upstream(
-        self, incoming: Mapping[str, str], request_id: str, peer: str | None
-    ) -> dict[str, str] | CIMultiDict[str]:
-        """The client's request headers as the upstream gets them (its own credentials are the upstream's to add)."""
-        headers = filter_headers(incoming, _REQUEST_DROP)
+        self, incoming: Mapping[str, str], raw: Iterable[tuple[bytes, bytes]], request_id: str, peer: str | None
+    ) -> CIMultiDict[str]:
+        """The client's request headers as the upstream gets them (its own credentials are the upstream's to add):
+        `raw` as it spelled them; `incoming`, the same parsed, is asked what they say."""
+        named = _connection_tokens(incoming)
+        headers = _sent_as_spelled(raw, named)
         headers["x-request-id"] = request_id
         if peer is not None:
             claimed = incoming.get("x-forwarded-for") if self._trusted and self._is_trusted(peer) else None
