@@ -89,3 +89,41 @@ async def test_sdk_sees_openai_shaped_errors(sidecar_factory):
         assert exc.body["code"] == "upstream_unreachable"  # type: ignore[index]
     else:
         raise AssertionError("expected a 502")
+
+
+def usage_row(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"))
+
+
+async def test_responses_with_their_usage_details(fake, sidecar):
+    """`client.responses.create`, whole and streamed: the same answer and events as straight to the upstream, the
+    usage details unchanged, and the row equal to them."""
+    fake.script.cached_tokens, fake.script.reasoning_chunks = 4, 3
+    direct, proxied = clients(fake, sidecar)
+    a = await direct.responses.create(model="m", input="hello")
+    b = await proxied.responses.create(model="m", input="hello")
+    assert a.model_dump() == b.model_dump() and b.output_text == "tok0 tok1 tok2 tok3 tok4 "
+    assert b.usage is not None and b.usage.input_tokens_details.cached_tokens == 4
+    assert b.usage.output_tokens_details.reasoning_tokens == 3
+    sa = [e.model_dump() async for e in await direct.responses.create(model="m", input="hello", stream=True)]
+    sb = [e.model_dump() async for e in await proxied.responses.create(model="m", input="hello", stream=True)]
+    assert sa == sb and sb[-1]["type"] == "response.completed"
+    assert sb[-1]["response"]["usage"] == b.usage.model_dump()
+    rows = await sidecar.stored(2)
+    assert [usage_row(r) for r in rows] == [(11, 8, 4, 3), (11, 8, 4, 3)]
+
+
+async def test_chat_usage_details_arrive_unchanged(fake, sidecar):
+    fake.script.cached_tokens, fake.script.reasoning_tokens = 6, 2
+    _, proxied = clients(fake, sidecar)
+    whole = await proxied.chat.completions.create(model="m", messages=MESSAGES)
+    stream = await proxied.chat.completions.create(
+        model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    last = [c async for c in stream][-1]
+    for usage in (whole.usage, last.usage):
+        assert usage is not None and usage.prompt_tokens_details is not None
+        assert usage.completion_tokens_details is not None
+        assert (usage.prompt_tokens_details.cached_tokens, usage.completion_tokens_details.reasoning_tokens) == (6, 2)
+    rows = await sidecar.stored(2)
+    assert [usage_row(r) for r in rows] == [(11, 5, 6, 2), (11, 5, 6, 2)]

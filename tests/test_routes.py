@@ -22,6 +22,7 @@ from tests.support.waits import free_port
 USAGE: dict[str, tuple[int, int] | None] = {
     "/v1/chat/completions": (11, 5),
     "/v1/responses": (11, 5),
+    "/responses": (11, 5),  # llama-server serves the Responses API on both paths
     "/v1/completions": (11, 5),
     "/v1/embeddings": (3, 0),
     "/completion": (7, 2),

@@ -1,4 +1,5 @@
-"""Stream aggregation for audit: a stream's events folded into one `chat.completion`-shaped object.
+"""Stream aggregation for audit: a stream's events folded into one `chat.completion`-shaped object (a Responses
+stream into its `response` object: `sidecar.audit.responses`).
 
 Events are decoded with msgspec into typed structs that keep only what aggregation reads; `Aggregate` folds
 them per choice index (content, reasoning, tool calls assembled from their deltas, finish reasons, usage);
@@ -7,11 +8,12 @@ them per choice index (content, reasoning, tool calls assembled from their delta
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from sidecar.wire.routes import CHAT
+from sidecar.audit.responses import ResponsesFold
+from sidecar.wire.routes import CHAT, RESPONSES
 from sidecar.wire.sse import events_array, parse_events
 
 
@@ -93,6 +95,10 @@ class Aggregate:
             self.usage = event.usage
         for choice in event.choices or ():
             self._choice(choice)
+
+    def fold(self, regions: list[bytes], sep: bytes) -> None:
+        """Complete events of the stream, as the scanner kept them."""
+        self.add_all(decode_chunks(regions, sep))
 
     def add_all(self, chunks: list[Chunk]) -> None:
         """All of a stream's chunks. The usual one (one choice, one content string per chunk) takes a short
@@ -214,6 +220,14 @@ def _order(index: Any) -> tuple[int, str]:
     return (index, "") if isinstance(index, int) else (1 << 62, str(index))
 
 
+class Folding(Protocol):
+    """What folds one API's stream events into the answer its client would have got."""
+
+    def fold(self, regions: list[bytes], sep: bytes) -> None: ...
+    def size(self) -> int: ...
+    def result(self) -> dict[str, Any]: ...
+
+
 class StreamCapture:
     """An audited stream's events, folded into one `Aggregate` every `FOLD_BYTES` of raw events, so it holds at
     most that much raw SSE plus the aggregated content; past the payload cap of content, folding stops and the
@@ -224,13 +238,13 @@ class StreamCapture:
     def __init__(self, cap: int, family: str = CHAT) -> None:
         self.cap = cap
         self.family = family  # which API's events these are (`sidecar.wire.routes`): what they fold into
-        self.aggregate = Aggregate()
+        self.aggregate: Folding = ResponsesFold() if family == RESPONSES else Aggregate()
         self.truncated = False
 
     def fold(self, regions: list[bytes], sep: bytes) -> None:
         if self.truncated or not regions:
             return
-        self.aggregate.add_all(decode_chunks(regions, sep))
+        self.aggregate.fold(regions, sep)
         if self.aggregate.size() > self.cap:
             self.truncated = True
 

@@ -31,6 +31,7 @@ from sidecar.wire.routes import (
     OTHER,
     POOLING,
     RERANK,
+    RESPONSES,
     STREAMING,
     USAGE_OPTION,
     Route,
@@ -134,6 +135,8 @@ def parse(method: str, path: str | Route, body: bytes, max_depth: int = 64) -> C
         )
     if model is not None and _CONTROL.search(model):
         raise BadRequest("`model` must not contain control characters.", param="model", code="invalid_value")
+    if family == RESPONSES:
+        _refuse_background(doc)
     stream = _flag(doc, "stream") and family in STREAMING
     tools = bool(doc.get("tools") or doc.get("functions"))
     usage = _client_usage(doc) if family in USAGE_OPTION else False
@@ -218,6 +221,24 @@ def _budget(doc: dict[str, Any], family: str) -> int | None:
             return min(value, MAX_TOKENS_CEILING)
         return None  # negative (llama-server's -1: no limit) or fractional (the upstream refuses it)
     return 0 if zero else None
+
+
+def _refuse_background(doc: dict[str, Any]) -> None:
+    """A Responses request with `background: true` is refused: vLLM and SGLang answer it at once, `queued` and
+    without usage, generate later, and hand the result to `GET /v1/responses/{id}`, a read that is not charged
+    (`wire.routes.STORED`): the generation would be free. Anything but a boolean is refused too, since the
+    upstream's validation reads `"true"` or `1` as true."""
+    value = doc.get("background")
+    if value is None or value is False:
+        return
+    if value is True:
+        raise BadRequest(
+            "`background` is not supported through this proxy: a background response is generated after its "
+            "request is settled, so its usage could not be charged. Send the request without it.",
+            param="background",
+            code="unsupported_parameter",
+        )
+    raise BadRequest("`background` must be a boolean.", param="background", code="invalid_type")
 
 
 def _client_usage(doc: dict[str, Any]) -> bool:

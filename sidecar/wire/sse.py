@@ -145,7 +145,25 @@ def event_data(event: bytes) -> bytes | None:
 _CHAT = ((b'ntent":"', b'ntent":""'), (b'"reasoning":"', b""))
 _TOOLS = ((b'"arguments":"', b'"arguments":""'),)
 _COMPLETIONS = ((b'"text":"', b'"text":""'),)
-_RESPONSES = ((b'.delta"', b""),)  # `"type":"response.output_text.delta"` and friends
+# The Responses API: one event per delta, named by its `type`; only the events that carry generated output count
+# (text, refusal, reasoning and its summary; tool-call input when tools were declared), never a `.done` event
+# that repeats them whole, nor an audio or annotation event. The whole `"type":"…"` pair is matched: its
+# opening quote cannot be inside a string, so a delta whose text names an event is one delta.
+_RESPONSES = tuple(
+    (b'"type":"response.' + kind + b'.delta"', b"")
+    for kind in (b"output_text", b"refusal", b"reasoning_text", b"reasoning_summary_text")
+)
+_RESPONSES_TOOLS = tuple(
+    (b'"type":"response.' + kind + b'.delta"', b"")
+    for kind in (
+        b"function_call_arguments",
+        b"custom_tool_call_input",
+        b"mcp_call_arguments",
+        b"code_interpreter_call_code",
+    )
+)
+# The events that end a Responses stream (it has no `[DONE]`); each carries the response with its usage.
+_RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 Patterns = tuple[tuple[bytes, bytes], ...]
@@ -156,7 +174,7 @@ def delta_patterns(family: str, tools: bool, spaced: bool = False) -> Patterns:
     family = FAMILIES.get(family, OTHER) if family.startswith("/") else family
     patterns: Patterns
     if family == RESPONSES:
-        patterns = _RESPONSES
+        patterns = _RESPONSES + _RESPONSES_TOOLS if tools else _RESPONSES
     elif family in (COMPLETIONS, GENERATE):
         patterns = _COMPLETIONS
     else:  # chat, and llama-server's native `content` deltas
@@ -300,6 +318,8 @@ class StreamScanner:
         obj = _load_event(event)
         if obj is None:
             return None
+        if self._family == RESPONSES and obj.get("type") in _RESPONSES_FINAL:
+            self.done = True  # the stream's own end (a Responses stream has no `[DONE]`)
         usage = usage_of(obj)
         if usage is None:
             return None

@@ -36,6 +36,11 @@ class Script:
     no_done: bool = False
     content_length_stream: bool = False  # send the SSE body with a content-length instead of chunked
     delay_before_usage: float = 0.0  # pause between the finish event and the usage event
+    # The Responses API (`/v1/responses`, `/responses`): reasoning and function-call argument deltas before and
+    # after the text (`chunks`), and an `incomplete` ending (max_output_tokens) instead of `completed`.
+    reasoning_chunks: int = 0
+    tool_chunks: int = 0
+    incomplete: bool = False
 
 
 @dataclass
@@ -170,7 +175,8 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_post("/v1/responses", self.chat)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/responses", self.responses)  # llama-server's second path
         app.router.add_post("/invocations", self.chat)  # vLLM dispatches a chat body there
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
@@ -342,6 +348,46 @@ class FakeUpstream:
         await resp.write_eof()
         return resp
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        rec, script = await self._begin(request)
+        return await self._guard(rec, self._responses(request, rec, script))
+
+    async def _responses(self, request: web.Request, rec: Received, s: Script) -> web.StreamResponse:
+        """The Responses API as vLLM serves it: a `response` object, or its events (`event:` lines, no [DONE]);
+        `drop_after`/`hang_after` count the `response.output_text.delta` events sent."""
+        if s.delay_headers:
+            await asyncio.sleep(s.delay_headers)
+        if s.status != 200:
+            return web.json_response(
+                {"error": {"message": "fake failure", "type": "server_error", "code": None}}, status=s.status
+            )
+        doc = rec.json
+        if not doc.get("stream"):
+            body = orjson.dumps(response_object(doc, s))
+            self.sent[request.headers.get("x-request-id", "")] = body
+            return web.Response(body=body, content_type="application/json")
+        events = [sse_event(kind, fields, n, s.crlf) for n, (kind, fields) in enumerate(response_events(doc, s))]
+        self.sent[request.headers.get("x-request-id", "")] = b"".join(events)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await resp.prepare(request)
+        if s.delay_first:
+            await asyncio.sleep(s.delay_first)
+        texts = 0
+        for event in events:
+            if event.startswith(b"event: response.output_text.delta"):
+                if s.drop_after is not None and texts == s.drop_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if s.hang_after is not None and texts == s.hang_after:
+                    await asyncio.sleep(3600)
+                texts += 1
+            await resp.write(event)
+            if s.delay_chunks:
+                await asyncio.sleep(s.delay_chunks)
+        await resp.write_eof()
+        return resp
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         rec, script = await self._begin(request)
         return await self._guard(rec, self._completions(request, rec, script))
@@ -412,3 +458,149 @@ class FakeUpstream:
         if shaped is not None and request.method == "POST":
             return web.json_response(shaped)
         return web.json_response({"reached": request.path})
+
+
+# --- the Responses API, as vLLM answers it (vllm/entrypoints/openai/responses/): a `response` object, or events ---
+
+RESPONSE_ID = "resp_fake"
+
+
+def responses_usage(s: Script) -> dict[str, Any]:
+    """A Responses-API usage object as vLLM reports it: the details always there (0 when nothing)."""
+    output = s.chunks + s.reasoning_chunks + s.tool_chunks
+    return {
+        "input_tokens": s.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": s.cached_tokens or 0},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": s.reasoning_tokens or s.reasoning_chunks},
+        "total_tokens": s.prompt_tokens + output,
+    }
+
+
+def reasoning_piece(i: int) -> str:
+    return f"think{i} "
+
+
+def argument_piece(i: int) -> str:
+    return '{"city": "' if i == 0 else f"c{i}"
+
+
+def response_output(s: Script) -> list[dict[str, Any]]:
+    """The output items of a whole answer: reasoning, the message, a function call (as the script says)."""
+    items: list[dict[str, Any]] = []
+    if s.reasoning_chunks:
+        text = "".join(reasoning_piece(i) for i in range(s.reasoning_chunks))
+        items.append(
+            {"id": "rs_fake", "type": "reasoning", "summary": [], "status": "completed",
+             "content": [{"type": "reasoning_text", "text": text}]}
+        )  # fmt: skip
+    text = "".join(token(i) for i in range(s.chunks))
+    items.append(
+        {"id": "msg_fake", "type": "message", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+    )  # fmt: skip
+    if s.tool_chunks:
+        arguments = "".join(argument_piece(i) for i in range(s.tool_chunks))
+        items.append(
+            {"id": "fc_fake", "type": "function_call", "call_id": "call_fake", "name": "get_weather",
+             "arguments": arguments, "status": "completed"}
+        )  # fmt: skip
+    return items
+
+
+def response_object(doc: dict[str, Any], s: Script, status: str | None = None) -> dict[str, Any]:
+    """The `response` object: the whole answer, or (with `status`) the one its stream's events carry."""
+    final = status is None
+    status = status or ("incomplete" if s.incomplete else "completed")
+    return {
+        "id": RESPONSE_ID,
+        "object": "response",
+        "created_at": 1700000000,
+        "model": doc.get("model"),
+        "status": status,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "error": None,
+        "instructions": None,
+        "metadata": None,
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "max_output_tokens": doc.get("max_output_tokens"),
+        "output": response_output(s) if final or status != "in_progress" else [],
+        "usage": responses_usage(s) if final or status != "in_progress" else None,
+    }
+
+
+def response_events(doc: dict[str, Any], s: Script) -> list[tuple[str, dict[str, Any]]]:
+    """A streamed answer's events, in vLLM's order (type, fields); `sequence_number` is added when sent."""
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": response_object(doc, s, "in_progress")}),
+        ("response.in_progress", {"response": response_object(doc, s, "in_progress")}),
+    ]
+    output = response_output(s)
+    index = 0
+    if s.reasoning_chunks:
+        item = output[index]
+        at = {"output_index": index, "item_id": item["id"]}
+        part = {"type": "reasoning_text", "text": ""}
+        events += [
+            added(index, item, content=[]),
+            ("response.content_part.added", {**at, "content_index": 0, "part": part}),
+        ]
+        events += [
+            ("response.reasoning_text.delta", {**at, "content_index": 0, "delta": reasoning_piece(i)})
+            for i in range(s.reasoning_chunks)
+        ]
+        text = item["content"][0]["text"]
+        events += [
+            ("response.reasoning_text.done", {**at, "content_index": 0, "text": text}),
+            ("response.content_part.done", {**at, "content_index": 0, "part": {**part, "text": text}}),
+            ("response.output_item.done", {"output_index": index, "item": item}),
+        ]
+        index += 1
+    item = output[index]
+    at = {"output_index": index, "item_id": item["id"]}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    events += [
+        added(index, item, content=[]),
+        ("response.content_part.added", {**at, "content_index": 0, "part": part}),
+    ]
+    events += [
+        ("response.output_text.delta", {**at, "content_index": 0, "delta": token(i), "logprobs": []})
+        for i in range(s.chunks)
+    ]
+    text = item["content"][0]["text"]
+    events += [
+        ("response.output_text.done", {**at, "content_index": 0, "text": text, "logprobs": []}),
+        ("response.content_part.done", {**at, "content_index": 0, "part": {**part, "text": text}}),
+        ("response.output_item.done", {"output_index": index, "item": item}),
+    ]
+    index += 1
+    if s.tool_chunks:
+        item = output[index]
+        at = {"output_index": index, "item_id": item["id"]}
+        events.append(added(index, item, arguments=""))
+        events += [
+            ("response.function_call_arguments.delta", {**at, "delta": argument_piece(i)}) for i in range(s.tool_chunks)
+        ]
+        events += [
+            ("response.function_call_arguments.done", {**at, "arguments": item["arguments"]}),
+            ("response.output_item.done", {"output_index": index, "item": item}),
+        ]
+    final = response_object(doc, s)
+    events.append((f"response.{final['status']}", {"response": final}))
+    return events
+
+
+def added(index: int, item: dict[str, Any], **empty: Any) -> tuple[str, dict[str, Any]]:
+    """`response.output_item.added`: the item as it starts, in progress and with nothing in it yet."""
+    return "response.output_item.added", {"output_index": index, "item": {**item, **empty, "status": "in_progress"}}
+
+
+def sse_event(kind: str, fields: dict[str, Any], number: int, crlf: bool) -> bytes:
+    """One event as vLLM writes it: `event:` then compact JSON with `type` and `sequence_number`."""
+    sep = b"\r\n" if crlf else b"\n"
+    data = orjson.dumps({"type": kind, **fields, "sequence_number": number})
+    return b"event: " + kind.encode() + sep + b"data: " + data + sep + sep

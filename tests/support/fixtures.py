@@ -1,18 +1,20 @@
 """Fixtures shared by many test files (registered by `tests/conftest.py`): the session's throwaway PostgreSQL
 (`pg_server`), a fresh database per test (`pg_url`), `store_url` (a store test against SQLite and PostgreSQL
-both), a fault-injecting proxy in front of PostgreSQL (`pg_proxy`) and helm (`helm`)."""
+both), a fault-injecting proxy in front of PostgreSQL (`pg_proxy`), helm (`helm`) and a real llama-server
+(`llama`, one per test module)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from tests.support.faults import FaultProxy
 from tests.support.helm import ensure_helm
+from tests.support.llama import LlamaServer, cache_dir
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +63,19 @@ def helm() -> str:
         if os.environ.get("CI") == "true":
             pytest.fail(f"helm unavailable in CI: {exc}")
         pytest.skip(f"helm unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    """A llama-server for the module's real-upstream tests (`tests/support/llama.py`)."""
+    cache = cache_dir()
+    if cache is None:
+        if os.environ.get("SIDECAR_REAL_UPSTREAM") == "required":
+            pytest.fail("llama-server is not built (bash scripts/real-upstream.sh build)")
+        pytest.skip("llama-server is not built: run `bash scripts/real-upstream.sh build` (about 5-15 min)")
+    server = LlamaServer(cache, tmp_path_factory.mktemp("llama") / "llama-server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
