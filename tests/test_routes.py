@@ -41,7 +41,7 @@ USAGE: dict[str, tuple[int, int] | None] = {
     "/encode": (4, 0),
     "/embeddings": (3, 0),
     "/chat/completions": (5, 2),
-    "/v1/messages": (12, 2),
+    "/v1/messages": (11, 5),
     "/v1/messages/count_tokens": (12, 0),
     "/v1/audio/translations": (300, 40),  # not read, but the answer says its usage
     "/invocations": (11, 5),  # a chat body: read as the chat it stands for (the fake answers it as one)
