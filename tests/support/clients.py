@@ -37,13 +37,15 @@ async def chat(session, url, key, body=None):
 
 
 async def open_stream(
-    port: int, body: dict, headers: dict[str, str] | None = None
+    port: int, body: dict, headers: dict[str, str] | None = None, path: str = "/v1/chat/completions"
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = orjson.dumps(body)
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode()
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST "
+        + path.encode()
+        + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + extra
         + b"Content-Length: "
         + str(len(payload)).encode()

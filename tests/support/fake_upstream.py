@@ -41,7 +41,7 @@ class Script:
     cache_write_tokens: int | None = 4  # usage.cache_creation_input_tokens
     thinking: int = 0  # thinking deltas before the text (a `thinking` block, closed by a `signature_delta`)
     tool: bool = False  # a `tool_use` block after the text, its input streamed in `input_json_delta`s
-    delta_input: bool = False  # message_delta repeats input_tokens (vLLM does; llama-server sends output only)
+    delta_input: bool = False  # message_delta repeats input_tokens (vLLM, which has no cache figures, does)
 
 
 @dataclass
@@ -433,6 +433,8 @@ class FakeUpstream:
         self.sent[request.headers.get("x-request-id", "")] = b"".join(e for _, e in events)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await resp.prepare(request)
+        if s.delay_first:
+            await asyncio.sleep(s.delay_first)
         outputs = 0
         for output, event in events:
             if output and s.drop_after is not None and outputs == s.drop_after:

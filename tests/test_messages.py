@@ -1,0 +1,108 @@
+"""Anthropic's Messages API (`/v1/messages`, `/v1/messages/count_tokens`) through the sidecar: usage read from
+`message_start` and the final `message_delta`, a disconnect settled from the relayed `content_block_delta`s,
+`count_tokens` charged as a tokenizer call, errors in Anthropic's shape, `x-api-key` and `anthropic-version`,
+and an audited stream folded into the `message` the client would have got."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+
+from sidecar.wire.sse import StreamScanner, Usage
+from tests.support.clients import open_stream
+from tests.support.fake_upstream import Script, anthropic_events, anthropic_message
+from tests.support.waits import wait_for
+
+BODY = {"model": "fake-model", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+STREAM = {**BODY, "stream": True}
+
+
+def scanned(events: list[bytes], spaced: bool = False, reads: int = 1) -> StreamScanner:
+    """A Messages stream's events through a scanner, in `reads` reads (1: the whole stream in one)."""
+    body = b"".join(events)
+    if spaced:
+        body = body.replace(b'":', b'": ')
+    scanner = StreamScanner(family="messages")
+    size = -(-len(body) // reads)
+    for at in range(0, len(body), size):
+        scanner.feed(body[at : at + size])
+    scanner.flush()
+    return scanner
+
+
+# --- the scanner ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reads", [1, 3, 1000])
+@pytest.mark.parametrize("spaced", [False, True])
+def test_usage_of_message_start_and_message_delta_is_merged_however_the_stream_is_read(reads, spaced):
+    script = Script(chunks=8, thinking=2, tool=True)
+    events = [e for _, e in anthropic_events(BODY, script)]
+    scanner = scanned(events, spaced, reads)
+    # input 4 + cache read 3 + cache write 4; output: 2 thinking + 8 text + 3 tool-input deltas
+    assert scanner.usage == Usage(11, 13, 3, 4, None)
+    assert scanner.deltas == 13  # text, thinking and input_json deltas; the signature_delta is not output
+    assert scanner.done and not scanner.usage_partial
+
+
+def test_vllm_message_delta_that_repeats_the_input_keeps_the_same_figures():
+    vllm = Script(chunks=4, delta_input=True, cache_read_tokens=None, cache_write_tokens=None)  # no cache figures
+    events = [e for _, e in anthropic_events(BODY, vllm)]
+    assert scanned(events).usage == Usage(11, 4, None, None, None)
+
+
+def test_a_cut_stream_knows_its_usage_is_message_start_s_input_alone():
+    events = [e for _, e in anthropic_events(BODY, Script(chunks=8))]
+    scanner = scanned(events[:7])  # message_start, ping, block start, four text deltas
+    assert scanner.usage_partial and scanner.usage is not None
+    assert (scanner.usage.prompt_tokens, scanner.deltas, scanner.done) == (11, 4, False)
+
+
+def test_nothing_is_stripped_from_a_messages_stream():
+    events = b"".join(e for _, e in anthropic_events(BODY, Script(chunks=3)))
+    scanner = StreamScanner(strip_usage=False, family="messages")
+    assert scanner.feed(events) == events
+
+
+# --- through the sidecar ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def vllm(fake, sidecar_factory):
+    """A sidecar with the `vllm` preset (which routes both Messages paths) in front of the fake."""
+    return await sidecar_factory(fake.url, upstream__kind="vllm")
+
+
+async def read_deltas(reader: asyncio.StreamReader, n: int) -> bytes:
+    seen = b""
+    while seen.count(b'"text_delta"') < n:
+        seen += await reader.read(65536)
+    return seen
+
+
+async def test_a_disconnect_is_charged_message_start_s_input_and_the_relayed_deltas(fake, vllm):
+    fake.script.chunks, fake.script.delay_chunks = 8, 0.3
+    reader, writer = await open_stream(vllm.port, STREAM, path="/v1/messages")
+    seen = await read_deltas(reader, 5)
+    writer.transport.abort()
+    await wait_for(lambda: len(vllm.rows) == 1)
+    row = vllm.rows[0]
+    assert (row["outcome"], row["status"], row["usage_source"]) == ("client_disconnected", 499, "counted")
+    assert row["completion_tokens"] >= seen.count(b'"text_delta"') >= 5
+    # message_start said the input exactly: the prompt is the upstream's figure, with its cache details
+    assert (row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"]) == (11, 3, 4)
+
+
+async def test_a_disconnect_before_message_start_is_charged_the_estimate(fake, vllm):
+    fake.script.delay_first = 30  # headers out, no event yet
+    _reader, writer = await open_stream(vllm.port, STREAM, path="/v1/messages")
+    await wait_for(lambda: len(fake.received) == 1)
+    await asyncio.sleep(0.2)
+    writer.transport.abort()
+    await wait_for(lambda: len(vllm.rows) == 1)
+    row = vllm.rows[0]
+    assert (row["outcome"], row["usage_source"], row["completion_tokens"]) == ("client_disconnected", "counted", 0)
+    assert row["prompt_tokens"] and row["cached_tokens"] is None  # the sidecar's estimate of the prompt
