@@ -6,11 +6,13 @@ and an audited stream folded into the `message` the client would have got."""
 from __future__ import annotations
 
 import asyncio
+import glob
 
 import aiohttp
 import orjson
 import pytest
 
+from sidecar.audit.aggregate import StreamCapture
 from sidecar.wire.sse import StreamScanner, Usage
 from tests.support.clients import open_stream
 from tests.support.fake_upstream import Script, anthropic_events, anthropic_message
@@ -106,3 +108,76 @@ async def test_a_disconnect_before_message_start_is_charged_the_estimate(fake, v
     row = vllm.rows[0]
     assert (row["outcome"], row["usage_source"], row["completion_tokens"]) == ("client_disconnected", "counted", 0)
     assert row["prompt_tokens"] and row["cached_tokens"] is None  # the sidecar's estimate of the prompt
+
+
+# --- audit: a stream folded into its message --------------------------------------------------------------------
+
+
+def audit_records(audit_dir) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(f"{audit_dir}/audit-*.jsonl")):
+        with open(path, "rb") as f:
+            out += [orjson.loads(line) for line in f if line.strip()]
+    return out
+
+
+@pytest.mark.parametrize("every", [1, 4, 1000])
+def test_a_stream_folded_in_any_steps_is_the_whole_message(every):
+    script = Script(chunks=6, thinking=2, tool=True)
+    events = [e for _, e in anthropic_events(BODY, script)]
+    capture = StreamCapture(1 << 20, "messages")
+    for at in range(0, len(events), every):  # each fold a list of regions, as the scanner hands them over
+        capture.fold([e.rstrip(b"\n") for e in events[at : at + every]], b"\n\n")
+    assert capture.result() == anthropic_message(BODY, script)
+
+
+async def test_an_audited_stream_is_recorded_as_the_message_the_client_would_have_got(fake, sidecar_factory, tmp_path):
+    running = await sidecar_factory(
+        fake.url, upstream__kind="llama.cpp", audit__capture="all", audit__jsonl_dir=str(tmp_path / "a")
+    )
+    fake.script.thinking, fake.script.tool = 2, True
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/v1/messages", json=BODY) as r:
+            whole = await r.json()
+        async with s.post(running.url + "/v1/messages", json=STREAM) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            await r.read()
+    await wait_for(lambda: len(audit_records(tmp_path / "a")) == 2)
+    plain, streamed = audit_records(tmp_path / "a")
+    assert whole["type"] == "message" and plain["response"] == whole
+    assert streamed["response"] == whole and streamed["complete"] is True
+    assert streamed["usage"]["prompt_tokens"] == 11 and streamed["usage"]["completion_tokens"] == 2 + 5 + 3
+
+
+async def test_a_cut_audited_stream_is_recorded_as_far_as_it_went(fake, sidecar_factory, tmp_path):
+    running = await sidecar_factory(
+        fake.url, upstream__kind="vllm", audit__capture="all", audit__jsonl_dir=str(tmp_path / "a")
+    )
+    fake.script.chunks, fake.script.drop_after = 8, 4
+    async with aiohttp.ClientSession() as s, s.post(running.url + "/v1/messages", json=STREAM) as r:
+        body = await r.read()
+    assert body.endswith(b"\n\n") and b"event: error\ndata: " in body  # a cut stream says so, in its own shape
+    await wait_for(lambda: len(audit_records(tmp_path / "a")) == 1)
+    (record,) = audit_records(tmp_path / "a")
+    response = record["response"]
+    assert record["complete"] is False and response["stop_reason"] is None
+    assert response["content"] == [{"type": "text", "text": "tok0 tok1 tok2 tok3 "}]
+    assert response["usage"]["input_tokens"] == 4 and response["usage"]["output_tokens"] == 0  # message_start's
+    assert (record["usage"]["completion_tokens"], record["usage"]["usage_source"]) == (4, "counted")
+
+
+async def test_a_long_audited_stream_is_cut_at_the_cap(fake, sidecar_factory, tmp_path):
+    running = await sidecar_factory(
+        fake.url,
+        upstream__kind="vllm",
+        audit__capture="all",
+        audit__jsonl_dir=str(tmp_path / "a"),
+        audit__max_payload_bytes=20_000,
+    )
+    fake.script.chunks = 4000  # ~600 KB of events: folded more than once
+    async with aiohttp.ClientSession() as s, s.post(running.url + "/v1/messages", json=STREAM) as r:
+        await r.read()
+    await wait_for(lambda: len(audit_records(tmp_path / "a")) == 1)
+    (record,) = audit_records(tmp_path / "a")
+    assert record["response"]["truncated"] is True and record["usage"]["completion_tokens"] == 4000
+    assert len(orjson.dumps(record)) <= 20_000

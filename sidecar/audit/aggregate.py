@@ -1,4 +1,5 @@
-"""Stream aggregation for audit: a stream's events folded into one `chat.completion`-shaped object.
+"""Stream aggregation for audit: a stream's events folded into one `chat.completion`-shaped object (an
+Anthropic Messages stream into its `message`: `sidecar.audit.messages`).
 
 Events are decoded with msgspec into typed structs that keep only what aggregation reads; `Aggregate` folds
 them per choice index (content, reasoning, tool calls assembled from their deltas, finish reasons, usage);
@@ -11,7 +12,8 @@ from typing import Any
 
 import msgspec
 
-from sidecar.wire.routes import CHAT
+from sidecar.audit.messages import MessageAggregate
+from sidecar.wire.routes import CHAT, MESSAGES
 from sidecar.wire.sse import events_array, parse_events
 
 
@@ -226,16 +228,21 @@ class StreamCapture:
         self.family = family  # which API's events these are (`sidecar.wire.routes`): what they fold into
         self.aggregate = Aggregate()
         self.truncated = False
+        self.message = MessageAggregate() if family == MESSAGES else None  # Anthropic's: a `message` object
 
     def fold(self, regions: list[bytes], sep: bytes) -> None:
         if self.truncated or not regions:
+            return
+        if self.message is not None:
+            self.message.add_regions(regions, sep)
+            self.truncated = self.message.size() > self.cap
             return
         self.aggregate.add_all(decode_chunks(regions, sep))
         if self.aggregate.size() > self.cap:
             self.truncated = True
 
     def result(self) -> dict[str, Any]:
-        out = self.aggregate.result()
+        out = self.message.result() if self.message is not None else self.aggregate.result()
         if self.truncated:
             out["truncated"] = True
         return out
