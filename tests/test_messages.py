@@ -13,10 +13,24 @@ import orjson
 import pytest
 
 from sidecar.audit.aggregate import StreamCapture
+from sidecar.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
+    ShuttingDown,
+    Unauthorized,
+    UpstreamError,
+    UpstreamTimeout,
+    anthropic_body,
+)
 from sidecar.wire.sse import StreamScanner, Usage
-from tests.support.clients import open_stream
+from tests.support.clients import ADMIN, admin, open_stream, post
 from tests.support.fake_upstream import Script, anthropic_events, anthropic_message
-from tests.support.waits import wait_for
+from tests.support.waits import free_port, wait_for
 
 BODY = {"model": "fake-model", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**BODY, "stream": True}
@@ -181,3 +195,123 @@ async def test_a_long_audited_stream_is_cut_at_the_cap(fake, sidecar_factory, tm
     (record,) = audit_records(tmp_path / "a")
     assert record["response"]["truncated"] is True and record["usage"]["completion_tokens"] == 4000
     assert len(orjson.dumps(record)) <= 20_000
+
+
+# --- count_tokens: a tokenizer call -------------------------------------------------------------------------------
+
+
+async def test_count_tokens_is_charged_its_input_and_no_output(fake, sidecar_factory):
+    running = await sidecar_factory(
+        fake.url, upstream__kind="llama.cpp", limits__tpm=1000, limits__default_max_tokens=500
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.post(running.url + "/v1/messages/count_tokens", json=BODY) as r:
+            assert r.status == 200 and await r.json() == {"input_tokens": 12}
+            # nothing reserved for output: the lease held the prompt's estimate alone
+            assert int(r.headers["x-ratelimit-remaining-tokens"]) > 1000 - 64
+    (row,) = await running.stored(1)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (12, 0, "upstream")
+
+
+# --- errors in Anthropic's shape, x-api-key, anthropic-version ------------------------------------------------------
+
+
+def anthropic_error(body: bytes, kind: str) -> str:
+    doc = orjson.loads(body)
+    assert doc["type"] == "error" and set(doc) == {"type", "error"} and doc["error"]["type"] == kind, doc
+    assert set(doc["error"]) == {"type", "message"} and doc["error"]["message"]
+    return doc["error"]["message"]
+
+
+@pytest.fixture
+async def keyed(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, upstream__kind="vllm", auth__enabled=True, server__admin_token=ADMIN)
+    async with aiohttp.ClientSession() as s:
+        _, made, _ = await admin(
+            s, "POST", running.url + "/admin/keys", {"name": "a", "rpm": 2, "models": ["fake-model"]}
+        )
+    running.extra["key"] = made["key"]
+    return running
+
+
+async def test_the_sidecar_s_own_errors_speak_anthropic_on_the_messages_paths(fake, keyed):
+    url, key = keyed.url, keyed.extra["key"]
+    good = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    cases = [
+        ("/v1/messages", BODY, {"x-api-key": "sk-nope"}, 401, "authentication_error"),
+        ("/v1/messages/count_tokens", BODY, {}, 401, "authentication_error"),
+        ("/v1/messages", BODY, {"x-api-key": key, "authorization": "Bearer sk-other"}, 401, "authentication_error"),
+        ("/v1/messages", {**BODY, "model": "other"}, good, 403, "permission_error"),
+        ("/v1/messages/batches", BODY, good, 404, "not_found_error"),
+        ("/v1/messages", b"{not json", {**good, "content-type": "application/json"}, 400, "invalid_request_error"),
+    ]
+    for path, body, headers, status, kind in cases:
+        got, answer, raw = await post(url + path, body, headers)
+        assert got == status and answer["content-type"] == "application/json", (path, got, raw)
+        anthropic_error(raw, kind)
+    for _ in range(2):  # the key's rpm (2), used up: then a 429 with its retry-after
+        assert (await post(url + "/v1/messages", BODY, good))[0] == 200
+    got, answer, raw = await post(url + "/v1/messages", BODY, good)
+    assert got == 429 and int(answer["retry-after"]) >= 1
+    anthropic_error(raw, "rate_limit_error")
+    # OpenAI's shape everywhere else
+    got, _, raw = await post(url + "/v1/chat/completions", {"model": "fake-model"}, {"x-api-key": "sk-nope"})
+    assert got == 401 and orjson.loads(raw)["error"]["code"] == "invalid_api_key"
+
+
+async def test_two_different_keys_are_refused_and_one_key_in_x_api_key_is_never_forwarded(fake, keyed, tmp_path):
+    url, key = keyed.url, keyed.extra["key"]
+    got, _, raw = await post(url + "/v1/chat/completions", BODY, {"x-api-key": key, "authorization": "Bearer x"})
+    assert got == 401 and orjson.loads(raw)["error"]["code"] == "conflicting_api_keys"
+    got, _, raw = await post(url + "/v1/messages", BODY, {"x-api-key": key, "anthropic-version": "2023-06-01"})
+    assert got == 200, raw
+    sent = fake.last().headers
+    assert sent["anthropic-version"] == "2023-06-01" and "x-api-key" not in sent and "authorization" not in sent
+    got, _, _ = await post(url + "/v1/messages", BODY, {"x-api-key": key, "authorization": f"Bearer {key}"})
+    assert got == 200  # the same key twice is one key
+    assert key not in keyed.log_text()
+
+
+async def test_413_502_and_504_speak_anthropic(fake, sidecar_factory):
+    small = await sidecar_factory(fake.url, upstream__kind="vllm", server__max_body_bytes=100)
+    got, _, raw = await post(small.url + "/v1/messages", {**BODY, "pad": "x" * 200})
+    assert got == 413
+    anthropic_error(raw, "request_too_large")
+    slow = await sidecar_factory(fake.url, upstream__kind="vllm", upstream__first_byte_timeout=0.3)
+    got, _, raw = await post(slow.url + "/v1/messages", BODY, {"x-fake-script": '{"delay_headers": 5}'})
+    assert got == 504
+    anthropic_error(raw, "timeout_error")
+    gone = await sidecar_factory(f"http://127.0.0.1:{free_port()}", upstream__kind="vllm")
+    got, _, raw = await post(gone.url + "/v1/messages/count_tokens", BODY)
+    assert got == 502
+    anthropic_error(raw, "api_error")
+
+
+async def test_a_failed_messages_stream_ends_with_an_anthropic_error_event(fake, vllm):
+    fake.script.chunks, fake.script.drop_after = 8, 3
+    async with aiohttp.ClientSession() as s, s.post(vllm.url + "/v1/messages", json=STREAM) as r:
+        body = await r.read()
+    last = body.rstrip(b"\n").split(b"\n\n")[-1]
+    name, data = last.split(b"\n")
+    assert name == b"event: error" and data.startswith(b"data: ")
+    assert "broke" in anthropic_error(data[6:], "api_error")
+
+
+def test_every_error_has_an_anthropic_type():
+    kinds = {cls: anthropic_body(cls("x")) for cls in (BadRequest, PayloadTooLarge, NotFound, Forbidden, Unauthorized)}
+    assert {cls.__name__: orjson.loads(b)["error"]["type"] for cls, b in kinds.items()} == {
+        "BadRequest": "invalid_request_error",
+        "PayloadTooLarge": "request_too_large",
+        "NotFound": "not_found_error",
+        "Forbidden": "permission_error",
+        "Unauthorized": "authentication_error",
+    }
+    for err, kind in (
+        (RateLimited("x"), "rate_limit_error"),
+        (Overloaded("x"), "overloaded_error"),
+        (ShuttingDown("x"), "overloaded_error"),
+        (UpstreamError("x"), "api_error"),
+        (UpstreamTimeout("x"), "timeout_error"),
+        (RequestTimeout("x"), "invalid_request_error"),
+    ):
+        assert orjson.loads(anthropic_body(err)) == {"type": "error", "error": {"type": kind, "message": "x"}}
