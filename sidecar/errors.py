@@ -17,6 +17,8 @@
      ├── ReportTooSlow           503  server_error            (a usage report past store.report_timeout)
      └── ShuttingDown            503  server_shutting_down    outcome shutdown
 
+`anthropic_body` renders the same errors in Anthropic's shape, for the clients of its Messages API.
+
 At the end, `failure`: the one table from a transport or store failure (`sidecar.upstream.response`,
 `sidecar.upstream.deadline`, `sidecar.store.base`) to the error the client sees and the reason
 `sidecar_upstream_errors_total` counts it under, as httpx's `_exceptions.py` maps its transport's.
@@ -185,6 +187,28 @@ class ShuttingDown(SidecarError):
 class UnsupportedMediaType(BadRequest):
     status = 415
     code = "unsupported_content_encoding"
+
+
+# Anthropic's error types by status (docs.claude.com/en/api/errors): another 4xx is an invalid request, another
+# 5xx an API error. 503 (our shutdown, a full pool) is Anthropic's "overloaded" (it says so with 529).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def anthropic_body(err: SidecarError) -> bytes:
+    """`err` in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`, which its SDKs parse."""
+    kind = _ANTHROPIC_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": err.message}})
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,8 @@ An exchange is entered when a request arrives and exited when its handler is don
 cancelled). What it holds is filled in as the pipeline goes: the key's lease, the parsed call, the upstream's
 response, the stream scanner, the audit capture. Its exit, in this order:
 
-1. settle usage: the upstream's usage event, else the deltas counted so far; a client gone before any usage
+1. settle usage: the upstream's usage event, else the deltas counted so far (a Messages stream cut after its
+   `message_start`: that event's input, exact, and the deltas counted); a client gone before any usage
    was known is charged at least what its body proves (the prompt; a started whole answer's output budget);
    a body the sidecar could not read (an upload) is charged what it reserved when the upstream took it and
    said no usage;
@@ -128,6 +129,12 @@ class Exchange:
         prompt = admission.prompt_estimate or None
         if admission.call.family in UNCHARGED:
             pass  # a stored answer read back: its usage was charged when it was made (`wire.routes.STORED`)
+        elif scanner is not None and scanner.usage is not None and scanner.usage_partial:
+            # A Messages stream cut before its `message_delta`: `message_start` said the input exactly; the
+            # output is what was relayed (one token per content delta), never less than the upstream said.
+            u = scanner.usage
+            output = max(scanner.deltas, u.completion_tokens or 0)
+            rec.set_usage(u.prompt_tokens, output, u.cached_tokens, "counted", u.cache_write_tokens, None)
         elif scanner is not None and scanner.usage is not None:
             u = scanner.usage
             rec.set_usage(

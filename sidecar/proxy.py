@@ -44,7 +44,7 @@ from sidecar.responses import error_response
 from sidecar.upstream.server import Upstream
 from sidecar.wire.body import Call, parse
 from sidecar.wire.headers import Forwarding, clean_text
-from sidecar.wire.routes import MODELS, Route
+from sidecar.wire.routes import MODELS, Route, speaks_anthropic
 
 
 class Proxy:
@@ -94,6 +94,7 @@ class Proxy:
             rec.client_addr = self.forwarding.client_address(request)
             rec.user_agent = clean_text(request.headers.get("user-agent", ""), 256) or None
         cors = self.cors.headers(request.headers) if self.cors is not None else {}
+        anthropic = speaks_anthropic(path)  # our own errors in the shape the client's SDK parses
         if self.tracing is not None:
             matched = self.upstream.routes.match(path)
             known = matched.path if matched is not None else None  # span names stay bounded: a template's own
@@ -112,7 +113,7 @@ class Proxy:
                         self.metrics.limited(err.reason)
                     if isinstance(err, KeyNotValid):
                         rec.key_id = err.key_id  # a revoked or expired key: whose it was is known
-                    answer = error_response(err, rec.request_id, cors)
+                    answer = error_response(err, rec.request_id, cors, anthropic)
                     if isinstance(err, ShuttingDown):
                         answer.force_close()  # a kept-alive connection must not bring more work to a drained proxy
                     return answer
@@ -120,7 +121,7 @@ class Proxy:
                     if (stop := self.in_flight.shutdown_cancel(client_gone(request))) is None:
                         raise
                     rec.fail(stop.status, stop.outcome, stop.code)
-                    return error_response(stop, rec.request_id, cors)
+                    return error_response(stop, rec.request_id, cors, anthropic)
                 except ClientGone:
                     ex.ended_early()
                     return web.Response(status=CLIENT_CLOSED_REQUEST)  # aiohttp drops it: the socket is closed

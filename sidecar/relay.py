@@ -1,10 +1,11 @@
 """Relay: an admitted request to the upstream, and its answer to the client, as it arrives.
 
-Before the first byte reaches the client an error is an OpenAI-shaped JSON response; after it, a stream ends
-with an SSE `error` event and no `[DONE]` (so a client can tell a cut stream from a finished one), and a plain
-body is cut short. A whole (non-streaming) answer up to `BUFFERED` bytes is sent in one write; a larger one is
-relayed as it arrives, so memory per request is bounded whatever the size of the answer. Usage is read from
-whatever the answer carries; time limits are the upstream deadlines (first byte, idle, total).
+Before the first byte reaches the client an error is an OpenAI-shaped JSON response (Anthropic-shaped on its
+Messages API's paths); after it, a stream ends with an SSE `error` event in the same shape and no `[DONE]` (so
+a client can tell a cut stream from a finished one), and a plain body is cut short. A whole (non-streaming)
+answer up to `BUFFERED` bytes is sent in one write; a larger one is relayed as it arrives, so memory per request
+is bounded whatever the size of the answer. Usage is read from whatever the answer carries; time limits are the
+upstream deadlines (first byte, idle, total).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sidecar.audit.aggregate import StreamCapture
 from sidecar.audit.capture import BodyCapture
 from sidecar.config import UpstreamCfg
 from sidecar.edge import RELAYED, RelayedResponse, RelayedStream
-from sidecar.errors import SidecarError, UpstreamError, failure
+from sidecar.errors import SidecarError, UpstreamError, anthropic_body, failure
 from sidecar.exchange import Exchange, client_gone
 from sidecar.inflight import InFlight
 from sidecar.ops.metrics import Metrics
@@ -34,7 +35,7 @@ from sidecar.upstream.deadline import Deadline, DeadlineExpired, Ticker
 from sidecar.upstream.response import UpstreamBroke, UpstreamFailure, UpstreamResponse
 from sidecar.upstream.server import Upstream
 from sidecar.wire.headers import Forwarding, to_client
-from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, UNCHARGED
+from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, UNCHARGED, speaks_anthropic
 from sidecar.wire.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 
 BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
@@ -47,8 +48,9 @@ class ClientGone(Exception):
     caught by type, and the record says what happened)."""
 
 
-def sse_error_event(err: SidecarError) -> bytes:
-    return b"event: error\ndata: " + err.body() + b"\n\n"
+def sse_error_event(err: SidecarError, anthropic: bool = False) -> bytes:
+    """The event that ends a failed stream: `data` is the error in the client's API's shape."""
+    return b"event: error\ndata: " + (anthropic_body(err) if anthropic else err.body()) + b"\n\n"
 
 
 def _abort(request: web.Request) -> None:
@@ -326,7 +328,7 @@ class Relay:
             return ex.resp
         try:
             async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
-                await ex.resp.write(sse_error_event(err))
+                await ex.resp.write(sse_error_event(err, speaks_anthropic(ex.admitted.call.path)))
                 await ex.resp.write_eof()
         except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError):
             _abort(request)  # the client is gone or stuck too; the record already says why the stream ended

@@ -143,7 +143,8 @@ def test_bearer_parsing():
     assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
     assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
     assert bearer({"x-api-key": "k1"}) == "k1"
-    assert bearer({"authorization": "Bearer k2", "x-api-key": "k1"}) == "k2"
+    assert bearer({"authorization": "Bearer k2", "x-api-key": "k1"}) is None  # two keys: neither (a 401)
+    assert bearer({"authorization": "Bearer k2", "x-api-key": "k2"}) == "k2"
     assert bearer({"authorization": "Basic zzz", "x-api-key": "k1"}) is None  # an authorization header decides
     assert bearer({"x-api-key": ""}) is None
 

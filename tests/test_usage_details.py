@@ -158,11 +158,11 @@ async def test_details_on_every_surface(fake, sidecar_factory, store_url, receiv
         assert [tuple(rows[i][k] for k in details) for i in ids] == [
             (11, 4, None, 5, 3),
             (11, 4, None, 5, 3),
-            (12, 3, 4, 2, None),  # input 5 + cache read 3 + cache write 4
+            (11, 3, 4, 5, None),  # input 4 + cache read 3 + cache write 4
             (11, None, None, 5, None),  # the upstream said nothing of details: null, not 0
         ]
         # /v1/usage (the key's own) and /admin/usage, JSON and CSV: sums
-        sums = {"prompt_tokens": 45, "cached_tokens": 11, "cache_write_tokens": 4, "reasoning_tokens": 6}
+        sums = {"prompt_tokens": 44, "cached_tokens": 11, "cache_write_tokens": 4, "reasoning_tokens": 6}
         async with s.get(running.url + "/v1/usage", headers=auth) as r:
             (own,) = (await r.json())["data"]
         assert {k: own[k] for k in sums} == sums
@@ -176,7 +176,7 @@ async def test_details_on_every_surface(fake, sidecar_factory, store_url, receiv
         # audit records carry them
         _, audited, _ = await admin(s, "GET", running.url + f"/admin/audit-records?request_id={ids[2]}")
         usage = audited["data"][0]["usage"]
-        assert (usage["prompt_tokens"], usage["cached_tokens"], usage["cache_write_tokens"]) == (12, 3, 4)
+        assert (usage["prompt_tokens"], usage["cached_tokens"], usage["cache_write_tokens"]) == (11, 3, 4)
         # metrics: the details are kinds of their own
         async with s.get(running.url + "/metrics") as r:
             text = await r.text()
@@ -186,7 +186,7 @@ async def test_details_on_every_surface(fake, sidecar_factory, store_url, receiv
     spans = {sp["attributes"].get("sidecar.request_id"): sp["attributes"] for sp in await receiver.wait_for(4)}
     first, anthropic, plain = spans[ids[0]], spans[ids[2]], spans[ids[3]]
     assert first["gen_ai.usage.cache_read.input_tokens"] == 4 and first["gen_ai.usage.reasoning.output_tokens"] == 3
-    assert anthropic["gen_ai.usage.cache_creation.input_tokens"] == 4 and anthropic["gen_ai.usage.input_tokens"] == 12
+    assert anthropic["gen_ai.usage.cache_creation.input_tokens"] == 4 and anthropic["gen_ai.usage.input_tokens"] == 11
     assert not any(k.startswith("gen_ai.usage.cache") for k in plain)
 
     # the CLI: usage (table, CSV) and requests (table, JSON)

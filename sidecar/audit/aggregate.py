@@ -1,5 +1,6 @@
 """Stream aggregation for audit: a stream's events folded into one `chat.completion`-shaped object (a Responses
-stream into its `response` object: `sidecar.audit.responses`).
+stream into its `response` object: `sidecar.audit.responses`; an Anthropic Messages stream into its `message`:
+`sidecar.audit.messages`).
 
 Events are decoded with msgspec into typed structs that keep only what aggregation reads; `Aggregate` folds
 them per choice index (content, reasoning, tool calls assembled from their deltas, finish reasons, usage);
@@ -12,8 +13,9 @@ from typing import Any, Protocol
 
 import msgspec
 
+from sidecar.audit.messages import MessageAggregate
 from sidecar.audit.responses import ResponsesFold
-from sidecar.wire.routes import CHAT, RESPONSES
+from sidecar.wire.routes import CHAT, MESSAGES, RESPONSES
 from sidecar.wire.sse import events_array, parse_events
 
 
@@ -228,6 +230,9 @@ class Folding(Protocol):
     def result(self) -> dict[str, Any]: ...
 
 
+_FOLDS: dict[str, type[Folding]] = {RESPONSES: ResponsesFold, MESSAGES: MessageAggregate}
+
+
 class StreamCapture:
     """An audited stream's events, folded into one `Aggregate` every `FOLD_BYTES` of raw events, so it holds at
     most that much raw SSE plus the aggregated content; past the payload cap of content, folding stops and the
@@ -238,7 +243,7 @@ class StreamCapture:
     def __init__(self, cap: int, family: str = CHAT) -> None:
         self.cap = cap
         self.family = family  # which API's events these are (`sidecar.wire.routes`): what they fold into
-        self.aggregate: Folding = ResponsesFold() if family == RESPONSES else Aggregate()
+        self.aggregate: Folding = _FOLDS.get(family, Aggregate)()
         self.truncated = False
 
     def fold(self, regions: list[bytes], sep: bytes) -> None:

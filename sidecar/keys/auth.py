@@ -91,11 +91,22 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
-    """A client's key: the bearer token, or (without an `Authorization` header) `x-api-key`."""
+    """A client's key: the bearer token, or (without an `Authorization` header) `x-api-key`, as Anthropic's SDKs
+    send it; None when both name a key and they differ (`conflicting`)."""
     value = headers.get("authorization")
     if value is not None:
-        return bearer_token(value)
+        token = bearer_token(value)
+        return None if conflicting(token, headers) else token
     return headers.get("x-api-key") or None
+
+
+def conflicting(token: str | None, headers: Mapping[str, str]) -> bool:
+    """A bearer token and an `x-api-key` that differ: which one was meant cannot be told, so neither is used."""
+    other = headers.get("x-api-key")
+    return token is not None and bool(other) and other != token
+
+
+CONFLICT = "Two different API keys were sent (Authorization: Bearer and x-api-key); send one."
 
 
 class LookupGate:
@@ -201,6 +212,8 @@ class Authenticator:
             return self.anonymous
         token = bearer(headers)
         if token is None:
+            if conflicting(bearer_token(headers.get("authorization")), headers):
+                raise Unauthorized(CONFLICT, code="conflicting_api_keys")
             raise Unauthorized(MISSING)
         # A key seen within the TTL skips parsing and hashing (the store row is cached just as long).
         seen = self._seen(token)

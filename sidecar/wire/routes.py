@@ -190,6 +190,14 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "custom": (),  # only what upstream.routes lists
 }
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+ANTHROPIC = "/v1/messages"  # Anthropic's Messages API and the paths under it: its clients read its error shape
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether a client asking for `path` expects Anthropic's error shape (`sidecar.errors.anthropic_body`)."""
+    return path == ANTHROPIC or path.startswith(ANTHROPIC + "/")
+
+
 RESERVED = ("/healthz", "/readyz", "/metrics", "/admin", "/v1/usage", "/console")  # ours: never forwarded
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.wire.routes import CHAT, COMPLETIONS, FAMILIES, GENERATE, NATIVE, OTHER, RESPONSES
+from sidecar.wire.routes import CHAT, COMPLETIONS, FAMILIES, GENERATE, MESSAGES, NATIVE, OTHER, RESPONSES
 
 DONE = b"[DONE]"
 
@@ -164,6 +164,9 @@ _RESPONSES_TOOLS = tuple(
 )
 # The events that end a Responses stream (it has no `[DONE]`); each carries the response with its usage.
 _RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Anthropic: one `content_block_delta` per token, told by its delta's type (a value, so no spaced form): text,
+# thinking and a tool_use block's input. A thinking block's closing `signature_delta` carries no output.
+_MESSAGES = ((b'"text_delta"', b""), (b'"thinking_delta"', b""), (b'"input_json_delta"', b""))
 
 
 Patterns = tuple[tuple[bytes, bytes], ...]
@@ -175,6 +178,8 @@ def delta_patterns(family: str, tools: bool, spaced: bool = False) -> Patterns:
     patterns: Patterns
     if family == RESPONSES:
         patterns = _RESPONSES + _RESPONSES_TOOLS if tools else _RESPONSES
+    elif family == MESSAGES:
+        patterns = _MESSAGES
     elif family in (COMPLETIONS, GENERATE):
         patterns = _COMPLETIONS
     else:  # chat, and llama-server's native `content` deltas
@@ -211,6 +216,7 @@ class StreamScanner:
         "first_output",
         "strip_usage",
         "usage",
+        "usage_partial",
     )
 
     def __init__(
@@ -227,6 +233,7 @@ class StreamScanner:
         self._patterns = delta_patterns(self._family, tools)
         self.deltas = 0
         self.usage: Usage | None = None
+        self.usage_partial = False  # the usage seen is a Messages stream's `message_start`: its input alone
         self.done = False
         self.first_output = False
         self._tail = b""
@@ -307,6 +314,9 @@ class StreamScanner:
         if self._regions is not None:
             self._regions.append(region)
             self.kept += len(region)
+        if self._family == MESSAGES:
+            self._messages_usage(region)
+            return None  # nothing is asked for on the client's behalf, so nothing is hidden
         at = region.rfind(self._usage_key)
         if at < 0:
             return None
@@ -332,6 +342,26 @@ class StreamScanner:
             return start, stop + len(sep), b""  # nothing but our usage: the event goes
         # Other fields too (llama-server's `timings`): the event stays, without the `usage` key we added.
         return start, stop + len(sep), _without_data(event, sep[: len(sep) // 2]) + b"data: " + orjson.dumps(rest) + sep
+
+    def _messages_usage(self, region: bytes) -> None:
+        """Every usage event of an Anthropic stream's region, in order: `message_start`'s (the input, exact, and
+        an output of 0 or 1) and `message_delta`'s (the output; vLLM repeats the input). Both can come in one
+        read (a short answer from llama-server, whose first token comes with `message_start`), so each counts."""
+        sep = self._sep
+        at = region.find(b'"usage"')
+        while at >= 0:
+            start = region.rfind(sep, 0, at)
+            start = 0 if start < 0 else start + len(sep)
+            stop = region.find(sep, at)
+            stop = len(region) if stop < 0 else stop
+            obj = _load_event(region[start:stop])
+            usage = usage_of(obj) if obj is not None else None
+            if obj is not None and usage is not None:
+                self.usage = usage.over(self.usage)
+                self.usage_partial = obj.get("type") == "message_start"
+            at = region.find(b'"usage"', stop)
+        if b'"message_stop"' in region:  # Anthropic's end of stream (it sends no [DONE])
+            self.done = True
 
 
 # What a usage-only chunk holds besides `usage` when nothing else is in it (hidden whole then).

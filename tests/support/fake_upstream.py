@@ -41,6 +41,12 @@ class Script:
     reasoning_chunks: int = 0
     tool_chunks: int = 0
     incomplete: bool = False
+    # Anthropic Messages (`/v1/messages`): input_tokens is prompt_tokens less the cache's part, as Anthropic counts
+    cache_read_tokens: int | None = 3  # usage.cache_read_input_tokens
+    cache_write_tokens: int | None = 4  # usage.cache_creation_input_tokens
+    thinking: int = 0  # thinking deltas before the text (a `thinking` block, closed by a `signature_delta`)
+    tool: bool = False  # a `tool_use` block after the text, its input streamed in `input_json_delta`s
+    delta_input: bool = False  # message_delta repeats input_tokens (vLLM, which has no cache figures, does)
 
 
 @dataclass
@@ -92,15 +98,6 @@ SHAPED_ANSWERS: dict[str, Any] = {
     "/embedding": [{"index": 0, "embedding": [[0.1]]}],
     "/embeddings": {"data": [{"embedding": [0.1]}], "usage": {"prompt_tokens": 3, "total_tokens": 3}},
     "/chat/completions": {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}},
-    "/v1/messages": {  # Anthropic's input_tokens leave out the cache's part: prompt_tokens is 5 + 3 + 4
-        "content": [],
-        "usage": {
-            "input_tokens": 5,
-            "output_tokens": 2,
-            "cache_read_input_tokens": 3,
-            "cache_creation_input_tokens": 4,
-        },
-    },
     "/v1/messages/count_tokens": {"input_tokens": 12},
     # an upload the sidecar does not read, answered with a usage object (transcriptions are answered without)
     "/v1/audio/translations": {
@@ -126,6 +123,79 @@ def openai_usage(s: Script, completion: int) -> dict[str, Any]:
     if s.reasoning_tokens is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": s.reasoning_tokens}
     return usage
+
+
+def anthropic_usage(s: Script, output: int) -> dict[str, Any]:
+    """A Messages `usage` as llama-server reports it: `input_tokens` leaves out the cache's part, so the three
+    input figures add up to the script's `prompt_tokens`."""
+    read, written = s.cache_read_tokens, s.cache_write_tokens
+    usage: dict[str, Any] = {"input_tokens": s.prompt_tokens - (read or 0) - (written or 0), "output_tokens": output}
+    if read is not None:
+        usage["cache_read_input_tokens"] = read
+    if written is not None:
+        usage["cache_creation_input_tokens"] = written
+    return usage
+
+
+TOOL_INPUT = ('{"city": ', '"Paris"', "}")  # a tool_use block's input, in the partial_json pieces streamed
+
+
+def anthropic_message(doc: dict[str, Any], s: Script) -> dict[str, Any]:
+    """The whole `message` a Messages request is answered with (the stream's events fold into the same)."""
+    content: list[dict[str, Any]] = []
+    if s.thinking:
+        content.append(
+            {"type": "thinking", "thinking": "".join(f"think{i} " for i in range(s.thinking)), "signature": ""}
+        )
+    content.append({"type": "text", "text": "".join(token(i) for i in range(s.chunks))})
+    if s.tool:
+        content.append(
+            {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": orjson.loads("".join(TOOL_INPUT))}
+        )
+    output = s.thinking + s.chunks + (len(TOOL_INPUT) if s.tool else 0)
+    return {
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "content": content,
+        "model": doc.get("model"),
+        "stop_reason": "tool_use" if s.tool else "end_turn",
+        "stop_sequence": None,
+        "usage": anthropic_usage(s, output),
+    }
+
+
+def anthropic_events(doc: dict[str, Any], s: Script) -> list[tuple[bool, bytes]]:
+    """A Messages stream as (carries output, event bytes): message_start, a ping, each content block's start,
+    deltas and stop, message_delta (stop_reason and the output count) and message_stop."""
+    message = anthropic_message(doc, s)
+    out: list[tuple[bool, bytes]] = []
+
+    def ev(name: str, obj: dict[str, Any], output: bool = False) -> None:
+        out.append((output, b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **obj}) + b"\n\n"))
+
+    start = {**message, "content": [], "stop_reason": None, "usage": {**message["usage"], "output_tokens": 0}}
+    ev("message_start", {"message": start})
+    ev("ping", {})
+    pieces: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    if s.thinking:
+        deltas = [{"type": "thinking_delta", "thinking": f"think{i} "} for i in range(s.thinking)]
+        pieces.append(({"type": "thinking", "thinking": ""}, [*deltas, {"type": "signature_delta", "signature": ""}]))
+    pieces.append(({"type": "text", "text": ""}, [{"type": "text_delta", "text": token(i)} for i in range(s.chunks)]))
+    if s.tool:
+        block = {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}
+        pieces.append((block, [{"type": "input_json_delta", "partial_json": p} for p in TOOL_INPUT]))
+    for index, (block, deltas) in enumerate(pieces):
+        ev("content_block_start", {"index": index, "content_block": block})
+        for delta in deltas:
+            ev("content_block_delta", {"index": index, "delta": delta}, delta["type"] != "signature_delta")
+        ev("content_block_stop", {"index": index})
+    usage = {"output_tokens": message["usage"]["output_tokens"]}
+    if s.delta_input:  # vLLM says the input again (with no cache figures)
+        usage = {"input_tokens": message["usage"]["input_tokens"], **usage}
+    ev("message_delta", {"delta": {"stop_reason": message["stop_reason"], "stop_sequence": None}, "usage": usage})
+    ev("message_stop", {})
+    return out
 
 
 def token(i: int) -> str:
@@ -177,6 +247,7 @@ class FakeUpstream:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/responses", self.responses)  # llama-server's second path
+        app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/invocations", self.chat)  # vLLM dispatches a chat body there
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
@@ -384,6 +455,43 @@ class FakeUpstream:
                 texts += 1
             await resp.write(event)
             if s.delay_chunks:
+                await asyncio.sleep(s.delay_chunks)
+        await resp.write_eof()
+        return resp
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        rec, script = await self._begin(request)
+        return await self._guard(rec, self._messages(request, rec, script))
+
+    async def _messages(self, request: web.Request, rec: Received, s: Script) -> web.StreamResponse:
+        """Anthropic's Messages API as llama-server answers it (`drop_after`/`hang_after` count output deltas)."""
+        if s.delay_headers:
+            await asyncio.sleep(s.delay_headers)
+        if s.status != 200:
+            error = {"type": "error", "error": {"type": "api_error", "message": "fake failure"}}
+            return web.json_response(error, status=s.status)
+        doc = rec.json
+        if not doc.get("stream"):
+            body = orjson.dumps(anthropic_message(doc, s))
+            self.sent[request.headers.get("x-request-id", "")] = body
+            return web.Response(body=body, content_type="application/json")
+        events = anthropic_events(doc, s)
+        self.sent[request.headers.get("x-request-id", "")] = b"".join(e for _, e in events)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await resp.prepare(request)
+        if s.delay_first:
+            await asyncio.sleep(s.delay_first)
+        outputs = 0
+        for output, event in events:
+            if output and s.drop_after is not None and outputs == s.drop_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if output and s.hang_after is not None and outputs == s.hang_after:
+                await asyncio.sleep(3600)
+            await resp.write(event)
+            outputs += output
+            if s.delay_chunks and output:
                 await asyncio.sleep(s.delay_chunks)
         await resp.write_eof()
         return resp
