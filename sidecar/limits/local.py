@@ -300,6 +300,14 @@ class LocalLimits:
             self.queue.done(ticket.key)
             self.release_global()
 
+    def set_limit(self, limit: int) -> None:
+        """Requests dispatched at once from now on (the engine's saturation moves it; 0 or less is taken as 1):
+        a higher limit hands the new slots to waiters at once, a lower one lets running requests finish."""
+        self.limit = max(1, limit)
+        while self.global_active < self.limit and len(self.queue):
+            self.global_active += 1
+            self.release_global()  # hands the slot to the next waiter (or gives it back when all had left)
+
     def release_global(self) -> None:
         """A slot comes free: handed to the next waiter in the queue's order, else given back."""
         while (ticket := self.queue.pop()) is not None:

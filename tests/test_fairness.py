@@ -1,0 +1,195 @@
+"""Many keys, one engine: the dispatch queue in front of a fake engine that saturates (`tests/support/engine.py`).
+A light key beside a heavy key's backlog, weights 3:1, priority classes with shedding, a client that leaves
+while queued; and the key fields that drive it. Order and shares are read from what the engine served, never
+from wall-clock bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.support.clients import ADMIN, admin
+from tests.support.engine import Engine, start
+
+CHAT = {"model": "engine-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+@pytest.fixture
+async def engine():
+    e = Engine(capacity=4, token_s=0.01)
+    runner = await start(e)
+    yield e
+    await runner.cleanup()
+
+
+async def keyed(engine, sidecar_factory, **options):
+    options = {"limits__global_concurrency": 4, "limits__queue_size": 200, **options}
+    return await sidecar_factory(engine.url, auth__enabled=True, server__admin_token=ADMIN, **options)
+
+
+async def new_key(url: str, name: str, **fields) -> str:
+    async with aiohttp.ClientSession() as s:
+        status, created, _ = await admin(s, "POST", url + "/admin/keys", {"name": name, **fields})
+    assert status == 201, created
+    return created["key"]
+
+
+async def send(s: aiohttp.ClientSession, url: str, key: str, user: str, **extra) -> tuple[int, dict, float]:
+    sent = time.monotonic()
+    async with s.post(
+        url + "/v1/chat/completions", json={**CHAT, "user": user, **extra}, headers={"authorization": f"Bearer {key}"}
+    ) as r:
+        headers = r.headers.copy()  # case-insensitive, as HTTP names are
+        headers["body"] = (await r.read()).decode()
+        return r.status, headers, sent
+
+
+async def heavy_load(url: str, key: str, user: str, streams: int, stop: asyncio.Event, sent: dict | None = None):
+    """`streams` requests of `key` in flight at all times until `stop`; each names itself in `user` (`user-N`),
+    and `sent` gets when each was sent."""
+    statuses: list[int] = []
+    count = iter(range(1 << 30))
+
+    async def one(s: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            name = f"{user}-{next(count)}"
+            status, _, at = await send(s, url, key, name)
+            statuses.append(status)
+            if sent is not None:
+                sent[name] = at
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        await asyncio.gather(*(one(s) for _ in range(streams)))
+    return statuses
+
+
+def owner(served) -> str:
+    return (served.user or "").rpartition("-")[0] or (served.user or "")
+
+
+@pytest.mark.parametrize("order", ["fair", "fifo"])
+async def test_a_light_key_goes_next_beside_a_heavy_keys_backlog(engine, sidecar_factory, order):
+    running = await keyed(engine, sidecar_factory, limits__queue_order=order)
+    heavy, light = await new_key(running.url, "heavy"), await new_key(running.url, "light")
+    stop = asyncio.Event()
+    heavy_sent: dict[str, float] = {}
+    load = asyncio.create_task(heavy_load(running.url, heavy, "heavy", 24, stop, heavy_sent))
+    while sum(1 for r in engine.served if owner(r) == "heavy") < 30:  # the heavy backlog is there
+        await asyncio.sleep(0.01)
+    light_sent = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(5):
+            status, _, sent = await send(s, running.url, light, f"light-{i}")
+            assert status == 200
+            light_sent.append(sent)
+    stop.set()
+    assert set(await load) == {200}
+    overtaken = []
+    for i, sent in enumerate(light_sent):
+        (mine,) = [r for r in engine.served if r.user == f"light-{i}"]
+        # heavy requests sent before the light one that the engine started after it: the backlog it passed
+        before = [r for r in engine.served if r.user in heavy_sent and heavy_sent[r.user] < sent]
+        overtaken.append(sum(1 for r in before if r.started > mine.started))
+    if order == "fair":
+        assert min(overtaken) >= 10, overtaken  # it went ahead of the heavy key's 20 waiting, every time
+    else:
+        assert max(overtaken) <= 2, overtaken  # first come, first served: behind them
+
+
+async def test_backlogged_keys_share_the_engine_by_weight(engine, sidecar_factory):
+    running = await keyed(engine, sidecar_factory)
+    three, one = await new_key(running.url, "three", weight=3), await new_key(running.url, "one", weight=1)
+    stop = asyncio.Event()
+    loads = [
+        asyncio.create_task(heavy_load(running.url, three, "three", 12, stop)),
+        asyncio.create_task(heavy_load(running.url, one, "one", 12, stop)),
+    ]
+    await asyncio.sleep(0.5)  # both backlogged
+    began = time.monotonic()
+    await asyncio.sleep(3.0)
+    until = time.monotonic()
+    stop.set()
+    for load in loads:
+        assert set(await load) == {200}
+    served = collections.Counter(owner(r) for r in engine.served if began <= r.started < until)
+    share = served["three"] / (served["three"] + served["one"])
+    assert abs(share - 0.75) <= 0.075, served  # within 10% of the weights' 3:1
+    assert engine.utilisation(began, until) >= 0.9  # the engine was kept busy while the sidecar chose
+
+
+async def test_priorities_go_first_and_low_is_shed_first(engine, sidecar_factory):
+    running = await keyed(engine, sidecar_factory, limits__global_concurrency=1, limits__queue_size=3)
+    engine.token_s = 0.05
+    low = await new_key(running.url, "low", priority="low")
+    high = await new_key(running.url, "high", priority="high")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        first = asyncio.create_task(send(s, running.url, low, "low-running"))
+        while not engine.served:
+            await asyncio.sleep(0.005)
+        waiting = []
+        for i in range(3):  # the queue is full of low requests
+            waiting.append(asyncio.create_task(send(s, running.url, low, f"low-{i}")))
+            await asyncio.sleep(0.05)
+        refused = await send(s, running.url, low, "low-refused")  # a low newcomer: refused at once
+        assert refused[0] == 503 and refused[1]["x-sidecar-limit"] == "queue_full"
+        assert orjson.loads(refused[1]["body"])["error"]["code"] == "queue_full"
+        high_done = asyncio.create_task(send(s, running.url, high, "high"))
+        shed = await waiting[-1]  # the newest low waiter gave its place to the high request
+        assert shed[0] == 503 and shed[1]["x-sidecar-limit"] == "queue_shed" and shed[1]["retry-after"] == "1"
+        assert (await high_done)[0] == 200 and (await first)[0] == 200
+        assert [(await w)[0] for w in waiting[:2]] == [200, 200]
+    order = [r.user for r in engine.served]
+    assert order == ["low-running", "high", "low-0", "low-1"], order  # high went before the lows that waited
+    rows = await running.stored(7)
+    assert collections.Counter((r["status"], r["error_code"]) for r in rows)[(503, "queue_shed")] == 1
+
+
+async def test_a_client_that_leaves_while_queued_frees_its_place_at_once(engine, sidecar_factory):
+    running = await keyed(engine, sidecar_factory, limits__global_concurrency=1)
+    engine.token_s = 0.05
+    key = await new_key(running.url, "k")
+    async with aiohttp.ClientSession() as s:
+        first = asyncio.create_task(send(s, running.url, key, "first"))
+        while not engine.served:
+            await asyncio.sleep(0.005)
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        body = orjson.dumps({**CHAT, "user": "left", "stream": True})
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        async with s.get(running.url + "/metrics") as r:
+            assert 'sidecar_lease_queue_depth{priority="normal"} 1.0' in await r.text()
+        writer.close()  # leaves while queued
+        await asyncio.sleep(0.1)
+        async with s.get(running.url + "/metrics") as r:
+            assert 'sidecar_lease_queue_depth{priority="normal"} 0.0' in await r.text()
+        assert (await first)[0] == 200
+    assert [r.user for r in engine.served] == ["first"]  # the engine never saw the one that left
+    rows = await running.stored(2)
+    left = [r for r in rows if r["stream"]]
+    assert [(r["status"], r["outcome"]) for r in left] == [(499, "client_disconnected")]
+
+
+async def test_weight_priority_and_cache_group_are_key_fields(engine, sidecar_factory):
+    running = await keyed(engine, sidecar_factory)
+    async with aiohttp.ClientSession() as s:
+        url = running.url + "/admin/keys"
+        for bad in ({"weight": 0}, {"weight": -1}, {"weight": "3"}, {"weight": 1e6}, {"priority": "urgent"},
+                    {"cache_group": ""}, {"cache_group": "a\x00b"}):  # fmt: skip
+            status, body, _ = await admin(s, "POST", url, {"name": "x", **bad})
+            assert status == 400 and body["error"]["param"] == next(iter(bad)), (bad, body)
+        status, made, _ = await admin(s, "POST", url, {"name": "x", "weight": 2.5, "priority": "high"})
+        assert status == 201 and (made["weight"], made["priority"], made["cache_group"]) == (2.5, "high", None)
+        status, changed, _ = await admin(s, "PATCH", f"{url}/{made['id']}", {"priority": "low", "cache_group": "t"})
+        assert status == 200 and (changed["priority"], changed["cache_group"], changed["weight"]) == ("low", "t", 2.5)
+        _, log, _ = await admin(s, "GET", running.url + "/admin/audit")
+        assert {"priority": "low", "cache_group": "t"} in [e["changes"] for e in log["data"]]
