@@ -157,7 +157,7 @@ async def test_a_client_that_leaves_while_queued_frees_its_place_at_once(engine,
         first = asyncio.create_task(send(s, running.url, key, "first"))
         while not engine.served:
             await asyncio.sleep(0.005)
-        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
         body = orjson.dumps({**CHAT, "user": "left", "stream": True})
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
