@@ -157,9 +157,7 @@ class Engine:
 
     def utilisation(self, since: float, until: float) -> float:
         """The share of the engine's capacity that ran requests between `since` and `until` (monotonic)."""
-        busy = sum(
-            max(0.0, min(r.ended or until, until) - max(r.started, since)) for r in self.served if r.started
-        )
+        busy = sum(max(0.0, min(r.ended or until, until) - max(r.started, since)) for r in self.served if r.started)
         return busy / (self.capacity * (until - since))
 
 
