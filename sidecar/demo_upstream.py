@@ -1,7 +1,8 @@
 """A small fake OpenAI-compatible server, for trying the sidecar out without a GPU (`sidecar demo-upstream`).
 
-It answers chat completions (streaming or not, with usage), completions, embeddings, models and `/health`
-with deterministic text: the reply repeats the words of the last message, one word per token.
+It answers chat completions and Responses-API requests (streaming or not, with usage), completions, embeddings,
+models and `/health` with deterministic text: the reply repeats the words of the last message (or the
+`input`), one word per token.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _words(doc: dict[str, Any]) -> list[str]:
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
         text = messages[-1].get("content")
     else:
-        text = doc.get("prompt")
+        text = doc.get("prompt", doc.get("input"))
     words = str(text or "hello").split()[:64]
     return ["You", "said:", *words]
 
@@ -87,6 +88,40 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    """The Responses API: a `response` object, or its events (`response.created`, one
+    `response.output_text.delta` per word, `response.completed` with the usage)."""
+    doc = await _body(request)
+    words = _words(doc)
+    prompt = len(str(doc.get("input", "")).split())
+    text = " ".join(words)
+    usage = {"input_tokens": prompt, "output_tokens": len(words), "total_tokens": prompt + len(words)}
+    message = {"type": "message", "id": "msg_demo", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
+    head = {"id": f"resp_demo{int(time.time() * 1000)}", "object": "response", "created_at": int(time.time()),
+            "model": doc.get("model", MODEL)}  # fmt: skip
+    done = {**head, "status": "completed", "output": [message], "usage": usage}
+    if not doc.get("stream"):
+        return web.json_response(done, dumps=lambda o: orjson.dumps(o).decode())
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+    await resp.prepare(request)
+
+    async def send(kind: str, fields: dict[str, Any]) -> None:
+        await resp.write(f"event: {kind}\ndata: ".encode() + orjson.dumps({"type": kind, **fields}) + b"\n\n")
+
+    try:
+        await send("response.created", {"response": {**head, "status": "in_progress", "output": [], "usage": None}})
+        for i, word in enumerate(words):
+            await asyncio.sleep(0.02)
+            delta = word if i == 0 else " " + word
+            await send("response.output_text.delta", {"item_id": "msg_demo", "output_index": 0, "delta": delta})
+        await send("response.completed", {"response": done})
+        await resp.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionError):
+        pass  # the client hung up mid-stream
+    return resp
+
+
 async def completions(request: web.Request) -> web.Response:
     doc = await _body(request)
     words = _words(doc)
@@ -136,6 +171,7 @@ def create_demo_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)

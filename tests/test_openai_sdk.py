@@ -127,3 +127,30 @@ async def test_chat_usage_details_arrive_unchanged(fake, sidecar):
         assert (usage.prompt_tokens_details.cached_tokens, usage.completion_tokens_details.reasoning_tokens) == (6, 2)
     rows = await sidecar.stored(2)
     assert [usage_row(r) for r in rows] == [(11, 5, 6, 2), (11, 5, 6, 2)]
+
+
+async def test_the_demo_upstream_answers_the_responses_api_through_the_sidecar(sidecar_factory):
+    """`bash scripts/dev.sh serve` puts the bundled demo upstream behind the sidecar: the SDK's Responses API works
+    there too, whole and streamed, and each row has the demo's usage."""
+    from aiohttp.test_utils import TestServer
+
+    from sidecar.demo_upstream import create_demo_app
+
+    server = TestServer(create_demo_app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        running = await sidecar_factory(str(server.make_url("/v1")))
+        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="k", max_retries=0)
+        OPEN.append(client)
+        whole = await client.responses.create(model="demo", input="hello there friend")
+        assert whole.output_text == "You said: hello there friend" and whole.usage.output_tokens == 5
+        events = [e async for e in await client.responses.create(model="demo", input="hi you", stream=True)]
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "You said: hi you"
+        assert events[-1].type == "response.completed" and events[-1].response.usage.output_tokens == 4
+        rows = await running.stored(2)
+        assert [(r["prompt_tokens"], r["completion_tokens"], r["usage_source"]) for r in rows] == [
+            (3, 5, "upstream"),
+            (2, 4, "upstream"),
+        ]
+    finally:
+        await server.close()
