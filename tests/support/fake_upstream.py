@@ -439,22 +439,29 @@ class FakeUpstream:
             return web.Response(body=body, content_type="application/json")
         events = [sse_event(kind, fields, n, s.crlf) for n, (kind, fields) in enumerate(response_events(doc, s))]
         self.sent[request.headers.get("x-request-id", "")] = b"".join(events)
+        counted = [(e.startswith(b"event: response.output_text.delta"), e) for e in events]
+        return await self._send_events(request, counted, s, delay_all=True)
+
+    async def _send_events(
+        self, request: web.Request, events: list[tuple[bool, bytes]], s: Script, delay_all: bool
+    ) -> web.StreamResponse:
+        """A stream of (counts as output, event): `drop_after`/`hang_after` count the output events sent,
+        `delay_chunks` follows each event (`delay_all`) or each output event."""
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await resp.prepare(request)
         if s.delay_first:
             await asyncio.sleep(s.delay_first)
-        texts = 0
-        for event in events:
-            if event.startswith(b"event: response.output_text.delta"):
-                if s.drop_after is not None and texts == s.drop_after:
-                    assert request.transport is not None
-                    request.transport.abort()
-                    return resp
-                if s.hang_after is not None and texts == s.hang_after:
-                    await asyncio.sleep(3600)
-                texts += 1
+        outputs = 0
+        for output, event in events:
+            if output and s.drop_after is not None and outputs == s.drop_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if output and s.hang_after is not None and outputs == s.hang_after:
+                await asyncio.sleep(3600)
             await resp.write(event)
-            if s.delay_chunks:
+            outputs += output
+            if s.delay_chunks and (output or delay_all):
                 await asyncio.sleep(s.delay_chunks)
         await resp.write_eof()
         return resp
@@ -477,24 +484,7 @@ class FakeUpstream:
             return web.Response(body=body, content_type="application/json")
         events = anthropic_events(doc, s)
         self.sent[request.headers.get("x-request-id", "")] = b"".join(e for _, e in events)
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
-        await resp.prepare(request)
-        if s.delay_first:
-            await asyncio.sleep(s.delay_first)
-        outputs = 0
-        for output, event in events:
-            if output and s.drop_after is not None and outputs == s.drop_after:
-                assert request.transport is not None
-                request.transport.abort()
-                return resp
-            if output and s.hang_after is not None and outputs == s.hang_after:
-                await asyncio.sleep(3600)
-            await resp.write(event)
-            outputs += output
-            if s.delay_chunks and output:
-                await asyncio.sleep(s.delay_chunks)
-        await resp.write_eof()
-        return resp
+        return await self._send_events(request, events, s, delay_all=False)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         rec, script = await self._begin(request)
