@@ -15,7 +15,6 @@ import aiohttp
 import pytest
 
 from tests.support.clients import ADMIN, admin
-from tests.support.otlp_receiver import Receiver
 from tests.support.processes import reap, start
 from tests.support.waits import free_port, wait_listening
 
@@ -24,14 +23,6 @@ PARENT_ID = "00f067aa0ba902b7"
 CLIENT_PARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 SERVER, ERROR = 2, 2  # SPAN_KIND_SERVER, STATUS_CODE_ERROR in OTLP
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
-
-
-@pytest.fixture
-async def receiver():
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.close()
 
 
 @pytest.fixture

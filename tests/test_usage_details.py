@@ -21,7 +21,6 @@ from sidecar.store.base import RequestQuery
 from sidecar.store.sqlite import MIGRATIONS
 from sidecar.wire.sse import StreamScanner, Usage, usage_from, usage_of
 from tests.support.clients import ADMIN, admin
-from tests.support.otlp_receiver import Receiver
 from tests.support.stores import opened
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
@@ -105,14 +104,6 @@ def test_an_anthropic_stream_keeps_the_input_of_message_start_when_message_delta
 
 
 # --- every surface, on both stores --------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def receiver():
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.close()
 
 
 async def test_details_on_every_surface(fake, sidecar_factory, store_url, receiver, tmp_path):

@@ -79,3 +79,14 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Any]:
+    """An OTLP/HTTP receiver that decodes the spans an exporter sends (`tests/support/otlp_receiver.py`)."""
+    from tests.support.otlp_receiver import Receiver
+
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.close()
