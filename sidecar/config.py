@@ -78,6 +78,7 @@ class UpstreamCfg:
     extra_paths: tuple[str, ...] = ()
     metrics_path: str = "/metrics"  # the upstream's Prometheus page, served on the ops port at /metrics/upstream
     metrics_cache: float = 2.0  # seconds one fetch of it answers every scrape
+    cache_salt: Literal["off", "key"] = "off"  # "key": vLLM's prefix cache salted per key or cache_group (README)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class LimitsCfg:
     queue_size: int = 256
     queue_timeout: float = 30.0
     queue_order: Literal["fair", "fifo"] = "fair"  # who goes next from the queue (limits/queue.py)
+    forward_priority: bool = False  # the key's class into vLLM's `priority` (--scheduling-policy priority)
     timezone: str = "UTC"  # where a key's `day`, `week` and `month` budget periods begin
     store_down: str = "local"  # shared store unreachable: "local" (this replica's own limits) or "reject" (503)
 

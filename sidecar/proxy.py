@@ -34,6 +34,7 @@ from sidecar.errors import (
 from sidecar.exchange import Admission, Exchange, client_gone
 from sidecar.inflight import InFlight
 from sidecar.keys.auth import Authenticator, Principal
+from sidecar.keys.salts import CacheSalts
 from sidecar.limits.admission import Limits
 from sidecar.ops.metrics import Metrics
 from sidecar.ops.rejects import RejectSampler
@@ -42,9 +43,9 @@ from sidecar.records.record import CLIENT_CLOSED_REQUEST, RequestRecord
 from sidecar.relay import ClientGone, Relay
 from sidecar.responses import error_response
 from sidecar.upstream.server import Upstream
-from sidecar.wire.body import Call, parse
+from sidecar.wire.body import ENGINE_PRIORITY, Call, forwarded_priority, parse
 from sidecar.wire.headers import Forwarding, clean_text
-from sidecar.wire.routes import MODELS, Route, speaks_anthropic
+from sidecar.wire.routes import ENGINE_FIELDS, MODELS, Route, speaks_anthropic
 
 
 class Proxy:
@@ -67,6 +68,7 @@ class Proxy:
         self.server = server
         self.limits = limits
         self.auth = auth
+        self.salts = CacheSalts(auth.pepper) if self.cfg.cache_salt == "key" else None  # None: off
         self.metrics = metrics
         self.auditor = auditor
         self.rejects = rejects
@@ -152,12 +154,25 @@ class Proxy:
         return await self.auth.authenticate(request.headers, self.forwarding.client_address(request))
 
     async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
+        call = self._engine_fields(principal, call)
         context = await self.upstream.models.context(call.model) if self.limits.needs_context(call) else None
         reservation = self.limits.reserve(call, context)
         if reservation.cap is not None:
             call = call.capped(reservation.cap)
         lease = await self.limits.admit(principal, reservation, rec.queued)
         return Admission(call, lease, reservation.prompt, reservation.output)
+
+    def _engine_fields(self, principal: Principal, call: Call) -> Call:
+        """vLLM's `priority` from the key's class (`limits.forward_priority`) and its prefix-cache salt
+        (`upstream.cache_salt`), set in the bodies vLLM reads them from; the call as it is when both are off."""
+        if call.doc is None or call.family not in ENGINE_FIELDS:
+            return call
+        fields: dict[str, object] = {}
+        if self.limits.cfg.forward_priority:
+            fields["priority"] = forwarded_priority(call.doc, ENGINE_PRIORITY.get(principal.priority, 0))
+        if self.salts is not None and (salt := self.salts.salt(principal)) is not None:
+            fields["cache_salt"] = salt
+        return call.with_fields(**fields) if fields else call
 
     def _keep(self, request: web.Request) -> bool:
         """A request that ended before any key was verified costs a row only within a per-source rate."""

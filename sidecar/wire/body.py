@@ -38,6 +38,11 @@ from sidecar.wire.routes import (
 )
 
 MAX_TOKENS_CEILING = 10_000_000
+# A key's class as vLLM's `priority` (lower is scheduled earlier, and preempted later). `normal` is vLLM's own
+# default, 0: requests that reach vLLM without the sidecar rank with normal keys, and a deployment of normal keys
+# only forwards nothing vLLM without priority scheduling would refuse. The gaps leave room for a client to order
+# its own requests within its class (a `high` key's 5 still runs before a `low` key's).
+ENGINE_PRIORITY = {"high": -10, "normal": 0, "low": 10}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -54,10 +59,15 @@ class Call:
     family: str = OTHER
     answers: int = 1  # answers generated: `n` (or `best_of`, when larger) for each prompt of a batch
     cap: int | None = None  # an output cap the proxy writes into the forwarded body (limits.enforce_max_tokens)
+    fields: tuple[tuple[str, object], ...] = ()  # top-level fields the proxy sets in the forwarded body
 
     def capped(self, cap: int) -> Call:
         """This call with `cap` written into its forwarded body as the output budget it did not name."""
         return replace(self, cap=cap, max_tokens=cap)
+
+    def with_fields(self, **fields: object) -> Call:
+        """This call with `fields` set in its forwarded body, replacing what the client sent there."""
+        return replace(self, fields=self.fields + tuple(fields.items()))
 
     @property
     def wants_hidden_usage(self) -> bool:
@@ -65,11 +75,12 @@ class Call:
         return self.stream and not self.client_usage and self.family in USAGE_OPTION
 
     def upstream_body(self) -> bytes:
-        """The body sent upstream: the client's bytes, or with `include_usage` added when we need usage and the
-        output cap written when the proxy enforces one."""
-        if (not self.wants_hidden_usage and self.cap is None) or self.doc is None:
+        """The body sent upstream: the client's bytes, or with `include_usage` added when we need usage, the
+        output cap written when the proxy enforces one and the proxy's own `fields` set."""
+        if (not self.wants_hidden_usage and self.cap is None and not self.fields) or self.doc is None:
             return self.body
         doc = dict(self.doc)
+        doc.update(self.fields)
         if self.wants_hidden_usage:
             options = doc.get("stream_options")
             doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -156,6 +167,19 @@ def invocation_family(doc: dict[str, Any]) -> str:
     if "query" in doc or "text_1" in doc or "queries" in doc:
         return RERANK
     return POOLING
+
+
+def forwarded_priority(doc: dict[str, Any], floor: int) -> int:
+    """The `priority` forwarded for a request whose key's class is `floor` (`ENGINE_PRIORITY`): the client's own
+    integer when it is later than its class (a client may yield, never jump its class), else the class's. An
+    integer is required (400 otherwise): what the upstream would make of anything else is not ours to guess, and
+    a number too large for a 64-bit integer arrives as a float."""
+    value = doc.get("priority")
+    if value is None:
+        return floor
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest("`priority` must be an integer.", param="priority", code="invalid_type")
+    return max(value, floor)
 
 
 def _answers(doc: dict[str, Any], family: str) -> int:

@@ -82,6 +82,10 @@ JSON_FAMILIES = frozenset(
 )
 STREAMING = frozenset({CHAT, COMPLETIONS, RESPONSES, NATIVE, GENERATE, MESSAGES})
 USAGE_OPTION = frozenset({CHAT, COMPLETIONS})  # OpenAI's `stream_options.include_usage`
+# The bodies vLLM reads `priority` and `cache_salt` from (its chat, completion and responses requests; an
+# `/invocations` body is read as chat or completions). Its Messages endpoint builds its own chat request and
+# carries neither over, so they are not written there.
+ENGINE_FIELDS = frozenset({CHAT, COMPLETIONS, RESPONSES})
 NO_OUTPUT = frozenset({EMBEDDINGS, RERANK, TOKENIZE, POOLING, MODELS, STORED})  # nothing generated: reserve none
 UNCHARGED = frozenset({STORED})  # answers whose usage was charged when they were made: never charged again
 # Where each family names its output budget, in order of preference.
