@@ -137,6 +137,27 @@ async def test_an_unreadable_page_falls_back_to_global_concurrency_and_adapts_wh
     assert set(await load) == {200}
 
 
+async def test_metrics_upstream_is_served_from_the_pages_the_saturation_reads(engine, sidecar_factory):
+    running = await keyed(engine, sidecar_factory, upstream__metrics_cache=60, **SATURATION)
+    key = await new_key(running.url, "k")
+
+    async def page() -> str:
+        async with aiohttp.ClientSession() as s, s.get(running.url + "/metrics/upstream") as r:
+            assert r.status == 200
+            return await r.text()
+
+    assert 'vllm:num_requests_running{engine="0",model_name="engine-model"} 0.0' in await page()
+    engine.token_s = 0.2
+    async with aiohttp.ClientSession() as s:
+        busy = asyncio.create_task(send(s, running.url, key, "k-0"))
+        await wait_for(lambda: engine.running == 1)
+        fetched = engine.metrics_fetches
+        await wait_for(lambda: engine.metrics_fetches >= fetched + 2)  # the saturation read it since
+        # A scrape's own cache (60 s) would still hold the idle page: the scrape got the reading's.
+        assert 'vllm:num_requests_running{engine="0",model_name="engine-model"} 1.0' in await page()
+        assert (await busy)[0] == 200
+
+
 async def test_off_by_default_the_limit_is_global_concurrency_and_the_page_is_not_read(engine, sidecar_factory):
     running = await keyed(engine, sidecar_factory, limits__global_concurrency=64)
     async with aiohttp.ClientSession() as s:
