@@ -155,6 +155,7 @@ class Parts:
     admin: Admin
     tracing: Tracing | None
     models: ModelNames
+    page: UpstreamPage  # the upstream's metrics page: `/metrics/upstream` and the engine's saturation
 
 
 def build(settings: Settings) -> Parts:
@@ -171,7 +172,8 @@ def build(settings: Settings) -> Parts:
     store = open_store(s.store.url, s.store.pool_size, s.store.op_timeout, s.store.report_timeout)
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir, create=True)
     auth = Authenticator(s.auth, s.limits, store, pepper, StaticKeys(s.auth.static_keys_file))
-    limits = Limits(s.limits, store)
+    page = UpstreamPage(upstream, s.upstream.metrics_path, s.upstream.metrics_cache)
+    limits = Limits(s.limits, store, page.read)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
     writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
     bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
@@ -185,7 +187,7 @@ def build(settings: Settings) -> Parts:
     admin = Admin(token, keys, store, auth, s.store.report_max_days, limits.remaining, forwarding.client_address)
     return Parts(
         s, upstream, metrics, RunState(), store, auth, limits, forwarding, keys, request_log, writer, bus, rejects,
-        retention, proxy, admin, tracing, ModelNames(upstream, metrics),
+        retention, proxy, admin, tracing, ModelNames(upstream, metrics), page,
     )  # fmt: skip
 
 
@@ -251,6 +253,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
         _resource(_nothing, close_log),
         _resource(_nothing, close_proxy),
         _resource(p.upstream.open, p.upstream.close),
+        _resource(p.limits.saturation.start, p.limits.saturation.close),  # reads the upstream: after its pool
     ]
 
 
@@ -259,7 +262,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     The probes answer on both: a kubelet may probe either port."""
     health = Health(
         p.upstream, p.state, p.store, _writer_status(p.writer, p.bus), lambda: len(p.proxy.in_flight),
-        p.admin.holds_token,
+        p.admin.holds_token, lambda: p.limits.saturation.state,
     )  # fmt: skip
     routes, ops = Handlers(router), Handlers(ops_router)
     for probes in {id(router): routes, id(ops_router): ops}.values():
@@ -267,8 +270,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
         probes.add("GET", "/readyz", health.readyz)
     p.metrics.before_scrape = p.models.fresh
     ops.add("GET", "/metrics", p.metrics.handle)
-    upstream_page = UpstreamPage(p.upstream, p.settings.upstream.metrics_path, p.settings.upstream.metrics_cache)
-    ops.add("GET", "/metrics/upstream", upstream_page.handle)
+    ops.add("GET", "/metrics/upstream", p.page.handle)
     ops.add("GET", "/drain", health.drain)
     ops.add("POST", "/drain", health.drain)
     p.admin.add_routes(ops)

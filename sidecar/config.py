@@ -118,6 +118,10 @@ class LimitsCfg:
     queue_timeout: float = 30.0
     queue_order: Literal["fair", "fifo"] = "fair"  # who goes next from the queue (limits/queue.py)
     forward_priority: bool = False  # the key's class into vLLM's `priority` (--scheduling-policy priority)
+    saturation: Literal["off", "metrics"] = "off"  # metrics: the dispatch limit follows the engine's own queue
+    saturation_interval: float = 0.25  # seconds between readings of the engine's metrics page (at most 0.25)
+    saturation_waiting: int = 0  # requests the engine may keep waiting in its own queue before dispatch holds
+    saturation_kv: float = 0.95  # the engine's KV-cache use (0-1) above which dispatch holds
     timezone: str = "UTC"  # where a key's `day`, `week` and `month` budget periods begin
     store_down: str = "local"  # shared store unreachable: "local" (this replica's own limits) or "reject" (503)
 
@@ -372,6 +376,7 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"audit.jsonl_retention: expected a duration such as 30d or 0 (keep), got {shown!r}")
     if not 0.0 <= s.audit.sample_rate <= 1.0:
         raise ConfigError(f"audit.sample_rate: must be between 0 and 1, got {s.audit.sample_rate}")
+    _check_saturation(s.limits)
     if s.limits.store_down not in ("local", "reject"):
         raise ConfigError(f"limits.store_down: must be local or reject, got {s.limits.store_down!r}")
     try:
@@ -392,6 +397,19 @@ def _check(s: Settings) -> None:
     if s.tracing.endpoint and not s.tracing.endpoint.startswith(("http://", "https://")):
         shown = mask_url(s.tracing.endpoint)
         raise ConfigError(f"tracing.endpoint: must start with http:// or https://, got {shown!r}")
+
+
+def _check_saturation(limits: LimitsCfg) -> None:
+    if limits.saturation == "metrics" and not limits.global_concurrency:
+        raise ConfigError(
+            "limits.saturation: metrics needs limits.global_concurrency > 0 (the most it may dispatch at once)"
+        )
+    if not 0.0 < limits.saturation_interval <= 0.25:
+        raise ConfigError(
+            f"limits.saturation_interval: must be above 0 and at most 0.25, got {limits.saturation_interval}"
+        )
+    if not 0.0 < limits.saturation_kv <= 1.0:
+        raise ConfigError(f"limits.saturation_kv: must be above 0 and at most 1, got {limits.saturation_kv}")
 
 
 def duration(text: str) -> float | None:

@@ -13,10 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.support.clients import ADMIN, admin
+from tests.support.clients import admin
 from tests.support.engine import Engine, start
-
-CHAT = {"model": "engine-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+from tests.support.tenants import CHAT, heavy_load, keyed, new_key, overtaken, owner, send
 
 
 @pytest.fixture
@@ -25,51 +24,6 @@ async def engine():
     runner = await start(e)
     yield e
     await runner.cleanup()
-
-
-async def keyed(engine, sidecar_factory, **options):
-    options = {"limits__global_concurrency": 4, "limits__queue_size": 200, **options}
-    return await sidecar_factory(engine.url, auth__enabled=True, server__admin_token=ADMIN, **options)
-
-
-async def new_key(url: str, name: str, **fields) -> str:
-    async with aiohttp.ClientSession() as s:
-        status, created, _ = await admin(s, "POST", url + "/admin/keys", {"name": name, **fields})
-    assert status == 201, created
-    return created["key"]
-
-
-async def send(s: aiohttp.ClientSession, url: str, key: str, user: str, **extra) -> tuple[int, dict, float]:
-    sent = time.monotonic()
-    async with s.post(
-        url + "/v1/chat/completions", json={**CHAT, "user": user, **extra}, headers={"authorization": f"Bearer {key}"}
-    ) as r:
-        headers = r.headers.copy()  # case-insensitive, as HTTP names are
-        headers["body"] = (await r.read()).decode()
-        return r.status, headers, sent
-
-
-async def heavy_load(url: str, key: str, user: str, streams: int, stop: asyncio.Event, sent: dict | None = None):
-    """`streams` requests of `key` in flight at all times until `stop`; each names itself in `user` (`user-N`),
-    and `sent` gets when each was sent."""
-    statuses: list[int] = []
-    count = iter(range(1 << 30))
-
-    async def one(s: aiohttp.ClientSession) -> None:
-        while not stop.is_set():
-            name = f"{user}-{next(count)}"
-            status, _, at = await send(s, url, key, name)
-            statuses.append(status)
-            if sent is not None:
-                sent[name] = at
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        await asyncio.gather(*(one(s) for _ in range(streams)))
-    return statuses
-
-
-def owner(served) -> str:
-    return (served.user or "").rpartition("-")[0] or (served.user or "")
 
 
 @pytest.mark.parametrize("order", ["fair", "fifo"])
@@ -89,16 +43,11 @@ async def test_a_light_key_goes_next_beside_a_heavy_keys_backlog(engine, sidecar
             light_sent.append(sent)
     stop.set()
     assert set(await load) == {200}
-    overtaken = []
-    for i, sent in enumerate(light_sent):
-        (mine,) = [r for r in engine.served if r.user == f"light-{i}"]
-        # heavy requests sent before the light one that the engine started after it: the backlog it passed
-        before = [r for r in engine.served if r.user in heavy_sent and heavy_sent[r.user] < sent]
-        overtaken.append(sum(1 for r in before if r.started > mine.started))
+    passed = overtaken(engine, heavy_sent, light_sent)
     if order == "fair":
-        assert min(overtaken) >= 10, overtaken  # it went ahead of the heavy key's 20 waiting, every time
+        assert min(passed) >= 10, passed  # it went ahead of the heavy key's 20 waiting, every time
     else:
-        assert max(overtaken) <= 2, overtaken  # first come, first served: behind them
+        assert max(passed) <= 2, passed  # first come, first served: behind them
 
 
 async def test_backlogged_keys_share_the_engine_by_weight(engine, sidecar_factory):

@@ -3,8 +3,9 @@ Its face is `admission.Limits` (`reserve` what a call costs, `admit` it: the sha
 shared rates, then the local lease, undone in reverse when one refuses) and the `admission.Lease` an admitted
 request settles and releases once; `budgets` gives the reports a budget's remaining tokens (`budget_fields`,
 `from_store`) and `periods` the period vocabulary keys are checked against. Inside: `local` (this replica's
-per-key buckets and the global cap), `borrowing` (allowances borrowed from the store's balances), `budgets`,
-`rates` and `slots` (the limits that hold for every replica sharing PostgreSQL).
+per-key buckets and the global cap), `saturation` (that cap following the engine's metrics page), `borrowing`
+(allowances borrowed from the store's balances), `budgets`, `rates` and `slots` (the limits that hold for every
+replica sharing PostgreSQL).
 """
 
 __all__ = ["admission", "budgets", "periods"]

@@ -31,6 +31,7 @@ from sidecar.limits.borrowing import Borrower, Hold
 from sidecar.limits.budgets import Budgets
 from sidecar.limits.local import LocalLease, LocalLimits
 from sidecar.limits.rates import SharedRates
+from sidecar.limits.saturation import Fetch, Saturation
 from sidecar.limits.slots import SharedSlots, SlotHold
 from sidecar.store.base import Store
 from sidecar.wire.body import Call
@@ -90,9 +91,11 @@ class Limits:
     """Admission for the proxy and the routes that cost a request (a key's own reports and figures: `report`),
     and the figures the reports show (a budget's remaining tokens)."""
 
-    def __init__(self, cfg: LimitsCfg, store: Store) -> None:
+    def __init__(self, cfg: LimitsCfg, store: Store, engine_page: Fetch | None = None) -> None:
         self.cfg = cfg
         self.local = LocalLimits(cfg)
+        # The dispatch limit from the engine's page; started with the upstream pool (the app's lifecycle).
+        self.saturation = Saturation(cfg, self.local, engine_page)
         self.borrower = Borrower(store)
         self.budgets = Budgets(cfg.timezone, self.borrower)
         shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
@@ -209,7 +212,7 @@ class Limits:
 
     def collectors(self) -> list[Callable[[], Iterator[Metric]]]:
         shared = [self.slots.collect, self.rates.collect] if self.slots is not None and self.rates else []
-        return [self.local.collect, self.borrower.collect, *shared]
+        return [self.local.collect, self.saturation.collect, self.borrower.collect, *shared]
 
     async def start(self) -> None:
         await self.borrower.start()

@@ -309,8 +309,9 @@ class LocalLimits:
             self.release_global()  # hands the slot to the next waiter (or gives it back when all had left)
 
     def release_global(self) -> None:
-        """A slot comes free: handed to the next waiter in the queue's order, else given back."""
-        while (ticket := self.queue.pop()) is not None:
+        """A slot comes free: handed to the next waiter in the queue's order, else given back; given back too
+        while more are in flight than a lowered limit allows (the waiters wait until fewer are)."""
+        while self.global_active <= self.limit and (ticket := self.queue.pop()) is not None:
             fut = ticket.handle
             if not fut.done():
                 fut.set_result(None)  # hand the slot over; global_active stays the same

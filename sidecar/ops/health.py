@@ -7,7 +7,9 @@ fingerprint), `upstream` (not reachable), `records` (the store is down, as the p
 ping or a writer sees it, and that writer's journal cannot take rows: failing or full). With `writer.spool` off
 rows are held in memory up to `writer.queue_size` during an outage: the operator's choice, not a reason.
 It says where records are going (`store`: ok or down, asked within `STORE_PING` seconds; `writers`: each
-writer's store, journal, rows held in memory); error texts go to the log, never to the (unauthenticated) caller.
+writer's store, journal, rows held in memory) and how the dispatch limit is set (`saturation`: `off`, `metrics`
+from the engine's page, `fallback` to `limits.global_concurrency` when the page cannot be read: still ready);
+error texts go to the log, never to the (unauthenticated) caller.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Health:
         writers: Callable[[], dict[str, dict[str, Any]]] = dict,
         in_flight: Callable[[], int] = int,
         operator: Callable[[web.Request], bool] = lambda request: False,
+        saturation: Callable[[], str] = lambda: "off",
     ) -> None:
         self.upstream = upstream
         self.state = state
@@ -48,6 +51,7 @@ class Health:
         self.writers = writers
         self.in_flight = in_flight
         self.operator = operator  # whether a request carries the admin token (a wrong one raises 401 or 429)
+        self.saturation = saturation  # how the dispatch limit is set: off, metrics, fallback (never a reason)
         self._last_reason = ""
         self._store_down = False
 
@@ -58,7 +62,7 @@ class Health:
 
     async def readyz(self, request: web.Request) -> web.Response:
         writers = self.writers()
-        detail = {"store": await self._store(), "writers": writers}
+        detail = {"store": await self._store(), "writers": writers, "saturation": self.saturation()}
         if self.state.draining:
             return _json({"status": "draining", **detail}, 503)
         if self.state.refused:  # e.g. the store's keys were hashed with another pepper: every key would be 401

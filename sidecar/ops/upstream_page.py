@@ -4,7 +4,8 @@
   The model server listens on 127.0.0.1 behind the sidecar, so nothing else can scrape it: the ops port serves
   it at `/metrics/upstream`, no key needed there (the ops port is the operator's). One fetch answers every scrape
   for `upstream.metrics_cache` seconds and concurrent scrapes share one fetch, so scrapers cannot load the
-  upstream.
+  upstream. The engine's saturation (`limits.saturation = "metrics"`) reads the same page through `read`, more
+  often: a scrape then gets the page that reading fetched, never a fetch of its own.
 - The upstream's model list (`/v1/models`), refreshed every minute: the only values of the `model` label of
   `sidecar_tokens_total` (a client's `model` field is free text; others count as `other`).
 """
@@ -39,16 +40,22 @@ class UpstreamPage:
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
-            _, status, content_type, body = await self._get()
+            _, status, content_type, body = await self._get(self.ttl)
         except TRANSPORT_FAILURES as exc:  # a text page for Prometheus, not JSON: always a 502
             text = f"# the upstream's metrics page is unavailable: {type(exc).__name__}\n"
             return web.Response(status=502, text=text, headers={"x-request-id": new_request_id()})
         headers = {"content-type": content_type or "text/plain; version=0.0.4", "x-request-id": new_request_id()}
         return web.Response(status=200 if status == 200 else 502, body=body, headers=headers)
 
-    async def _get(self) -> tuple[float, int, str, bytes]:
+    async def read(self, max_age: float) -> tuple[int, str, bytes]:
+        """(status, content type, body) of the page, fetched at most `max_age` seconds ago (or by the fetch under
+        way): TimeoutError or UpstreamFailure when it cannot be fetched."""
+        _, status, content_type, body = await self._get(max_age)
+        return status, content_type, body
+
+    async def _get(self, max_age: float) -> tuple[float, int, str, bytes]:
         page = self._page
-        if page is not None and time.monotonic() - page[0] < self.ttl:
+        if page is not None and time.monotonic() - page[0] < max_age:
             return page
         if self._fetching is None:
             self._fetching = fetching = asyncio.ensure_future(self._fetch())
