@@ -133,7 +133,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "reqps",
                 [
                     (
-                        f'sum by (reason) (rate(sidecar_rate_limited_total{{{SEL}, '
+                        f"sum by (reason) (rate(sidecar_rate_limited_total{{{SEL}, "
                         f'reason=~"queue_full|queue_shed|queue_timeout|overloaded"}}[{R}]))',
                         "{{reason}}",
                     )
