@@ -113,6 +113,46 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ],
     ),
     (
+        "Fairness (the dispatch queue at limits.global_concurrency)",
+        [
+            (
+                "Queue depth by priority class",
+                "short",
+                [(f"sum by (priority) (sidecar_lease_queue_depth{{{SEL}}})", "{{priority}}")],
+            ),
+            (
+                "Queue wait by priority class",
+                "s",
+                [
+                    (q(p, "sidecar_queue_wait_seconds", "priority"), f"{{{{priority}}}} p{round(p * 100)}")
+                    for p in (0.5, 0.99)
+                ],
+            ),
+            (
+                "Refused by the queue, by reason",
+                "reqps",
+                [
+                    (
+                        f"sum by (reason) (rate(sidecar_rate_limited_total{{{SEL}, "
+                        f'reason=~"queue_full|queue_shed|queue_timeout|overloaded"}}[{R}]))',
+                        "{{reason}}",
+                    )
+                ],
+            ),
+            (
+                "Share of tokens served, top 10 keys",
+                "percentunit",
+                [
+                    (
+                        f"topk(10, sum by (key_id) (rate(sidecar_key_tokens_total{{{SEL}}}[{R}])) / "
+                        f"scalar(sum(rate(sidecar_key_tokens_total{{{SEL}}}[{R}]))))",
+                        "{{key_id}}",
+                    )
+                ],
+            ),
+        ],
+    ),
+    (
         "Records, store and audit",
         [
             (

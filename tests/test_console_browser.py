@@ -119,6 +119,12 @@ def walk(url: str, traffic_key: str) -> dict[str, Any]:
         d.find_element(By.CSS_SELECTOR, "nav button[data-tab=audit]").click()
         wait.until(lambda drv: "revoke" in drv.find_element(By.ID, "audit").text)
         d.save_screenshot(str(SHOTS / "admin-audit.png"))
+        # The dispatch queue: nothing waits now; the keys that were served lately, with their shares.
+        d.find_element(By.CSS_SELECTOR, "nav button[data-tab=queue]").click()
+        wait.until(lambda drv: "traffic" in drv.find_element(By.ID, "queue-keys").text)
+        out["queue_summary"] = d.find_element(By.ID, "queue-summary").text
+        out["queue_keys"] = d.find_element(By.ID, "queue-keys").text
+        d.save_screenshot(str(SHOTS / "queue.png"))
         # Sign out; sign in as a key holder.
         d.find_element(By.ID, "logout").click()
         wait.until(ec.visibility_of_element_located((By.ID, "signin")))
@@ -161,6 +167,10 @@ async def test_a_person_uses_the_console_in_a_real_browser(fake, sidecar_factory
     assert out["cookie_visible_to_script"] == "" and out["inline_script_ran"] is False  # HttpOnly; CSP holds
     assert out["sdk_before_revoke"] and out["sdk_after_revoke"] == 401
     assert out["filtered_outcomes"] == ["rate_limited"] and out["detail"]["status"] == 429
+    assert out["queue_summary"].startswith("Order fair; 0 of 1,024 upstream slots in use"), out["queue_summary"]
+    queue_rows = out["queue_keys"].splitlines()
+    assert queue_rows[0] == "key id waiting by class running tokens served share", queue_rows
+    assert any(r.startswith(f"traffic {traffic['id']} 0 0") and r.endswith("%") for r in queue_rows), queue_rows
     assert "traffic" in out["holder_table"] and "made-in-browser" not in out["holder_page"]
     # The one error the walk causes on purpose: the inline script CSP refused. Nothing else failed.
     assert not [e for e in out["console_errors"] if "Content Security Policy" not in e["message"]], out

@@ -67,6 +67,18 @@ def test_the_dashboard_file_is_what_its_generator_writes():
     assert out.returncode == 0, "helm/sidecar/files/dashboard.json is stale: run python3 scripts/dashboard.py"
 
 
+def test_the_dashboard_has_a_fairness_row_for_the_dispatch_queue():
+    fairness = {title: expr for row, title, expr in dashboard_queries() if row.startswith("Fairness")}
+    assert sorted(fairness) == [
+        "Queue depth by priority class", "Queue wait by priority class", "Refused by the queue, by reason",
+        "Share of tokens served, top 10 keys",
+    ]  # fmt: skip
+    assert "by (priority)" in fairness["Queue depth by priority class"]
+    assert "sidecar_queue_wait_seconds_bucket" in fairness["Queue wait by priority class"]
+    assert "queue_full|queue_shed|queue_timeout" in fairness["Refused by the queue, by reason"]
+    assert "topk(10" in fairness["Share of tokens served, top 10 keys"]
+
+
 def test_the_dashboard_and_rules_render_only_when_asked(helm):
     plain = render_values(helm, {"secrets": {"pepper": PEPPER}}, "--api-versions", RULE_API)
     assert not [d for d in plain if d["kind"] == "PrometheusRule" or d["metadata"]["name"].endswith("-dashboard")]

@@ -71,6 +71,7 @@ SERIES_MAX_DAYS = 31
 SESSIONS_PER_KEY = 5
 KEY_RECHECK = 5.0  # seconds between checks that a key holder's key is still valid
 TOP_GROUPS = 12
+TOP_QUEUE_KEYS = 50  # keys in the queue view at most: the busiest
 BUCKETS = {"hour": 3600, "day": 86400}
 Handler = Callable[[web.Request, str], Awaitable[Any]]
 
@@ -134,6 +135,7 @@ class Console:
             ("GET", "/console/api/usage", self.admin.usage),
             ("GET", "/console/api/requests", self.admin.requests),
             ("GET", "/console/api/audit-records", self.admin.audit_records),
+            ("GET", "/console/api/queue", self.queue),
         ):
             routes.add(method, path, self._api(handler, "admin", roles))
 
@@ -356,6 +358,15 @@ class Console:
         with self._report(session):  # its budget figure: on the report connection, under the key's limits
             budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, self.limits.remaining)
         return {**row.public(), **budget}
+
+    async def queue(self, request: web.Request, rid: str) -> Any:
+        """Operators: the dispatch queue now (depth per class; per key what waits and runs) and each key's share of
+        the tokens served over the last minutes; `top` keys at most (default and cap TOP_QUEUE_KEYS)."""
+        only_params(request, ("top",))
+        raw = request.query.get("top", str(TOP_QUEUE_KEYS))
+        if not raw.isdigit() or not 1 <= int(raw) <= TOP_QUEUE_KEYS:
+            raise BadRequest(f"`top` must be a whole number from 1 to {TOP_QUEUE_KEYS}.", param="top")
+        return self.limits.local.queue_view(int(raw))
 
     async def series(self, request: web.Request, rid: str, session: Session) -> Any:
         """Requests and tokens per hour or day, split by key, model or outcome; a key holder's own only."""

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
@@ -25,7 +26,8 @@ from sidecar.config import LimitsCfg
 from sidecar.errors import Overloaded, RateLimited
 from sidecar.keys.auth import Principal
 from sidecar.limits.queue import PRIORITIES, DispatchQueue, Ticket
-from sidecar.ops.series import gauge
+from sidecar.limits.served import ServedWindow
+from sidecar.ops.series import Hist, gauge, histograms
 
 _SHED = "The server is at capacity and gave this request's place to one of a higher priority; retry shortly."
 
@@ -34,10 +36,12 @@ def _refused(code: str, message: str) -> Overloaded:
     """A 503 of the dispatch queue that says which of its limits refused (its `code`, and the `x-sidecar-limit`
     header): a client can tell a full queue from a wait that ran out or a place given to a higher class."""
     err = Overloaded(message, headers={"retry-after": "1", "x-sidecar-limit": code})
-    err.code = code
+    err.code = err.reason = code  # counted by which limit too (sidecar_rate_limited_total{reason})
     return err
 
 
+RANKS = {name: rank for rank, name in enumerate(PRIORITIES)}
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 KEY_IDLE = 30.0  # seconds a key's state is kept after its last request (swept at most this often)
 
 
@@ -105,6 +109,8 @@ class LocalLease:
         if self.share is not None:
             key, weight, charged = self.share
             self.manager.queue.charge(key, weight, used - charged)  # the reservation becomes the real usage
+            if used:
+                self.manager.served.add(key, used, self.manager.clock())
         state = self.state
         state.reserved -= self.reserved
         if state.tokens is not None:
@@ -135,6 +141,8 @@ class LocalLimits:
         self.global_active = 0
         self.limit = cfg.global_concurrency  # requests dispatched at once (the engine's saturation may lower it)
         self.queue = DispatchQueue(cfg.queue_size, cfg.queue_order == "fair")
+        self.served = ServedWindow()  # tokens per key lately: the console's shares
+        self.waits = [Hist(QUEUE_WAIT_BUCKETS) for _ in PRIORITIES]  # time to a global slot, per class
 
     def state_for(self, p: Principal) -> KeyState:
         # Keyed by limits too: changing a key's limits starts a fresh state instead of a confusing mix.
@@ -167,6 +175,7 @@ class LocalLimits:
         if self.global_active >= self.limit or len(self.queue):
             return None
         self.global_active += 1
+        self.waits[RANKS.get(principal.priority, 1)].counts[0] += 1  # no wait: the first bucket, the sum as is
         lease = self._admit_holding(principal, estimate, True)
         self._dispatched(lease, principal, estimate)
         return lease
@@ -267,17 +276,19 @@ class LocalLimits:
         pushing this one out: each a 503 that says which, with `retry-after`)."""
         if not self.limit:
             return False
+        rank = RANKS.get(p.priority, 1)
         if self.global_active < self.limit and not len(self.queue):
             self.global_active += 1
             self.queue.dispatched(p.key_id or "", p.weight, estimate)
+            self.waits[rank].counts[0] += 1  # no wait: the first bucket, the sum as is
             return True
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        rank = PRIORITIES.index(p.priority) if p.priority in PRIORITIES else 1
         ticket, shed = self.queue.push(p.key_id or "", p.weight, rank, estimate, fut)
         if ticket is None:
             raise _refused("queue_full", "The server is at capacity and its queue is full; retry shortly.")
         if shed is not None:
             shed.handle.set_exception(_refused("queue_shed", _SHED))
+        began = self.clock()
         try:
             async with asyncio.timeout(self.cfg.queue_timeout):
                 await fut
@@ -287,6 +298,8 @@ class LocalLimits:
         except asyncio.CancelledError:
             self._leave(ticket)
             raise
+        finally:  # dispatched, timed out, shed or gone: each waited this long in its class
+            self.waits[rank].observe(self.clock() - began)
         return True  # the releaser handed its slot over: global_active already counts us
 
     def _leave(self, ticket: Ticket) -> None:
@@ -320,6 +333,40 @@ class LocalLimits:
             self.queue.done(ticket.key)
         self.global_active -= 1
 
+    def queue_view(self, top: int) -> dict[str, Any]:
+        """The dispatch queue as an operator sees it (the console): depth per class, and per key (at most `top`,
+        the busiest first) what waits, what runs and its share of the tokens served over the last minutes."""
+        served = self.served.totals(self.clock())
+        total = sum(served.values())
+        now = self.queue.per_key()
+        idle = ([0] * len(PRIORITIES), 0)
+        keys = sorted(
+            now.keys() | served.keys(),
+            key=lambda k: (-sum(now.get(k, idle)[0]), -now.get(k, idle)[1], -served.get(k, 0), k),
+        )
+        rows = [
+            {
+                "key_id": key or None,  # "" is the requests of no key (auth off)
+                "waiting": dict(zip(PRIORITIES, now.get(key, idle)[0], strict=True)),
+                "in_flight": now.get(key, idle)[1],
+                "served_tokens": served.get(key, 0),
+                "share": round(served.get(key, 0) / total, 4) if total else 0.0,
+            }
+            for key in keys[:top]
+        ]
+        return {
+            "object": "queue",
+            "order": self.cfg.queue_order,
+            "limit": self.limit,
+            "active": self.global_active,
+            "size": self.cfg.queue_size,
+            "depth": {name: self.queue.depth(rank) for rank, name in enumerate(PRIORITIES)},
+            "window_seconds": self.served.span,
+            "served_tokens": total,
+            "keys": len(keys),
+            "data": rows,
+        }
+
     def totals(self) -> tuple[int, int]:
         """(active leases, reserved tokens) over all keys: zero when nothing is in flight."""
         return sum(s.active for s in self._keys.values()), sum(s.reserved for s in self._keys.values())
@@ -336,6 +383,12 @@ class LocalLimits:
         yield gauge(
             "sidecar_lease_queue_depth", "Requests waiting for a global upstream slot, by priority class.",
             ("priority",), {(name,): self.queue.depth(rank) for rank, name in enumerate(PRIORITIES)},
+        )  # fmt: skip
+        yield histograms(
+            "sidecar_queue_wait_seconds",
+            "Time from arrival to a global upstream slot (0 when one was free), by the key's priority class; a "
+            "request refused or gone while queued counts the time it waited.",
+            ("priority",), {(name,): self.waits[rank] for rank, name in enumerate(PRIORITIES)},
         )  # fmt: skip
         yield gauge(
             "sidecar_lease_keys", "Keys whose limits this replica keeps state for (idle ones are forgotten).", (),

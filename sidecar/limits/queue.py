@@ -168,6 +168,16 @@ class DispatchQueue:
                 return max((w.tickets[-1] for w in waiting.values()), key=lambda t: t.seq)
         return None
 
+    def per_key(self) -> dict[str, tuple[list[int], int]]:
+        """What each key has here now: (its waiters per class, its dispatched requests not yet ended)."""
+        out: dict[str, tuple[list[int], int]] = {}
+        for rank, waiting in enumerate(self._classes):
+            for key, mine in waiting.items():
+                out.setdefault(key, ([0] * len(PRIORITIES), 0))[0][rank] = len(mine.tickets)
+        for key, n in self._inflight.items():
+            out[key] = (out[key][0] if key in out else [0] * len(PRIORITIES), n)
+        return out
+
     def keys(self) -> int:
         """Keys the queue keeps a counter for (bounded: idle keys at the floor are forgotten)."""
         return len(self._counters)

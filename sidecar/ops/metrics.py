@@ -35,7 +35,11 @@ _KNOWN_CODES = frozenset(
 OWN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 OTHER_MODEL = "other"  # the label of every model the upstream does not list
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-LIMIT_REASONS = ("concurrency", "rpm", "tpm", "budget", "overloaded", "unknown_key")
+# The dispatch queue's refusals count by their own reason: a full queue, a place given to a higher class, a wait
+# that ran out (the `x-sidecar-limit` header's value); `overloaded` is every other 503 of ours.
+LIMIT_REASONS = (
+    "concurrency", "rpm", "tpm", "budget", "overloaded", "queue_full", "queue_shed", "queue_timeout", "unknown_key",
+)  # fmt: skip
 MAX_KEYS = 500  # key ids with a series of their own in sidecar_key_tokens_total; later ones count as `other`
 
 

@@ -56,3 +56,11 @@ def histogram(name: str, doc: str, hist: Hist) -> Metric:
     family = HistogramMetricFamily(name, doc, labels=())
     family.add_metric((), hist.buckets(), hist.total)
     return family
+
+
+def histograms(name: str, doc: str, labels: tuple[str, ...], hists: dict[tuple[str, ...], Hist]) -> Metric:
+    """A histogram family with labels, one `Hist` per label set."""
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for key, hist in hists.items():
+        family.add_metric(key, hist.buckets(), hist.total)
+    return family

@@ -283,11 +283,44 @@
     stacked("chart-mine", series.data, "model", "total_tokens", "day", series.since);
   }
 
-  const loaders = { usage: loadUsage, keys: loadKeys, requests: () => loadRequests(false), audit: loadAudit, records: loadRecords };
+  // The dispatch queue now, and who got the engine lately; refreshed every few seconds while the tab is shown.
+  let names = Object.create(null); // key id -> name, from the keys list (ids come from the server)
+  async function loadQueue() {
+    if (!Object.keys(names).length) {
+      const keys = await api("GET", "keys");
+      keys.data.forEach((k) => (names[k.id] = k.name));
+    }
+    const q = await api("GET", "queue");
+    $("queue-summary").textContent =
+      `Order ${q.order}; ${num.format(q.active)} of ${num.format(q.limit)} upstream slots in use; ` +
+      `queue holds ${num.format(q.size)}; shares over the last ${Math.round(q.window_seconds / 60)} minutes ` +
+      `(${num.format(q.served_tokens)} tokens, ${num.format(q.keys)} keys).`;
+    table("queue-depth", Object.keys(q.depth).map((p) => ({ label: p, num: true, get: (d) => num.format(d[p]) })), [q.depth]);
+    const waiting = (r) => Object.values(r.waiting).reduce((a, b) => a + b, 0);
+    table("queue-keys", [
+      { label: "key", get: (r) => (r.key_id ? names[r.key_id] || r.key_id : "(no key)") },
+      { label: "id", get: (r) => r.key_id || "" },
+      { label: "waiting", num: true, get: (r) => num.format(waiting(r)) },
+      { label: "by class", get: (r) => Object.entries(r.waiting).filter((e) => e[1]).map((e) => `${e[0]} ${e[1]}`).join(", ") },
+      { label: "running", num: true, get: (r) => num.format(r.in_flight) },
+      { label: "tokens served", num: true, get: (r) => num.format(r.served_tokens) },
+      { label: "share", num: true, get: (r) => (r.share * 100).toFixed(1) + "%" },
+    ], q.data);
+  }
+
+  let queueTimer = null;
+  function watchQueue(on) {
+    if (queueTimer) clearInterval(queueTimer);
+    queueTimer = on ? setInterval(() => guarded(loadQueue, "signin-error"), 3000) : null;
+  }
+
+  const loaders = { usage: loadUsage, keys: loadKeys, queue: loadQueue, requests: () => loadRequests(false), audit: loadAudit, records: loadRecords };
 
   function showTab(name) {
     document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("on", b.dataset.tab === name));
     document.querySelectorAll(".tab").forEach((t) => (t.hidden = t.id !== "tab-" + name));
+    if (name === "queue") names = Object.create(null); // keys made or renamed since are named
+    watchQueue(name === "queue");
     guarded(loaders[name], name === "keys" ? "keys-error" : "signin-error");
   }
 
@@ -325,6 +358,7 @@
     $("logout").addEventListener("click", signOut);
     $("create-form").addEventListener("submit", createKey);
     $("filter-form").addEventListener("submit", (ev) => { ev.preventDefault(); guarded(() => loadRequests(false), "signin-error"); });
+    $("queue-refresh").addEventListener("click", () => guarded(loadQueue, "signin-error"));
     $("more").addEventListener("click", () => guarded(() => loadRequests(true), "signin-error"));
     $("copy-key").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($("created-key").textContent));
     document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
