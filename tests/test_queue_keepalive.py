@@ -89,7 +89,8 @@ async def test_a_queued_stream_is_kept_alive_then_relayed_whole(fake, queue_of_o
         blocker.close()  # the slot comes free: the queued stream is dispatched
         seen += await r.content.read()
     events = seen.replace(KEEPALIVE, b"")
-    assert events == fake.sent[fake.last.headers["x-request-id"]]  # the upstream's whole stream, as it sent it
+    sent = fake.sent[fake.received[-1].headers["x-request-id"]]
+    assert events == sent  # the upstream's whole stream, as it sent it
     assert events.endswith(b"data: [DONE]\n\n")
     row = row_of(await running.stored(2), "waits")
     assert (row["status"], row["outcome"], row["error_code"]) == (200, "completed", None)
