@@ -56,6 +56,7 @@ class ServerCfg:
     admin_token: str = field(default="", metadata={"secret": True})
     admin_token_file: str = ""
     overhead_header: bool = False  # x-sidecar-overhead-ms on answers: the sidecar's own time before they began
+    sse_keepalive: float = 0.0  # seconds between SSE comments to a stream waiting in the dispatch queue; 0: off
 
 
 @dataclass(frozen=True)

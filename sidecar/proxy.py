@@ -40,7 +40,7 @@ from sidecar.ops.metrics import Metrics
 from sidecar.ops.rejects import RejectSampler
 from sidecar.ops.tracing import Tracing
 from sidecar.records.record import CLIENT_CLOSED_REQUEST, RequestRecord
-from sidecar.relay import ClientGone, Relay
+from sidecar.relay import ClientGone, KeptAlive, Relay, end_stream
 from sidecar.responses import error_response
 from sidecar.upstream.server import Upstream
 from sidecar.wire.body import ENGINE_PRIORITY, Call, forwarded_priority, parse
@@ -115,6 +115,8 @@ class Proxy:
                         self.metrics.limited(err.reason)
                     if isinstance(err, KeyNotValid):
                         rec.key_id = err.key_id  # a revoked or expired key: whose it was is known
+                    if ex.resp is not None:  # a kept-alive stream refused in the queue: its 200 is sent
+                        return await end_stream(request, ex.resp, err, anthropic)
                     answer = error_response(err, rec.request_id, cors, anthropic)
                     if isinstance(err, ShuttingDown):
                         answer.force_close()  # a kept-alive connection must not bring more work to a drained proxy
@@ -123,6 +125,8 @@ class Proxy:
                     if (stop := self.in_flight.shutdown_cancel(client_gone(request))) is None:
                         raise
                     rec.fail(stop.status, stop.outcome, stop.code)
+                    if ex.resp is not None:  # a kept-alive stream still queued
+                        return await end_stream(request, ex.resp, stop, anthropic)
                     return error_response(stop, rec.request_id, cors, anthropic)
                 except ClientGone:
                     ex.ended_early()
@@ -144,7 +148,7 @@ class Proxy:
             ex.capture = self.auditor.capture(ex.rec.request_id, principal.audit, request.headers, call.doc, call.body)
         if call.doc is not None or (request.method != "GET" and call.family != MODELS):
             principal.check_model(call.model)  # a body we cannot read names no model a restricted key may use
-        ex.admission = await self._admit(principal, call, ex.rec)
+        ex.admission = await self._admit(principal, call, ex, request)
         if ex.rec.span is not None and self.tracing is not None:
             self.tracing.admitted(ex.rec.span, call.family, call.model, call.max_tokens, ex.rec.queued_ms, call.doc)
         return await self.relay.relay(request, ex)
@@ -153,13 +157,16 @@ class Proxy:
         """The key's principal; the client's address bounds its lookups of unknown keys (`keys.auth`)."""
         return await self.auth.authenticate(request.headers, self.forwarding.client_address(request))
 
-    async def _admit(self, principal: Principal, call: Call, rec: RequestRecord) -> Admission:
+    async def _admit(self, principal: Principal, call: Call, ex: Exchange, request: web.Request) -> Admission:
         call = self._engine_fields(principal, call)
         context = await self.upstream.models.context(call.model) if self.limits.needs_context(call) else None
         reservation = self.limits.reserve(call, context)
         if reservation.cap is not None:
             call = call.capped(reservation.cap)
-        lease = await self.limits.admit(principal, reservation, rec.queued)
+        keepalive = None
+        if call.stream and (interval := self.server.sse_keepalive):  # made here; it runs only if the request queues
+            keepalive = KeptAlive(request, ex, interval, lambda: self.limits.headers(principal))
+        lease = await self.limits.admit(principal, reservation, ex.rec.queued, keepalive)
         return Admission(call, lease, reservation.prompt, reservation.output)
 
     def _engine_fields(self, principal: Principal, call: Call) -> Call:

@@ -6,6 +6,10 @@ a client can tell a cut stream from a finished one), and a plain body is cut sho
 answer up to `BUFFERED` bytes is sent in one write; a larger one is relayed as it arrives, so memory per request
 is bounded whatever the size of the answer. Usage is read from whatever the answer carries; time limits are the
 upstream deadlines (first byte, idle, total).
+
+A stream that waited in the dispatch queue longer than `server.sse_keepalive` has its answer started already
+(`KeptAlive`: 200, SSE comments while it waits): the upstream's stream goes into it, and an answer that cannot
+(an error status, a whole body) ends it with an error event, the row saying what the upstream answered.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from sidecar.wire.sse import StreamScanner, UsageFinder, usage_from, usage_objec
 
 BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
+KEEPALIVE_COMMENT = b": keepalive\n\n"  # an SSE comment: every client's parser skips it
 _OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
 
 
@@ -51,6 +56,42 @@ class ClientGone(Exception):
 def sse_error_event(err: SidecarError, anthropic: bool = False) -> bytes:
     """The event that ends a failed stream: `data` is the error in the client's API's shape."""
     return b"event: error\ndata: " + (anthropic_body(err) if anthropic else err.body()) + b"\n\n"
+
+
+class KeptAlive:
+    """A streamed request's wait in the dispatch queue, kept alive for the load balancers and proxies that close
+    a connection idle too long (`server.sse_keepalive`). A wait shorter than `interval` looks exactly as one
+    without it; past it the SSE answer starts (200, `x-request-id`, the `x-ratelimit-*` figures of that moment,
+    CORS) and a comment goes out every `interval` seconds until the request is dispatched. A comment that cannot
+    be written means the client left (`ClientGone`)."""
+
+    __slots__ = ("ex", "interval", "limit_headers", "request")
+
+    def __init__(
+        self, request: web.Request, ex: Exchange, interval: float, limit_headers: Callable[[], dict[str, str]]
+    ) -> None:
+        self.request = request
+        self.ex = ex
+        self.interval = interval
+        self.limit_headers = limit_headers
+
+    async def __call__(self, waiting: asyncio.Future[Any]) -> None:
+        """Returns when `waiting` is done (whatever its result: the caller reads it)."""
+        while not (await asyncio.wait((waiting,), timeout=self.interval))[0]:
+            resp = self.ex.resp or await self._start()
+            await Relay._write(resp, KEEPALIVE_COMMENT, self.ex.rec)
+
+    async def _start(self) -> web.StreamResponse:
+        ex = self.ex
+        headers = {**self.limit_headers(), **ex.cors, "x-request-id": ex.rec.request_id}
+        headers.update({"content-type": "text/event-stream", "cache-control": "no-cache"})
+        resp = web.StreamResponse(status=200, headers=headers)
+        try:
+            await resp.prepare(self.request)
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None
+        ex.resp = resp
+        return resp
 
 
 def _abort(request: web.Request) -> None:
@@ -109,6 +150,8 @@ class Relay:
         ex.rec.upstream_status = up.status
         if up.status >= 500:
             self.metrics.upstream_error("status_5xx")
+        if ex.resp is not None and (up.status >= 300 or not _is_sse(up)):
+            return await self._as_event(request, ex, up)  # a kept-alive stream: its status was sent already
         if not _is_sse(up):
             return await self._whole(request, ex, up, deadline)
         return await self._stream(request, ex, up, deadline)
@@ -267,15 +310,10 @@ class Relay:
         loop = asyncio.get_running_loop()
         chunk = await self._read(read)
         deadline.touch(loop.time())
-        resp = RelayedStream(status=up.status, headers=self._headers(ex, up))
         rec.status = up.status
         if up.status >= 500:  # an error, even when it comes as a stream
             rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
-        try:
-            await resp.prepare(request)
-        except (ConnectionError, aiohttp.ClientConnectionError):
-            raise ClientGone from None
-        ex.resp = resp
+        resp = ex.resp or await self._start_stream(request, ex, up)
         facts = rec.span is not None and rec.span.is_recording()
         while chunk:
             rec.chunks += 1
@@ -301,6 +339,36 @@ class Relay:
             raise ClientGone from None  # closed after the last event, before the terminating chunk
         return resp
 
+    async def _start_stream(self, request: web.Request, ex: Exchange, up: UpstreamResponse) -> web.StreamResponse:
+        resp = RelayedStream(status=up.status, headers=self._headers(ex, up))
+        try:
+            await resp.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None
+        ex.resp = resp
+        return resp
+
+    async def _as_event(self, request: web.Request, ex: Exchange, up: UpstreamResponse) -> web.StreamResponse:
+        """The upstream's answer to a stream whose SSE answer started while it waited (`KeptAlive`), when it is not
+        a 2xx stream: an error event ends the stream. The row says what the upstream answered, as it would have
+        (its status, usage, outcome); a whole 2xx answer where a stream was asked for is a 502 `upstream_error`.
+        At most `BUFFERED` bytes of it are read: enough for an error, and for a whole answer's usage."""
+        parts: list[bytes] = []
+        size = 0
+        while size <= BUFFERED and (chunk := await self._read(up.readany)):
+            parts.append(chunk)
+            size += len(chunk)
+        body = b"".join(parts)
+        ex.rec.upstream_done = time.monotonic()
+        if ex.capture is not None:
+            ex.response = BodyCapture.whole(body, self.audit_cap, self.audit_digest_only)
+        self._whole_outcome(ex, up.status, body, whole=True)
+        err = answer_error(up.status, body)
+        if up.status < 300:
+            ex.rec.fail(err.status, err.outcome, err.code)
+        assert ex.resp is not None
+        return await end_stream(request, ex.resp, err, speaks_anthropic(ex.admitted.call.path))
+
     @staticmethod
     async def _read(read: Callable[[], Any]) -> bytes:
         try:
@@ -323,23 +391,56 @@ class Relay:
         if ex.resp is None:
             raise err
         ex.rec.outcome, ex.rec.error_code = err.outcome, err.code
+        if not ex.rec.status:  # a kept-alive stream that the upstream never answered: its 200 said nothing yet
+            ex.rec.status = err.status
         if ex.raw:
             _abort(request)  # the client sees a truncated body, never a complete-looking one
             return ex.resp
-        try:
-            async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
-                await ex.resp.write(sse_error_event(err, speaks_anthropic(ex.admitted.call.path)))
-                await ex.resp.write_eof()
-        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError):
-            _abort(request)  # the client is gone or stuck too; the record already says why the stream ended
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            # Not a cancel of ours: aiohttp keeps the drain waiter that the deadline cancelled while a client
-            # that stopped reading held the write, and hands it back on the next write. The client is stuck.
-            _abort(request)
-        return ex.resp
+        return await end_stream(request, ex.resp, err, speaks_anthropic(ex.admitted.call.path))
+
+
+async def end_stream(
+    request: web.Request, resp: web.StreamResponse, err: SidecarError, anthropic: bool
+) -> web.StreamResponse:
+    """Ends a started SSE answer with `err` as its terminal error event (no `[DONE]`)."""
+    try:
+        async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
+            await resp.write(sse_error_event(err, anthropic))
+            await resp.write_eof()
+    except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError):
+        _abort(request)  # the client is gone or stuck too; the record already says why the stream ended
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # Not a cancel of ours: aiohttp keeps the drain waiter that the deadline cancelled while a client
+        # that stopped reading held the write, and hands it back on the next write. The client is stuck.
+        _abort(request)
+    return resp
+
+
+def answer_error(status: int, body: bytes) -> SidecarError:
+    """The upstream's answer as an error event can say it: its own message (and type and code, when it gave
+    them) at its status; a whole 2xx answer where a stream was asked for is a 502."""
+    if status < 300:
+        return UpstreamError("The upstream answered the streamed request with a whole (not streamed) answer.")
+    found: Any = None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict):  # OpenAI's {"error": {...}}, Anthropic's {"type": "error", "error": {...}}, vLLM's
+        found = doc.get("error") if isinstance(doc.get("error"), dict) else doc
+    found = found if isinstance(found, dict) else {}
+    message = found.get("message")
+    kind, code = found.get("type"), found.get("code")
+    err = UpstreamError(
+        message[:2000] if isinstance(message, str) and message else f"The upstream answered with status {status}.",
+        code=code if isinstance(code, str) else "upstream_status",
+        type_=kind if isinstance(kind, str) else None,
+    )
+    err.status = status
+    return err
 
 
 def _answer_facts(rec: RequestRecord, data: bytes) -> None:

@@ -10,17 +10,21 @@ closed):
 4. this replica's own lease (`local`): the key's concurrency and per-minute buckets, then the global cap on
    upstream requests, queued for when `limits.global_concurrency` is reached.
 
-A refusal (or a cancel while queued) gives back what was taken, in reverse order, as if nothing was used. The
+A refusal (or a cancel while queued) gives back what was taken, in reverse order, as if nothing was used. A
+wait in the queue may be watched by the caller (`admit`'s `keepalive`: a queued stream's SSE comments); when
+the watch ends early (the client left) the wait is cancelled and its place goes at once. The
 `Lease` an admitted request holds settles every part to the real usage once (`settle`) and lets go of them
 once (`release`), local lease first, shared slot last.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
@@ -37,6 +41,9 @@ from sidecar.store.base import Store
 from sidecar.wire.body import Call
 from sidecar.wire.routes import NO_OUTPUT
 from sidecar.wire.tokens import estimate_prompt
+
+# Watches a wait in the dispatch queue (`Limits.admit`): returns when the wait is done, raises when the client left.
+Keepalive = Callable[[asyncio.Future[Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,22 @@ class Lease:
         self.local.release()
         if self.slot is not None:
             self.slot.release()
+
+
+async def _watched(waiting: Coroutine[Any, Any, LocalLease], keepalive: Keepalive) -> LocalLease:
+    """`waiting` (a wait in the queue) while `keepalive` watches it. When the watch ends first (its comment could
+    not be written, or the handler was cancelled: the client left) the wait is cancelled, which takes it out of
+    the queue at once; a slot handed over in that same moment goes back (on to the next waiter)."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        await keepalive(task)
+    except BaseException:
+        task.cancel()
+        await asyncio.wait((task,))
+        if not task.cancelled() and task.exception() is None:
+            task.result().release()
+        raise
+    return task.result()
 
 
 class Limits:
@@ -137,10 +160,17 @@ class Limits:
             return Reservation(prompt, max(context - prompt, 0))
         return Reservation(prompt, context * call.answers)
 
-    async def admit(self, principal: Principal, reservation: Reservation, queued: Callable[[float], None]) -> Lease:
+    async def admit(
+        self,
+        principal: Principal,
+        reservation: Reservation,
+        queued: Callable[[float], None],
+        keepalive: Keepalive | None = None,
+    ) -> Lease:
         """Everything the request must hold, in the order of this module's docstring, or `RateLimited` (or
         `StoreUnavailable`) with nothing held. A wait for a global slot is reported to `queued` (milliseconds,
-        refused or not): that time is the queue's, not the sidecar's own."""
+        refused or not): that time is the queue's, not the sidecar's own; `keepalive`, when given, watches that
+        wait (and only it: a request that need not queue never meets it)."""
         need = reservation.total
         slot = None
         if self.slots is not None and principal.concurrency and principal.key_id is not None:
@@ -151,7 +181,7 @@ class Limits:
             await self._shared_holds(principal, need, holds)
             local = self.local.acquire_now(principal, need)
             if local is None:
-                local = await self._queue(principal, need, queued)
+                local = await self._queue(principal, need, queued, keepalive)
             admitted = True
         except RateLimited as exc:
             if self.rates is not None:  # the figures for the whole deployment, not this replica's
@@ -203,10 +233,21 @@ class Limits:
         if self.rates is not None and (tokens := await self.rates.take(principal, need)) is not None:
             holds.append(tokens)
 
-    async def _queue(self, principal: Principal, need: int, queued: Callable[[float], None]) -> LocalLease:
+    def headers(self, principal: Principal) -> dict[str, str]:
+        """The key's `x-ratelimit-*` figures as they stand, before its lease is taken: for an answer that starts
+        while the request waits in the queue (a kept-alive stream)."""
+        headers = self.local.headers(principal)
+        if self.rates is not None:
+            self.rates.headers(principal, headers)
+        return headers
+
+    async def _queue(
+        self, principal: Principal, need: int, queued: Callable[[float], None], keepalive: Keepalive | None
+    ) -> LocalLease:
         began = time.monotonic()
         try:
-            return await self.local.acquire(principal, need)
+            waiting = self.local.acquire(principal, need)
+            return await (waiting if keepalive is None else _watched(waiting, keepalive))
         finally:
             queued((time.monotonic() - began) * 1000.0)
 

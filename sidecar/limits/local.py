@@ -254,6 +254,10 @@ class LocalLimits:
         state.reserved += need
         return LocalLease(self, state, need, holds_global, self._limit_headers(state))
 
+    def headers(self, p: Principal) -> dict[str, str]:
+        """The key's `x-ratelimit-*` figures as they stand (nothing taken)."""
+        return self._limit_headers(self.state_for(p))
+
     @staticmethod
     def _limit_headers(state: KeyState, retry: float | None = None) -> dict[str, str]:
         headers: dict[str, str] = {}
