@@ -167,6 +167,11 @@ async def test_keys_list_show_update_by_name_formats_and_models(fake, sidecar_fa
     assert header.split() == ["id", "name", "status", "rpm", "tpm", "concurrency", "weight", "priority", "models",
                               "expires_at", "created_at", "source"]  # fmt: skip
     assert "team-a" in row and "active" in row and "m,n" in row and "None" not in table.stdout
+    assert row.split()[6:8] == ["1", "normal"]  # weight and priority: the defaults, as a person reads them
+    made = cli(tmp_path, "keys", "create", "--name", "batch", "--weight", "2.5", "--priority", "low")
+    assert made.returncode == 0, made.stderr
+    assert cli(tmp_path, "keys", "list").stdout.splitlines()[-1].split()[6:8] == ["2.5", "low"]
+    cli(tmp_path, "keys", "revoke", "batch")
     assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row)
     rows = list(csv.DictReader(io.StringIO(cli(tmp_path, "keys", "list", "--format", "csv").stdout)))
     assert rows[0]["name"] == "team-a" and rows[0]["rpm"] == "5"

@@ -251,7 +251,7 @@ def _key_view(row: dict[str, Any]) -> dict[str, Any]:
         **limits,  # unset: the [limits] default applies, which is not "unlimited"
         "status": _status(row, now),
         "models": row.get("models") or "*",
-        "weight": 1 if row.get("weight") is None else row["weight"],
+        "weight": f"{1.0 if row.get('weight') is None else row['weight']:g}",  # 1, 2.5: as it was given
         "priority": row.get("priority") or "normal",
         "expires_at": iso(row.get("expires_at")) if row.get("expires_at") is not None else "never",
         "created_at": iso(row.get("created_at")),
