@@ -105,6 +105,23 @@ async def test_the_engines_queue_stays_empty_and_the_fair_order_decides(engine, 
     assert sum(1 for r in engine.served if owner(r) == "heavy") > 24
 
 
+async def test_a_first_burst_waits_in_the_sidecar_not_in_the_engines_queue(engine, sidecar_factory):
+    """The slow start: before the engine ever queued, the limit is a few (8) and doubles per reading while the
+    engine has room, so a burst of 24 on a fresh sidecar leaves at most what one step sent beyond the engine's
+    room in its queue (before: all 20 it could not run)."""
+    running = await keyed(engine, sidecar_factory, **SATURATION)
+    key = await new_key(running.url, "burst")
+    stop = asyncio.Event()
+    load = asyncio.create_task(heavy_load(running.url, key, "burst", 24, stop))
+    most = 0
+    for _ in range(100):  # a second of the burst, sampled
+        most = max(most, engine.waiting)
+        await asyncio.sleep(0.01)
+    stop.set()
+    assert set(await load) == {200}
+    assert most <= 4, most  # 8 sent, 4 run: 4 wait in the engine at most; the other 16 waited in the sidecar
+
+
 async def test_an_unreadable_page_falls_back_to_global_concurrency_and_adapts_when_it_returns(engine, sidecar_factory):
     running = await keyed(engine, sidecar_factory, **SATURATION)
     key = await new_key(running.url, "heavy")
@@ -172,7 +189,9 @@ async def test_off_by_default_the_limit_is_global_concurrency_and_the_page_is_no
 def test_the_controller_drops_to_what_the_engine_runs_and_probes_for_room():
     c = Controller(top=64, waiting=0, kv=0.95)
     room = Reading(waiting=0, running=4, kv=0.5)
-    assert c.step(room, waiters=True) == 64  # starts at global_concurrency: nothing above it
+    assert c.limit == 8  # the engine's room is not known yet: a few
+    assert c.step(room, waiters=False) == 8  # nobody waits: nothing to try
+    assert [c.step(room, waiters=True) for _ in range(4)] == [16, 32, 64, 64]  # slow start: doubles, up to the top
     assert c.step(Reading(waiting=20, running=4, kv=0.9), waiters=True) == 4  # queued: to what it runs
     assert c.step(Reading(waiting=8, running=4, kv=0.9), waiters=True) == 4  # draining: stays, never below it
     assert [c.step(room, waiters=True) for _ in range(PROBE_EVERY)] == [4] * (PROBE_EVERY - 1) + [5]  # a probe

@@ -23,10 +23,13 @@ and moves `LocalLimits.limit`, the requests dispatched at once, one step per rea
   can only be found by sending one more; spacing the probes keeps the one request a probe may leave in the
   engine's queue there for at most one interval in `PROBE_EVERY + 1`, and doubling finds a larger engine's
   room in a few probes.
-- otherwise it stays. Always between 1 and `limits.global_concurrency`, where it starts.
+- otherwise it stays. Always between 1 and `limits.global_concurrency`.
 
-So under a steady load the engine's queue is empty but for a probe, and for the first burst (up to
-`global_concurrency` sent before the first reading, drained at the engine's pace while nothing new goes).
+It starts at `START` (8), not at `global_concurrency`: until the engine first queues its room is not known, so
+while requests wait in the sidecar and the engine has room the limit doubles at every reading (a slow start, as
+TCP's: 8, 16, 32, ... reaches 256 in 1.25 s), and a first burst waits in the sidecar's fair order instead of
+filling the engine's queue. So under a steady load the engine's queue is empty but for a probe, or for what one
+doubling sent beyond its room (drained at the engine's pace while nothing new goes).
 When the page cannot be read (an error, a status other than 200, or no waiting and running series) the limit
 is `global_concurrency` as with saturation off: state `fallback`, logged once per change, in `/readyz` and
 `sidecar_engine_saturation_state`; when it can again, the limit adapts from there.
@@ -51,6 +54,7 @@ from sidecar.ops.series import gauge
 
 log = logging.getLogger("sidecar.saturation")
 PROBE_EVERY = 8  # readings with room and waiters between two probes (2 s at the default interval)
+START = 8  # the limit while the engine's room is not known yet (at start, after a fallback): doubled per reading
 STATES = ("off", "metrics", "fallback")
 # Per engine: (waiting, running, KV-cache names); the first whose waiting and running series are on the page.
 SERIES = (
@@ -105,16 +109,24 @@ class Controller:
         self.top = top  # limits.global_concurrency
         self.waiting = waiting
         self.kv = kv
-        self.limit = top
+        self.limit = min(top, START)
         self.stride = 1  # the next probe's step
         self.calm = 0  # readings with room and waiters since the last probe or saturation
+        self.found = False  # the engine queued since the page was last read: its room is known
+        self.blind = True  # the last step had no reading (the limit was global_concurrency)
 
     def step(self, reading: Reading | None, waiters: bool) -> int:
         if reading is None:
-            self.limit, self.stride, self.calm = self.top, 1, 0
-        elif reading.waiting > self.waiting or (reading.kv is not None and reading.kv > self.kv):
+            self.limit, self.stride, self.calm, self.found, self.blind = self.top, 1, 0, False, True
+            return self.limit
+        if self.blind:  # the page is back: start again from a few, or what the engine runs now
+            self.limit = min(self.top, max(START, int(reading.running) + self.waiting))
+            self.blind = False
+        if reading.waiting > self.waiting or (reading.kv is not None and reading.kv > self.kv):
             self.limit = max(1, min(self.limit, int(reading.running) + self.waiting))
-            self.stride, self.calm = 1, 0
+            self.stride, self.calm, self.found = 1, 0, True
+        elif waiters and self.limit < self.top and not self.found:
+            self.limit = min(self.top, self.limit * 2)  # slow start: the room is not known, the engine has some
         elif waiters and self.limit < self.top:
             self.calm += 1
             if self.calm >= PROBE_EVERY:
@@ -143,6 +155,7 @@ class Saturation:
 
     async def start(self) -> None:
         if self._state != "off":
+            self.local.set_limit(self.controller.limit)  # the slow start's, from the first request on
             self._task = asyncio.get_running_loop().create_task(self._tend())
 
     async def close(self) -> None:
