@@ -249,7 +249,7 @@ def test_random_paths_and_model_names_keep_metrics_bounded(threaded):
     counts.append(series())
     print(f"\n/metrics series after 1,000 / 5,000 / 10,000 random paths and model names: {counts}")
     assert counts[0] == counts[1] == counts[2], "the number of series keeps growing with new paths or models"
-    assert counts[2] < 400
+    assert counts[2] < 500  # bounded by the routes, keys and classes the config knows, not by what clients send
     conn = http.client.HTTPConnection("127.0.0.1", threaded.port, timeout=30)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
