@@ -3,6 +3,7 @@ series it draws, on SQLite and PostgreSQL. The browser walk-through is tests/tes
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -305,3 +306,137 @@ async def test_the_cookie_max_age_follows_the_sliding_session(plain):
         _, _, r = await sign_in(s, capped.url, ADMIN)
         max_age = int(r.headers["set-cookie"].split("Max-Age=")[1].split(";")[0])
         assert 0 < max_age <= 50  # never past what the session has left
+
+
+def static_key(tmp_path: Path, name: str) -> tuple[str, str, dict]:
+    """A key of `auth.static_keys_file` (its pepper in tmp_path/pepper): the key, its id, the sidecar's options."""
+    import orjson
+
+    from sidecar.keys.format import hash_secret, new_key
+
+    pepper = b"static-pepper-0123456789"
+    (tmp_path / "pepper").write_bytes(pepper + b"\n")
+    key, kid, secret = new_key()
+    line = {"id": kid, "name": name, "hash": hash_secret(pepper, secret), "created_at": 1.0}
+    (tmp_path / "static.jsonl").write_bytes(orjson.dumps(line) + b"\n")
+    return (
+        key,
+        kid,
+        {"auth__pepper_file": str(tmp_path / "pepper"), "auth__static_keys_file": str(tmp_path / "static.jsonl")},
+    )
+
+
+async def test_every_key_id_the_console_shows_comes_with_the_keys_name(fake, sidecar_factory, tmp_path):
+    """Three keys, one of them static, and some traffic: top keys, the chart's split by key, the request log, the
+    queue, the admin audit log and the audit records name each key (joined by the server: the page loads no list of
+    keys to find them)."""
+    gamma, gamma_id, options = static_key(tmp_path, "gamma")
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, console__enabled=True, audit__capture="all",
+        audit__sinks="db", **options,
+    )  # fmt: skip
+    async with browser() as s:
+        _, alpha, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "alpha"})
+        _, beta, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "beta"})
+        for key, n in ((alpha["key"], 1), (beta["key"], 2), (gamma, 3)):
+            for _ in range(n):
+                async with s.post(
+                    running.url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"}
+                ) as r:
+                    assert r.status == 200
+        await running.stored(6)
+        await sign_in(s, running.url, ADMIN)
+
+        async def get(path: str) -> list[dict]:
+            async with s.get(running.url + "/console/api/" + path) as r:
+                assert r.status == 200, path
+                return (await r.json())["data"]
+
+        names = {alpha["id"]: "alpha", beta["id"]: "beta", gamma_id: "gamma"}
+        assert {row["key"]: row["name"] for row in await get("usage?since=1d&by=key")} == names
+        assert {row["key"]: row["name"] for row in await get("series?since=1d&split=key")} == names
+        assert {row["key_id"]: row["key_name"] for row in await get("requests?since=1d")} == names
+        assert {row["key_id"]: row["key_name"] for row in await get("queue")} == names
+        assert {row["target"]: row["target_name"] for row in await get("audit")} == {
+            alpha["id"]: "alpha", beta["id"]: "beta"
+        }  # fmt: skip
+        for _ in range(200):  # the db sink writes in batches, after the request log
+            records = await get("audit-records?since=1d")
+            if len(records) == 6:
+                break
+            await asyncio.sleep(0.05)
+        assert {row["key_id"]: row["key_name"] for row in records} == names
+        assert all("name" not in row for row in await get("usage?since=1d&by=model"))
+
+
+async def test_every_field_of_a_key_changes_through_the_console_with_csrf_and_in_the_audit_log(console):
+    """The console's edit dialog sends what the admin API takes: every field, through `KeyAdmin.update`, each change
+    an admin audit row naming the console as the actor."""
+    import time
+
+    async with browser() as s:
+        _, session, _ = await sign_in(s, console.url, ADMIN)
+        csrf = {"x-csrf-token": session["csrf"]}
+        async with s.post(console.url + "/console/api/keys", json={"name": "before"}, headers=csrf) as r:
+            kid = (await r.json())["id"]
+        url = f"{console.url}/console/api/keys/{kid}"
+        change = {
+            "name": "after", "rpm": 60, "tpm": 5000, "concurrency": 3, "budget_tokens": 90000, "budget_period": "week",
+            "models": ["fake-model", "other-model"], "audit": "on", "weight": 2.5, "priority": "high",
+            "cache_group": "team-a",
+        }  # fmt: skip
+        async with s.patch(url, json={**change, "expires_in": "30d"}) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "csrf"  # no token: nothing changed
+        async with s.patch(url, json={**change, "expires_in": "30d"}, headers=csrf) as r:
+            assert r.status == 200
+            row = await r.json()
+        assert {k: row[k] for k in change} == change
+        assert abs(row["expires_at"] - (time.time() + 30 * 86400)) < 60
+        async with s.patch(url, json={"expires_in": "never", "audit": None, "priority": None}, headers=csrf) as r:
+            row = await r.json()
+            assert (row["expires_at"], row["audit"], row["priority"]) == (None, None, None)
+        async with s.get(console.url + "/console/api/audit") as r:
+            events = [e for e in (await r.json())["data"] if e["target"] == kid and e["action"] == "key.update"]
+    assert len(events) == 2 and all(e["actor"].startswith("console:") for e in events)
+    newest, first = events  # newest first
+    assert newest["changes"] == {"expires_at": None, "audit": None, "priority": None}
+    assert {k: first["changes"][k] for k in change} == change and first["changes"]["expires_at"] > time.time()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"weight": 0}, "`weight` must be a number above 0 and at most 1000, or null."),
+        ({"budget_tokens": 1000}, "`budget_tokens` and `budget_period` are set together."),
+        ({"tpm": "lots"}, "`tpm` must be a non-negative integer or null."),
+        ({"expires_in": "soon"}, "Invalid duration 'soon': use e.g. 30d, 12h, 15m (at most a century)."),
+        ({"name": ""}, "`name` must be a string of 1-200 characters."),
+        ({"colour": "red"}, "Unknown field 'colour'."),
+    ],
+)
+async def test_a_bad_value_through_the_console_gets_the_admin_apis_400_and_changes_nothing(
+    fake, sidecar_factory, change, message
+):
+    running = await sidecar_factory(fake.url, auth__enabled=True, server__admin_token=ADMIN, console__enabled=True)
+    async with browser() as s:
+        _, key, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "kept", "tpm": 10})
+        _, session, _ = await sign_in(s, running.url, ADMIN)
+        url = f"{running.url}/console/api/keys/{key['id']}"
+        async with s.patch(url, json=change, headers={"x-csrf-token": session["csrf"]}) as r:
+            assert r.status == 400 and (await r.json())["error"]["message"] == message
+            assert r.headers["content-security-policy"].startswith("default-src 'none'")
+        async with s.get(url) as r:
+            row = await r.json()
+            assert (row["name"], row["tpm"], row["updated_at"]) == ("kept", 10, key["updated_at"])
+
+
+async def test_a_static_key_is_not_changed_through_the_console(fake, sidecar_factory, tmp_path):
+    _, kid, options = static_key(tmp_path, "from-a-file")
+    running = await sidecar_factory(
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, console__enabled=True, **options
+    )
+    async with browser() as s:
+        _, session, _ = await sign_in(s, running.url, ADMIN)
+        url = f"{running.url}/console/api/keys/{kid}"
+        async with s.patch(url, json={"rpm": 5}, headers={"x-csrf-token": session["csrf"]}) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "static_key"

@@ -131,11 +131,11 @@ class Console:
             ("GET", "/console/api/keys/{id}", self.admin.get_key),
             ("PATCH", "/console/api/keys/{id}", self.admin.update_key),
             ("DELETE", "/console/api/keys/{id}", self.admin.revoke_key),
-            ("GET", "/console/api/audit", self.admin.audit_log),
-            ("GET", "/console/api/usage", self.admin.usage),
-            ("GET", "/console/api/requests", self.admin.requests),
-            ("GET", "/console/api/audit-records", self.admin.audit_records),
-            ("GET", "/console/api/queue", self.queue),
+            ("GET", "/console/api/audit", self._named(self.admin.audit_log, "target", "target_name")),
+            ("GET", "/console/api/usage", self._named(self.admin.usage, "key", "name")),
+            ("GET", "/console/api/requests", self._named(self.admin.requests, "key_id", "key_name")),
+            ("GET", "/console/api/audit-records", self._named(self.admin.audit_records, "key_id", "key_name")),
+            ("GET", "/console/api/queue", self._named(self.queue, "key_id", "key_name")),
         ):
             routes.add(method, path, self._api(handler, "admin", roles))
 
@@ -359,6 +359,33 @@ class Console:
             budget = await budget_fields(row.id, row.budget_tokens, row.budget_period, self.limits.remaining)
         return {**row.public(), **budget}
 
+    def _named(self, handler: Handler, id_field: str, name_field: str) -> Handler:
+        """An operator's listing whose rows name a key by id (`id_field`), each row with that key's name too
+        (`name_field`, null for a key no longer known): operators know keys by name, the store keeps ids."""
+
+        async def run(request: web.Request, rid: str) -> Any:
+            result = await handler(request, rid)
+            if isinstance(result, dict):  # not a CSV download
+                await self._add_names(result["data"], id_field, name_field)
+            return result
+
+        return run
+
+    async def _add_names(self, rows: list[dict[str, Any]], id_field: str, name_field: str) -> None:
+        """Joined here, not in the page: whatever the number of keys, every id shown gets its name. One listing of
+        the store's keys per answer (a table of keys, small next to any usage) and only when a row names one."""
+        ids = {row[id_field] for row in rows if row.get(id_field)}
+        if not ids:
+            return
+        static = {row.id: row.name for row in self.auth.static.rows() if row.id in ids}
+        stored = (
+            {row.id: row.name for row in await self.store.list_keys() if row.id in ids} if ids - static.keys() else {}
+        )
+        names = {**stored, **static}  # a static key's id is found there first, as the authenticator does
+        for row in rows:
+            if id_field in row:
+                row[name_field] = names.get(row[id_field])
+
     async def queue(self, request: web.Request, rid: str) -> Any:
         """Operators: the dispatch queue now (depth per class; per key what waits and runs) and each key's share of
         the tokens served over the last minutes; `top` keys at most (default and cap TOP_QUEUE_KEYS)."""
@@ -383,6 +410,8 @@ class Console:
         with self._report(session):
             rows = await self.store.usage_series(since, until, BUCKETS[bucket], split, key_id)
         rows = _top_groups(rows, split)
+        if split == "key":  # operators' only: the chart's legend names keys
+            await self._add_names(rows, "key", "name")
         return {"object": "list", "since": since, "until": until, "bucket": bucket, "split": split, "data": rows}
 
 
