@@ -31,6 +31,15 @@
     return e;
   }
 
+  // A key as operators know it: its name, its id beside it (and on hover); the id alone for a key no longer known.
+  function keyCell(id, name) {
+    if (!id) return "none";
+    const span = el("span", name || id);
+    span.title = id;
+    if (name) span.append(" ", el("small", id, "kid"));
+    return span;
+  }
+
   function table(target, columns, rows, onPick) {
     const t = $(target);
     t.replaceChildren();
@@ -133,10 +142,11 @@
       api("GET", `usage?since=${since}&by=key`),
       api("GET", `usage?since=${since}&by=model`),
     ]);
+    if (split === "key") usage.data.forEach((r) => r.name && (r.key = `${r.name} (${r.key})`)); // the legend names keys
     stacked("chart-usage", usage.data, split, measure, bucket, usage.since);
     stacked("chart-outcomes", outcomes.data, "outcome", "requests", bucket, outcomes.since);
     const cols = (k) => [
-      { label: k, get: (r) => r[k] ?? "none" },
+      { label: k, get: (r) => (k === "key" ? keyCell(r.key, r.name) : r[k] ?? "none") },
       { label: "requests", num: true, get: (r) => num.format(r.requests) },
       { label: "tokens", num: true, get: (r) => num.format(r.total_tokens) },
       { label: "cached", num: true, get: (r) => num.format(r.cached_tokens) },
@@ -160,6 +170,8 @@
       { label: "budget", get: (k) => (k.budget_tokens ? `${num.format(k.budget_tokens)} / ${k.budget_period}` : "") },
       { label: "weight", num: true, get: (k) => k.weight ?? 1 },
       { label: "priority", get: (k) => k.priority || "normal" },
+      { label: "models", get: (k) => (k.models ? k.models.join(", ") : "all") },
+      { label: "expires", get: (k) => (k.expires_at ? when(k.expires_at) : "never") },
       { label: "created", get: (k) => when(k.created_at) },
       { label: "state", get: (k) => (k.revoked_at ? "revoked " + when(k.revoked_at) : "active") },
       { label: "", get: (k) => (k.revoked_at || k.source === "static" ? "" : actions(k)) },
@@ -167,15 +179,12 @@
   }
 
   function actions(k) {
-    const span = el("span");
-    const rpm = el("button", "Set rpm");
-    rpm.type = "button";
-    rpm.addEventListener("click", async () => {
-      const value = window.prompt(`Requests per minute for ${k.name} (0: none)`, k.rpm || 0);
-      if (value === null) return;
-      await guarded(() => api("PATCH", "keys/" + encodeURIComponent(k.id), { rpm: Number(value) }), "keys-error");
-      await loadKeys();
-    });
+    const span = el("span", null, "actions");
+    const edit = el("button", "Edit");
+    edit.type = "button";
+    edit.dataset.edit = k.id;
+    edit.setAttribute("aria-label", `Edit key ${k.name}`);
+    edit.addEventListener("click", () => openEdit(k));
     const revoke = el("button", "Revoke");
     revoke.type = "button";
     revoke.dataset.revoke = k.id;
@@ -184,8 +193,62 @@
       await guarded(() => api("DELETE", "keys/" + encodeURIComponent(k.id)), "keys-error");
       await loadKeys();
     });
-    span.append(rpm, " ", revoke);
+    span.append(edit, " ", revoke);
     return span;
+  }
+
+  // The edit dialog: every field a key has. Values go to the admin API as typed (a number as a number): its
+  // validation is the only one, and its message is shown in the dialog, which stays open.
+  let editing = null; // the key being edited, as the keys list gave it
+  const EDIT_TEXT = { "e-name": "name", "e-period": "budget_period", "e-cache-group": "cache_group" };
+  const EDIT_NUMBERS = { "e-rpm": "rpm", "e-tpm": "tpm", "e-concurrency": "concurrency", "e-budget": "budget_tokens", "e-weight": "weight" };
+  const EDIT_CHOICES = { "e-audit": "audit", "e-priority": "priority" };
+
+  function openEdit(k) {
+    editing = k;
+    $("edit-title").textContent = `Edit key ${k.name}`;
+    $("edit-id").textContent = k.id;
+    for (const [id, field] of Object.entries({ ...EDIT_TEXT, ...EDIT_NUMBERS, ...EDIT_CHOICES })) $(id).value = k[field] ?? "";
+    $("e-models").value = (k.models || []).join(", ");
+    $("e-expires").value = "";
+    $("e-expires-hint").textContent =
+      (k.expires_at ? `Expires ${when(k.expires_at)}.` : "Never expires.") + ' Empty: unchanged; a time from now (30d, 12h); or "never".';
+    $("edit-error").textContent = "";
+    $("edit-dialog").showModal();
+  }
+
+  // The form as the API takes it: an empty field is null (no limit, the default; an empty name is the server's
+  // to refuse); a number typed is sent as one, anything else as typed, for the server to say what is wrong.
+  function editValues() {
+    const out = {};
+    const number = (v) => (v.trim() === "" ? null : Number.isFinite(Number(v)) ? Number(v) : v);
+    for (const [id, field] of Object.entries(EDIT_TEXT)) out[field] = $(id).value === "" ? null : $(id).value;
+    out.name = $("e-name").value;
+    for (const [id, field] of Object.entries(EDIT_NUMBERS)) out[field] = number($(id).value);
+    for (const [id, field] of Object.entries(EDIT_CHOICES)) out[field] = $(id).value || null;
+    const models = $("e-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+    out.models = models.length ? models : null;
+    return out;
+  }
+
+  async function saveEdit(ev) {
+    ev.preventDefault();
+    // Only what was changed: another operator's edit of another field meanwhile stands; the audit row says what.
+    const change = {};
+    for (const [field, v] of Object.entries(editValues())) {
+      if (JSON.stringify(v) !== JSON.stringify(editing[field] ?? null)) change[field] = v;
+    }
+    if ($("e-expires").value.trim()) change.expires_in = $("e-expires").value.trim();
+    if (Object.keys(change).length) {
+      try {
+        await api("PATCH", "keys/" + encodeURIComponent(editing.id), change);
+      } catch (e) {
+        $("edit-error").textContent = e.message;
+        return;
+      }
+    }
+    $("edit-dialog").close();
+    await guarded(loadKeys, "keys-error");
   }
 
   async function guarded(fn, errorTarget) {
@@ -230,7 +293,7 @@
     $("more").hidden = !before;
     table("requests", [
       { label: "time", get: (r) => when(r.started_at) },
-      { label: "key", get: (r) => r.key_id },
+      { label: "key", get: (r) => keyCell(r.key_id, r.key_name) },
       { label: "model", get: (r) => r.model },
       { label: "status", num: true, get: (r) => r.status },
       { label: "outcome", get: (r) => r.outcome },
@@ -250,7 +313,7 @@
       { label: "time", get: (e) => when(e.at) },
       { label: "actor", get: (e) => e.actor },
       { label: "action", get: (e) => e.action },
-      { label: "key", get: (e) => e.target },
+      { label: "key", get: (e) => keyCell(e.target, e.target_name) },
       { label: "changes", get: (e) => JSON.stringify(e.changes ?? "") },
     ], log.data);
   }
@@ -260,7 +323,7 @@
     table("records", [
       { label: "time", get: (r) => when(r.emitted_at) },
       { label: "request", get: (r) => r.request_id },
-      { label: "key", get: (r) => r.key_id },
+      { label: "key", get: (r) => keyCell(r.key_id, r.key_name) },
     ], page.data, (r) => {
       $("record-detail").textContent = JSON.stringify(r, null, 2);
       $("record-detail").hidden = false;
@@ -284,12 +347,7 @@
   }
 
   // The dispatch queue now, and who got the engine lately; refreshed every few seconds while the tab is shown.
-  let names = Object.create(null); // key id -> name, from the keys list (ids come from the server)
   async function loadQueue() {
-    if (!Object.keys(names).length) {
-      const keys = await api("GET", "keys");
-      keys.data.forEach((k) => (names[k.id] = k.name));
-    }
     const q = await api("GET", "queue");
     $("queue-summary").textContent =
       `Order ${q.order}; ${num.format(q.active)} of ${num.format(q.limit)} upstream slots in use; ` +
@@ -298,7 +356,7 @@
     table("queue-depth", Object.keys(q.depth).map((p) => ({ label: p, num: true, get: (d) => num.format(d[p]) })), [q.depth]);
     const waiting = (r) => Object.values(r.waiting).reduce((a, b) => a + b, 0);
     table("queue-keys", [
-      { label: "key", get: (r) => (r.key_id ? names[r.key_id] || r.key_id : "(no key)") },
+      { label: "key", get: (r) => (r.key_id ? r.key_name || r.key_id : "(no key)") },
       { label: "id", get: (r) => r.key_id || "" },
       { label: "waiting", num: true, get: (r) => num.format(waiting(r)) },
       { label: "by class", get: (r) => Object.entries(r.waiting).filter((e) => e[1]).map((e) => `${e[0]} ${e[1]}`).join(", ") },
@@ -319,7 +377,6 @@
   function showTab(name) {
     document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("on", b.dataset.tab === name));
     document.querySelectorAll(".tab").forEach((t) => (t.hidden = t.id !== "tab-" + name));
-    if (name === "queue") names = Object.create(null); // keys made or renamed since are named
     watchQueue(name === "queue");
     guarded(loaders[name], name === "keys" ? "keys-error" : "signin-error");
   }
@@ -357,6 +414,8 @@
     $("signin-form").addEventListener("submit", signIn);
     $("logout").addEventListener("click", signOut);
     $("create-form").addEventListener("submit", createKey);
+    $("edit-form").addEventListener("submit", saveEdit);
+    $("edit-cancel").addEventListener("click", () => $("edit-dialog").close());
     $("filter-form").addEventListener("submit", (ev) => { ev.preventDefault(); guarded(() => loadRequests(false), "signin-error"); });
     $("queue-refresh").addEventListener("click", () => guarded(loadQueue, "signin-error"));
     $("more").addEventListener("click", () => guarded(() => loadRequests(true), "signin-error"));
