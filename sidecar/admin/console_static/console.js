@@ -173,9 +173,15 @@
       { label: "models", get: (k) => (k.models ? k.models.join(", ") : "all") },
       { label: "expires", get: (k) => (k.expires_at ? when(k.expires_at) : "never") },
       { label: "created", get: (k) => when(k.created_at) },
-      { label: "state", get: (k) => (k.revoked_at ? "revoked " + when(k.revoked_at) : "active") },
+      { label: "state", get: (k) => state(k) },
       { label: "", get: (k) => (k.revoked_at || k.source === "static" ? "" : actions(k)) },
     ], keys.data);
+  }
+
+  function state(k) {
+    if (k.revoked_at) return "revoked " + when(k.revoked_at);
+    if (k.expires_at && k.expires_at * 1000 <= Date.now()) return "expired " + when(k.expires_at);
+    return "active";
   }
 
   function actions(k) {
