@@ -47,6 +47,18 @@ ensure_prometheus() {  # tests/test_observability.py runs a real Prometheus and 
   fi
 }
 
+ensure_oidc_provider() {  # tests/test_console_oidc.py starts a real OpenID provider: npm's oidc-provider, on node
+  local dir=tests/support/oidc
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm || { echo "node unavailable: the OIDC tests will skip (or fail with CI=true)" >&2; return 0; }
+  fi
+  # The lock file's versions, into the gitignored node_modules beside it; again only when the lock file changed.
+  if [ ! -f "$dir/node_modules/.installed" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.installed" ]; then
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed) \
+      || echo "npm ci failed: the OIDC tests will skip (or fail with CI=true)" >&2
+  fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -63,12 +75,14 @@ case "$cmd" in
     ensure_postgres
     ensure_prometheus
     ensure_chromium
+    ensure_oidc_provider
     ;;
   test)
     ensure_venv dev
     ensure_postgres
     ensure_prometheus
     ensure_chromium
+    ensure_oidc_provider
     set +e
     # Both cores (pytest-xdist): the tests mostly wait on sockets and timers. SIDECAR_TEST_WORKERS=0: one process.
     .venv/bin/python -m pytest -n "${SIDECAR_TEST_WORKERS:-2}" "$@"

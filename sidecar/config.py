@@ -176,6 +176,13 @@ class ConsoleCfg:
     session_max_age: float = 43200.0  # and at most this long however much it is used
     max_sessions: int = 10_000
     secure_cookie: Literal["auto", "always", "never"] = "auto"  # auto: TLS here or https from a trusted proxy
+    # OpenID Connect sign-in for operators (sidecar/admin/oidc.py); off while oidc_issuer is "".
+    oidc_issuer: str = ""  # e.g. https://login.example.com/realms/platform (its discovery document is read)
+    oidc_client_id: str = ""
+    oidc_client_secret_file: str = ""  # a confidential client: the secret from a file (a mounted Secret)
+    oidc_operator_claim: str = ""  # CLAIM=VALUE that makes an operator, e.g. groups=platform
+    oidc_viewer_claim: str = ""  # CLAIM=VALUE that makes a read-only operator
+    oidc_scopes: tuple[str, ...] = ("openid", "email", "profile")
 
 
 @dataclass(frozen=True)
@@ -398,6 +405,26 @@ def _check(s: Settings) -> None:
     if s.tracing.endpoint and not s.tracing.endpoint.startswith(("http://", "https://")):
         shown = mask_url(s.tracing.endpoint)
         raise ConfigError(f"tracing.endpoint: must start with http:// or https://, got {shown!r}")
+    if s.console.oidc_issuer:
+        _check_oidc(s.console)
+
+
+def _check_oidc(c: ConsoleCfg) -> None:
+    """OIDC sign-in: an https issuer (plain http only on loopback, for a provider on this host), a client, its
+    secret's file, a role rule or two, and `openid` among the scopes."""
+    parts = urlsplit(c.oidc_issuer)
+    loopback = parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if not (parts.scheme == "https" or loopback) or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"console.oidc_issuer: must be an https:// URL, got {mask_url(c.oidc_issuer)!r}")
+    for name in ("oidc_client_id", "oidc_client_secret_file", "oidc_operator_claim"):
+        if not getattr(c, name):
+            raise ConfigError(f"console.{name}: required with console.oidc_issuer")
+    for name in ("oidc_operator_claim", "oidc_viewer_claim"):
+        claim, eq, value = getattr(c, name).partition("=")
+        if getattr(c, name) and not (eq and claim.strip() and value.strip()):
+            raise ConfigError(f"console.{name}: expected CLAIM=VALUE (e.g. groups=platform), got {getattr(c, name)!r}")
+    if "openid" not in c.oidc_scopes:
+        raise ConfigError("console.oidc_scopes: must include openid")
 
 
 def _check_saturation(limits: LimitsCfg) -> None:

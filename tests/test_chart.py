@@ -33,8 +33,24 @@ COMBOS: dict[str, dict] = {
     "postgres-ha": {
         "replicaCount": 3,
         "store": {"type": "postgres"},
-        "secrets": {"pepper": PEPPER, "postgresDsn": DSN, "adminToken": "admin-token-0123"},
+        "secrets": {
+            "pepper": PEPPER,
+            "postgresDsn": DSN,
+            "adminToken": "admin-token-0123",
+            "oidcClientSecret": "oidc-secret",
+        },
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+        "sidecar": {
+            "config": {
+                "console": {
+                    "enabled": True,
+                    "oidc_issuer": "https://login.example.com/realms/platform",
+                    "oidc_client_id": "sidecar-console",
+                    "oidc_operator_claim": "groups=platform",
+                    "oidc_viewer_claim": "groups=readers",
+                }
+            }
+        },
     },
     "existing-secret": {
         "store": {"type": "postgres"},
@@ -43,6 +59,7 @@ COMBOS: dict[str, dict] = {
         "admin": {"enabled": True},
         "upstreamAuth": {"enabled": True},
         "staticKeys": {"enabled": True},
+        "oidc": {"enabled": True},
         "sidecar": {"auditCapture": "all"},
     },
     "existing-secret-minimal": {"secrets": {"create": False, "existingSecret": "mine"}},
@@ -250,6 +267,8 @@ def test_upstream_mode_without_url_is_refused(helm):
 def test_feature_switch_without_its_secret_value_is_refused(helm):
     err = refused(helm, {"admin": {"enabled": True}, "secrets": {"pepper": PEPPER}})
     assert "admin.enabled needs secrets.adminToken" in err
+    err = refused(helm, {"oidc": {"enabled": True}, "secrets": {"pepper": PEPPER}})
+    assert "oidc.enabled needs secrets.oidcClientSecret" in err
     err = refused(helm, {"httpRoute": {"enabled": True}, "secrets": {"pepper": PEPPER}})
     assert "httpRoute.parentRefs is required" in err
 
@@ -452,19 +471,24 @@ def test_secret_keys_follow_the_features(helm):
     assert "admin_token_file" not in config["server"] and "api_key_file" not in config["upstream"]
     # created Secret, admin and DSN
     docs = render(helm, "postgres-ha")
-    assert set(one(docs, "Secret")["stringData"]) == {"pepper", "admin-token", "postgres-dsn"}
+    assert set(one(docs, "Secret")["stringData"]) == {"pepper", "admin-token", "postgres-dsn", "oidc-client-secret"}
     assert toml_config(docs)["server"]["admin_token_file"] == "/etc/sidecar/secrets/admin-token"
+    console = toml_config(docs)["console"]  # the chart's secret file merged with the user's OIDC settings
+    assert console["oidc_client_secret_file"] == "/etc/sidecar/secrets/oidc-client-secret"
+    assert console["oidc_issuer"] == "https://login.example.com/realms/platform"
     # existing Secret with every feature: every key projected and named; nothing created
     docs = render(helm, "existing-secret")
     assert by_kind(docs, "Secret") == []
     secret = {v["name"]: v for v in pod_spec(docs)["volumes"]}["secrets"]["secret"]
     assert secret["secretName"] == "mine"
-    assert [i["key"] for i in secret["items"]] == ["pepper", "admin-token", "upstream-api-key", "static-keys.jsonl"]
+    keys = [i["key"] for i in secret["items"]]
+    assert keys == ["pepper", "admin-token", "upstream-api-key", "static-keys.jsonl", "oidc-client-secret"]
     config = toml_config(docs)
     assert config["server"]["admin_token_file"] == "/etc/sidecar/secrets/admin-token"
     assert config["upstream"]["api_key_file"] == "/etc/sidecar/secrets/upstream-api-key"
     assert config["auth"]["static_keys_file"] == "/etc/sidecar/secrets/static-keys.jsonl"
     assert config["audit"] == {"capture": "all"}
+    assert config["console"] == {"oidc_client_secret_file": "/etc/sidecar/secrets/oidc-client-secret"}
     env = {e["name"]: e for e in container(docs, "sidecar")["env"]}
     assert env["SIDECAR_STORE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "postgres-dsn"}
     # existing Secret holding only the pepper

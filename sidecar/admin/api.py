@@ -34,6 +34,8 @@ Handler = Callable[[web.Request, str], Awaitable[Any]]
 _FAILURES_LOGGED_PER_MINUTE = 10
 log = logging.getLogger("sidecar.admin")
 
+ACTOR = web.RequestKey("sidecar.admin.actor", str)  # who the console's session says is making a change
+
 
 class Admin:
     def __init__(
@@ -114,6 +116,10 @@ class Admin:
         return True
 
     def _actor(self, request: web.Request) -> str:
+        """Who made a change, for the admin audit log: an operator signed in at the OpenID provider by their
+        subject and email (the console sets ACTOR), otherwise the admin token's holder by address."""
+        if ACTOR in request:
+            return request[ACTOR]
         via = "console" if request.path.startswith("/console/") else "admin-api"
         return f"{via}:{self.client(request) or 'unknown'}"
 

@@ -11,13 +11,16 @@ admin API's own handlers (operators) and the key's own usage (key holders: never
 figures (a key's budget left) run on the store's report connection within `store.report_timeout`, as the admin
 API's do, so they never queue in front of key lookups or health checks; a key holder's cost what its
 `/v1/usage` does (`Limits.report`: one at a time, a request and a slot of its key's limits); a series reaches
-back at most 31 days.
+back at most 31 days. With `[console] oidc_issuer`, operators also sign in at their OpenID provider
+(`oidc.Oidc`): the same session and cookie, named in the admin audit log as `oidc:<sub> <email>`; a read-only
+operator (`oidc_viewer_claim`) gets every page and is refused every change, here on the server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import html
 import math
 import secrets
 import time
@@ -28,7 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.admin.api import Admin
+from sidecar.admin.api import ACTOR, Admin
+from sidecar.admin.oidc import Oidc
 from sidecar.admin.params import only_params, read_json, since_param, time_param
 from sidecar.admin.throttle import local_port
 from sidecar.config import ConsoleCfg
@@ -87,6 +91,8 @@ class Session:
     name: str | None = None
     checked: float = 0.0  # when the key was last found still valid
     principal: Principal | None = None  # a key holder's key, as last found: its limits apply to its reports
+    actor: str | None = None  # an operator signed in at the OpenID provider, as the admin audit log names them
+    read_only: bool = False  # a viewer: every page, no change
 
 
 class Console:
@@ -108,6 +114,7 @@ class Console:
         self.max_days = max_days
         self.https = https  # whether the client reached us over TLS (here, or at a trusted proxy)
         self._sessions: dict[str, Session] = {}
+        self.oidc = Oidc(cfg) if cfg.oidc_issuer else None
         admin.on_key_change.append(self.forget_key)
 
     def add_routes(self, routes: Handlers, operators: bool, holders: bool) -> None:
@@ -125,6 +132,9 @@ class Console:
         routes.add("GET", "/console/api/series", self._api(self.series, "any", roles))
         if not operators:
             return
+        if self.oidc is not None:
+            routes.add("GET", "/console/oidc/login", self._secured(self.oidc_login))
+            routes.add("GET", "/console/oidc/callback", self.oidc_callback)
         for method, path, handler in (
             ("GET", "/console/api/keys", self.admin.list_keys),
             ("POST", "/console/api/keys", self.admin.create_key),
@@ -174,18 +184,56 @@ class Console:
         except Unauthorized:
             self.admin.refused(request, "console sign-in refused")
             raise
+        resp = json_response(self._describe(session), rid)
+        self._open(request, resp, session, roles)
+        return resp
+
+    def _open(self, request: web.Request, resp: web.StreamResponse, session: Session, roles: tuple[str, ...]) -> None:
+        """`session` becomes this port's, its cookie on `resp`."""
         for role in roles:  # one session per port, never the old one's id: whatever was signed in here ends
             old = request.cookies.get(COOKIES[role], "")
-            if old in self._sessions and self._sessions[old].port == port:
+            if old in self._sessions and self._sessions[old].port == session.port:
                 del self._sessions[old]
         self._make_room(session)
         sid = secrets.token_urlsafe(32)
         self._sessions[sid] = session
-        resp = json_response(self._describe(session), rid)
         for role in roles:  # the other role's cookie on this port names a session that just ended
             if role != session.role and COOKIES[role] in request.cookies:
                 resp.del_cookie(COOKIES[role], path="/console")
         self._set_cookie(resp, request, sid, session)
+
+    # --- OpenID Connect --------------------------------------------------------------------------------------
+
+    async def oidc_login(self, request: web.Request) -> web.StreamResponse:
+        """To the provider's sign-in, back at `/console/oidc/callback` on this origin (the provider accepts only
+        the redirect URIs registered for the client, so a forged Host sends nobody anywhere)."""
+        assert self.oidc is not None
+        only_params(request, ())
+        scheme = "https" if self.https(request) else "http"
+        url = await self.oidc.begin(f"{scheme}://{request.host}/console/oidc/callback", local_port(request))
+        return web.Response(status=302, headers={"location": url})
+
+    async def oidc_callback(self, request: web.Request) -> web.StreamResponse:
+        """The provider's answer: a session for an operator or a viewer, then the console; a refusal is a page
+        saying why (its status the error's: 400 an unknown state, 401 a token refused, 403 no role)."""
+        assert self.oidc is not None
+        try:
+            self.admin.throttle.check(request)
+            if "error" in request.query:  # the person declined, or the provider refused them
+                raise Unauthorized(f"The provider answered {request.query['error'][:100]}.", code="oidc_refused")
+            state, code = request.query.get("state", ""), request.query.get("code", "")
+            who = await self.oidc.finish(state, code, local_port(request))
+        except SidecarError as err:
+            if isinstance(err, Unauthorized) and err.status == 401:
+                self.admin.refused(request, "console OIDC sign-in refused")
+            return _refusal(err)
+        now = time.monotonic()
+        session = Session(
+            "admin", secrets.token_urlsafe(32), now, now, local_port(request), name=who.email or who.subject,
+            actor=who.actor, read_only=who.read_only,
+        )  # fmt: skip
+        resp = web.Response(status=303, headers={**SECURITY_HEADERS, "location": "/console/"})
+        self._open(request, resp, session, ("admin",))
         return resp
 
     async def _session_for(self, token: str, roles: tuple[str, ...], port: int, address: str) -> Session:
@@ -239,7 +287,8 @@ class Console:
         try:
             sid, session = await self._session(request, roles)
         except Unauthorized:
-            return json_response({"role": None}, request_id(request))
+            oidc = self.oidc.host if self.oidc is not None and "admin" in roles else None
+            return json_response({"role": None, "oidc": oidc}, request_id(request))
         resp = json_response(self._describe(session), request_id(request))
         self._set_cookie(resp, request, sid, session)
         return resp
@@ -252,7 +301,10 @@ class Console:
 
     @staticmethod
     def _describe(session: Session) -> dict[str, Any]:
-        return {"role": session.role, "csrf": session.csrf, "key_id": session.key_id, "name": session.name}
+        return {
+            "role": session.role, "csrf": session.csrf, "key_id": session.key_id, "name": session.name,
+            "read_only": session.read_only,
+        }  # fmt: skip
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -290,11 +342,15 @@ class Console:
             sid, session = await self._session(request, roles)
             if role not in ("any", session.role):
                 raise Forbidden("Not for this session.", code="console_role")
+            if session.read_only and role == "admin" and request.method != "GET":
+                raise Forbidden("Read-only operators see everything and change nothing.", code="console_read_only")
             if request.method != "GET":
                 self._json_only(request)
                 sent = request.headers.get("x-csrf-token", "").encode("utf-8", "surrogateescape")
                 if not hmac.compare_digest(sent, session.csrf.encode()):
                     raise Forbidden("Missing or wrong CSRF token.", code="csrf")
+            if session.actor is not None:
+                request[ACTOR] = session.actor
             result = await (handler(request, rid) if role == "admin" else handler(request, rid, session))
             resp = result if isinstance(result, web.StreamResponse) else json_response(
                 result, rid, 201 if request.method == "POST" else 200
@@ -430,3 +486,16 @@ def _top_groups(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
         into["requests"] += row["requests"]
         into["total_tokens"] += row["total_tokens"]
     return list(folded.values())
+
+
+def _refusal(err: SidecarError) -> web.Response:
+    """A refused OIDC sign-in as a page (a browser landed here): what went wrong and the way back."""
+    message, code = html.escape(err.message), html.escape(err.code or "")
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign-in refused</title>'
+        '<link rel="stylesheet" href="/console/static/console.css"></head><body><main><section>'
+        f'<h2>Sign-in refused</h2><p id="refused" data-code="{code}">{message}</p>'
+        '<p><a href="/console/">Back to the console</a></p></section></main></body></html>'
+    )
+    headers = {**err.headers, **SECURITY_HEADERS, "content-type": "text/html; charset=utf-8"}
+    return web.Response(status=err.status, body=body.encode(), headers=headers)

@@ -1,7 +1,7 @@
 """Fixtures shared by many test files (registered by `tests/conftest.py`): the session's throwaway PostgreSQL
-(`pg_server`), a fresh database per test (`pg_url`), `store_url` (a store test against SQLite and PostgreSQL
-both), a fault-injecting proxy in front of PostgreSQL (`pg_proxy`), helm (`helm`) and a real llama-server
-(`llama`, one per test module)."""
+(`pg_server`) and real OpenID provider (`oidc_provider`), a fresh database per test (`pg_url`), `store_url` (a
+store test against SQLite and PostgreSQL both), a fault-injecting proxy in front of PostgreSQL (`pg_proxy`), helm
+(`helm`) and a real llama-server (`llama`, one per test module)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ def pg_server() -> Any:
     server.init()
     yield server
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def oidc_provider() -> Any:
+    """A real OpenID provider (npm's oidc-provider on node) for the session; skipped where node or the package
+    is missing, except in CI, which installs them (scripts/dev.sh install)."""
+    from tests.support.oidc_provider import OidcProvider, missing
+
+    why = missing()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the OIDC provider cannot run in CI: {why}")
+        pytest.skip(why)
+    provider = OidcProvider()
+    yield provider
+    provider.stop()
 
 
 @pytest.fixture

@@ -76,6 +76,12 @@ names a file (and projects its key) only when the feature is on: the other keys 
 {{- if .Values.secrets.upstreamApiKey }}true{{ end }}
 {{- else if .Values.upstreamAuth.enabled }}true{{ end }}
 {{- end }}
+{{- define "sidecar.oidcOn" -}}
+{{- if .Values.secrets.create }}
+{{- if and .Values.oidc.enabled (not .Values.secrets.oidcClientSecret) }}{{ fail "oidc.enabled needs secrets.oidcClientSecret (or secrets.create=false and an existingSecret holding oidc-client-secret)" }}{{ end }}
+{{- if .Values.secrets.oidcClientSecret }}true{{ end }}
+{{- else if .Values.oidc.enabled }}true{{ end }}
+{{- end }}
 {{- define "sidecar.staticKeysOn" -}}
 {{- if .Values.secrets.create }}
 {{- if and .Values.staticKeys.enabled (not .Values.secrets.staticKeys) }}{{ fail "staticKeys.enabled needs secrets.staticKeys (or secrets.create=false and an existingSecret holding static-keys.jsonl)" }}{{ end }}
@@ -150,7 +156,7 @@ vLLM's preStop (files/wait-drain.py) waits at most drainGrace + drainTimeout + 1
      that file when the mounted Secret changes, and a key added must not restart vLLM. */}}
 {{- define "sidecar.secretChecksum" -}}
 {{- $v := .Values.secrets }}
-{{- list (include "sidecar.pepper" .) $v.adminToken $v.upstreamApiKey $v.postgresDsn | toJson | sha256sum }}
+{{- list (include "sidecar.pepper" .) $v.adminToken $v.upstreamApiKey $v.postgresDsn $v.oidcClientSecret | toJson | sha256sum }}
 {{- end }}
 {{- define "sidecar.opsPortNumber" -}}
 {{- if .Values.sidecar.opsPort }}{{ .Values.sidecar.opsPort }}{{ else }}{{ .Values.sidecar.port }}{{ end }}
@@ -312,6 +318,7 @@ such as [auth] extends the chart's instead of repeating the TOML table, which TO
 {{- if include "sidecar.staticKeysOn" . }}{{ $_ := set $auth "static_keys_file" "/etc/sidecar/secrets/static-keys.jsonl" }}{{ end }}
 {{- if .Values.sidecar.pepperRotate }}{{ $_ := set $auth "pepper_rotate" true }}{{ end }}
 {{- $config := dict "server" $server "upstream" $upstream "auth" $auth "audit" (dict "capture" .Values.sidecar.auditCapture) }}
+{{- if include "sidecar.oidcOn" . }}{{ $_ := set $config "console" (dict "oidc_client_secret_file" "/etc/sidecar/secrets/oidc-client-secret") }}{{ end }}
 {{- $config = mergeOverwrite $config (deepCopy .Values.sidecar.config) }}
 {{- $sections := list "server" "upstream" "auth" "audit" }}
 {{- range $section := keys $config | sortAlpha }}{{ if not (has $section $sections) }}{{ $sections = append $sections $section }}{{ end }}{{ end }}

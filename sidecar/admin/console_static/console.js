@@ -393,6 +393,8 @@
     $("signin").hidden = true;
     $("logout").hidden = false;
     $("who").textContent = role === "admin" ? "operator" : `key ${session.name || session.key_id}`;
+    if (role === "admin" && session.name) $("who").textContent = `operator ${session.name}` + (session.read_only ? " (read-only)" : "");
+    document.body.classList.toggle("read-only", !!session.read_only); // the server refuses a viewer's changes too
     if (role === "admin") {
       $("operator").hidden = false;
       showTab("usage");
@@ -431,5 +433,9 @@
     $("my-range").addEventListener("change", () => guarded(loadMine, "signin-error"));
     const session = await api("GET", "session").catch(() => ({ role: null }));
     if (session.role) enter(session);
+    else if (session.oidc) {
+      $("oidc-signin").textContent = `Sign in with ${session.oidc}`;
+      $("oidc").hidden = false;
+    }
   });
 })();
