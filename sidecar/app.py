@@ -17,7 +17,6 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.admin.api import Admin
-from sidecar.admin.console import Console
 from sidecar.admin.own_usage import OwnUsage
 from sidecar.audit.bus import AuditBus, Sink
 from sidecar.audit.capture import Auditor
@@ -280,6 +279,9 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
         OwnUsage(p.auth, p.store, p.limits, p.settings.store.report_max_days, p.forwarding.client_address).handle,
     )
     if p.settings.console.enabled:  # never a proxied path
+        # Imported here: a worker without the console (the default) does not hold its code.
+        from sidecar.admin.console import Console
+
         days = p.settings.store.report_max_days
         console = Console(p.settings.console, p.admin, p.auth, p.store, p.limits, days, p.forwarding.forwarded_https)
         # Key holders where their requests go; operators where the admin API is (both, without an ops port).

@@ -26,7 +26,6 @@ from aiohttp import web
 
 from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
-from sidecar.demo_upstream import create_demo_app
 from sidecar.edge import EdgeLimits, EdgeRunner
 from sidecar.ops.logs import event
 from sidecar.store.base import StoreError
@@ -35,6 +34,8 @@ log = logging.getLogger("sidecar.runner")
 
 
 async def start_demo_upstream() -> tuple[web.AppRunner, str]:
+    from sidecar.demo_upstream import create_demo_app  # only `--demo` needs it, never a production worker
+
     runner = web.AppRunner(create_demo_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -18,8 +18,8 @@ import msgspec
 import orjson
 import pytest
 
-from sidecar.audit.aggregate import Aggregate, Chunk, decode_chunks
 from sidecar.audit.capture import AuditPolicy, sampled
+from sidecar.audit.chat import Aggregate, Chunk, decode_chunks
 from sidecar.audit.files import JsonlSink
 from sidecar.config import AuditCfg, ConfigError, load
 from tests.support.disks import fill, small_disk

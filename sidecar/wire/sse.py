@@ -395,7 +395,7 @@ def events_array(regions: list[bytes], sep: bytes) -> bytes | None:
 
 def parse_events(regions: list[bytes], sep: bytes) -> list[dict[str, Any]]:
     """The JSON objects of a stream's events, given its regions of complete events, one event at a time (the
-    fast path for the usual stream, one decode of `events_array`, is the caller's: `aggregate.decode_chunks`)."""
+    fast path for the usual stream, one decode of `events_array`, is the caller's: `chat.decode_chunks`)."""
     out = []
     for event in sep.join(regions).split(sep):
         obj = _load_event(event)
