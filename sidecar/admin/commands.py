@@ -1,6 +1,7 @@
 """The store-facing CLI commands: keys, requests, usage (and its export), audit, audit-log, migrate. Each opens
 the store, acts, closes it. Only `migrate` (and `serve`) create a store; only `serve` creates a pepper: a command
-pointed at the wrong place fails with one line instead of acting on an empty database or hashing with a pepper of its own."""
+pointed at the wrong place fails with one line instead of acting on an empty database or hashing with a pepper of
+its own."""
 
 from __future__ import annotations
 
