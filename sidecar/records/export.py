@@ -127,17 +127,17 @@ class Exporter:
 
     async def start(self) -> None:
         if self.cfg.url:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout))
             self._task = asyncio.get_running_loop().create_task(self._run(), name="export")
 
     async def close(self) -> None:
         task, self._task = self._task, None
+        self._closing.set()  # not a cancel: one landing inside a store statement can be swallowed there
         if task is not None:
-            self._closing.set()  # not a cancel: one landing inside a store statement can be swallowed there
             await task
-            if self.leading:
-                with contextlib.suppress(StoreError):
-                    await self.store.export_release(CURSOR, self.store.replica)
+        if self.leading:  # the next replica to look takes the cursor at once, not after the lease
+            with contextlib.suppress(StoreError):
+                await self.store.export_release(CURSOR, self.store.replica)
+                self.leading = False
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -216,7 +216,8 @@ class Exporter:
 
     async def _post(self, body: bytes) -> tuple[str | None, float]:
         """(None, 0) when the receiver took the batch; else why not and how long it asked us to wait."""
-        assert self._session is not None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout))
         try:
             async with self._session.post(self.cfg.url, data=body, headers=self.headers) as resp:
                 excerpt = (await resp.content.read(300)).decode("utf-8", "replace")
