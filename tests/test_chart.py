@@ -33,8 +33,9 @@ COMBOS: dict[str, dict] = {
     "postgres-ha": {
         "replicaCount": 3,
         "store": {"type": "postgres"},
-        "secrets": {"pepper": PEPPER, "postgresDsn": DSN, "adminToken": "admin-token-0123"},
+        "secrets": {"pepper": PEPPER, "postgresDsn": DSN, "adminToken": "admin-token-0123", "exportToken": "om-token"},
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+        "export": {"url": "https://openmeter.example/api/v1/events"},
     },
     "existing-secret": {
         "store": {"type": "postgres"},
@@ -43,6 +44,7 @@ COMBOS: dict[str, dict] = {
         "admin": {"enabled": True},
         "upstreamAuth": {"enabled": True},
         "staticKeys": {"enabled": True},
+        "export": {"url": "https://openmeter.example/api/v1/events", "auth": True},
         "sidecar": {"auditCapture": "all"},
     },
     "existing-secret-minimal": {"secrets": {"create": False, "existingSecret": "mine"}},
@@ -452,14 +454,20 @@ def test_secret_keys_follow_the_features(helm):
     assert "admin_token_file" not in config["server"] and "api_key_file" not in config["upstream"]
     # created Secret, admin and DSN
     docs = render(helm, "postgres-ha")
-    assert set(one(docs, "Secret")["stringData"]) == {"pepper", "admin-token", "postgres-dsn"}
+    assert set(one(docs, "Secret")["stringData"]) == {"pepper", "admin-token", "postgres-dsn", "export-token"}
     assert toml_config(docs)["server"]["admin_token_file"] == "/etc/sidecar/secrets/admin-token"
+    assert toml_config(docs)["export"] == {
+        "url": "https://openmeter.example/api/v1/events", "token_file": "/etc/sidecar/secrets/export-token",
+    }  # fmt: skip
     # existing Secret with every feature: every key projected and named; nothing created
     docs = render(helm, "existing-secret")
     assert by_kind(docs, "Secret") == []
     secret = {v["name"]: v for v in pod_spec(docs)["volumes"]}["secrets"]["secret"]
     assert secret["secretName"] == "mine"
-    assert [i["key"] for i in secret["items"]] == ["pepper", "admin-token", "upstream-api-key", "static-keys.jsonl"]
+    assert [i["key"] for i in secret["items"]] == [
+        "pepper", "admin-token", "upstream-api-key", "static-keys.jsonl", "export-token",
+    ]  # fmt: skip
+    assert toml_config(docs)["export"]["token_file"] == "/etc/sidecar/secrets/export-token"
     config = toml_config(docs)
     assert config["server"]["admin_token_file"] == "/etc/sidecar/secrets/admin-token"
     assert config["upstream"]["api_key_file"] == "/etc/sidecar/secrets/upstream-api-key"
