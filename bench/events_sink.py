@@ -9,6 +9,7 @@ Prints the event count at exit (SIGTERM/SIGINT).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,10 +43,8 @@ def main() -> None:
     port = ap.parse_args().port
     server = ThreadingHTTPServer(("127.0.0.1", port), Sink)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a KeyboardInterrupt out of serve_forever
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     print(f"events_sink: {Sink.events} events in {Sink.posts} posts", flush=True)
 
 
