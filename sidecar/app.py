@@ -39,6 +39,7 @@ from sidecar.ops.tracing import Tracing, require_sdk
 from sidecar.ops.tracing import wanted as tracing_wanted
 from sidecar.ops.upstream_page import ModelNames, UpstreamPage
 from sidecar.proxy import Proxy
+from sidecar.records.export import Exporter
 from sidecar.records.record import RequestRecord
 from sidecar.records.retention import Retention
 from sidecar.records.writer import BatchWriter
@@ -155,6 +156,7 @@ class Parts:
     tracing: Tracing | None
     models: ModelNames
     page: UpstreamPage  # the upstream's metrics page: `/metrics/upstream` and the engine's saturation
+    exporter: Exporter  # usage rows out as CloudEvents (`export.url`; idle without one)
 
 
 def build(settings: Settings) -> Parts:
@@ -184,9 +186,10 @@ def build(settings: Settings) -> Parts:
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
     admin = Admin(token, keys, store, auth, s.store.report_max_days, limits.remaining, forwarding.client_address)
+    exporter = Exporter(store, s.export, read_secret("export.token_file", s.export.token, s.export.token_file))
     return Parts(
         s, upstream, metrics, RunState(), store, auth, limits, forwarding, keys, request_log, writer, bus, rejects,
-        retention, proxy, admin, tracing, ModelNames(upstream, metrics), page,
+        retention, proxy, admin, tracing, ModelNames(upstream, metrics), page, exporter,
     )  # fmt: skip
 
 
@@ -204,6 +207,7 @@ def create_app(settings: Settings) -> web.Application:
     collectors = [p.writer.collect, p.upstream.collect, *p.limits.collectors(), p.rejects.collect, p.retention.collect]
     collectors += [p.tracing.collect] if p.tracing is not None else []
     collectors += [p.proxy.auditor.collect] if p.proxy.auditor is not None else []
+    collectors += [p.exporter.collect] if p.settings.export.url else []
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))
@@ -244,6 +248,7 @@ def _lifecycle(p: Parts) -> list[CleanupCtx]:
         _tracing_resource(p.tracing),  # first open, last closed: the spans of the drain's last requests go out
         _resource(opener.start, opener.close),
         _resource(p.retention.start, p.retention.close),
+        _resource(p.exporter.start, p.exporter.close),
         _resource(p.writer.start, p.writer.close),
         # Allowances and slots go back before the writer's last flush: a borrow in flight could hold SQLite's
         # write lock then.

@@ -74,13 +74,19 @@ def _reports_parser(sub: Any) -> None:
     _window(export)
     export.add_argument("--key", "--key-id", dest="key", help="one key's records (id or name)")
 
-    usage = sub.add_parser("usage", help="usage report from the store")
+    usage = sub.add_parser("usage", help="usage report from the store; `usage export`: its rows as CloudEvents")
+    usage.add_argument(
+        "action", nargs="?", choices=("report", "export"), default="report",
+        help="export: every row of the window as a CloudEvent, one JSON object a line (as [export] sends them)",
+    )  # fmt: skip
     _common(usage)
     _window(usage)
     usage.add_argument("--by", choices=("key", "model", "day"), default="key")
     usage.add_argument("--key", help="one key (id or name)")
     usage.add_argument("--model", help="one model")
-    _format(usage)
+    usage.add_argument(
+        "--format", choices=("table", "json", "csv", "cloudevents"), help="table (default); export: cloudevents"
+    )
 
     requests = sub.add_parser("requests", help="list request rows, newest first (the admin API's filters)")
     _common(requests)

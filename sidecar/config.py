@@ -186,6 +186,19 @@ class ConsoleCfg:
 
 
 @dataclass(frozen=True)
+class ExportCfg:
+    url: str = ""  # usage rows POSTed here as CloudEvents batches (OpenMeter: .../api/v1/events); "": no export
+    token: str = field(default="", metadata={"secret": True})  # sent as `Authorization: Bearer`
+    token_file: str = ""
+    batch_size: int = 500  # events per POST
+    interval: float = 10.0  # seconds between rounds once every stored row went out
+    timeout: float = 10.0  # seconds one POST may take
+    max_backoff: float = 60.0  # the longest wait between retries of a batch that failed
+    source: str = "sidecar"  # the events' `source`: one for every replica (a receiver drops repeats by source + id)
+    type: str = "sidecar.request"  # the events' `type`
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerCfg = ServerCfg()
     upstream: UpstreamCfg = UpstreamCfg()
@@ -196,6 +209,7 @@ class Settings:
     audit: AuditCfg = AuditCfg()
     tracing: TracingCfg = TracingCfg()
     console: ConsoleCfg = ConsoleCfg()
+    export: ExportCfg = ExportCfg()
 
 
 SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Settings)
@@ -233,6 +247,10 @@ _POSITIVE = {
     "console.session_ttl",
     "console.max_sessions",
     "console.session_max_age",
+    "export.batch_size",
+    "export.interval",
+    "export.timeout",
+    "export.max_backoff",
 }
 
 
@@ -385,6 +403,7 @@ def _check(s: Settings) -> None:
     if not 0.0 <= s.audit.sample_rate <= 1.0:
         raise ConfigError(f"audit.sample_rate: must be between 0 and 1, got {s.audit.sample_rate}")
     _check_saturation(s.limits)
+    _check_export(s.export)
     if s.limits.store_down not in ("local", "reject"):
         raise ConfigError(f"limits.store_down: must be local or reject, got {s.limits.store_down!r}")
     try:
@@ -425,6 +444,16 @@ def _check_oidc(c: ConsoleCfg) -> None:
             raise ConfigError(f"console.{name}: expected CLAIM=VALUE (e.g. groups=platform), got {getattr(c, name)!r}")
     if "openid" not in c.oidc_scopes:
         raise ConfigError("console.oidc_scopes: must include openid")
+
+
+def _check_export(export: ExportCfg) -> None:
+    if export.url and not export.url.startswith(("http://", "https://")):
+        raise ConfigError(f"export.url: must start with http:// or https://, got {mask_url(export.url)!r}")
+    if export.batch_size > 10_000:
+        raise ConfigError(f"export.batch_size: at most 10000 events a POST, got {export.batch_size}")
+    for name in ("source", "type"):
+        if not getattr(export, name).strip():
+            raise ConfigError(f"export.{name}: must not be empty (a CloudEvent requires it)")
 
 
 def _check_saturation(limits: LimitsCfg) -> None:
@@ -498,6 +527,7 @@ def summary(settings: Settings) -> dict[str, dict[str, Any]]:
     out["store"]["url"] = mask_url(settings.store.url)
     out["upstream"]["url"] = mask_url(settings.upstream.url)
     out["tracing"]["endpoint"] = mask_url(settings.tracing.endpoint)
+    out["export"]["url"] = mask_url(settings.export.url)
     return out
 
 

@@ -38,8 +38,10 @@ COMBOS: dict[str, dict] = {
             "postgresDsn": DSN,
             "adminToken": "admin-token-0123",
             "oidcClientSecret": "oidc-secret",
+            "exportToken": "om-token",
         },
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+        "export": {"url": "https://openmeter.example/api/v1/events"},
         "sidecar": {
             "config": {
                 "console": {
@@ -60,6 +62,7 @@ COMBOS: dict[str, dict] = {
         "upstreamAuth": {"enabled": True},
         "staticKeys": {"enabled": True},
         "oidc": {"enabled": True},
+        "export": {"url": "https://openmeter.example/api/v1/events", "auth": True},
         "sidecar": {"auditCapture": "all"},
     },
     "existing-secret-minimal": {"secrets": {"create": False, "existingSecret": "mine"}},
@@ -471,18 +474,25 @@ def test_secret_keys_follow_the_features(helm):
     assert "admin_token_file" not in config["server"] and "api_key_file" not in config["upstream"]
     # created Secret, admin and DSN
     docs = render(helm, "postgres-ha")
-    assert set(one(docs, "Secret")["stringData"]) == {"pepper", "admin-token", "postgres-dsn", "oidc-client-secret"}
+    assert set(one(docs, "Secret")["stringData"]) == {
+        "pepper", "admin-token", "postgres-dsn", "oidc-client-secret", "export-token",
+    }  # fmt: skip
     assert toml_config(docs)["server"]["admin_token_file"] == "/etc/sidecar/secrets/admin-token"
     console = toml_config(docs)["console"]  # the chart's secret file merged with the user's OIDC settings
     assert console["oidc_client_secret_file"] == "/etc/sidecar/secrets/oidc-client-secret"
     assert console["oidc_issuer"] == "https://login.example.com/realms/platform"
+    assert toml_config(docs)["export"] == {
+        "url": "https://openmeter.example/api/v1/events", "token_file": "/etc/sidecar/secrets/export-token",
+    }  # fmt: skip
     # existing Secret with every feature: every key projected and named; nothing created
     docs = render(helm, "existing-secret")
     assert by_kind(docs, "Secret") == []
     secret = {v["name"]: v for v in pod_spec(docs)["volumes"]}["secrets"]["secret"]
     assert secret["secretName"] == "mine"
-    keys = [i["key"] for i in secret["items"]]
-    assert keys == ["pepper", "admin-token", "upstream-api-key", "static-keys.jsonl", "oidc-client-secret"]
+    assert [i["key"] for i in secret["items"]] == [
+        "pepper", "admin-token", "upstream-api-key", "static-keys.jsonl", "oidc-client-secret", "export-token",
+    ]  # fmt: skip
+    assert toml_config(docs)["export"]["token_file"] == "/etc/sidecar/secrets/export-token"
     config = toml_config(docs)
     assert config["server"]["admin_token_file"] == "/etc/sidecar/secrets/admin-token"
     assert config["upstream"]["api_key_file"] == "/etc/sidecar/secrets/upstream-api-key"

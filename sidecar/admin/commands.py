@@ -1,6 +1,7 @@
-"""The store-facing CLI commands: keys, requests, usage, audit, audit-log, migrate. Each opens the store, acts,
-closes it. Only `migrate` (and `serve`) create a store; only `serve` creates a pepper: a command pointed at the
-wrong place fails with one line instead of acting on an empty database or hashing with a pepper of its own."""
+"""The store-facing CLI commands: keys, requests, usage (and its export), audit, audit-log, migrate. Each opens
+the store, acts, closes it. Only `migrate` (and `serve`) create a store; only `serve` creates a pepper: a command
+pointed at the wrong place fails with one line instead of acting on an empty database or hashing with a pepper of
+its own."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from sidecar.keys.pepper import check_pepper, load_pepper
 from sidecar.keys.service import KeyAdmin, listing, validate
 from sidecar.keys.static import StaticKeys
 from sidecar.limits.budgets import budget_fields, from_store
+from sidecar.records.export import event
 from sidecar.store import open_store
 from sidecar.store.base import REQUEST_COLUMNS, USAGE_FIELDS, KeyRow, RequestQuery, Store, StoreError
 
@@ -287,6 +289,14 @@ async def _key_id(store: Store, settings: Settings, ref: str | None) -> str | No
 
 async def _usage(args: argparse.Namespace, settings: Settings, store: Store) -> None:
     since, until = _window(args)
+    if args.action == "export":
+        if args.format not in (None, "cloudevents"):
+            raise CommandError(f"usage export writes --format cloudevents, not {args.format}")
+        await _usage_events(settings, store, since, until)
+        return
+    if args.format == "cloudevents":
+        raise CommandError("--format cloudevents is for `sidecar usage export`")
+    args.format = args.format or "table"
     key_id = await _key_id(store, settings, args.key)
     rows = await store.usage(since, args.by, key_id, until, args.model)
     columns: tuple[str, ...] = (args.by, *USAGE_FIELDS)
@@ -297,6 +307,22 @@ async def _usage(args: argparse.Namespace, settings: Settings, store: Store) -> 
     if args.format == "table":
         print(f"usage from {iso(since)} until {iso(until) if until else 'now'}, by {args.by}", file=sys.stderr)
     _emit(args.format, columns, rows)
+
+
+async def _usage_events(settings: Settings, store: Store, since: float, until: float | None) -> None:
+    """The window's rows, oldest first, as the CloudEvents `[export]` sends (its source and type), one JSON
+    object a line: streamed page by page from the report connection; stderr says how many."""
+    after: tuple[float, str] | None = None
+    count = 0
+    while True:
+        rows = await store.requests_after(since, until, after, PAGE)
+        for row in rows:
+            sys.stdout.write(orjson.dumps(event(row, settings.export.source, settings.export.type)).decode() + "\n")
+        count += len(rows)
+        if len(rows) < PAGE:
+            break
+        after = (rows[-1]["started_at"], rows[-1]["request_id"])
+    print(f"# {count} usage events from {iso(since)} until {iso(until) if until else 'now'}", file=sys.stderr)
 
 
 async def _requests(args: argparse.Namespace, settings: Settings, store: Store) -> None:

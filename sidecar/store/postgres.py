@@ -11,11 +11,19 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.store.balances import USED
-from sidecar.store.base import Params, ReportTimeout, StoreError
-from sidecar.store.sql import MIGRATIONS_TABLE, SqlStore, json_array, migrations, statements
+from sidecar.store.base import REQUEST_COLUMNS, Params, ReportTimeout, StoreError
+from sidecar.store.sql import (
+    MIGRATIONS_TABLE,
+    SCHEMA_V9_POSTGRES,
+    SqlStore,
+    json_array,
+    migrations,
+    request_row,
+    statements,
+)
 
 _MIGRATION_LOCK = 0x51DECA2  # pg_advisory_lock key: one replica migrates at a time
-MIGRATIONS = migrations("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY")
+MIGRATIONS = migrations("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY", SCHEMA_V9_POSTGRES)
 
 
 def _text(exc: BaseException) -> str:
@@ -194,6 +202,19 @@ class PostgresStore(SqlStore):
             "WHERE b.key_id = back.key_id AND b.dim = back.dim AND b.bucket = back.bucket"
         )
         return [(self._sql(sql), balance or ())]
+
+    async def export_rows(self, position: str, limit: int) -> tuple[list[dict[str, Any]], str]:
+        # Transactions commit out of the order they began in, so `xact` alone could pass a row committed late;
+        # below the snapshot's xmin every transaction has ended: nothing can still appear there.
+        xact, _, request_id = (position or "-1 ").partition(" ")
+        rows = await self._report(
+            self._sql(
+                f"SELECT xact, {', '.join(REQUEST_COLUMNS)} FROM request_log WHERE (xact, request_id) > (?, ?) "
+                "AND xact < txid_snapshot_xmin(txid_current_snapshot()) ORDER BY xact, request_id LIMIT ?"
+            ),
+            (int(xact), request_id, limit),
+        )
+        return [request_row(r[1:]) for r in rows], (f"{rows[-1][0]} {rows[-1][1]}" if rows else position)
 
     async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         try:

@@ -164,10 +164,76 @@ class SqlStore(Balances):
             ),
             [*params, query.limit],
         )
-        out = [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in rows]
-        for row in out:
-            row["stream"] = bool(row["stream"])
-        return out
+        return [request_row(r) for r in rows]
+
+    async def requests_after(
+        self, since: float, until: float | None, after: tuple[float, str] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Rows that started in [since, until), oldest first, after `after` (the (started_at, request_id) of the
+        last row of the page before): `sidecar usage export`'s pages, on the report connection."""
+        where, params = _filters(RequestQuery(since=since, until=until), "request_log")
+        if after is not None:
+            where += " AND (started_at > ? OR (started_at = ? AND request_id > ?))"
+            params.extend([after[0], after[0], after[1]])
+        rows = await self._report(
+            self._sql(
+                f"SELECT {', '.join(REQUEST_COLUMNS)} FROM request_log {where} ORDER BY started_at, request_id LIMIT ?"
+            ),
+            [*params, limit],
+        )
+        return [request_row(r) for r in rows]
+
+    # --- usage export: rows after a cursor, the cursor under a lease (sidecar/records/export.py) -----------
+    async def export_rows(self, position: str, limit: int) -> tuple[list[dict[str, Any]], str]:
+        """Up to `limit` rows stored after cursor `position` ("": the first row stored), in cursor order, and the
+        position of the last one (`position` itself when there is none). On the report connection."""
+        raise NotImplementedError
+
+    async def export_claim(self, name: str, holder: str, lease: float) -> str | None:
+        """Hold (or go on holding) export cursor `name` for `lease` seconds of the store's clock: its position, or
+        None while another holder's lease runs. A cursor nobody took yet starts at "" (the first row)."""
+        now = self.db_now
+        statements: list[tuple[str, Params]] = [
+            (
+                self._sql(
+                    "INSERT INTO export_cursors (name, position, updated_at) "
+                    f"VALUES (?, '', {now}) ON CONFLICT (name) DO NOTHING"
+                ),
+                (name,),
+            ),
+            (
+                self._sql(
+                    f"UPDATE export_cursors SET holder = ?, lease_until = {now} + ? "
+                    f"WHERE name = ? AND (holder = ? OR holder IS NULL OR lease_until < {now})"
+                ),
+                (holder, lease, name, holder),
+            ),
+            (self._sql("SELECT position, holder FROM export_cursors WHERE name = ?"), (name,)),
+        ]
+        rows = await self._run(statements)
+        return str(rows[0][0]) if rows and rows[0][1] == holder else None
+
+    async def export_advance(self, name: str, holder: str, old: str, new: str, lease: float) -> bool:
+        """Move cursor `name` from `old` to `new` if `holder` still holds it there (a compare-and-set: a holder
+        whose lease another replica took over cannot move it back); False when it did not."""
+        now = self.db_now
+        return (
+            await self._execute(
+                self._sql(
+                    f"UPDATE export_cursors SET position = ?, lease_until = {now} + ?, updated_at = {now} "
+                    "WHERE name = ? AND holder = ? AND position = ?"
+                ),
+                (new, lease, name, holder, old),
+            )
+            > 0
+        )
+
+    async def export_release(self, name: str, holder: str) -> None:
+        """Let go of cursor `name` (a replica stopping): another replica takes it at once, not after the lease."""
+        await self._execute(
+            self._sql("UPDATE export_cursors SET holder = NULL, lease_until = NULL WHERE name = ? AND holder = ?"),
+            (name, holder),
+        )
 
     def _day(self) -> str:
         raise NotImplementedError
@@ -270,6 +336,12 @@ def _filters(q: RequestQuery, table: str) -> tuple[str, list[Any]]:
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+def request_row(values: Sequence[Any]) -> dict[str, Any]:
+    row = dict(zip(REQUEST_COLUMNS, values, strict=True))
+    row["stream"] = bool(row["stream"])
+    return row
+
+
 def _key(row: Sequence[Any]) -> KeyRow:
     data = dict(zip(KEY_COLUMNS, row, strict=True))
     models = data.pop("models")
@@ -362,9 +434,48 @@ ALTER TABLE api_keys ADD COLUMN priority TEXT;
 ALTER TABLE api_keys ADD COLUMN cache_group TEXT"""
 
 
-def migrations(real: str, boolean: str, serial: str) -> tuple[str, ...]:
-    """Every version of the schema in a backend's types, oldest first (`schema_migrations` counts them)."""
+def _export_cursors(real: str) -> str:
+    return f"""CREATE TABLE export_cursors (
+  name TEXT PRIMARY KEY, position TEXT NOT NULL, holder TEXT, lease_until {real}, updated_at {real} NOT NULL)"""
+
+
+_V8_COLUMNS = (
+    "request_id, client_request_id, key_id, method, path, model, stream, status, outcome, error_code, prompt_tokens, "
+    "completion_tokens, total_tokens, cached_tokens, usage_source, upstream_status, ttft_ms, latency_ms, bytes_in, "
+    "bytes_out, chunks, started_at, finished_at, cache_write_tokens, reasoning_tokens"
+)  # request_log's columns at version 8, as they were (a later column is not there yet to copy)
+
+SCHEMA_V9_SQLITE = f"""CREATE TABLE request_log_v9 (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, client_request_id TEXT, key_id TEXT,
+  method TEXT NOT NULL, path TEXT NOT NULL, model TEXT, stream INTEGER NOT NULL, status INTEGER NOT NULL,
+  outcome TEXT NOT NULL, error_code TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
+  cached_tokens INTEGER, usage_source TEXT NOT NULL, upstream_status INTEGER, ttft_ms REAL, latency_ms REAL NOT NULL,
+  bytes_in BIGINT NOT NULL, bytes_out BIGINT NOT NULL, chunks INTEGER NOT NULL, started_at REAL NOT NULL,
+  finished_at REAL NOT NULL, cache_write_tokens INTEGER, reasoning_tokens INTEGER);
+INSERT INTO request_log_v9 ({_V8_COLUMNS}) SELECT {_V8_COLUMNS} FROM request_log ORDER BY rowid;
+DROP TABLE request_log;
+ALTER TABLE request_log_v9 RENAME TO request_log;
+CREATE INDEX request_log_started ON request_log (started_at);
+CREATE INDEX request_log_key_started ON request_log (key_id, started_at);
+{_export_cursors("REAL")}"""
+"""Version 9 on SQLite: `request_log` rebuilt around `seq`, its insertion sequence (the usage export's cursor,
+`sidecar/records/export.py`): an AUTOINCREMENT rowid is never reused (a plain rowid is, once the newest row is
+deleted) nor renumbered by VACUUM, and is taken under SQLite's one write lock, so in commit order. The rows
+kept keep their order."""
+
+SCHEMA_V9_POSTGRES = f"""ALTER TABLE request_log ADD COLUMN xact BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE request_log ALTER COLUMN xact SET DEFAULT txid_current();
+CREATE INDEX request_log_xact ON request_log (xact, request_id);
+{_export_cursors("DOUBLE PRECISION")}"""
+"""Version 9 on PostgreSQL: each row's inserting transaction (`xact`, the usage export's cursor with the request
+id, `sidecar/records/export.py`). A constant default first: the rows already there read 0 without the table
+being rewritten; rows inserted later get their transaction's id."""
+
+
+def migrations(real: str, boolean: str, serial: str, v9: str) -> tuple[str, ...]:
+    """Every version of the schema in a backend's types, oldest first (`schema_migrations` counts them); `v9`
+    is the backend's own (`SCHEMA_V9_SQLITE`, `SCHEMA_V9_POSTGRES`)."""
     return (
         schema_v1(real, boolean, serial), schema_v2(real), SCHEMA_V3, schema_v4(real), schema_v5(real),
-        schema_v6(real), SCHEMA_V7, schema_v8(real),
+        schema_v6(real), SCHEMA_V7, schema_v8(real), v9,
     )  # fmt: skip

@@ -12,8 +12,8 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from sidecar.store.base import Params, ReportTimeout, StoreError
-from sidecar.store.sql import RETAINED, SqlStore, migrations
+from sidecar.store.base import REQUEST_COLUMNS, Params, ReportTimeout, StoreError
+from sidecar.store.sql import RETAINED, SCHEMA_V9_SQLITE, SqlStore, migrations, request_row
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
@@ -31,7 +31,7 @@ def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
     return values
 
 
-MIGRATIONS = migrations("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")
+MIGRATIONS = migrations("REAL", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT", SCHEMA_V9_SQLITE)
 _USED_NEW = "COALESCE(NEW.total_tokens, COALESCE(NEW.prompt_tokens, 0) + COALESCE(NEW.completion_tokens, 0))"  # USED
 # Each row the writer stores is charged to its key's budget balance for the period it started in: to this
 # replica's holding of it (what it borrowed less what its stored rows used), or to the balance itself when it
@@ -115,6 +115,14 @@ class SqliteStore(SqlStore):
 
     def _bucket(self, seconds: int) -> str:
         return f"((CAST(started_at AS INTEGER) / {seconds}) * {seconds})"
+
+    async def export_rows(self, position: str, limit: int) -> tuple[list[dict[str, Any]], str]:
+        # `seq` is taken under the one write lock, so in commit order: past the cursor is everything after it.
+        rows = await self._report(
+            f"SELECT seq, {', '.join(REQUEST_COLUMNS)} FROM request_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (int(position or 0), limit),
+        )
+        return [request_row(r[1:]) for r in rows], (str(rows[-1][0]) if rows else position)
 
     async def _fetch(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         try:

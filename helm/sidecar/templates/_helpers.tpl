@@ -82,6 +82,12 @@ names a file (and projects its key) only when the feature is on: the other keys 
 {{- if .Values.secrets.oidcClientSecret }}true{{ end }}
 {{- else if .Values.oidc.enabled }}true{{ end }}
 {{- end }}
+{{- define "sidecar.exportAuthOn" -}}
+{{- if .Values.secrets.create }}
+{{- if and .Values.export.auth (not .Values.secrets.exportToken) }}{{ fail "export.auth needs secrets.exportToken (or secrets.create=false and an existingSecret holding export-token)" }}{{ end }}
+{{- if .Values.secrets.exportToken }}true{{ end }}
+{{- else if .Values.export.auth }}true{{ end }}
+{{- end }}
 {{- define "sidecar.staticKeysOn" -}}
 {{- if .Values.secrets.create }}
 {{- if and .Values.staticKeys.enabled (not .Values.secrets.staticKeys) }}{{ fail "staticKeys.enabled needs secrets.staticKeys (or secrets.create=false and an existingSecret holding static-keys.jsonl)" }}{{ end }}
@@ -156,7 +162,7 @@ vLLM's preStop (files/wait-drain.py) waits at most drainGrace + drainTimeout + 1
      that file when the mounted Secret changes, and a key added must not restart vLLM. */}}
 {{- define "sidecar.secretChecksum" -}}
 {{- $v := .Values.secrets }}
-{{- list (include "sidecar.pepper" .) $v.adminToken $v.upstreamApiKey $v.postgresDsn $v.oidcClientSecret | toJson | sha256sum }}
+{{- list (include "sidecar.pepper" .) $v.adminToken $v.upstreamApiKey $v.postgresDsn $v.oidcClientSecret $v.exportToken | toJson | sha256sum }}
 {{- end }}
 {{- define "sidecar.opsPortNumber" -}}
 {{- if .Values.sidecar.opsPort }}{{ .Values.sidecar.opsPort }}{{ else }}{{ .Values.sidecar.port }}{{ end }}
@@ -319,6 +325,11 @@ such as [auth] extends the chart's instead of repeating the TOML table, which TO
 {{- if .Values.sidecar.pepperRotate }}{{ $_ := set $auth "pepper_rotate" true }}{{ end }}
 {{- $config := dict "server" $server "upstream" $upstream "auth" $auth "audit" (dict "capture" .Values.sidecar.auditCapture) }}
 {{- if include "sidecar.oidcOn" . }}{{ $_ := set $config "console" (dict "oidc_client_secret_file" "/etc/sidecar/secrets/oidc-client-secret") }}{{ end }}
+{{- if .Values.export.url }}
+{{- $export := dict "url" .Values.export.url }}
+{{- if include "sidecar.exportAuthOn" . }}{{ $_ := set $export "token_file" "/etc/sidecar/secrets/export-token" }}{{ end }}
+{{- $_ := set $config "export" $export }}
+{{- end }}
 {{- $config = mergeOverwrite $config (deepCopy .Values.sidecar.config) }}
 {{- $sections := list "server" "upstream" "auth" "audit" }}
 {{- range $section := keys $config | sortAlpha }}{{ if not (has $section $sections) }}{{ $sections = append $sections $section }}{{ end }}{{ end }}
