@@ -255,6 +255,45 @@ def sidecar_target(name: str, env: dict[str, str], upstream: str, work: Path, bi
     )
 
 
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream mock {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def nginx_target(work: Path, upstream: int) -> Target:
+    """nginx (Debian's, opt-in: `--targets ...,nginx`) as a plain reverse proxy: one worker process (the sidecar's
+    one core), keep-alive to the mock, no buffering of answers (SSE events pass as they come), no key check."""
+    if not shutil.which("nginx"):
+        sys.exit("nginx not found (apt-get install -y nginx-light)")
+    d = work / "nginx"
+    d.mkdir()
+    port = free_port()
+    (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, upstream=upstream, port=port))
+    note = "nginx, 1 worker, proxy_buffering off, keep-alive upstream, no key check"
+    return Target("nginx", port, note, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+
+
 def create_key(t: Target) -> None:
     """The key, made by the running sidecar's admin API (serve creates the pepper and the store; no CLI step)."""
     ops = t.env.get("SIDECAR_SERVER_OPS_PORT") or os.environ.get("SIDECAR_SERVER_OPS_PORT")
@@ -610,8 +649,8 @@ def main() -> None:
     if bad := [w for w in workloads if w not in WORKLOADS]:
         sys.exit(f"unknown workload {bad}; have {', '.join(WORKLOADS)}")
     names = a.targets.split(",")
-    if bad := [n for n in names if n not in ("direct", "aiohttp", *VARIANTS)]:
-        sys.exit(f"unknown target {bad}; have direct, aiohttp, {', '.join(VARIANTS)} (or --variant)")
+    if bad := [n for n in names if n not in ("direct", "aiohttp", "nginx", *VARIANTS)]:
+        sys.exit(f"unknown target {bad}; have direct, aiohttp, nginx, {', '.join(VARIANTS)} (or --variant)")
     if not (ROOT / ".venv/bin/python").exists():
         sys.exit("no .venv: run `bash scripts/dev.sh install` first")
     need_wrk = a.chat_driver != "loadgen" and any(not WORKLOADS[w]["stream"] for w in workloads)
@@ -646,6 +685,8 @@ def main() -> None:
         targets.append(
             Target("aiohttp", port, note, [*floor, str(port)], {"PROXY_KEY": FLOOR_KEY}, "Bearer " + FLOOR_KEY)
         )
+    if "nginx" in names:
+        targets.append(nginx_target(work, mock.port))
     binary = shlex.split(a.sidecar)
     targets += [sidecar_target(n, env, upstream, work, binary) for n, env in variants.items()]
     if not targets:
@@ -672,8 +713,8 @@ def main() -> None:
             t.start(work)
         for t in targets:
             if t.cmd:
-                t.wait("/" if t.name == "aiohttp" else "/healthz")
-            if t.name not in ("direct", "aiohttp"):
+                t.wait({"aiohttp": "/", "nginx": "/health"}.get(t.name, "/healthz"))
+            if t.name not in ("direct", "aiohttp", "nginx"):
                 create_key(t)
             t.info["smoke"] = smoke(t)
             log(f"{t.name} on {t.url}: {t.info['smoke']}")

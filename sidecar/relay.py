@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from sidecar.audit.aggregate import StreamCapture
@@ -46,6 +47,39 @@ BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one wr
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
 KEEPALIVE_COMMENT = b": keepalive\n\n"  # an SSE comment: every client's parser skips it
 _OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
+
+
+def _direct(resp: web.StreamResponse) -> StreamWriter | None:
+    """aiohttp's writer of a started answer when the relay may put bytes on the client's transport itself: its
+    headers are out, and all it would do to a chunk is frame it (no compression, no declared length, no hooks).
+    A relayed stream always is; anything else keeps aiohttp's write."""
+    w = resp._payload_writer
+    if type(w) is not StreamWriter or not w._headers_written or w._compress is not None or w.length is not None:
+        return None
+    return w if w._on_chunk_sent is None and w.on_body_write is None else None
+
+
+def _send(writer: StreamWriter, data: bytes) -> bool:
+    """`data` onto the client's transport, framed as aiohttp frames it, in one call: aiohttp's write is three
+    coroutines, a format and a join per chunk, and ~66 chunks make a stream. Returns whether the transport is
+    paused (its buffer over the high-water mark: the client reads slower than the upstream writes)."""
+    if data:
+        transport = writer.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if writer.chunked else data
+        transport.write(framed)
+        writer.output_size += len(framed)  # aiohttp's count, which the access log reads at the end
+    return writer.protocol.writing_paused
+
+
+async def _drain(writer: StreamWriter) -> None:
+    """Waits until the client's transport takes more (aiohttp's write waits only every 64 KiB written; this
+    waits whenever the transport is paused, so a slow client holds less in the proxy, never more)."""
+    try:
+        await writer.drain()
+    except (ConnectionError, aiohttp.ClientConnectionError):
+        raise ClientGone from None
 
 
 class ClientGone(Exception):
@@ -306,15 +340,38 @@ class Relay:
         ex.scanner = scanner = StreamScanner(call.wants_hidden_usage, audit is not None, call.family, call.tools)
         if audit is not None:
             audit.stream = StreamCapture(self.audit_cap, call.family)
-        read = up.readany
-        loop = asyncio.get_running_loop()
-        chunk = await self._read(read)
-        deadline.touch(loop.time())
+        chunk = await self._read(up.readany)
+        deadline.touch(asyncio.get_running_loop().time())
         rec.status = up.status
         if up.status >= 500:  # an error, even when it comes as a stream
             rec.outcome, rec.error_code = Outcome.UPSTREAM_ERROR, "upstream_status"
         resp = ex.resp or await self._start_stream(request, ex, up)
+        held = await self._events(resp, ex, up, chunk, deadline)
+        rec.upstream_done = time.monotonic()
+        held.append(scanner.flush())
+        last = b"".join(held)
+        try:
+            await resp.write_eof(last)  # the last events and the terminating chunk: one write
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            raise ClientGone from None  # closed before the end of the answer
+        rec.bytes_out += len(last)
+        return resp
+
+    async def _events(
+        self, resp: web.StreamResponse, ex: Exchange, up: UpstreamResponse, chunk: bytes, deadline: Deadline
+    ) -> list[bytes]:
+        """Relays a stream's events as they arrive, one write per upstream read, until the upstream's body ends.
+        Once the client's transport has the answer's headers, the bytes go to it directly (`_direct`, `_send`).
+        From the moment the upstream's whole body is in (`up.ended`: no read waits any more), what is left is
+        returned instead, to go out with the end of the answer in the same write."""
+        rec, audit = ex.rec, ex.capture
+        scanner = ex.scanner
+        assert scanner is not None
+        read = up.readany
+        now = asyncio.get_running_loop().time
         facts = rec.span is not None and rec.span.is_recording()
+        writer: StreamWriter | None = None
+        held: list[bytes] = []
         while chunk:
             rec.chunks += 1
             if facts:
@@ -325,19 +382,21 @@ class Relay:
                 audit.stream.fold(scanner.take_regions(), scanner.sep)
             if rec.ttft_ms is None and scanner.first_output:
                 rec.mark_first_token()
-            if data:
-                await self._write(resp, data, rec)
-            chunk = await self._read(read)
-            deadline.touch(loop.time())
-        rec.upstream_done = time.monotonic()
-        tail = scanner.flush()
-        if tail:
-            await self._write(resp, tail, rec)
-        try:
-            await resp.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionError):
-            raise ClientGone from None  # closed after the last event, before the terminating chunk
-        return resp
+            if up.ended:
+                held.append(data)
+            elif writer is not None:
+                if _send(writer, data):
+                    await _drain(writer)
+                rec.bytes_out += len(data)
+            elif data:
+                await self._write(resp, data, rec)  # aiohttp's write: the headers go with the first bytes
+                writer = _direct(resp)
+            try:
+                chunk = await read()
+            except UpstreamFailure as exc:
+                raise UpstreamBroke(str(exc)) from None
+            deadline.touch(now())
+        return held
 
     async def _start_stream(self, request: web.Request, ex: Exchange, up: UpstreamResponse) -> web.StreamResponse:
         resp = RelayedStream(status=up.status, headers=self._headers(ex, up))

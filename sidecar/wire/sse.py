@@ -189,13 +189,14 @@ def delta_patterns(family: str, tools: bool, spaced: bool = False) -> Patterns:
     return patterns
 
 
-def count_deltas(region: bytes, patterns: Patterns) -> int:
-    """Output deltas in complete events; one per choice per event, as vLLM, llama-server and SGLang stream."""
+def count_deltas(region: bytes, patterns: Patterns, end: int | None = None) -> int:
+    """Output deltas in complete events (`region`, or its first `end` bytes); one per choice per event, as vLLM,
+    llama-server and SGLang stream."""
     n = 0
     for key, empty in patterns:
-        hits = region.count(key)
+        hits = region.count(key, 0, end)
         if hits and empty:
-            hits -= region.count(empty)
+            hits -= region.count(empty, 0, end)
         n += hits
     return n
 
@@ -276,7 +277,7 @@ class StreamScanner:
             return b"" if self.strip_usage else chunk
         end = cut + len(self._sep)
         self._tail = buf[end:]
-        hidden = self._account(buf[:cut])
+        hidden = self._account(buf, cut)
         if not self.strip_usage:
             return chunk
         if hidden is None:
@@ -289,7 +290,7 @@ class StreamScanner:
         tail, self._tail = self._tail, b""
         if not tail:
             return b""
-        hidden = self._account(tail)
+        hidden = self._account(tail, len(tail))
         if not self.strip_usage:
             return b""
         if hidden is None:
@@ -297,34 +298,35 @@ class StreamScanner:
         start, stop, replacement = hidden  # the unterminated last event stays unterminated
         return tail[:start] + replacement[: -len(self.sep)] + tail[stop:]
 
-    def _account(self, region: bytes) -> tuple[int, int, bytes] | None:
-        """Account for complete events (`region`, without its final separator).
+    def _account(self, buf: bytes, cut: int) -> tuple[int, int, bytes] | None:
+        """Account for complete events: `buf[:cut]`, without its final separator. It is read in place (bounded
+        searches, no copy), so a chunk that passes through untouched costs no allocation here.
 
         Returns (start, stop, replacement) for the event that carries the usage we asked for: the slice to
         replace, separator included, and what goes there instead (nothing, or the event without `usage`,
         separator included); None when nothing changes.
         """
         sep = self._sep
-        n = count_deltas(region, self._patterns)
+        n = count_deltas(buf, self._patterns, cut)
         if n:
             self.deltas += n
             self.first_output = True
-        if region.endswith(b"data: [DONE]"):  # nothing follows [DONE]: it ends the region it is in
+        if buf.endswith(b"data: [DONE]", 0, cut):  # nothing follows [DONE]: it ends the region it is in
             self.done = True
         if self._regions is not None:
-            self._regions.append(region)
-            self.kept += len(region)
+            self._regions.append(buf[:cut])
+            self.kept += cut
         if self._family == MESSAGES:
-            self._messages_usage(region)
+            self._messages_usage(buf[:cut])
             return None  # nothing is asked for on the client's behalf, so nothing is hidden
-        at = region.rfind(self._usage_key)
+        at = buf.rfind(self._usage_key, 0, cut)
         if at < 0:
             return None
-        start = region.rfind(sep, 0, at)
+        start = buf.rfind(sep, 0, at)
         start = 0 if start < 0 else start + len(sep)
-        stop = region.find(sep, at)
-        stop = len(region) if stop < 0 else stop
-        event = region[start:stop]
+        stop = buf.find(sep, at, cut)
+        stop = cut if stop < 0 else stop
+        event = buf[start:stop]
         obj = _load_event(event)
         if obj is None:
             return None
