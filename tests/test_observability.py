@@ -55,8 +55,8 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
     return out
 
 
-def rules(helm_bin: str) -> list[dict]:
-    values = {"secrets": {"pepper": PEPPER}, "prometheusRule": {"enabled": True}}
+def rules(helm_bin: str, **rule_values: object) -> list[dict]:
+    values = {"secrets": {"pepper": PEPPER}, "prometheusRule": {"enabled": True, **rule_values}}
     docs = render_values(helm_bin, values, "--api-versions", RULE_API)
     (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
     return rule["spec"]["groups"]
@@ -104,7 +104,7 @@ def test_promtool_checks_the_rendered_rules(helm, tmp_path):
     path.write_text(yaml.safe_dump({"groups": groups}))
     out = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 6 rules found" in out.stdout, out.stdout
+    assert "SUCCESS: 9 rules found" in out.stdout, out.stdout
     for rule in groups[0]["rules"]:
         assert rule["annotations"]["runbook"] and rule["annotations"]["summary"], rule
 
@@ -187,7 +187,8 @@ async def test_every_dashboard_query_and_alert_works_against_a_real_prometheus(f
         audit__sinks=("jsonl",),
     )
     async with aiohttp.ClientSession() as s:
-        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "panel"})
+        budget = {"budget_tokens": 10**9, "budget_period": "day"}  # its figures: the budget alerts' series
+        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "panel", **budget})
         _, limited, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "one", "rpm": 1})
         async with s.get(running.url + "/metrics") as r:  # the first scrape asks the upstream for its models
             assert r.status == 200
@@ -224,7 +225,7 @@ async def test_every_dashboard_query_and_alert_works_against_a_real_prometheus(f
                         assert metric in names, f"{rule['alert']}: {metric} is not exported"
             evaluated = await prom.api(s, "/api/v1/rules")
             health = {r["name"]: (r["health"], r.get("lastError", "")) for g in evaluated["groups"] for r in g["rules"]}
-            assert len(health) == 6 and all(h == "ok" for h, _ in health.values()), health
+            assert len(health) == 9 and all(h == "ok" for h, _ in health.values()), health
     finally:
         prom.close()
     print(f"\n{len(results)} dashboard queries and {len(health)} alerts evaluated against Prometheus: all with data")
