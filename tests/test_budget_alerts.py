@@ -16,6 +16,7 @@ import yaml
 from sidecar.keys.format import hash_secret, new_key
 from sidecar.ops.metrics import MAX_KEYS
 from tests.support.clients import ADMIN, admin
+from tests.test_console_browser import chrome
 from tests.test_observability import JOB, Prometheus, rules, tool
 
 USED = 11 + 5  # the fake upstream's usage per chat answer
@@ -55,9 +56,9 @@ async def scrape(url: str) -> str:
         return await r.text()
 
 
-async def test_budget_figures_and_refusals_per_key_after_traffic(fake, sidecar_factory):
+async def test_budget_figures_and_refusals_per_key_after_traffic(fake, sidecar_factory, store_url):
     running = await sidecar_factory(
-        fake.url, auth__enabled=True, server__admin_token=ADMIN, limits__budget_metrics_refresh=0
+        fake.url, auth__enabled=True, server__admin_token=ADMIN, limits__budget_metrics_refresh=0, store__url=store_url
     )
     url = running.url
     async with aiohttp.ClientSession() as s:
@@ -211,3 +212,45 @@ async def refused_until_firing(prom: Prometheus, url: str, key: str) -> set[tupl
                 if a["state"] == "firing"
             }
     return firing
+
+
+def budget_column(url: str) -> dict[str, tuple[str, str]]:
+    """The keys table's "budget used" cell per key name, (text, class), as an operator sees it in Chromium."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = chrome()
+    try:
+        d.get(url + "/console/")
+        d.find_element(By.ID, "token").send_keys(ADMIN)
+        d.find_element(By.CSS_SELECTOR, "#signin-form button").click()
+        WebDriverWait(d, 15).until(ec.visibility_of_element_located((By.ID, "operator")))
+        d.find_element(By.CSS_SELECTOR, "nav button[data-tab=keys]").click()
+        WebDriverWait(d, 15).until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#keys tr")) == 4)
+        heads = [th.text for th in d.find_elements(By.CSS_SELECTOR, "#keys tr th")]
+        col = heads.index("budget used")
+        cells = {}
+        for row in d.find_elements(By.CSS_SELECTOR, "#keys tr")[1:]:
+            tds = row.find_elements(By.TAG_NAME, "td")
+            marks = tds[col].find_elements(By.TAG_NAME, "span")
+            cells[tds[0].text] = (tds[col].text, marks[0].get_attribute("class") if marks else "")
+        return cells
+    finally:
+        d.quit()
+
+
+async def test_the_console_marks_keys_near_and_at_their_budget(fake, sidecar_factory):
+    running = await sidecar_factory(fake.url, auth__enabled=True, server__admin_token=ADMIN, console__enabled=True)
+    url = running.url
+    async with aiohttp.ClientSession() as s:
+        near = await make(s, url, "near", budget_tokens=100, budget_period="1h")
+        full = await make(s, url, "full", budget_tokens=32, budget_period="1h")
+        await make(s, url, "plain")
+        near_answered, full_answered = await spend(s, url, near["key"]), await spend(s, url, full["key"])
+        await running.stored(near_answered + full_answered + 2)
+    cells = await asyncio.to_thread(budget_column, url)
+    assert 80 <= near_answered * USED < 100  # a warning: 80% or more
+    assert cells["near"] == (f"{near_answered * USED}%", "warn")
+    assert full_answered * USED == 32 and cells["full"] == ("100%", "refused")
+    assert cells["plain"] == ("", "")
