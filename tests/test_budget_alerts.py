@@ -15,9 +15,9 @@ import yaml
 
 from sidecar.keys.format import hash_secret, new_key
 from sidecar.ops.metrics import MAX_KEYS
+from tests.support.browser import chrome
 from tests.support.clients import ADMIN, admin
-from tests.test_console_browser import chrome
-from tests.test_observability import JOB, Prometheus, rules, tool
+from tests.support.prometheus import JOB, Prometheus, rules, tool
 
 USED = 11 + 5  # the fake upstream's usage per chat answer
 SMALL = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
