@@ -6,8 +6,9 @@ The keys are those that reserved against their budget in this process (`Budgets.
 first seen; a key idle for a whole period is dropped at the next refresh). The figures are the store's kept
 balances (`budget_left`'s, for all those keys in one report query), read when a scrape finds them older than
 `limits.budget_metrics_refresh` seconds (or a key was added since): a scrape never costs a query per key, and
-without scrapes nothing is read. How stale: that interval, plus the writer's flush (a request counts once its row is stored); a scrape waits
-at most `WAIT` for a refresh, a slower one (or the store unreachable) leaves the last figures in place.
+without scrapes nothing is read. How stale: that interval, plus the writer's flush (a request counts once its
+row is stored); a scrape waits at most `WAIT` for a refresh, a slower one (or the store unreachable) leaves the
+last figures in place.
 """
 
 from __future__ import annotations
