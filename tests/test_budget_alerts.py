@@ -8,6 +8,7 @@ import asyncio
 import re
 import subprocess
 import time
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -50,10 +51,18 @@ async def spend(s: aiohttp.ClientSession, url: str, key: str) -> int:
     raise AssertionError("the budget never refused")
 
 
-async def scrape(url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
-        assert r.status == 200
-        return await r.text()
+async def scrape(url: str, ready: Callable[[str], bool] = lambda text: True) -> str:
+    """/metrics once `ready` says so (15 s at most): a scrape waits at most a second for the figures' refresh and
+    a slower one (a loaded machine) lands in a later scrape."""
+    deadline = time.monotonic() + 15
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(url + "/metrics") as r:
+                assert r.status == 200
+                text = await r.text()
+            if ready(text) or time.monotonic() > deadline:
+                return text
+            await asyncio.sleep(0.2)
 
 
 async def test_budget_figures_and_refusals_per_key_after_traffic(fake, sidecar_factory, store_url):
@@ -67,10 +76,10 @@ async def test_budget_figures_and_refusals_per_key_after_traffic(fake, sidecar_f
         answered = await spend(s, url, near["key"])
         assert [(await ask(s, url, free["key"]))[0] for _ in range(2)] == [200, 429]  # the key's rpm
         await running.stored(answered + 3)  # the gauges count stored rows
-        text = await scrape(url)
+        kid = near["id"]
+        text = await scrape(url, lambda text: f'sidecar_key_budget_used_ratio{{key_id="{kid}"}}' in text)
         _, listed, _ = await admin(s, "GET", url + "/admin/keys")
     used = answered * USED
-    kid = near["id"]
     assert value(text, f'sidecar_key_budget_tokens{{key_id="{kid}"}}') == 100
     assert value(text, f'sidecar_key_budget_remaining_tokens{{key_id="{kid}"}}') == max(0, 100 - used)
     assert value(text, f'sidecar_key_budget_used_ratio{{key_id="{kid}"}}') == used / 100
@@ -102,11 +111,12 @@ async def test_per_key_series_stay_bounded_beyond_max_keys(fake, sidecar_factory
     async with aiohttp.ClientSession() as s:
         for key in keys:
             assert (await ask(s, running.url, key))[0] == 429
-    text = await scrape(running.url)
+    gauges = re.compile(r"^sidecar_key_budget_used_ratio\{", re.M)
+    text = await scrape(running.url, lambda text: len(gauges.findall(text)) >= MAX_KEYS)
     limited = re.findall(r'^sidecar_key_limited_total\{key_id="([^"]+)",reason="budget"\} (\S+)$', text, re.M)
     assert len(limited) == MAX_KEYS + 1
     assert dict(limited)["other"] == "3.0"
-    assert len(re.findall(r"^sidecar_key_budget_used_ratio\{", text, re.M)) == MAX_KEYS
+    assert len(gauges.findall(text)) == MAX_KEYS
     assert len(re.findall(r"^sidecar_key_budget_tokens\{", text, re.M)) == MAX_KEYS
 
 
@@ -178,7 +188,7 @@ async def test_a_real_prometheus_fires_the_budget_alerts(fake, sidecar_factory, 
         full = await make(s, url, "full", budget_tokens=32, budget_period="1h")
         answered = await spend(s, url, near["key"]) + await spend(s, url, full["key"])
         await running.stored(answered + 2)
-    text = await scrape(url)
+    text = await scrape(url, lambda text: f'sidecar_key_budget_used_ratio{{key_id="{full["id"]}"}}' in text)
     assert 0.8 <= value(text, f'sidecar_key_budget_used_ratio{{key_id="{near["id"]}"}}') < 1
     assert value(text, f'sidecar_key_budget_used_ratio{{key_id="{full["id"]}"}}') >= 1
     prom = Prometheus(tmp_path, f"127.0.0.1:{running.port}", rule_file)
