@@ -185,7 +185,10 @@ def build(settings: Settings) -> Parts:
     proxy = Proxy(upstream, forwarding, s.server, limits, auth, metrics, finish, auditor, rejects, tracing)
     keys = KeyAdmin(store, pepper, s.auth.pepper_rotate)
     retention = Retention(store, retention_seconds(s.store), s.store.retention_interval)
-    admin = Admin(token, keys, store, auth, s.store.report_max_days, limits.remaining, forwarding.client_address)
+    admin = Admin(
+        token, keys, store, auth, s.store.report_max_days, limits.remaining, forwarding.client_address,
+        limits.budgets.left_many,
+    )  # fmt: skip
     exporter = Exporter(store, s.export, read_secret("export.token_file", s.export.token, s.export.token_file))
     return Parts(
         s, upstream, metrics, RunState(), store, auth, limits, forwarding, keys, request_log, writer, bus, rejects,
@@ -272,7 +275,12 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     for probes in {id(router): routes, id(ops_router): ops}.values():
         probes.add("GET", "/healthz", health.healthz)
         probes.add("GET", "/readyz", health.readyz)
-    p.metrics.before_scrape = p.models.fresh
+
+    async def before_scrape() -> None:  # the model list for the `model` label; the budget figures per key
+        await p.models.fresh()
+        await p.limits.gauges.refresh()
+
+    p.metrics.before_scrape = before_scrape
     ops.add("GET", "/metrics", p.metrics.handle)
     ops.add("GET", "/metrics/upstream", p.page.handle)
     ops.add("GET", "/drain", health.drain)

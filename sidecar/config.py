@@ -125,6 +125,7 @@ class LimitsCfg:
     saturation_kv: float = 0.95  # the engine's KV-cache use (0-1) above which dispatch holds
     timezone: str = "UTC"  # where a key's `day`, `week` and `month` budget periods begin
     store_down: str = "local"  # shared store unreachable: "local" (this replica's own limits) or "reject" (503)
+    budget_metrics_refresh: float = 15.0  # seconds a scrape's budget figures are kept before the store is read again
 
 
 @dataclass(frozen=True)
@@ -467,6 +468,10 @@ def _check_saturation(limits: LimitsCfg) -> None:
         )
     if not 0.0 < limits.saturation_kv <= 1.0:
         raise ConfigError(f"limits.saturation_kv: must be above 0 and at most 1, got {limits.saturation_kv}")
+    if not 0.0 <= limits.budget_metrics_refresh <= 3600.0:
+        raise ConfigError(
+            f"limits.budget_metrics_refresh: must be between 0 and 3600 seconds, got {limits.budget_metrics_refresh}"
+        )
 
 
 def duration(text: str) -> float | None:

@@ -112,7 +112,7 @@ class Proxy:
                 except SidecarError as err:
                     rec.fail(err.status, err.outcome, err.code)
                     if isinstance(err, RateLimited):
-                        self.metrics.limited(err.reason)
+                        self.metrics.limited(err.reason, rec.key_id)
                     if isinstance(err, KeyNotValid):
                         rec.key_id = err.key_id  # a revoked or expired key: whose it was is known
                     if ex.resp is not None:  # a kept-alive stream refused in the queue: its 200 is sent

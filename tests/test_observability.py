@@ -9,36 +9,21 @@ scraped, and every panel must return data.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
 from tests.support.clients import ADMIN, admin
 from tests.support.helm import PEPPER, render_values
-from tests.support.waits import free_port
+from tests.support.prometheus import RULE_API, Prometheus, rules, tool
 
 ROOT = Path(__file__).resolve().parent.parent
-RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
-JOB = "t-sidecar-ops"  # what the ServiceMonitor's scrape names the job: the -ops Service of release "t"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        missing = f"{name} not installed (Debian: apt-get install -y prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return path
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
@@ -53,13 +38,6 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
             continue
         out += [(row, panel["title"], t["expr"]) for t in panel["targets"]]
     return out
-
-
-def rules(helm_bin: str) -> list[dict]:
-    values = {"secrets": {"pepper": PEPPER}, "prometheusRule": {"enabled": True}}
-    docs = render_values(helm_bin, values, "--api-versions", RULE_API)
-    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
-    return rule["spec"]["groups"]
 
 
 def test_the_dashboard_file_is_what_its_generator_writes():
@@ -104,55 +82,9 @@ def test_promtool_checks_the_rendered_rules(helm, tmp_path):
     path.write_text(yaml.safe_dump({"groups": groups}))
     out = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 6 rules found" in out.stdout, out.stdout
+    assert "SUCCESS: 9 rules found" in out.stdout, out.stdout
     for rule in groups[0]["rules"]:
         assert rule["annotations"]["runbook"] and rule["annotations"]["summary"], rule
-
-
-class Prometheus:
-    def __init__(self, tmp_path: Path, target: str, rule_file: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        scrape = {"scrape_interval": "1s", "scrape_timeout": "900ms"}
-        config = {
-            "global": {"evaluation_interval": "1s", **scrape},
-            "rule_files": [str(rule_file)],
-            "scrape_configs": [
-                {"job_name": JOB, "metrics_path": path, "static_configs": [{"targets": [target]}], **scrape}
-                for path in ("/metrics", "/metrics/upstream")
-            ],
-        }
-        # As the ServiceMonitor's second endpoint: the same job, told apart by `source` (else `up` would clash).
-        config["scrape_configs"][1]["job_name"] = JOB + "-upstream"
-        config["scrape_configs"][1]["relabel_configs"] = [
-            {"target_label": "job", "replacement": JOB},
-            {"target_label": "source", "replacement": "upstream"},
-        ]
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.proc = subprocess.Popen(
-            [
-                tool("prometheus"),
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    async def api(self, session: aiohttp.ClientSession, path: str, **params: str) -> dict:
-        async with session.get(self.url + path, params=params) as r:
-            body = await r.json()
-            assert body["status"] == "success", body
-            return body["data"]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 async def traffic(url: str, key: str, limited: str) -> None:
@@ -187,7 +119,8 @@ async def test_every_dashboard_query_and_alert_works_against_a_real_prometheus(f
         audit__sinks=("jsonl",),
     )
     async with aiohttp.ClientSession() as s:
-        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "panel"})
+        budget = {"budget_tokens": 10**9, "budget_period": "day"}  # its figures: the budget alerts' series
+        _, created, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "panel", **budget})
         _, limited, _ = await admin(s, "POST", running.url + "/admin/keys", {"name": "one", "rpm": 1})
         async with s.get(running.url + "/metrics") as r:  # the first scrape asks the upstream for its models
             assert r.status == 200
@@ -224,7 +157,7 @@ async def test_every_dashboard_query_and_alert_works_against_a_real_prometheus(f
                         assert metric in names, f"{rule['alert']}: {metric} is not exported"
             evaluated = await prom.api(s, "/api/v1/rules")
             health = {r["name"]: (r["health"], r.get("lastError", "")) for g in evaluated["groups"] for r in g["rules"]}
-            assert len(health) == 6 and all(h == "ok" for h, _ in health.values()), health
+            assert len(health) == 9 and all(h == "ok" for h, _ in health.values()), health
     finally:
         prom.close()
     print(f"\n{len(results)} dashboard queries and {len(health)} alerts evaluated against Prometheus: all with data")

@@ -24,7 +24,7 @@ from sidecar.errors import BadRequest, NotFound, Unauthorized
 from sidecar.handlers import Handlers, request_id
 from sidecar.keys.auth import Authenticator, bearer_token
 from sidecar.keys.service import KeyAdmin, listing
-from sidecar.limits.budgets import Remaining, budget_fields
+from sidecar.limits.budgets import LeftMany, Remaining, budget_fields, listed_budgets
 from sidecar.ops.rejects import RejectSampler
 from sidecar.ops.series import counter
 from sidecar.responses import json_response
@@ -47,8 +47,10 @@ class Admin:
         max_days: int = 366,
         remaining: Remaining | None = None,
         client: Callable[[web.Request], str | None] = lambda request: request.remote,
+        left_many: LeftMany | None = None,
     ) -> None:
         self.remaining = remaining
+        self.left_many = left_many  # the listing's budget figures: one report query for every key
         self.client = client  # the client's address (`server.trusted_proxies`): in the audit log and the throttle
         self.throttle = Throttle(client)
         self.max_days = max_days
@@ -125,7 +127,10 @@ class Admin:
 
     async def list_keys(self, request: web.Request, rid: str) -> Any:
         only_params(request, ())  # none: a filter it would ignore is refused
-        return {"object": "list", "data": listing(await self.store.list_keys(), self.auth.static.rows())}
+        keys = listing(await self.store.list_keys(), self.auth.static.rows())
+        if self.left_many is not None:
+            await listed_budgets(keys, self.left_many)
+        return {"object": "list", "data": keys}
 
     async def create_key(self, request: web.Request, rid: str) -> Any:
         only_params(request, ())  # none: a filter it would ignore is refused

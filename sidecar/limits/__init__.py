@@ -5,7 +5,7 @@ request settles and releases once; `budgets` gives the reports a budget's remain
 `from_store`) and `periods` the period vocabulary keys are checked against. Inside: `local` (this replica's
 per-key buckets and the global cap), `saturation` (that cap following the engine's metrics page), `borrowing`
 (allowances borrowed from the store's balances), `budgets`, `rates` and `slots` (the limits that hold for every
-replica sharing PostgreSQL).
+replica sharing PostgreSQL), `gauges` (the budget figures `/metrics` shows).
 """
 
 __all__ = ["admission", "budgets", "periods"]

@@ -33,6 +33,7 @@ from sidecar.errors import RateLimited
 from sidecar.keys.auth import Principal
 from sidecar.limits.borrowing import Borrower, Hold
 from sidecar.limits.budgets import Budgets
+from sidecar.limits.gauges import BudgetGauges
 from sidecar.limits.local import LocalLease, LocalLimits
 from sidecar.limits.rates import SharedRates
 from sidecar.limits.saturation import Fetch, Saturation
@@ -121,6 +122,7 @@ class Limits:
         self.saturation = Saturation(cfg, self.local, engine_page)
         self.borrower = Borrower(store)
         self.budgets = Budgets(cfg.timezone, self.borrower)
+        self.gauges = BudgetGauges(self.budgets, cfg.budget_metrics_refresh)  # refreshed before a scrape
         shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
         # None with SQLite: one replica, its local buckets and slots are the whole truth.
         self.rates = SharedRates(self.borrower, cfg.store_down) if shared else None
@@ -253,7 +255,7 @@ class Limits:
 
     def collectors(self) -> list[Callable[[], Iterator[Metric]]]:
         shared = [self.slots.collect, self.rates.collect] if self.slots is not None and self.rates else []
-        return [self.local.collect, self.saturation.collect, self.borrower.collect, *shared]
+        return [self.local.collect, self.saturation.collect, self.borrower.collect, self.gauges.collect, *shared]
 
     async def start(self) -> None:
         await self.borrower.start()
@@ -262,6 +264,7 @@ class Limits:
 
     async def close(self) -> None:
         """Allowances and slots go back to the store (at drain: the writer's last flush comes after)."""
+        await self.gauges.close()
         try:
             if self.slots is not None:
                 await self.slots.close()  # raises when the store is unreachable: the borrower still closes

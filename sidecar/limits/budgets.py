@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sidecar.errors import InsufficientQuota
 from sidecar.limits.borrowing import FRACTION, LEASE, Balance, Borrower, Hold
 from sidecar.limits.periods import CALENDAR, period_bounds
+from sidecar.ops.metrics import MAX_KEYS
 
 Remaining = Callable[[str, int, str], Awaitable[tuple[int, float]]]  # (key, budget, period) -> (left, resets at)
+# [(key, budget, period)] -> {key: (left, resets at)} for the keys whose balance for this period exists
+LeftMany = Callable[[Sequence[tuple[str, int, str]]], Awaitable[dict[str, tuple[float, float]]]]
 
 
 class Budgets:
@@ -38,10 +42,17 @@ class Budgets:
         self.borrower = borrower
         self.store = borrower.store
         self.clock = clock
+        # Keys that reserved against their budget (MAX_KEYS at most): key -> (budget, period, when last), the keys
+        # whose figures /metrics shows (`sidecar.limits.gauges`).
+        self.watched: dict[str, tuple[int, str, float]] = {}
+        self.new_watched = False  # a key was added since the figures were read: read them at the next scrape
 
     async def reserve(self, key_id: str, budget: int, period: str, need: int) -> Hold:
         """Hold `need` tokens of the key's budget for a request, or raise InsufficientQuota."""
         now = self.clock()
+        if key_id in self.watched or len(self.watched) < MAX_KEYS:
+            self.new_watched = self.new_watched or key_id not in self.watched
+            self.watched[key_id] = (budget, period, now)
         start, end = period_bounds(period, now, self.tz)
         bucket = _bucket(start, budget)
 
@@ -64,6 +75,21 @@ class Budgets:
         start, end = period_bounds(period, self.clock(), self.tz)
         left = await self.store.budget_left(key_id, _bucket(start, budget), budget, (start, end))
         return max(0, round(left)), end
+
+    async def left_many(self, keys: Sequence[tuple[str, int, str]]) -> dict[str, tuple[float, float]]:
+        """What `remaining` says for many keys in one report query ((tokens left, unrounded: below 0 when a key
+        used more than it reserved; when the period ends)), for those whose balance for this period exists: a
+        key no request has borrowed for since the period began (or its budget changed) is left out."""
+        now = self.clock()
+        wanted: dict[str, tuple[str, float]] = {}
+        for key_id, budget, period in keys:
+            start, end = period_bounds(period, now, self.tz)
+            wanted[key_id] = (_bucket(start, budget), end)
+        levels = await self.store.budget_levels([(key, bucket) for key, (bucket, _) in wanted.items()])
+        return {key: (levels[(key, bucket)], end) for key, (bucket, end) in wanted.items() if (key, bucket) in levels}
+
+    def period_start(self, period: str) -> float:
+        return period_bounds(period, self.clock(), self.tz)[0]
 
 
 def _bucket(start: float, budget: int) -> str:
@@ -89,6 +115,17 @@ async def budget_fields(
         return {}
     left, end = await remaining(key_id, budget, period)
     return {"budget_remaining": left, "budget_resets_at": end}
+
+
+async def listed_budgets(keys: list[dict[str, Any]], left_many: LeftMany) -> None:
+    """`budget_remaining` and `budget_used_ratio` (what the stored rows used over the budget) into each listed key
+    that has a budget and a balance this period: one report query for the whole list."""
+    budgeted = [k for k in keys if k.get("budget_tokens") and k.get("budget_period") and not k.get("revoked_at")]
+    figures = await left_many([(k["id"], k["budget_tokens"], k["budget_period"]) for k in budgeted])
+    for key in budgeted:
+        if (figure := figures.get(key["id"])) is not None:
+            key["budget_remaining"] = max(0, round(figure[0]))
+            key["budget_used_ratio"] = round((key["budget_tokens"] - figure[0]) / key["budget_tokens"], 4)
 
 
 def from_store(

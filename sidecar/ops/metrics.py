@@ -68,6 +68,8 @@ class Metrics:
         self._tokens: dict[tuple[str, str], int] = {}
         self._key_tokens: dict[tuple[str, str], int] = {}
         self._limited: dict[str, int] = dict.fromkeys(LIMIT_REASONS, 0)
+        self._key_limited: dict[tuple[str, str], int] = {}
+        self._limited_keys: set[str] = set()  # key ids with series of their own there: MAX_KEYS at most
         self.registry.register(self)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):  # process_*, python_*
             standard(registry=self.registry)
@@ -115,9 +117,19 @@ class Metrics:
                 if n:
                     self._tokens[(kind, model)] = self._tokens.get((kind, model), 0) + n
 
-    def limited(self, reason: str) -> None:
-        if reason in self._limited:
-            self._limited[reason] += 1
+    def limited(self, reason: str, key_id: str | None = None) -> None:
+        if reason not in self._limited:
+            return
+        self._limited[reason] += 1
+        if key_id is None:
+            return  # refused before a key was known (unknown_key, the global cap): no key's refusal
+        if key_id not in self._limited_keys:
+            if len(self._limited_keys) >= MAX_KEYS:
+                key_id = OTHER_MODEL
+            else:
+                self._limited_keys.add(key_id)
+        labels = (key_id, reason)
+        self._key_limited[labels] = self._key_limited.get(labels, 0) + 1
 
     def upstream_error(self, reason: UpstreamErrorReason) -> None:
         self._upstream_errors[reason] += 1
@@ -175,6 +187,14 @@ class Metrics:
             key_tokens.add_metric(labels, n)
         yield key_tokens
         yield _counter("sidecar_rate_limited", "Requests refused by a limit, by which.", "reason", self._limited)
+        key_limited = CounterMetricFamily(
+            "sidecar_key_limited",
+            f"Requests refused by a limit, by key id (never the key) and which; beyond {MAX_KEYS} keys, `other`.",
+            labels=("key_id", "reason"),
+        )
+        for labels, n in self._key_limited.items():
+            key_limited.add_metric(labels, n)
+        yield key_limited
         info = GaugeMetricFamily("sidecar_build_info", "Build information.", labels=("version", "python"))
         info.add_metric((__version__, platform.python_version()), 1)
         yield info

@@ -168,6 +168,7 @@
       { label: "tpm", num: true, get: (k) => (k.tpm ? num.format(k.tpm) : "") },
       { label: "concurrency", num: true, get: (k) => k.concurrency ?? "" },
       { label: "budget", get: (k) => (k.budget_tokens ? `${num.format(k.budget_tokens)} / ${k.budget_period}` : "") },
+      { label: "budget used", num: true, get: budgetUsed },
       { label: "weight", num: true, get: (k) => k.weight ?? 1 },
       { label: "priority", get: (k) => k.priority || "normal" },
       { label: "models", get: (k) => (k.models ? k.models.join(", ") : "all") },
@@ -182,6 +183,16 @@
     if (k.revoked_at) return "revoked " + when(k.revoked_at);
     if (k.expires_at && k.expires_at * 1000 <= Date.now()) return "expired " + when(k.expires_at);
     return "active";
+  }
+
+  // What the key's stored requests used of its budget this period: a warning from 80%, refused at 100% (the
+  // chart's SidecarKeyBudgetLow and SidecarKeyBudgetExhausted alerts, at their default threshold).
+  function budgetUsed(k) {
+    const r = k.budget_used_ratio;
+    if (r === undefined || r === null) return "";
+    const mark = el("span", `${Math.floor(r * 100 + 1e-9)}%`, r >= 1 ? "refused" : r >= 0.8 ? "warn" : "");
+    mark.title = `${num.format(k.budget_remaining)} tokens left this period`;
+    return mark;
   }
 
   function actions(k) {
