@@ -10,7 +10,6 @@ import enum
 import os
 import time
 from dataclasses import dataclass, fields
-from operator import attrgetter
 from typing import Any, Literal
 
 
@@ -131,7 +130,7 @@ class RequestRecord:
         return self
 
     def as_row(self) -> dict[str, Any]:
-        return dict(zip(ROW_FIELDS, _row_values(self), strict=True))
+        return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
 _NOT_STORED = (
@@ -148,4 +147,3 @@ _NOT_STORED = (
     "upstream_done",
 )
 ROW_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name not in _NOT_STORED)
-_row_values = attrgetter(*ROW_FIELDS)  # every stored field in one C call (a getattr per field cost 2 µs a row)
