@@ -24,14 +24,22 @@ bench_loadgen "$WORK"
 .venv/bin/py-spy record -r 500 -d "$((secs + 1))" -p $SC -f raw -o "bench-results/profile-$kind.txt" --nonblocking >/dev/null 2>&1 &
 SPY=$!
 sleep 0.5
+cpu() { awk '{print $14+$15}' "/proc/$SC/stat"; }
+c0=$(cpu)
 if [ "$kind" = stream ]; then
-  "$WORK/loadgen" -c 16 -d "$secs" -S -b "$WORK/body.json" -H "Authorization: $BENCH_AUTH" \
-    http://127.0.0.1:18110/v1/chat/completions | tail -1
+  out=$("$WORK/loadgen" -c 16 -d "$secs" -S -b "$WORK/body.json" -H "Authorization: $BENCH_AUTH" \
+    http://127.0.0.1:18110/v1/chat/completions | tail -1)
 else
-  BENCH_BODY=$WORK/body.json BENCH_AUTH=$BENCH_AUTH wrk -t1 -c16 -d"${secs}s" \
-    -s bench/wrk_post.lua http://127.0.0.1:18110/v1/chat/completions | tail -1
+  out=$(BENCH_BODY=$WORK/body.json BENCH_AUTH=$BENCH_AUTH wrk -t1 -c16 -d"${secs}s" \
+    -s bench/wrk_post.lua http://127.0.0.1:18110/v1/chat/completions | tail -1)
 fi
+c1=$(cpu)
+echo "$out"
+# CPU µs per request (per stream) over the load, utime+stime from /proc: the µs column of the budget table
+per=$(python3 -c 'import json,os,sys; j=json.loads(sys.argv[3][sys.argv[3].index("{"):]); n=j.get("requests") or 1; print(round((int(sys.argv[2])-int(sys.argv[1]))/os.sysconf("SC_CLK_TCK")*1e6/n, 1))' "$c0" "$c1" "$out")
+echo "cpu µs per request: $per"
 wait $SPY || true
+python3 bench/profile_table.py "bench-results/profile-$kind.txt" "$per"
 python3 - "bench-results/profile-$kind.txt" <<'PY'
 import collections, sys
 own, incl = collections.Counter(), collections.Counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shlex
@@ -153,7 +154,22 @@ def check_upstream(settings: Settings, demo: bool) -> None:
         )
 
 
-async def serve(settings: Settings, announce: Callable[[str], None] | None = None, demo_upstream: bool = False) -> int:
+def _freeze_heap() -> None:
+    """What start-up made (modules, settings, the app: ~45,000 objects) is kept for the process's life: frozen
+    out of the collector's reach, a full collection (every ~20,000 requests) no longer walks it again (40-90 ms
+    of the loop each time, 2-4 µs a request on a small chat), only what requests made since."""
+    gc.collect()
+    gc.freeze()
+
+
+async def serve(
+    settings: Settings,
+    announce: Callable[[str], None] | None = None,
+    demo_upstream: bool = False,
+    freeze: bool = False,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. `freeze`: the process is ours alone (`run`), so its start-up heap
+    may be frozen (`_freeze_heap`); in-process callers (tests) leave theirs alone."""
     check_upstream(settings, demo_upstream)
     demo: web.AppRunner | None = None
     if demo_upstream:
@@ -176,6 +192,8 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
         await _start(server)
         ops = {"ops_port": server.ops_port} if server.ops_port else {}
         event(log, "listening", host=settings.server.host, port=server.port, **ops, settings=summary(settings))
+        if freeze:
+            _freeze_heap()
         key = await _demo_key(server) if demo is not None and settings.auth.enabled else None
         if announce is not None:
             announce(_curl_hint(settings, server.port, demo is not None, key))
@@ -256,4 +274,4 @@ def run(settings: Settings, demo: bool = False) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms running
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(settings, lambda line: print(line, file=sys.stderr, flush=True), demo))
+        return runner.run(serve(settings, lambda line: print(line, file=sys.stderr, flush=True), demo, freeze=True))

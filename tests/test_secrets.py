@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
+from sidecar.ops.logs import _AGENTS, RequestLog
 from tests.support.bodies import CHAT
 from tests.support.clients import raw
 from tests.support.fake_upstream import FAKE_CONTENT_TYPE, FAKE_DATE
@@ -304,3 +305,23 @@ async def test_a_store_that_answers_but_cannot_be_migrated_exits_1_with_one_line
     finally:
         async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
             await conn.execute("DROP ROLE visitor")
+
+
+def test_a_user_agent_holding_a_key_is_scrubbed_on_every_line_it_comes_back_on(tmp_path):
+    """The request log remembers each user agent's scrubbed text (the patterns cost more than the rest of the
+    line): the second line of the same agent, and an agent that comes after the memory was emptied, are scrubbed
+    as the first."""
+    path = tmp_path / "requests.log"
+    log = RequestLog(str(path), flush_ms=0)
+    agent = "curl/8 Authorization: Bearer sk-live-abcdefghijklmnop"
+    row = orjson.dumps({"request_id": "req_1"})
+    for _ in range(2):
+        log.write_access(row, 1.0, "127.0.0.1", agent)
+    for i in range(_AGENTS):
+        log.write_access(row, 1.0, "127.0.0.1", f"agent-{i}")
+    log.write_access(row, 1.0, "127.0.0.1", agent)
+    log.close()
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    mine = [line["user_agent"] for line in lines if line["user_agent"].startswith("curl/")]
+    assert len(mine) == 3 and all("sk-live" not in a and "***" in a for a in mine)
+    assert lines[0]["request_id"] == "req_1" and lines[0]["client_addr"] == "127.0.0.1"

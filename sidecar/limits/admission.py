@@ -180,7 +180,8 @@ class Limits:
         holds: list[Hold] = []
         admitted = False
         try:
-            await self._shared_holds(principal, need, holds)
+            if principal.budget_tokens is not None or self.rates is not None:  # else nothing to hold: no await
+                await self._shared_holds(principal, need, holds)
             local = self.local.acquire_now(principal, need)
             if local is None:
                 local = await self._queue(principal, need, queued, keepalive)

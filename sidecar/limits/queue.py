@@ -59,6 +59,8 @@ class DispatchQueue:
         self._seq = 0
 
     def __len__(self) -> int:
+        if not any(self._classes):  # nobody waits (every request that is let through asks): no generator
+            return 0
         return sum(len(w.tickets) for waiting in self._classes for w in waiting.values())
 
     def depth(self, rank: int) -> int:
@@ -142,8 +144,11 @@ class DispatchQueue:
             self._inflight[key] = left
             return
         self._inflight.pop(key, None)
-        if self._counters.get(key, 0.0) <= self._floor and not any(key in w for w in self._classes):
+        if self._counters.get(key, 0.0) <= self._floor and not (any(self._classes) and self._waits(key)):
             self._counters.pop(key, None)
+
+    def _waits(self, key: str) -> bool:
+        return any(key in w for w in self._classes)
 
     def remove(self, ticket: Ticket) -> bool:
         """Take a waiter out (it timed out, left or was shed); False when it was no longer waiting."""

@@ -40,6 +40,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 LIMIT_REASONS = (
     "concurrency", "rpm", "tpm", "budget", "overloaded", "queue_full", "queue_shed", "queue_timeout", "unknown_key",
 )  # fmt: skip
+MAX_PATHS = 1000  # request paths whose route is remembered (`Metrics._route_series`); beyond, looked up again
 MAX_KEYS = 500  # key ids with a series of their own in sidecar_key_tokens_total; later ones count as `other`
 
 
@@ -60,6 +61,8 @@ class Metrics:
         self.models: frozenset[str] = frozenset()  # what the upstream lists: the only `model` label values
         self._requests: dict[tuple[str, int, str], int] = {}
         self._duration: dict[str, Hist] = {}
+        self._by_route: dict[str, _RouteSeries] = {}  # route label -> its series
+        self._series: dict[str, _RouteSeries] = {}  # request path -> its route's series (`_route_series`)
         self._ttft: dict[str, Hist] = {}
         self._own: dict[str, Hist] = {}
         self._queued: dict[str, Hist] = {}
@@ -87,35 +90,54 @@ class Metrics:
 
     def observe(self, rec: RequestRecord) -> None:
         """Everything a finished request counts for."""
-        route = self.route(rec.path)
-        key = (route, rec.status, rec.outcome)
-        self._requests[key] = self._requests.get(key, 0) + 1
-        _hist(self._duration, route, LATENCY_BUCKETS).observe(rec.latency_ms / 1000.0)
-        if rec.ttft_ms is not None and route in self.generating:
-            _hist(self._ttft, route, LATENCY_BUCKETS).observe(rec.ttft_ms / 1000.0)
+        path = rec.path
+        series = self._series.get(path)
+        if series is None:
+            series = self._route_series(path)
+        key = (series.route, rec.status, rec.outcome)
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        series.duration.observe(rec.latency_ms / 1000.0)
+        if rec.ttft_ms is not None and series.generating:
+            _hist(self._ttft, series.route, LATENCY_BUCKETS).observe(rec.ttft_ms / 1000.0)
         if rec.outcome == Outcome.CLIENT_DISCONNECTED:
-            self._disconnects[route] = self._disconnects.get(route, 0) + 1
+            self._disconnects[series.route] = self._disconnects.get(series.route, 0) + 1
         own = rec.own_time()
         if own is not None:
-            _hist(self._own, route, OWN_BUCKETS).observe(own[0] + own[1])
+            _hist(self._own, series.route, OWN_BUCKETS).observe(own[0] + own[1])
         if own is not None or rec.queued_ms:  # sent, or waited and then refused or cancelled
-            _hist(self._queued, route, LATENCY_BUCKETS).observe(rec.queued_ms / 1000.0)
+            _hist(self._queued, series.route, LATENCY_BUCKETS).observe(rec.queued_ms / 1000.0)
         if rec.prompt_tokens or rec.completion_tokens:
-            model = rec.model if rec.model in self.models else OTHER_MODEL
-            kid = rec.key_id or "none"
-            if (kid, "prompt") not in self._key_tokens and len(self._key_tokens) >= 2 * MAX_KEYS:
-                kid = OTHER_MODEL
-            for kind, n in (("prompt", rec.prompt_tokens), ("completion", rec.completion_tokens)):
-                if n:
-                    self._tokens[(kind, model)] = self._tokens.get((kind, model), 0) + n
-                self._key_tokens[(kid, kind)] = self._key_tokens.get((kid, kind), 0) + (n or 0)
-            # The details are parts of the two above (not added to them): what a price list sets apart.
-            for kind, n in (
-                ("cached", rec.cached_tokens), ("cache_write", rec.cache_write_tokens),
-                ("reasoning", rec.reasoning_tokens),
-            ):  # fmt: skip
-                if n:
-                    self._tokens[(kind, model)] = self._tokens.get((kind, model), 0) + n
+            self._count_tokens(rec)
+
+    def _route_series(self, path: str) -> _RouteSeries:
+        """A path's series, found once: a route's own path (or a template's) is remembered, up to `MAX_PATHS`
+        paths; any other path is counted as `other` without being remembered (labels and memory stay bounded)."""
+        route = self.route(path)
+        series = self._by_route.get(route)
+        if series is None:
+            series = self._by_route[route] = _RouteSeries(route, route in self.generating)
+            self._duration[route] = series.duration
+        if route != "other" and len(self._series) < MAX_PATHS:
+            self._series[path] = series
+        return series
+
+    def _count_tokens(self, rec: RequestRecord) -> None:
+        model = rec.model if rec.model in self.models else OTHER_MODEL
+        kid = rec.key_id or "none"
+        if (kid, "prompt") not in self._key_tokens and len(self._key_tokens) >= 2 * MAX_KEYS:
+            kid = OTHER_MODEL
+        for kind, n in (("prompt", rec.prompt_tokens), ("completion", rec.completion_tokens)):
+            if n:
+                self._tokens[(kind, model)] = self._tokens.get((kind, model), 0) + n
+            self._key_tokens[(kid, kind)] = self._key_tokens.get((kid, kind), 0) + (n or 0)
+        # The details are parts of the two above (not added to them): what a price list sets apart.
+        for kind, n in (
+            ("cached", rec.cached_tokens), ("cache_write", rec.cache_write_tokens),
+            ("reasoning", rec.reasoning_tokens),
+        ):  # fmt: skip
+            if n:
+                self._tokens[(kind, model)] = self._tokens.get((kind, model), 0) + n
 
     def limited(self, reason: str, key_id: str | None = None) -> None:
         if reason not in self._limited:
@@ -213,6 +235,17 @@ class Metrics:
             await self.before_scrape()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST, "x-request-id": new_request_id()})
+
+
+class _RouteSeries:
+    """What a route's requests always count in, looked up once per path instead of per request."""
+
+    __slots__ = ("duration", "generating", "route")
+
+    def __init__(self, route: str, generating: bool) -> None:
+        self.route = route
+        self.generating = generating
+        self.duration = Hist(LATENCY_BUCKETS)
 
 
 def _hist(hists: dict[str, Hist], route: str, buckets: tuple[float, ...]) -> Hist:

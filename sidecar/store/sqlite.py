@@ -17,6 +17,7 @@ from sidecar.store.sql import RETAINED, SCHEMA_V9_SQLITE, SqlStore, migrations, 
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
+_NESTED = (dict, list)  # a tuple: `dict | list` in isinstance builds a union object on every call
 
 
 def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
@@ -26,7 +27,9 @@ def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
     if not isinstance(row, dict):
         raise TypeError(f"a row is a JSON object, not {type(row).__name__}")
     values = tuple(map(row.get, columns))
-    if any(isinstance(v, dict | list) for v in values):
+    # A nested value needs a `{` or `[` past the row's own brace: a line without one is checked in two scans of
+    # bytes instead of a type check of every value (a row's costliest step here).
+    if (line.find(b"{", 1) >= 0 or b"[" in line) and any(isinstance(v, _NESTED) for v in values):
         raise TypeError("a column value is an object or an array")
     return values
 
@@ -37,9 +40,11 @@ _USED_NEW = "COALESCE(NEW.total_tokens, COALESCE(NEW.prompt_tokens, 0) + COALESC
 # replica's holding of it (what it borrowed less what its stored rows used), or to the balance itself when it
 # holds none (a row replayed from the journal after a restart). A TEMP trigger: on the writer's connection
 # only, where this process's rows are inserted, and it fires only for rows inserted (a replayed duplicate is
-# skipped by ON CONFLICT, and charged once).
+# skipped by ON CONFLICT, and charged once). A key without a budget has no balance to charge: one probe of the
+# balances' primary key says so, where the two updates cost a row 3.5 µs (twice the probe) to change nothing.
 _CHARGE_TRIGGER = """CREATE TEMP TRIGGER IF NOT EXISTS charge_budgets AFTER INSERT ON main.request_log
-WHEN NEW.key_id IS NOT NULL BEGIN
+WHEN NEW.key_id IS NOT NULL
+  AND EXISTS (SELECT 1 FROM limit_balances WHERE key_id = NEW.key_id AND dim = 'budget') BEGIN
 UPDATE limit_holders SET outstanding = outstanding - ({used}) WHERE replica = '{replica}' AND dim = 'budget'
   AND key_id = NEW.key_id AND bucket IN (SELECT bucket FROM limit_balances b WHERE b.key_id = NEW.key_id
   AND b.dim = 'budget' AND NEW.started_at >= b.starts_at AND NEW.started_at < b.ends_at);

@@ -44,6 +44,9 @@ MAX_TOKENS_CEILING = 10_000_000
 # its own requests within its class (a `high` key's 5 still runs before a `low` key's).
 ENGINE_PRIORITY = {"high": -10, "normal": 0, "low": 10}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Tuples: `int | float` in isinstance builds a union object on every call, and these run on every request.
+_NUMBER = (int, float)
+_PROMPT = (str, list, dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +198,7 @@ def _count(where: dict[str, Any], name: str) -> int:
     value = where.get(name)
     if value is None:
         return 1
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, _NUMBER):
         raise BadRequest(f"`{name}` must be a number.", param=name, code="invalid_type")
     return min(int(value), MAX_TOKENS_CEILING) if value >= 1 else 1  # below 1: the upstream refuses it
 
@@ -207,7 +210,7 @@ def _prompts(doc: dict[str, Any], family: str) -> int:
         batch = doc.get("text", doc.get("input_ids"))
     else:
         return 1
-    if isinstance(batch, list) and batch and all(isinstance(p, str | list | dict) for p in batch):
+    if isinstance(batch, list) and batch and all(isinstance(p, _PROMPT) for p in batch):
         return len(batch)  # a list of prompts (a list of plain ids is one prompt)
     return 1
 
@@ -237,7 +240,7 @@ def _budget(doc: dict[str, Any], family: str) -> int | None:
         if value is None or (family == CHAT and value == 0 and not isinstance(value, bool)):
             zero = zero or value == 0
             continue  # absent; or, in a chat, null or 0: the next field names the budget (vLLM's `a or b`)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, _NUMBER):
             raise BadRequest(f"`{name}` must be a number.", param=name, code="invalid_type")
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # 300.0 is 300 to the upstream's validation (pydantic's int accepts it)
