@@ -63,6 +63,9 @@ class SqliteStore(SqlStore):
         self._db: aiosqlite.Connection | None = None
         self._reports: aiosqlite.Connection | None = None  # a second connection (and thread) for report queries
         self._report_lock = asyncio.Lock()
+        # One transaction at a time on the main connection: two callers' BEGINs on one connection would meet
+        # ("cannot start a transaction within a transaction"), e.g. borrows for two keys at once.
+        self._tx_lock = asyncio.Lock()
         self._w: sqlite3.Connection | None = None
         self._since_checkpoint = 0
 
@@ -144,12 +147,16 @@ class SqliteStore(SqlStore):
 
     async def _execute(self, sql: str, params: Params = ()) -> int:
         try:
-            async with self.db.execute(sql, params) as cur:
+            async with self._tx_lock, self.db.execute(sql, params) as cur:  # never inside another's transaction
                 return max(cur.rowcount, 0)
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
+        async with self._tx_lock:
+            return await self._transaction(statements)
+
+    async def _transaction(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
         db = self.db
         rows: list[tuple[Any, ...]] = []
         try:
