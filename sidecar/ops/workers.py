@@ -10,8 +10,9 @@ worker 0's at the next start, so no row waits for a worker that never comes back
 
 SIGTERM or SIGINT to the parent goes to every worker, which drains as one process does; the parent waits for all
 and exits with the worst status (0 when every worker drained). A worker that exits while the parent is not
-stopping is restarted under its index (the new one replays its journal), unless it ran for less than
-`CRASH_LOOP` seconds or never listened: then the parent stops the others and exits with that status. A worker
+stopping is restarted under its index (the new one replays its journal), unless it never listened or its last
+restart was less than `CRASH_LOOP` seconds ago: then the parent stops the others and exits with that status (a
+pod's restart policy takes over). A worker
 whose parent is gone (killed without a goodbye) drains and exits too.
 """
 
@@ -39,7 +40,7 @@ from sidecar.ops.logs import event
 from sidecar.ops.series import gauge
 
 log = logging.getLogger("sidecar.workers")
-CRASH_LOOP = 10.0  # seconds: a worker that dies sooner after its start is not restarted (the pod is)
+CRASH_LOOP = 10.0  # seconds: a worker that dies again this soon after its restart is not restarted again
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 WorkerMain = Callable[[int, Callable[[], None]], int]  # (index, ready) -> exit status; `ready` once it listens
 
@@ -120,6 +121,7 @@ class Supervisor:
         self.children: dict[int, _Child] = {}
         self.stopping = False
         self.worst = 0
+        self._restarted: dict[int, float] = {}  # worker index -> when it was last restarted (monotonic)
         self._lifeline = (-1, -1)
 
     def run(self) -> int:
@@ -204,11 +206,13 @@ class Supervisor:
         if self.stopping:
             self.worst = max(self.worst, code)
             return
-        ran = time.monotonic() - child.started
-        if ran < CRASH_LOOP:
-            self._failed(child.index, code)
+        now = time.monotonic()
+        if now - self._restarted.get(child.index, -CRASH_LOOP) < CRASH_LOOP:
+            self._failed(child.index, code)  # its restart died too, and soon: it will not get better by itself
             return
-        event(log, "worker exited: restarting it", worker=child.index, pid=pid, status=code, ran_s=round(ran, 1))
+        self._restarted[child.index] = now
+        ran = round(now - child.started, 1)
+        event(log, "worker exited: restarting it", worker=child.index, pid=pid, status=code, ran_s=ran)
         self._start(child.index, wait=False)
 
     def _failed(self, index: int, code: int) -> None:
