@@ -266,9 +266,10 @@ def run(settings: Settings, demo: bool = False) -> int:
     """Run `serve` on uvloop (falls back to asyncio's loop where uvloop is unavailable); with `server.workers`
     above 1, in that many worker processes under a parent that serves nothing (`sidecar.ops.workers`)."""
     check_upstream(settings, demo)  # before the loop starts: a config error is one line
-    if settings.server.workers == 1:
-        return _run_loop(serve(settings, _announce, demo))
     cfg = settings.server
+    if cfg.workers == 1:
+        adopt_orphans(cfg.data_dir, 1)  # what workers left journaled when there were more of them
+        return _run_loop(serve(settings, _announce, demo))
     for host in hosts(cfg.host):
         if (taken := port_taken(host, cfg.port)) is not None:
             reason = os.strerror(taken.errno) if taken.errno else str(taken)

@@ -202,6 +202,34 @@ async def test_a_worker_that_dies_is_restarted_and_its_rows_are_kept(tmp_path, f
     assert sorted(stored) == sorted([f"a-{i}" for i in range(10)] + [f"b-{i}" for i in range(10)])
 
 
+async def test_rows_a_gone_worker_journaled_are_stored_by_the_next_start_with_fewer_workers(tmp_path, fake):
+    """Killed without a drain, the workers leave their rows in their journals; started again with one worker,
+    worker 1's journal is moved into worker 0's and replayed: no row waits for a worker that never comes back."""
+    proc, port, ops = await two_workers(tmp_path, fake, SIDECAR_WRITER_FLUSH_INTERVAL_MS="600000")
+    try:
+        ids = [f"j-{i}" for i in range(20)]
+        assert await asyncio.gather(*(post(port, request_id=rid) for rid in ids)) == [200] * 20
+        assert all((await served(ops)).values())
+        children = workers_of(proc.pid)
+        os.kill(proc.pid, signal.SIGSTOP)  # no restart, no lifeline: the workers die as a pod killed would
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        reap(proc)
+    assert list((tmp_path / "spool" / "worker-1").glob("requests.*.jsonl"))
+    assert rows(tmp_path, "client_request_id") == []  # nothing flushed yet: all of it is in the journals
+    port = free_port()
+    again = start(tmp_path, fake.url, port, SIDECAR_SERVER_DRAIN_GRACE="0")
+    try:
+        await wait_listening(port, again)
+    finally:
+        rc, err = stop(again)
+    assert rc == 0, err
+    assert sorted(r[0] for r in rows(tmp_path, "client_request_id")) == sorted(ids)
+    assert not list((tmp_path / "spool" / "worker-1").glob("requests.*.jsonl"))
+
+
 def workers_of(pid):
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
