@@ -18,6 +18,8 @@ import orjson
 import pytest
 
 from sidecar.config import ConfigError, load
+from sidecar.errors import RateLimited
+from sidecar.limits.slots import SharedSlots
 from sidecar.store import open_store
 from tests.support.processes import cli, reap, start
 from tests.support.waits import free_port, wait_for, wait_listening
@@ -299,4 +301,24 @@ async def test_sqlite_borrows_for_several_keys_at_once_each_get_their_transactio
         budgets = [store.borrow_budget(f"k{i}", "b", 100, period, 10.0, 0.125, 10.0) for i in range(8)]
         assert [granted for granted, _ in await asyncio.gather(*budgets)] == [12.5] * 8
     finally:
+        await store.close()
+
+
+async def test_a_burst_of_one_keys_requests_asks_the_store_for_its_slots_together(tmp_path):
+    """A thousand streams of one key arriving at once (on SQLite with workers, each question to the store is a
+    write transaction, one at a time for the pod): the waiting requests' slots are asked for together."""
+    store = open_store(db(tmp_path), 4, 10.0, 10.0)
+    await store.open()
+    await store.migrate()
+    slots = SharedSlots(store)
+    try:
+        held = await asyncio.gather(*(slots.take("k", 1000) for _ in range(200)))
+        assert all(h is not None for h in held)
+        assert slots.asks <= 3, slots.asks  # one for the first, one for all that waited meanwhile
+        for hold in held:
+            hold.release()
+        over = await asyncio.gather(*(slots.take("k2", 150) for _ in range(200)), return_exceptions=True)
+        assert sum(isinstance(o, RateLimited) for o in over) == 50  # never more than the limit
+    finally:
+        await slots.close()
         await store.close()
