@@ -322,3 +322,26 @@ async def test_a_burst_of_one_keys_requests_asks_the_store_for_its_slots_togethe
     finally:
         await slots.close()
         await store.close()
+
+
+async def test_a_borrow_cancelled_while_waiting_for_the_write_lock_leaves_no_transaction_open(tmp_path):
+    """A client that leaves while its request's borrow waits for SQLite's write lock (another worker holds it):
+    the borrow still ends its transaction, so the connection (and the lock, for every worker) is free after."""
+    store = open_store(db(tmp_path), 4, 10.0, 10.0)
+    await store.open()
+    await store.migrate()
+    other = sqlite3.connect(tmp_path / "p.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another worker's write
+        waiting = asyncio.ensure_future(store.borrow_rate("k", "rpm", 30.0, 0.5, 1.0, 0.125))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        await asyncio.sleep(0.1)
+        other.execute("COMMIT")
+        granted, _ = await store.borrow_rate("k2", "rpm", 30.0, 0.5, 1.0, 0.125)
+        assert granted == 3.75
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free again: nobody holds a transaction open
+        other.execute("COMMIT")
+    finally:
+        other.close()
+        await store.close()

@@ -120,6 +120,9 @@ class SharedSlots:
         except StoreError:
             slots.unsure = True  # it may have been done there, the answer lost: the next return sets our count
             raise StoreUnavailable("The key's concurrency cannot be checked: the store is unavailable.") from None
+        except asyncio.CancelledError:
+            slots.unsure = True  # the asker's client left; the store may still grant it (SQLite finishes it)
+            raise
         finally:
             slots.asking = None
             done.set_result(None)

@@ -153,6 +153,11 @@ class SqliteStore(SqlStore):
             raise StoreError(str(exc)) from None
 
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
+        # Shielded: a caller cancelled (its client left) while BEGIN waited for the write lock would leave the
+        # BEGIN to finish in aiosqlite's thread and the transaction open, holding the lock for every process.
+        return await asyncio.shield(asyncio.ensure_future(self._serialised(statements)))
+
+    async def _serialised(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
         async with self._tx_lock:
             return await self._transaction(statements)
 
