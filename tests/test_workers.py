@@ -345,3 +345,24 @@ async def test_a_borrow_cancelled_while_waiting_for_the_write_lock_leaves_no_tra
     finally:
         other.close()
         await store.close()
+
+
+async def test_rows_wait_briefly_for_another_workers_write_instead_of_spooling(tmp_path):
+    """Two workers' writers share one SQLite file: a batch that meets the other's short write transaction tries
+    again a few ms later (off the event loop's back) instead of calling it an outage."""
+    store = open_store(db(tmp_path), 4, 10.0, 10.0)
+    await store.open()
+    await store.migrate()
+    other = sqlite3.connect(tmp_path / "p.db", isolation_level=None, check_same_thread=False)
+    row = {
+        "request_id": "r1", "method": "POST", "path": "/v1/chat/completions", "stream": False, "status": 200,
+        "outcome": "completed", "usage_source": "upstream", "latency_ms": 1.0, "bytes_in": 1, "bytes_out": 1,
+        "chunks": 0, "started_at": time.time(), "finished_at": time.time(),
+    }  # fmt: skip
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the other worker's batch
+        asyncio.get_running_loop().call_later(0.01, other.execute, "COMMIT")
+        assert await store.insert_requests([orjson.dumps(row)]) == 1
+    finally:
+        other.close()
+        await store.close()

@@ -17,6 +17,7 @@ from sidecar.store.sql import RETAINED, SqlStore, migrations
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
+_LOCKED_WAITS = (0.002, 0.005, 0.01, 0.02, 0.05)  # seconds between tries of a write another process holds locked
 
 
 def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
@@ -200,11 +201,17 @@ class SqliteStore(SqlStore):
         db = self._writer()
         inserted = 0
         for i in range(0, len(params), _TX_ROWS):
-            try:
-                inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
-            except StoreError as exc:
-                exc.written = inserted  # committed already: a retry of the batch finds them present
-                raise
+            for wait in (*_LOCKED_WAITS, None):
+                try:
+                    inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
+                    break
+                except StoreError as exc:
+                    if wait is None or not exc.transient or "locked" not in str(exc):
+                        exc.written = inserted  # committed already: a retry of the batch finds them present
+                        raise
+                # Another process's write (a worker's, a CLI's): wait off the loop for it, briefly, rather than
+                # call that an outage (log lines, spool, backoff); a lock held longer is one.
+                await asyncio.sleep(wait)
             await asyncio.sleep(0)  # let requests through between transactions
         self._since_checkpoint += inserted
         if self._since_checkpoint >= _CHECKPOINT_ROWS:
