@@ -38,6 +38,8 @@ from sidecar.ops.state import RunState
 from sidecar.ops.tracing import Tracing, require_sdk
 from sidecar.ops.tracing import wanted as tracing_wanted
 from sidecar.ops.upstream_page import ModelNames, UpstreamPage
+from sidecar.ops.workers import info as worker_info
+from sidecar.ops.workers import spool_dir
 from sidecar.proxy import Proxy
 from sidecar.records.export import Exporter
 from sidecar.records.record import RequestRecord
@@ -93,7 +95,7 @@ def _resource(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable
     return ctx
 
 
-def _audit_bus(s: Settings, store: Store) -> AuditBus:
+def _audit_bus(s: Settings, store: Store, spool: str) -> AuditBus:
     """The configured audit sinks. Per-key `audit = "on"` can capture even with `capture = "off"`."""
     cfg = s.audit
     sinks: list[Sink] = []
@@ -107,7 +109,7 @@ def _audit_bus(s: Settings, store: Store) -> AuditBus:
                 JsonlSink(cfg.queue_size, directory, cfg.jsonl_max_bytes, cfg.jsonl_max_age, cfg.jsonl_gzip, keep)
             )
         elif name == "db":
-            writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"), "audit", store.insert_audit)
+            writer = BatchWriter(store, s.writer, spool, "audit", store.insert_audit)
             sinks.append(DbSink(writer, cfg.queue_size))
     return AuditBus(sinks)
 
@@ -159,7 +161,8 @@ class Parts:
     exporter: Exporter  # usage rows out as CloudEvents (`export.url`; idle without one)
 
 
-def build(settings: Settings) -> Parts:
+def build(settings: Settings, worker: int | None = None) -> Parts:
+    """`worker`: this process's index among `server.workers` (None: the one process there is)."""
     s = settings
     traced = tracing_wanted(s.tracing, os.environ)
     if traced:
@@ -174,10 +177,12 @@ def build(settings: Settings) -> Parts:
     pepper = load_pepper(s.auth.pepper, s.auth.pepper_file, s.server.data_dir, create=True)
     auth = Authenticator(s.auth, s.limits, store, pepper, StaticKeys(s.auth.static_keys_file))
     page = UpstreamPage(upstream, s.upstream.metrics_path, s.upstream.metrics_cache)
-    limits = Limits(s.limits, store, page.read)
+    # Workers share the store as replicas do: a key's minute limits and concurrency hold for all of them.
+    limits = Limits(s.limits, store, page.read, shared=store.kind == "postgres" or s.server.workers > 1)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
-    writer = BatchWriter(store, s.writer, str(Path(s.server.data_dir) / "spool"))
-    bus = _audit_bus(s, store) if s.audit.capture != "off" or s.audit.sinks else None
+    spool = spool_dir(s.server.data_dir, worker)  # one journal per writer: each worker has its own
+    writer = BatchWriter(store, s.writer, spool)
+    bus = _audit_bus(s, store, spool) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
     rejects = RejectSampler(s.server.reject_rows_per_minute)
     tracing = Tracing(s.tracing, os.environ, s.audit) if traced else None
@@ -196,8 +201,8 @@ def build(settings: Settings) -> Parts:
     )  # fmt: skip
 
 
-def create_app(settings: Settings) -> web.Application:
-    parts = build(settings)
+def create_app(settings: Settings, worker: int | None = None) -> web.Application:
+    parts = build(settings, worker)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         handler_args=server_args(settings),
@@ -211,6 +216,7 @@ def create_app(settings: Settings) -> web.Application:
     collectors += [p.tracing.collect] if p.tracing is not None else []
     collectors += [p.proxy.auditor.collect] if p.proxy.auditor is not None else []
     collectors += [p.exporter.collect] if p.settings.export.url else []
+    collectors += [worker_info(worker, settings.server.workers)] if worker is not None else []
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))

@@ -57,6 +57,7 @@ class ServerCfg:
     admin_token_file: str = ""
     overhead_header: bool = False  # x-sidecar-overhead-ms on answers: the sidecar's own time before they began
     sse_keepalive: float = 0.0  # seconds between SSE comments to a stream waiting in the dispatch queue; 0: off
+    workers: int = 1  # processes serving `port` together (SO_REUSEPORT); limits hold for all of them (README)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class Settings:
 SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Settings)
 
 _POSITIVE = {
+    "server.workers",
     "server.max_body_bytes",
     "server.max_json_depth",
     "upstream.connect_timeout",
@@ -381,6 +383,7 @@ def _check(s: Settings) -> None:
         _long_enough("server.admin_token", s.server.admin_token)
     if s.server.ops_port and s.server.ops_port == s.server.port:
         raise ConfigError(f"server.ops_port: must differ from server.port ({s.server.port}); 0 turns it off")
+    _check_workers(s.server)
     for net in s.server.trusted_proxies:
         try:
             ipaddress.ip_network(net, strict=False)
@@ -455,6 +458,26 @@ def _check_export(export: ExportCfg) -> None:
     for name in ("source", "type"):
         if not getattr(export, name).strip():
             raise ConfigError(f"export.{name}: must not be empty (a CloudEvent requires it)")
+
+
+MAX_WORKERS = 64
+
+
+def _check_workers(server: ServerCfg) -> None:
+    """Workers share `port` (SO_REUSEPORT: port 0 would give each its own) and each has its own operations port,
+    `ops_port + i` (scraped one by one: README, "Workers")."""
+    n = server.workers
+    if n > MAX_WORKERS:
+        raise ConfigError(f"server.workers: at most {MAX_WORKERS}, got {n}")
+    if n == 1:
+        return
+    if server.port == 0:
+        raise ConfigError("server.workers: more than 1 needs a fixed server.port (0 would give each worker its own)")
+    last = server.ops_port + n - 1
+    if server.ops_port and last > 65535:
+        raise ConfigError(f"server.ops_port: worker i listens on ops_port + i; {last} is past 65535")
+    if server.ops_port and server.ops_port <= server.port <= last:
+        raise ConfigError(f"server.ops_port: workers take ops ports {server.ops_port}-{last}, which hold server.port")
 
 
 def _check_saturation(limits: LimitsCfg) -> None:

@@ -19,9 +19,11 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -29,6 +31,7 @@ from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
 from sidecar.edge import EdgeLimits, EdgeRunner
 from sidecar.ops.logs import event
+from sidecar.ops.workers import Supervisor, adopt_orphans, port_taken, worker_settings
 from sidecar.store.base import StoreError
 
 log = logging.getLogger("sidecar.runner")
@@ -48,9 +51,9 @@ async def start_demo_upstream() -> tuple[web.AppRunner, str]:
 class Server:
     """The sidecar listening on a socket, with the drain logic; used by `sidecar serve` and the tests."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: int | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, worker)
         cfg = settings.server
         limits = EdgeLimits(cfg.header_timeout, cfg.body_timeout, cfg.server_header)
         self.runner = EdgeRunner(self.app, limits, access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -72,7 +75,8 @@ class Server:
         cfg = self.settings.server
         await self.runner.setup()
         self.binding = cfg.port
-        self.port = await _listen(self.runner, cfg.host, cfg.port)
+        # Workers share the client port (the kernel spreads connections); each has its own operations port.
+        self.port = await _listen(self.runner, cfg.host, cfg.port, reuse_port=cfg.workers > 1)
         if self.ops_runner is not None:
             await self.ops_runner.setup()
             self.binding = cfg.ops_port
@@ -123,9 +127,9 @@ class Server:
         event(log, "drained")
 
 
-async def _listen(runner: web.AppRunner, host_list: str, port: int) -> int:
+async def _listen(runner: web.AppRunner, host_list: str, port: int, reuse_port: bool = False) -> int:
     for host in hosts(host_list):
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
         port = port or runner.addresses[-1][1]
     return port
@@ -166,17 +170,21 @@ async def serve(
     settings: Settings,
     announce: Callable[[str], None] | None = None,
     demo_upstream: bool = False,
+    worker: int | None = None,
+    ready: Callable[[], None] | None = None,
     freeze: bool = False,
 ) -> int:
-    """Serve until SIGTERM/SIGINT, then drain. `freeze`: the process is ours alone (`run`), so its start-up heap
-    may be frozen (`_freeze_heap`); in-process callers (tests) leave theirs alone."""
+    """Serve until SIGTERM/SIGINT, then drain. `worker`: this process's index among `server.workers` (None: the
+    one process there is); `ready` is called once it listens (the parent starts the next worker then);
+    `freeze`: the process is ours alone (`run`), so its start-up heap may be frozen (`_freeze_heap`); in-process
+    callers (tests) leave theirs alone."""
     check_upstream(settings, demo_upstream)
     demo: web.AppRunner | None = None
     if demo_upstream:
         demo, url = await start_demo_upstream()
         settings = replace(settings, upstream=replace(settings.upstream, url=url))
         log.warning("--demo: serving the bundled demo upstream at %s", url)
-    server = Server(settings)
+    server = Server(settings, worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -188,12 +196,17 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # A worker is forked with them blocked (`sidecar.ops.workers`): one sent meanwhile is handled from here on.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
     try:
         await _start(server)
         ops = {"ops_port": server.ops_port} if server.ops_port else {}
+        ops.update({"worker": worker} if worker is not None else {})
         event(log, "listening", host=settings.server.host, port=server.port, **ops, settings=summary(settings))
         if freeze:
             _freeze_heap()
+        if ready is not None:
+            ready()
         key = await _demo_key(server) if demo is not None and settings.auth.enabled else None
         if announce is not None:
             announce(_curl_hint(settings, server.port, demo is not None, key))
@@ -265,8 +278,40 @@ def _curl_hint(settings: Settings, port: int, demo: bool, key: str | None) -> st
 
 
 def run(settings: Settings, demo: bool = False) -> int:
-    """Run `serve` on uvloop (falls back to asyncio's loop where uvloop is unavailable)."""
+    """Run `serve` on uvloop (falls back to asyncio's loop where uvloop is unavailable); with `server.workers`
+    above 1, in that many worker processes under a parent that serves nothing (`sidecar.ops.workers`)."""
     check_upstream(settings, demo)  # before the loop starts: a config error is one line
+    cfg = settings.server
+    if cfg.workers == 1:
+        adopt_orphans(cfg.data_dir, 1)  # what workers left journaled when there were more of them
+        return _run_loop(serve(settings, _announce, demo, freeze=True))
+    for host in hosts(cfg.host):
+        if (taken := port_taken(host, cfg.port)) is not None:
+            reason = os.strerror(taken.errno) if taken.errno else str(taken)
+            raise StartFailed(f"cannot listen on {host}:{cfg.port}: {reason}")
+    adopt_orphans(cfg.data_dir, cfg.workers)
+    return Supervisor(cfg.workers, partial(_worker, settings, demo)).run()
+
+
+def _worker(settings: Settings, demo: bool, index: int, ready: Callable[[], None]) -> int:
+    """One worker process: `serve` with its own settings; a start that fails says why in one line, as `serve`
+    alone does (the CLI's handling, which the parent cannot do for it)."""
+    announce = _announce if index == 0 else None
+    try:
+        return _run_loop(serve(worker_settings(settings, index), announce, demo, index, ready, freeze=True))
+    except StartFailed as exc:
+        print(f"sidecar: worker {index}: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _announce(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
 
@@ -274,4 +319,4 @@ def run(settings: Settings, demo: bool = False) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms running
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(settings, lambda line: print(line, file=sys.stderr, flush=True), demo, freeze=True))
+        return runner.run(main)

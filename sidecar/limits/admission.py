@@ -4,9 +4,10 @@
 takes, in this order, each able to refuse with a 429 (or a 503 when the store is down and the limit fails
 closed):
 
-1. the key's concurrency slot for the whole deployment (`slots`, replicas sharing PostgreSQL);
+1. the key's concurrency slot for the whole deployment (`slots`, replicas sharing PostgreSQL, or the workers of
+   one pod sharing its SQLite store);
 2. the key's token budget for its period (`budgets`, through the allowances `borrowing` keeps);
-3. its requests and tokens per minute for the whole deployment (`rates`, replicas sharing PostgreSQL);
+3. its requests and tokens per minute for the whole deployment (`rates`, shared as the slots are);
 4. this replica's own lease (`local`): the key's concurrency and per-minute buckets, then the global cap on
    upstream requests, queued for when `limits.global_concurrency` is reached.
 
@@ -115,7 +116,11 @@ class Limits:
     """Admission for the proxy and the routes that cost a request (a key's own reports and figures: `report`),
     and the figures the reports show (a budget's remaining tokens)."""
 
-    def __init__(self, cfg: LimitsCfg, store: Store, engine_page: Fetch | None = None) -> None:
+    def __init__(
+        self, cfg: LimitsCfg, store: Store, engine_page: Fetch | None = None, shared: bool | None = None
+    ) -> None:
+        """`shared`: the key's minute limits and concurrency are held in the store for every process sharing it
+        (default: with PostgreSQL, replicas share it; `server.workers > 1` shares a SQLite one too)."""
         self.cfg = cfg
         self.local = LocalLimits(cfg)
         # The dispatch limit from the engine's page; started with the upstream pool (the app's lifecycle).
@@ -123,8 +128,9 @@ class Limits:
         self.borrower = Borrower(store)
         self.budgets = Budgets(cfg.timezone, self.borrower)
         self.gauges = BudgetGauges(self.budgets, cfg.budget_metrics_refresh)  # refreshed before a scrape
-        shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
-        # None with SQLite: one replica, its local buckets and slots are the whole truth.
+        if shared is None:
+            shared = store.kind == "postgres"  # replicas share it: limits hold for all of them together
+        # None with one process alone on its SQLite store: its local buckets and slots are the whole truth.
         self.rates = SharedRates(self.borrower, cfg.store_down) if shared else None
         self.slots = SharedSlots(store, cfg.store_down) if shared else None
         self._reporting: set[str | None] = set()  # keys with a report running: one at a time per key

@@ -32,6 +32,7 @@ log = logging.getLogger("sidecar.slots")
 class KeySlots:
     held: int = 0  # slots this replica holds in the store for the key
     active: int = 0  # of those, in use by requests
+    waiting: int = 0  # requests waiting for one: a question to the store asks for all of them at once
     last_used: float = 0.0
     asking: asyncio.Future[None] | None = None
     unsure: bool = False  # a question to the store failed: it may have been answered there (then lost on the way)
@@ -87,19 +88,23 @@ class SharedSlots:
     async def _take(self, key_id: str, limit: int) -> SlotHold:
         slots = self._keys.setdefault((key_id, limit), KeySlots())
         slots.last_used = self.clock()
-        while slots.active >= slots.held:
-            if slots.asking is not None:  # one question to the store at a time per key
-                await asyncio.shield(slots.asking)
-                continue
-            before = slots.held
-            await self._ask(key_id, limit, slots)
-            if slots.held <= before and slots.active >= slots.held:
-                raise RateLimited(
-                    f"Too many concurrent requests for this key (limit {limit}, across all replicas).",
-                    headers={"retry-after": "1"},
-                    type_="requests",
-                    reason="concurrency",
-                )
+        slots.waiting += 1
+        try:
+            while slots.active >= slots.held:
+                if slots.asking is not None:  # one question to the store at a time per key
+                    await asyncio.shield(slots.asking)
+                    continue
+                before = slots.held
+                await self._ask(key_id, limit, slots)
+                if slots.held <= before and slots.active >= slots.held:
+                    raise RateLimited(
+                        f"Too many concurrent requests for this key (limit {limit}, across all replicas).",
+                        headers={"retry-after": "1"},
+                        type_="requests",
+                        reason="concurrency",
+                    )
+        finally:
+            slots.waiting -= 1
         slots.active += 1
         return SlotHold(slots, self.clock)
 
@@ -107,13 +112,17 @@ class SharedSlots:
         slots.asking = done = asyncio.get_running_loop().create_future()
         self.asks += 1
         try:
-            slots.held = await self.store.borrow_slots(
-                key_id, self.replica, limit, slots.active + 1 - slots.held, LEASE
-            )
+            # For every request waiting, not one: a burst of a thousand streams is one question, not a thousand
+            # in a row (a question is a write transaction: SQLite runs one at a time for all workers).
+            want = slots.active + slots.waiting - slots.held
+            slots.held = await self.store.borrow_slots(key_id, self.replica, limit, want, LEASE)
             slots.unsure = False  # the store's answer is the row as it is now
         except StoreError:
             slots.unsure = True  # it may have been done there, the answer lost: the next return sets our count
             raise StoreUnavailable("The key's concurrency cannot be checked: the store is unavailable.") from None
+        except asyncio.CancelledError:
+            slots.unsure = True  # the asker's client left; the store may still grant it (SQLite finishes it)
+            raise
         finally:
             slots.asking = None
             done.set_result(None)

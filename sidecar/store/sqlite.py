@@ -18,6 +18,7 @@ from sidecar.store.sql import RETAINED, SCHEMA_V9_SQLITE, SqlStore, migrations, 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
 _NESTED = (dict, list)  # a tuple: `dict | list` in isinstance builds a union object on every call
+_LOCKED_WAITS = (0.002, 0.005, 0.01, 0.02, 0.05)  # seconds between tries of a write another process holds locked
 
 
 def _values(line: bytes, columns: Sequence[str]) -> tuple[Any, ...]:
@@ -68,6 +69,9 @@ class SqliteStore(SqlStore):
         self._db: aiosqlite.Connection | None = None
         self._reports: aiosqlite.Connection | None = None  # a second connection (and thread) for report queries
         self._report_lock = asyncio.Lock()
+        # One transaction at a time on the main connection: two callers' BEGINs on one connection would meet
+        # ("cannot start a transaction within a transaction"), e.g. borrows for two keys at once.
+        self._tx_lock = asyncio.Lock()
         self._w: sqlite3.Connection | None = None
         self._since_checkpoint = 0
 
@@ -157,12 +161,21 @@ class SqliteStore(SqlStore):
 
     async def _execute(self, sql: str, params: Params = ()) -> int:
         try:
-            async with self.db.execute(sql, params) as cur:
+            async with self._tx_lock, self.db.execute(sql, params) as cur:  # never inside another's transaction
                 return max(cur.rowcount, 0)
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
     async def _run(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
+        # Shielded: a caller cancelled (its client left) while BEGIN waited for the write lock would leave the
+        # BEGIN to finish in aiosqlite's thread and the transaction open, holding the lock for every process.
+        return await asyncio.shield(asyncio.ensure_future(self._serialised(statements)))
+
+    async def _serialised(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
+        async with self._tx_lock:
+            return await self._transaction(statements)
+
+    async def _transaction(self, statements: Sequence[tuple[str, Params]]) -> list[tuple[Any, ...]]:
         db = self.db
         rows: list[tuple[Any, ...]] = []
         try:
@@ -201,11 +214,17 @@ class SqliteStore(SqlStore):
         db = self._writer()
         inserted = 0
         for i in range(0, len(params), _TX_ROWS):
-            try:
-                inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
-            except StoreError as exc:
-                exc.written = inserted  # committed already: a retry of the batch finds them present
-                raise
+            for wait in (*_LOCKED_WAITS, None):
+                try:
+                    inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
+                    break
+                except StoreError as exc:
+                    if wait is None or not exc.transient or "locked" not in str(exc):
+                        exc.written = inserted  # committed already: a retry of the batch finds them present
+                        raise
+                # Another process's write (a worker's, a CLI's): wait off the loop for it, briefly, rather than
+                # call that an outage (log lines, spool, backoff); a lock held longer is one.
+                await asyncio.sleep(wait)
             await asyncio.sleep(0)  # let requests through between transactions
         self._since_checkpoint += inserted
         if self._since_checkpoint >= _CHECKPOINT_ROWS:
