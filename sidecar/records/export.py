@@ -63,7 +63,8 @@ BATCH_TYPE = "application/cloudevents-batch+json"
 ANONYMOUS = "anonymous"  # the subject of a row without a key (auth off, or a request refused before one was known)
 FIRST_ROUND = 1.0  # seconds after start (the store opens in the background meanwhile)
 FIRST_BACKOFF = 1.0
-TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
+TOKENS = ("prompt_tokens", "completion_tokens")
+DETAILS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")  # null where the upstream said nothing
 REASONS = ("connect", "5xx", "throttled", "4xx", "store")  # throttled: 429 or 408, try later
 
 
@@ -72,10 +73,12 @@ def _rfc3339(epoch: float) -> str:
 
 
 def event(row: dict[str, Any], source: str, kind: str) -> dict[str, Any]:
-    """A stored row as a structured CloudEvent. Token counts are integers (0 when the upstream said nothing), and
-    `total_tokens` is what the key's budget was charged: the upstream's total, else prompt plus completion."""
+    """A stored row as a structured CloudEvent. Prompt and completion tokens are integers (0 when nothing was
+    charged), `total_tokens` is what the key's budget was charged (the upstream's total, else prompt plus
+    completion); the details are the row's, null where the upstream did not say (never a guess as a figure)."""
     data: dict[str, Any] = {"model": row["model"]}
     data.update({name: int(row[name] or 0) for name in TOKENS})
+    data.update({name: row.get(name) for name in DETAILS})
     total = row["total_tokens"]
     data["total_tokens"] = int(total if total is not None else data["prompt_tokens"] + data["completion_tokens"])
     data.update(
