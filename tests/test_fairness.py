@@ -14,16 +14,7 @@ import orjson
 import pytest
 
 from tests.support.clients import admin
-from tests.support.engine import Engine, start
 from tests.support.tenants import CHAT, heavy_load, keyed, new_key, overtaken, owner, send
-
-
-@pytest.fixture
-async def engine():
-    e = Engine(capacity=4, token_s=0.01)
-    runner = await start(e)
-    yield e
-    await runner.cleanup()
 
 
 @pytest.mark.parametrize("order", ["fair", "fifo"])

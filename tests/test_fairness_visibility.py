@@ -12,18 +12,9 @@ import aiohttp
 import pytest
 
 from tests.support.clients import ADMIN, admin
-from tests.support.engine import Engine, start
 from tests.support.waits import wait_for
 
 CHAT = {"model": "engine-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
-
-
-@pytest.fixture
-async def engine():
-    e = Engine(capacity=4, token_s=0.01)
-    runner = await start(e)
-    yield e
-    await runner.cleanup()
 
 
 async def new_key(url: str, name: str, **fields) -> tuple[str, str]:

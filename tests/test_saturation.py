@@ -17,19 +17,11 @@ from sidecar.config import ConfigError, LimitsCfg, load
 from sidecar.keys.auth import Principal
 from sidecar.limits.local import LocalLimits
 from sidecar.limits.saturation import PROBE_EVERY, Controller, Reading, parse
-from tests.support.engine import Engine, start
+from tests.support.engine import Engine
 from tests.support.tenants import heavy_load, keyed, new_key, overtaken, owner, send
 from tests.support.waits import wait_for
 
 SATURATION = {"limits__global_concurrency": 64, "limits__saturation": "metrics"}
-
-
-@pytest.fixture
-async def engine():
-    e = Engine(capacity=4, token_s=0.01)
-    runner = await start(e)
-    yield e
-    await runner.cleanup()
 
 
 async def figures(url: str) -> dict[str, float]:

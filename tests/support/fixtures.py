@@ -106,3 +106,14 @@ async def receiver() -> AsyncIterator[Any]:
     await r.start()
     yield r
     await r.close()
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Any]:
+    """A fake engine that saturates as vLLM does (`tests/support/engine.py`): 4 at once, 10 ms a token."""
+    from tests.support.engine import Engine, start
+
+    e = Engine(capacity=4, token_s=0.01)
+    runner = await start(e)
+    yield e
+    await runner.cleanup()

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.processes import terminate
 from tests.support.waits import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -57,10 +58,5 @@ class LlamaServer:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
         self._log.close()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.processes import terminate
 from tests.support.waits import free_port
 
 HERE = Path(__file__).resolve().parent / "oidc"
@@ -88,11 +89,6 @@ class OidcProvider:
         }
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -21,6 +21,16 @@ def reap(proc: Any, timeout: float = 30) -> int:
     return rc
 
 
+def terminate(proc: Any, timeout: float = 10) -> None:
+    """Ask a server process to stop (SIGTERM), and kill it if it has not within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def start(tmp_path, upstream, port, **env):
     full = {
         **os.environ,

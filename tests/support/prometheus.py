@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.support.helm import PEPPER, render_values
+from tests.support.processes import terminate
 from tests.support.waits import free_port
 
 RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
@@ -74,9 +75,4 @@ class Prometheus:
             return body["data"]
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
