@@ -103,7 +103,7 @@ async def _watched(waiting: Coroutine[Any, Any, LocalLease], keepalive: Keepaliv
     task = asyncio.ensure_future(waiting)
     try:
         await keepalive(task)
-    except BaseException:
+    except (Exception, asyncio.CancelledError):  # the watch ended first: the wait must not outlive it
         task.cancel()
         await asyncio.wait((task,))
         if not task.cancelled() and task.exception() is None:

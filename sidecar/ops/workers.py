@@ -191,7 +191,7 @@ class Supervisor:
             code = self.main(index, ready)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
+        except (Exception, KeyboardInterrupt):  # a worker's crash is told, then it exits (os._exit) with `code`
             traceback.print_exc()
         finally:
             with contextlib.suppress(Exception):
