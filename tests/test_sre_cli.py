@@ -349,3 +349,4 @@ async def test_demo_restarts_reuse_one_demo_key(tmp_path):
     listed = orjson.loads(cli(tmp_path / "data", "keys", "list", "--format", "json").stdout)
     assert [k["name"] for k in listed] == ["demo"]
     assert oct(os.stat(tmp_path / "data" / "demo-key").st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in (tmp_path / "data").glob("demo-key*")) == ["demo-key"]  # renamed into place

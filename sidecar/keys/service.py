@@ -79,9 +79,13 @@ class KeyAdmin:
             if mine and valid:
                 return key
         created = await self.create(fields, actor)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Written beside and renamed into place: whoever waits for the file (a script, the demo's reader) never
+        # reads it empty or half written.
+        part = path.with_name(path.name + ".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(created.key + "\n")
+        os.replace(part, path)
         return created.key
 
     async def check_pepper(self) -> None:
