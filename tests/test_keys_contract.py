@@ -133,6 +133,7 @@ def test_a_generated_pepper_is_written_once_private_and_read_back(tmp_path, log_
     assert stored.read_text() == pepper.decode() + "\n"
     assert stat.S_IMODE(os.stat(stored).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+    assert [p.name for p in data.iterdir()] == ["pepper"]  # written beside and linked into place; nothing left
     assert load_pepper("", "", str(data)) == pepper  # read back, newline stripped
     warned = [line for line in log_catcher.lines if "generated one" in line]
     assert warned == [

@@ -43,9 +43,16 @@ def load_pepper(inline: str, path: str, data_dir: str, *, create: bool = False) 
         )
     stored.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = secrets.token_hex(32)
-    fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written beside, then linked into place: a command reading the pepper meanwhile never sees it empty, and of
+    # two processes creating it at once the second fails (the link exists) rather than replacing the first's.
+    part = stored.with_name(f"pepper.{os.getpid()}.part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
+    try:
+        os.link(part, stored)
+    finally:
+        part.unlink()
     log.warning(
         "auth.pepper is not set: generated one into %s; replicas sharing a store need the same pepper "
         "(set auth.pepper_file)",
