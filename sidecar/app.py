@@ -33,12 +33,12 @@ from sidecar.limits.admission import Limits
 from sidecar.ops.health import Health, not_found
 from sidecar.ops.logs import RequestLog
 from sidecar.ops.metrics import Metrics
+from sidecar.ops.peers import Peers, Worker
 from sidecar.ops.rejects import RejectSampler
 from sidecar.ops.state import RunState
 from sidecar.ops.tracing import Tracing, require_sdk
 from sidecar.ops.tracing import wanted as tracing_wanted
 from sidecar.ops.upstream_page import ModelNames, UpstreamPage
-from sidecar.ops.workers import info as worker_info
 from sidecar.ops.workers import spool_dir
 from sidecar.proxy import Proxy
 from sidecar.records.export import Exporter
@@ -159,9 +159,10 @@ class Parts:
     models: ModelNames
     page: UpstreamPage  # the upstream's metrics page: `/metrics/upstream` and the engine's saturation
     exporter: Exporter  # usage rows out as CloudEvents (`export.url`; idle without one)
+    peers: Peers | None  # the other workers (`server.workers` > 1): worker 0's /metrics and /drain speak for all
 
 
-def build(settings: Settings, worker: int | None = None) -> Parts:
+def build(settings: Settings, worker: Worker | None = None) -> Parts:
     """`worker`: this process's index among `server.workers` (None: the one process there is)."""
     s = settings
     traced = tracing_wanted(s.tracing, os.environ)
@@ -180,7 +181,8 @@ def build(settings: Settings, worker: int | None = None) -> Parts:
     # Workers share the store as replicas do: a key's minute limits and concurrency hold for all of them.
     limits = Limits(s.limits, store, page.read, shared=store.kind == "postgres" or s.server.workers > 1)
     request_log = RequestLog(s.server.request_log, s.server.log_flush_ms) if s.server.access_log else None
-    spool = spool_dir(s.server.data_dir, worker)  # one journal per writer: each worker has its own
+    # One journal per writer: each worker has its own.
+    spool = spool_dir(s.server.data_dir, worker.index if worker is not None else None)
     writer = BatchWriter(store, s.writer, spool)
     bus = _audit_bus(s, store, spool) if s.audit.capture != "off" or s.audit.sinks else None
     auditor = Auditor(s.audit, bus.emit) if bus is not None else None
@@ -198,10 +200,11 @@ def build(settings: Settings, worker: int | None = None) -> Parts:
     return Parts(
         s, upstream, metrics, RunState(), store, auth, limits, forwarding, keys, request_log, writer, bus, rejects,
         retention, proxy, admin, tracing, ModelNames(upstream, metrics), page, exporter,
+        Peers(worker, s.server.workers, s.server.host, s.server.ops_port) if worker is not None else None,
     )  # fmt: skip
 
 
-def create_app(settings: Settings, worker: int | None = None) -> web.Application:
+def create_app(settings: Settings, worker: Worker | None = None) -> web.Application:
     parts = build(settings, worker)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -216,7 +219,6 @@ def create_app(settings: Settings, worker: int | None = None) -> web.Application
     collectors += [p.tracing.collect] if p.tracing is not None else []
     collectors += [p.proxy.auditor.collect] if p.proxy.auditor is not None else []
     collectors += [p.exporter.collect] if p.settings.export.url else []
-    collectors += [worker_info(worker, settings.server.workers)] if worker is not None else []
     for collect in [*collectors, p.admin.collect, *([p.bus.collect] if p.bus else [])]:
         p.metrics.add_collector(collect)
     app.cleanup_ctx.extend(_lifecycle(parts))
@@ -275,7 +277,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
     The probes answer on both: a kubelet may probe either port."""
     health = Health(
         p.upstream, p.state, p.store, _writer_status(p.writer, p.bus), lambda: len(p.proxy.in_flight),
-        p.admin.holds_token, lambda: p.limits.saturation.state,
+        p.admin.holds_token, lambda: p.limits.saturation.state, p.peers,
     )  # fmt: skip
     routes, ops = Handlers(router), Handlers(ops_router)
     for probes in {id(router): routes, id(ops_router): ops}.values():
@@ -287,6 +289,7 @@ def _routes(router: web.UrlDispatcher, ops_router: web.UrlDispatcher, p: Parts) 
         await p.limits.gauges.refresh()
 
     p.metrics.before_scrape = before_scrape
+    p.metrics.pod = p.peers.metrics if p.peers is not None else None
     ops.add("GET", "/metrics", p.metrics.handle)
     ops.add("GET", "/metrics/upstream", p.page.handle)
     ops.add("GET", "/drain", health.drain)

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import shlex
 import signal
 import sys
@@ -31,6 +32,7 @@ from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
 from sidecar.edge import EdgeLimits, EdgeRunner
 from sidecar.ops.logs import event
+from sidecar.ops.peers import Worker
 from sidecar.ops.workers import Supervisor, adopt_orphans, port_taken, worker_settings
 from sidecar.store.base import StoreError
 
@@ -51,7 +53,7 @@ async def start_demo_upstream() -> tuple[web.AppRunner, str]:
 class Server:
     """The sidecar listening on a socket, with the drain logic; used by `sidecar serve` and the tests."""
 
-    def __init__(self, settings: Settings, worker: int | None = None) -> None:
+    def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
         self.settings = settings
         self.app = create_app(settings, worker)
         cfg = settings.server
@@ -170,7 +172,7 @@ async def serve(
     settings: Settings,
     announce: Callable[[str], None] | None = None,
     demo_upstream: bool = False,
-    worker: int | None = None,
+    worker: Worker | None = None,
     ready: Callable[[], None] | None = None,
     freeze: bool = False,
 ) -> int:
@@ -201,7 +203,7 @@ async def serve(
     try:
         await _start(server)
         ops = {"ops_port": server.ops_port} if server.ops_port else {}
-        ops.update({"worker": worker} if worker is not None else {})
+        ops.update({"worker": worker.index} if worker is not None else {})
         event(log, "listening", host=settings.server.host, port=server.port, **ops, settings=summary(settings))
         if freeze:
             _freeze_heap()
@@ -290,15 +292,17 @@ def run(settings: Settings, demo: bool = False) -> int:
             reason = os.strerror(taken.errno) if taken.errno else str(taken)
             raise StartFailed(f"cannot listen on {host}:{cfg.port}: {reason}")
     adopt_orphans(cfg.data_dir, cfg.workers)
-    return Supervisor(cfg.workers, partial(_worker, settings, demo)).run()
+    # The workers' shared secret: worker 0 asks the others to drain with it (`sidecar.ops.peers`).
+    return Supervisor(cfg.workers, partial(_worker, settings, demo, secrets.token_hex(16))).run()
 
 
-def _worker(settings: Settings, demo: bool, index: int, ready: Callable[[], None]) -> int:
+def _worker(settings: Settings, demo: bool, secret: str, index: int, ready: Callable[[], None]) -> int:
     """One worker process: `serve` with its own settings; a start that fails says why in one line, as `serve`
     alone does (the CLI's handling, which the parent cannot do for it)."""
     announce = _announce if index == 0 else None
     try:
-        return _run_loop(serve(worker_settings(settings, index), announce, demo, index, ready, freeze=True))
+        mine = worker_settings(settings, index)
+        return _run_loop(serve(mine, announce, demo, Worker(index, secret), ready, freeze=True))
     except StartFailed as exc:
         print(f"sidecar: worker {index}: {exc}", file=sys.stderr)
         return 1

@@ -432,6 +432,19 @@ def test_ops_port_services_and_service_monitor(helm):
     assert [p["name"] for p in container(docs, "sidecar")["ports"]] == ["http"]
 
 
+def test_workers_reach_the_config_and_need_the_ops_port(helm):
+    assert toml_config(render(helm, "sqlite-default"))["server"]["workers"] == 1
+    docs = render_values(helm, {"secrets": {"pepper": PEPPER}, "sidecar": {"workers": 2}})
+    assert toml_config(docs)["server"]["workers"] == 2
+    # Only worker 0's operations port is a container port: the Service, the ServiceMonitor and vLLM's preStop
+    # reach it, and it shows and drains the others (they are reached on loopback).
+    assert [p["containerPort"] for p in container(docs, "sidecar")["ports"]] == [8080, 9090]
+    upstream = {"mode": "upstream", "upstream": {"url": "http://vllm:8000/v1"}, "secrets": {"pepper": PEPPER}}
+    err = refused(helm, {**upstream, "sidecar": {"workers": 2, "opsPort": 0}})
+    assert "sidecar.workers > 1 needs sidecar.opsPort" in err
+    assert "workers" in refused(helm, {**upstream, "sidecar": {"workers": 0}})
+
+
 def test_postgres_ha_with_hpa_and_pdb(helm):
     docs = render(helm, "postgres-ha")
     deploy = one(docs, "Deployment")

@@ -16,6 +16,7 @@ import uuid
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import ConfigError, load
 from sidecar.errors import RateLimited
@@ -101,19 +102,16 @@ async def post(port, key=None, request_id=None, script=None):
 
 
 async def served(ops):
-    """Per worker (its operations port): its index, and the requests it finished."""
-    out = {}
-    async with aiohttp.ClientSession() as s:
-        for i in range(2):
-            async with s.get(f"http://127.0.0.1:{ops + i}/metrics") as r:
-                text = await r.text()
-            index = next(line for line in text.splitlines() if line.startswith("sidecar_worker_info{"))
-            count = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("sidecar_requests_total{") and 'route="/v1/chat/completions"' in line
-            )
-            out[index.split('worker="')[1].split('"')[0]] = count
+    """Per worker, the requests it finished, as worker 0's operations port shows the pod: every worker's series,
+    each labelled with its worker."""
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{ops}/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    out = {s.labels["worker"]: 0.0 for s in samples if s.name == "sidecar_worker_up" and s.value == 1}
+    for sample in samples:
+        if sample.name == "sidecar_requests_total" and sample.labels["route"] == "/v1/chat/completions":
+            out[sample.labels["worker"]] += sample.value
     return out
 
 
@@ -184,6 +182,55 @@ async def test_two_workers_share_the_port_and_every_request_has_one_row_after_th
     # each worker journaled into its own directory, and both emptied it
     assert not list((tmp_path / "spool").glob("requests.*.jsonl"))
     assert not list((tmp_path / "spool" / "worker-1").glob("requests.*.jsonl"))
+
+
+async def test_worker_0s_operations_port_shows_and_drains_the_whole_pod(tmp_path, fake):
+    """One scrape and one preStop hook see every worker: worker 0's /metrics holds each worker's series labelled
+    with its index, and its /drain drains both (what vLLM's preStop in the chart calls)."""
+    proc, port, ops = await two_workers(tmp_path, fake)
+    try:
+        assert await asyncio.gather(*(post(port) for _ in range(20))) == [200] * 20
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{ops + 1}/metrics") as r:
+                own = await r.text()
+            async with s.get(f"http://127.0.0.1:{ops}/metrics") as r:
+                pod = await r.text()
+        mine = [x for f in text_string_to_metric_families(own) for x in f.samples]
+        assert mine and {x.labels.get("worker") for x in mine} == {"1"}  # a worker's own page: its series only
+        families = list(text_string_to_metric_families(pod))
+        names = [f.name for f in families]
+        assert len(names) == len(set(names))  # each family once, its samples together, as the format wants
+        samples = [x for f in families for x in f.samples]
+        up = {x.labels["worker"]: x.value for x in samples if x.name == "sidecar_worker_up"}
+        assert up == {"0": 1.0, "1": 1.0}
+        rss = {x.labels["worker"] for x in samples if x.name == "process_resident_memory_bytes"}
+        assert rss == {"0", "1"}  # the processes' own series too: `sum by (pod)` is the pod's memory
+        assert sum((await served(ops)).values()) == 20
+
+        async with aiohttp.ClientSession() as s:
+            # Another worker's /drain from a peer that came through a proxy, without the workers' secret: refused.
+            headers = {"x-forwarded-for": "203.0.113.9", "x-sidecar-peer": "guess"}
+            async with s.post(f"http://127.0.0.1:{ops + 1}/drain", headers=headers) as r:
+                assert r.status == 403
+            async with s.post(f"http://127.0.0.1:{ops}/drain") as r:
+                state = await r.json()
+            assert state["draining"] is True and set(state["workers"]) == {"0", "1"}
+            assert state["workers"]["1"]["draining"] is True  # worker 0 passed the drain on
+            async with s.get(f"http://127.0.0.1:{ops + 1}/readyz") as r:
+                assert r.status == 503 and (await r.json())["status"] == "draining"
+
+            for _ in range(200):  # as the chart's wait-drain.py asks, until the pod says it drained
+                async with s.post(f"http://127.0.0.1:{ops}/drain") as r:
+                    state = await r.json()
+                if state["drained"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert state["drained"] is True and state["workers"]["1"]["drained"] is True, state
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await post(port)  # both workers closed the client port (drain_grace 0)
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
 
 
 async def test_a_worker_that_dies_is_restarted_and_its_rows_are_kept(tmp_path, fake):

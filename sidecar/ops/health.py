@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from sidecar.errors import Forbidden, NotFound
+from sidecar.ops.peers import Peers
 from sidecar.ops.state import RunState
 from sidecar.records.record import new_request_id
 from sidecar.store.base import Store, StoreError
@@ -44,6 +45,7 @@ class Health:
         in_flight: Callable[[], int] = int,
         operator: Callable[[web.Request], bool] = lambda request: False,
         saturation: Callable[[], str] = lambda: "off",
+        peers: Peers | None = None,
     ) -> None:
         self.upstream = upstream
         self.state = state
@@ -52,6 +54,7 @@ class Health:
         self.in_flight = in_flight
         self.operator = operator  # whether a request carries the admin token (a wrong one raises 401 or 429)
         self.saturation = saturation  # how the dispatch limit is set: off, metrics, fallback (never a reason)
+        self.peers = peers  # workers: another's drain is trusted by their secret; worker 0's speaks for all
         self._last_reason = ""
         self._store_down = False
 
@@ -90,7 +93,8 @@ class Health:
         could take the replica out of service for good: served to a loopback peer that is not a proxy passing a
         client's request on (a proxy in the pod or on the host is loopback too, and says whose request it is), or
         to whoever holds the admin token."""
-        if not self.operator(request) and not (_loopback(request) and not forwarded(request.headers)):
+        peer = self.peers is not None and self.peers.trusted(request.headers)
+        if not (peer or self.operator(request) or (_loopback(request) and not forwarded(request.headers))):
             raise Forbidden(
                 "/drain is served on loopback to a request that did not come through a proxy, or with the admin token.",
                 code="loopback_only",
@@ -98,6 +102,8 @@ class Health:
         if request.method == "POST":
             self.state.request_drain()
         doc = {"draining": self.state.draining, "drained": self.state.drained, "in_flight": self.in_flight()}
+        if self.peers is not None:
+            doc = await self.peers.drain(doc, start=request.method == "POST")
         return _json(doc, 200)
 
     async def _store(self) -> str:

@@ -78,6 +78,7 @@ class Metrics:
             standard(registry=self.registry)
         self._extra: list[Callable[[], Iterable[Metric]]] = []
         self.before_scrape: Callable[[], Awaitable[None]] | None = None  # e.g. refresh the model list
+        self.pod: Callable[[bytes], Awaitable[bytes]] | None = None  # workers: the page as `ops.peers` shows it
 
     def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self._extra.append(collect)
@@ -234,6 +235,8 @@ class Metrics:
         if self.before_scrape is not None:
             await self.before_scrape()
         body = generate_latest(self.registry)
+        if self.pod is not None:
+            body = await self.pod(body)
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST, "x-request-id": new_request_id()})
 
 

@@ -28,16 +28,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
-from prometheus_client.metrics_core import Metric
-
 from sidecar.config import Settings
 from sidecar.ops.logs import event
-from sidecar.ops.series import gauge
 
 log = logging.getLogger("sidecar.workers")
 CRASH_LOOP = 10.0  # seconds: a worker that dies again this soon after its restart is not restarted again
@@ -62,20 +59,6 @@ def worker_settings(settings: Settings, worker: int) -> Settings:
     if limits.global_concurrency:
         limits = replace(limits, global_concurrency=max(1, math.ceil(limits.global_concurrency / n)))
     return replace(settings, server=server, limits=limits)
-
-
-def info(worker: int, workers: int) -> Callable[[], Iterator[Metric]]:
-    """The collector of `sidecar_worker_info`: which worker answered a scrape."""
-
-    def collect() -> Iterator[Metric]:
-        yield gauge(
-            "sidecar_worker_info",
-            "1, labelled with the worker that serves this operations port (server.workers > 1).",
-            ("worker", "workers"),
-            {(str(worker), str(workers)): 1},
-        )
-
-    return collect
 
 
 def adopt_orphans(data_dir: str, workers: int) -> int:

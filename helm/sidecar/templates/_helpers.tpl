@@ -138,6 +138,9 @@ cannot explain themselves, so rules that need a "why" live here. */}}
 {{- if and (eq .Values.mode "vllm") (not (int .Values.sidecar.opsPort)) }}
 {{- fail "mode vllm needs sidecar.opsPort (not 0): vLLM's preStop watches the sidecar's drain on it, and without it /drain would be on the client port, which the drain closes after drainGrace, so vLLM would stop while streams still run" }}
 {{- end }}
+{{- if and (gt (int .Values.sidecar.workers) 1) (not (int .Values.sidecar.opsPort)) }}
+{{- fail "sidecar.workers > 1 needs sidecar.opsPort (not 0): worker 0's operations port shows and drains every worker; on the client port a scrape or a drain would reach whichever worker the kernel picks" }}
+{{- end }}
 {{- if eq (int .Values.sidecar.opsPort) (int .Values.sidecar.port) }}
 {{- fail "sidecar.opsPort must differ from sidecar.port (0 turns the operations port off)" }}
 {{- end }}
@@ -314,7 +317,7 @@ volumeMounts:
 {{/* sidecar.toml as a dict: the chart's settings, then sidecar.config merged over them (so a user section
 such as [auth] extends the chart's instead of repeating the TOML table, which TOML forbids). */}}
 {{- define "sidecar.configToml" -}}
-{{- $server := dict "host" "0.0.0.0" "port" (int .Values.sidecar.port) "ops_port" (int .Values.sidecar.opsPort) "data_dir" "/data" "log_level" .Values.sidecar.logLevel "drain_grace" .Values.sidecar.drainGrace "drain_timeout" .Values.sidecar.drainTimeout }}
+{{- $server := dict "host" "0.0.0.0" "port" (int .Values.sidecar.port) "ops_port" (int .Values.sidecar.opsPort) "data_dir" "/data" "log_level" .Values.sidecar.logLevel "drain_grace" .Values.sidecar.drainGrace "drain_timeout" .Values.sidecar.drainTimeout "workers" (int .Values.sidecar.workers) }}
 {{- if include "sidecar.adminOn" . }}{{ $_ := set $server "admin_token_file" "/etc/sidecar/secrets/admin-token" }}{{ end }}
 {{- $upstream := dict }}
 {{- if eq .Values.mode "vllm" }}{{ $_ := set $upstream "url" (printf "http://127.0.0.1:%d/v1" (int .Values.vllm.port)) }}
