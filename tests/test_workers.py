@@ -413,3 +413,28 @@ async def test_rows_wait_briefly_for_another_workers_write_instead_of_spooling(t
     finally:
         other.close()
         await store.close()
+
+
+async def test_a_retention_sweep_waits_briefly_for_another_workers_write(tmp_path):
+    """Every worker sweeps retention a few seconds after its start, when the other's writer is busiest: a sweep
+    that meets the other's write transaction tries again a few ms later instead of failing with a warning
+    ("database is locked", seen on every start of two workers before)."""
+    store = open_store(db(tmp_path), 4, 10.0, 10.0)
+    await store.open()
+    await store.migrate()
+    other = sqlite3.connect(tmp_path / "p.db", isolation_level=None, check_same_thread=False)
+    old = time.time() - 86_400
+    row = {
+        "request_id": "old", "method": "POST", "path": "/v1/chat/completions", "stream": False, "status": 200,
+        "outcome": "completed", "usage_source": "upstream", "latency_ms": 1.0, "bytes_in": 1, "bytes_out": 1,
+        "chunks": 0, "started_at": old, "finished_at": old,
+    }  # fmt: skip
+    try:
+        assert await store.insert_requests([orjson.dumps(row)]) == 1
+        other.execute("BEGIN IMMEDIATE")  # the other worker's batch
+        asyncio.get_running_loop().call_later(0.01, other.execute, "COMMIT")
+        assert await store.delete_older("request_log", time.time() - 3600, 1000) == 1
+    finally:
+        other.close()
+        await store.close()
+    assert rows(tmp_path, "request_id") == []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,20 @@ UPDATE limit_balances SET level = level - ({used}) WHERE key_id = NEW.key_id AND
   AND NEW.started_at >= starts_at AND NEW.started_at < ends_at AND NOT EXISTS (SELECT 1 FROM limit_holders h
   WHERE h.key_id = NEW.key_id AND h.dim = 'budget' AND h.bucket = limit_balances.bucket AND h.replica = '{replica}');
 END"""
+
+
+async def _taking_turns(tx: Callable[[], int]) -> int:
+    """One write transaction of the writer's connection (which never waits for SQLite's lock on the loop); when
+    another process holds the lock (a worker's write, a CLI's), tried again after a brief wait off the loop
+    rather than called an outage (log lines, spool, backoff). A lock held longer than `_LOCKED_WAITS` is one."""
+    for wait in _LOCKED_WAITS:
+        try:
+            return tx()
+        except StoreError as exc:
+            if not exc.transient or "locked" not in str(exc):
+                raise
+        await asyncio.sleep(wait)
+    return tx()
 
 
 class SqliteStore(SqlStore):
@@ -214,17 +229,11 @@ class SqliteStore(SqlStore):
         db = self._writer()
         inserted = 0
         for i in range(0, len(params), _TX_ROWS):
-            for wait in (*_LOCKED_WAITS, None):
-                try:
-                    inserted += self._insert_tx(db, sql, params[i : i + _TX_ROWS])
-                    break
-                except StoreError as exc:
-                    if wait is None or not exc.transient or "locked" not in str(exc):
-                        exc.written = inserted  # committed already: a retry of the batch finds them present
-                        raise
-                # Another process's write (a worker's, a CLI's): wait off the loop for it, briefly, rather than
-                # call that an outage (log lines, spool, backoff); a lock held longer is one.
-                await asyncio.sleep(wait)
+            try:
+                inserted += await _taking_turns(partial(self._insert_tx, db, sql, params[i : i + _TX_ROWS]))
+            except StoreError as exc:
+                exc.written = inserted  # committed already: a retry of the batch finds them present
+                raise
             await asyncio.sleep(0)  # let requests through between transactions
         self._since_checkpoint += inserted
         if self._since_checkpoint >= _CHECKPOINT_ROWS:
@@ -246,7 +255,7 @@ class SqliteStore(SqlStore):
         db = self._writer()
         deleted = 0
         while deleted < limit:
-            n = self._delete_tx(db, sql, (cutoff, min(_TX_ROWS, limit - deleted)))
+            n = await _taking_turns(partial(self._delete_tx, db, sql, (cutoff, min(_TX_ROWS, limit - deleted))))
             deleted += n
             if n < _TX_ROWS:
                 break
