@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -170,7 +170,21 @@ class Relay:
         try:
             limits = (cfg.first_byte_timeout, cfg.stream_idle_timeout, cfg.total_timeout)
             async with Deadline(self.ticker, *limits) as deadline:
-                return await self._exchange(request, ex, deadline)
+                # One coroutine from here to the connection pool: each level an answer's wake-up passes through
+                # costs every request a little (the exchange and the send were theirs once).
+                try:
+                    ex.up = up = await self._send(request, ex)
+                except UpstreamFailure as exc:
+                    raise self._failed(exc) from None
+                request[RELAYED] = True
+                ex.rec.upstream_status = up.status
+                if up.status >= 500:
+                    self.metrics.upstream_error("status_5xx")
+                if ex.resp is not None and (up.status >= 300 or not _is_sse(up)):
+                    return await self._as_event(request, ex, up)  # a kept-alive stream: its status was sent already
+                if not _is_sse(up):
+                    return await self._whole(request, ex, up, deadline)
+                return await self._stream(request, ex, up, deadline)
         except (DeadlineExpired, UpstreamBroke) as exc:
             return await self._fail(request, ex, self._failed(exc))
         except asyncio.CancelledError:
@@ -178,19 +192,8 @@ class Relay:
                 raise
             return await self._fail(request, ex, stop)  # our own shutdown cancel: end the response properly
 
-    async def _exchange(self, request: web.Request, ex: Exchange, deadline: Deadline) -> web.StreamResponse:
-        ex.up = up = await self._send(request, ex)
-        request[RELAYED] = True
-        ex.rec.upstream_status = up.status
-        if up.status >= 500:
-            self.metrics.upstream_error("status_5xx")
-        if ex.resp is not None and (up.status >= 300 or not _is_sse(up)):
-            return await self._as_event(request, ex, up)  # a kept-alive stream: its status was sent already
-        if not _is_sse(up):
-            return await self._whole(request, ex, up, deadline)
-        return await self._stream(request, ex, up, deadline)
-
-    async def _send(self, request: web.Request, ex: Exchange) -> UpstreamResponse:
+    def _send(self, request: web.Request, ex: Exchange) -> Awaitable[UpstreamResponse]:
+        """The request to the upstream, sent when awaited (its head is in when that returns)."""
         up = self.upstream
         target = up.target(ex.admitted.call.path, request.raw_path.partition("?")[2])
         fw = self.forwarding
@@ -198,10 +201,7 @@ class Relay:
         if ex.rec.span is not None and self.tracing is not None:
             self.tracing.inject(ex.rec.span, headers)  # the model server's spans join this trace
         ex.rec.sent_at = time.monotonic()
-        try:
-            return await up.send(request.method, target, headers, ex.admitted.call.upstream_body())
-        except UpstreamFailure as exc:
-            raise self._failed(exc) from None
+        return up.send(request.method, target, headers, ex.admitted.call.upstream_body())
 
     def _failed(self, exc: Exception) -> SidecarError:
         """A transport failure as the client sees it (`sidecar.errors.failure`), counted by its reason."""
@@ -220,16 +220,19 @@ class Relay:
         declared = up.content_length
         if declared is not None and declared > limit:
             raise UpstreamError(f"The upstream response is {declared} bytes, over the configured limit.")
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self._read(up.readany):
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError(f"The upstream response is over the configured limit of {limit} bytes.")
-            if size > BUFFERED:
-                return await self._relay_body(request, ex, up, parts, size, deadline)
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        if up.ended and up.pending <= min(limit, BUFFERED):  # in whole with its head: nothing to wait for
+            body = up.take()
+        else:
+            parts: list[bytes] = []
+            size = 0
+            while chunk := await self._read(up.readany):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamError(f"The upstream response is over the configured limit of {limit} bytes.")
+                if size > BUFFERED:
+                    return await self._relay_body(request, ex, up, parts, size, deadline)
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
         rec = ex.rec
         rec.upstream_done = time.monotonic()
         if rec.span is not None and rec.span.is_recording():

@@ -17,12 +17,15 @@ from sidecar.keys.auth import Principal
 from sidecar.limits.borrowing import FRACTION, Balance, Borrower, Hold, StoreDown
 from sidecar.ops.series import counter
 
+MAX_BALANCES = 10_000  # (key, kind, limit) balances remembered (`SharedRates._balance`); beyond, forgotten at once
+
 
 class SharedRates:
     def __init__(self, borrower: Borrower, store_down: str = "local") -> None:
         self.borrower = borrower
         self.store = borrower.store
         self.store_down = StoreDown(store_down, "rpm/tpm")
+        self._balances: dict[tuple[str, str, int], Balance] = {}
 
     def collect(self) -> Iterator[Metric]:
         yield counter(
@@ -76,7 +79,7 @@ class SharedRates:
         def borrow(want: float) -> Awaitable[tuple[float, float]]:
             return self.store.borrow_rate(kid, kind, float(limit), limit / 60.0, want, FRACTION)
 
-        return await self.borrower.take(_balance(kid, kind, limit), need, borrow)
+        return await self.borrower.take(self._balance(kid, kind, limit), need, borrow)
 
     def headers(self, p: Principal, headers: dict[str, str]) -> None:
         """Put the cluster-wide figures in `headers`' x-ratelimit-remaining-* and -reset-*: what the store's
@@ -86,7 +89,7 @@ class SharedRates:
         if kid is None:
             return
         for kind, limit, name in (("rpm", p.rpm, "requests"), ("tpm", p.tpm, "tokens")):
-            share = self.borrower.share(_balance(kid, kind, limit)) if limit else None
+            share = self.borrower.share(self._balance(kid, kind, limit)) if limit else None
             if share is None or not share.left_at:
                 continue
             rate = limit / 60.0
@@ -96,6 +99,13 @@ class SharedRates:
             headers[f"x-ratelimit-remaining-{name}"] = str(int(left))
             headers[f"x-ratelimit-reset-{name}"] = f"{(limit - left) / rate:.3f}s"
 
-
-def _balance(kid: str, kind: str, limit: int) -> Balance:
-    return Balance(kid, kind, f"{limit:g}", float(limit))
+    def _balance(self, kid: str, kind: str, limit: int) -> Balance:
+        """The key's balance of `kind`, made once: four lookups a request (take and headers, rpm and tpm) would
+        otherwise each format its bucket name and build the object again."""
+        key = (kid, kind, limit)
+        balance = self._balances.get(key)
+        if balance is None:
+            if len(self._balances) >= MAX_BALANCES:
+                self._balances.clear()
+            balance = self._balances[key] = Balance(kid, kind, f"{limit:g}", float(limit))
+        return balance

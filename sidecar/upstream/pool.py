@@ -224,11 +224,17 @@ class ConnectionPool:
         request = self._encode(method, target, headers, body)
         conn = self._idle_one() or await self._acquire()
         reused = conn.used > 0
-        try:
-            return await self._start(conn, request)
+        started = False
+        try:  # `_start`, inlined for the first try: one coroutine less for every request
+            response = await conn.start(request)
+            started = True
+            return response
         except ConnectionBroken:
             if not reused or conn.received:
                 raise
+        finally:
+            if not started:
+                conn.finished(False)
         # The upstream closed a kept-alive connection under this request before answering: it never handled
         # it. Once more, on a new connection.
         self.stale_retries += 1

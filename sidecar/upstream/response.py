@@ -115,6 +115,18 @@ class UpstreamResponse:
             self._conn.resume()
         return data
 
+    @property
+    def pending(self) -> int:
+        """Bytes arrived and not read yet."""
+        return self._pending
+
+    def take(self) -> bytes:
+        """What has arrived, without waiting: the whole body once `ended` (the usual small answer, in with its
+        head)."""
+        data = self._data.popleft() if len(self._data) == 1 else b"".join(self._drain())
+        self._pending = 0
+        return data
+
     def _drain(self) -> Iterable[bytes]:
         while self._data:
             yield self._data.popleft()
@@ -122,9 +134,7 @@ class UpstreamResponse:
     async def read(self, limit: int = 0) -> bytes:
         """The whole body (`ResponseTooLarge` past `limit` bytes, when set)."""
         if self.ended and not (limit and self._pending > limit):  # all in already: the usual small answer
-            body = b"".join(self._drain())
-            self._pending = 0
-            return body
+            return self.take()
         parts = []
         size = 0
         while chunk := await self.readany():
