@@ -5,6 +5,8 @@ load drivers (wrk with wrk_post.lua for non-streaming runs, loadgen.c, built wit
 
     direct         straight to the mock upstream: what the machine can do without a proxy
     aiohttp        the ~60-line aiohttp pass-through: the floor for an aiohttp design (no keys, no records)
+    aiohttp-pool   the same with the sidecar's own upstream client (opt-in): aiohttp's server + sidecar.upstream.pool
+    nginx          Debian's nginx as a plain reverse proxy (opt-in)
     sidecar        .venv/bin/sidecar serve: a fresh SQLite store in a temp dir, one key with limits never reached
                    (created through the admin API), request records, default settings otherwise
     sidecar-audit  the same with audit capture of everything to JSONL (opt-in: --targets ...,sidecar-audit)
@@ -71,6 +73,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     ),
 }
 DEFAULT_WORKLOADS = "chat_c1,chat_c16,stream_c1,stream_c16"
+FLOORS = ("aiohttp", "aiohttp-pool")  # pass-throughs with no features: answer any path, take FLOOR_KEY
 VARIANTS = {"sidecar": {}, "sidecar-audit": {"SIDECAR_AUDIT_CAPTURE": "all", "SIDECAR_AUDIT_SINKS": "jsonl"}}
 
 
@@ -623,7 +626,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"comma list of: {', '.join(WORKLOADS)}")
     ap.add_argument(
-        "--targets", default="direct,aiohttp,sidecar", help="comma list of: direct, aiohttp, sidecar, sidecar-audit"
+        "--targets",
+        default="direct,aiohttp,sidecar",
+        help="comma list of: direct, aiohttp, aiohttp-pool, nginx, sidecar, sidecar-audit",
     )
     ap.add_argument(
         "--variant",
@@ -649,7 +654,7 @@ def main() -> None:
     if bad := [w for w in workloads if w not in WORKLOADS]:
         sys.exit(f"unknown workload {bad}; have {', '.join(WORKLOADS)}")
     names = a.targets.split(",")
-    if bad := [n for n in names if n not in ("direct", "aiohttp", "nginx", *VARIANTS)]:
+    if bad := [n for n in names if n not in ("direct", *FLOORS, "nginx", *VARIANTS)]:
         sys.exit(f"unknown target {bad}; have direct, aiohttp, nginx, {', '.join(VARIANTS)} (or --variant)")
     if not (ROOT / ".venv/bin/python").exists():
         sys.exit("no .venv: run `bash scripts/dev.sh install` first")
@@ -685,6 +690,13 @@ def main() -> None:
         targets.append(
             Target("aiohttp", port, note, [*floor, str(port)], {"PROXY_KEY": FLOOR_KEY}, "Bearer " + FLOOR_KEY)
         )
+    if "aiohttp-pool" in names:
+        floor = [py, str(BENCH / "pool_passthrough.py"), "--upstream", upstream, "--port"]
+        port = free_port()
+        note = "bench/pool_passthrough.py: the floor with the sidecar's own upstream client (sidecar.upstream.pool)"
+        targets.append(
+            Target("aiohttp-pool", port, note, [*floor, str(port)], {"PROXY_KEY": FLOOR_KEY}, "Bearer " + FLOOR_KEY)
+        )
     if "nginx" in names:
         targets.append(nginx_target(work, mock.port))
     binary = shlex.split(a.sidecar)
@@ -713,8 +725,8 @@ def main() -> None:
             t.start(work)
         for t in targets:
             if t.cmd:
-                t.wait({"aiohttp": "/", "nginx": "/health"}.get(t.name, "/healthz"))
-            if t.name not in ("direct", "aiohttp", "nginx"):
+                t.wait({"aiohttp": "/", "aiohttp-pool": "/", "nginx": "/health"}.get(t.name, "/healthz"))
+            if t.name not in ("direct", *FLOORS, "nginx"):
                 create_key(t)
             t.info["smoke"] = smoke(t)
             log(f"{t.name} on {t.url}: {t.info['smoke']}")
