@@ -40,7 +40,7 @@ from sidecar.ops.metrics import Metrics
 from sidecar.ops.rejects import RejectSampler
 from sidecar.ops.tracing import Tracing
 from sidecar.records.record import CLIENT_CLOSED_REQUEST, RequestRecord
-from sidecar.relay import ClientGone, KeptAlive, Relay, end_stream, send_small
+from sidecar.relay import ClientGone, KeptAlive, Relay, end_stream
 from sidecar.responses import error_response
 from sidecar.upstream.server import Upstream
 from sidecar.wire.body import ENGINE_PRIORITY, Call, forwarded_priority, parse
@@ -151,9 +151,7 @@ class Proxy:
         ex.admission = await self._admit(principal, call, ex, request)
         if ex.rec.span is not None and self.tracing is not None:
             self.tracing.admitted(ex.rec.span, call.family, call.model, call.max_tokens, ex.rec.queued_ms, call.doc)
-        answer = await self.relay.relay(request, ex)
-        await send_small(request, answer)
-        return answer
+        return await self.relay.relay(request, ex)
 
     async def _authenticate(self, request: web.Request) -> Principal:
         """The key's principal; the client's address bounds its lookups of unknown keys (`keys.auth`)."""

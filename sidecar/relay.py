@@ -44,7 +44,6 @@ from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, 
 from sidecar.wire.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 
 BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
-SENT_AT_ONCE = 64 * 1024  # a whole answer this small is sent before its bookkeeping (`send_small`)
 _ERROR_EVENT_WRITE_TIMEOUT = 5.0
 KEEPALIVE_COMMENT = b": keepalive\n\n"  # an SSE comment: every client's parser skips it
 _OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
@@ -460,21 +459,6 @@ class Relay:
             _abort(request)  # the client sees a truncated body, never a complete-looking one
             return ex.resp
         return await end_stream(request, ex.resp, err, speaks_anthropic(ex.admitted.call.path))
-
-
-async def send_small(request: web.Request, resp: web.StreamResponse) -> None:
-    """A whole answer of at most `SENT_AT_ONCE` bytes, sent now, before the request's row, log line, metrics and
-    lease release (which follow as the handler returns): the client waits for the answer, not for our
-    bookkeeping. Small enough that the write never waits for the client, so a slow reader holds no lease or engine
-    slot longer. aiohttp sees the answer sent and sends nothing more; a larger one it sends itself, afterwards."""
-    body = resp.body if isinstance(resp, web.Response) else None
-    if resp.prepared or not isinstance(body, bytes) or len(body) > SENT_AT_ONCE:
-        return
-    try:
-        await resp.prepare(request)
-        await resp.write_eof()
-    except (ConnectionError, aiohttp.ClientConnectionError):
-        raise ClientGone from None
 
 
 async def end_stream(
