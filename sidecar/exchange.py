@@ -59,6 +59,7 @@ class Exchange:
         "authenticated",
         "admission",
         "capture",
+        "concluded",
         "cors",
         "raw",
         "rec",
@@ -91,6 +92,7 @@ class Exchange:
         self.response: Any = None  # a whole answer's body as audit keeps it
         self.scanner: StreamScanner | None = None
         self.raw = False  # a plain (non-SSE) body is being relayed: a failure can only cut the connection
+        self.concluded = False  # usage settled, upstream and lease released, the record finished (`conclude`)
 
     async def __aenter__(self) -> Exchange:
         return self
@@ -104,23 +106,36 @@ class Exchange:
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        gone = client_gone(self._request)
-        if et is not None and issubclass(et, BaseException) and not issubclass(et, Exception):
-            self.ended_early()  # cancelled: the client left
+        if not self.concluded:
+            gone = client_gone(self._request)
+            if et is not None and issubclass(et, BaseException) and not issubclass(et, Exception):
+                self.ended_early()  # cancelled: the client left
+            self.conclude(gone)
+        if self.capture is not None:
+            self._hand_off_audit()
+
+    def conclude(self, gone: bool = False) -> None:
+        """Steps 1 to 4 of the exit, once. The relay calls it itself just before the write that ends a complete
+        answer it writes (a stream's last events, a large body's last bytes), so the row is journaled before the
+        client can have the whole answer: a process killed between the two never leaves an answer without its
+        row. A client that leaves during that last write does not change the row (it got all but the end)."""
+        if self.concluded:
+            return
+        self.concluded = True
         self._settle(gone)
         if self.up is not None:
             self.up.release()  # back to the pool when its answer was read to the end, else closed
         if self.admission is not None:
             self.admission.lease.release()
         self._finish(self.rec.finish(), self.authenticated or self._keep(self._request))
-        if self.capture is not None:
-            self._hand_off_audit()
 
     def ended_early(self) -> None:
         """The handler stopped before the end because the client went away. A cancel reaching the exchange is
         that too: our own drain's cancel is answered as a 503 where it lands (`InFlight.shutdown_cancel`), and
-        the web server's stop without a drain closes the socket before it cancels."""
-        self.rec.fail(CLIENT_CLOSED_REQUEST, Outcome.CLIENT_DISCONNECTED, "client_disconnected")
+        the web server's stop without a drain closes the socket before it cancels. After `conclude` the row is
+        made: nothing changes."""
+        if not self.concluded:
+            self.rec.fail(CLIENT_CLOSED_REQUEST, Outcome.CLIENT_DISCONNECTED, "client_disconnected")
 
     def _settle(self, gone: bool) -> None:
         rec, scanner, admission = self.rec, self.scanner, self.admission

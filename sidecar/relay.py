@@ -276,6 +276,8 @@ class Relay:
             finder.add(data)
             if capture is not None:
                 capture.add(data)
+            if up.ended and not up.pending:
+                break  # the last of it: written with the end of the answer, after the row
             await self._write(resp, data, rec)
             data = await self._read(up.readany)
             deadline.touch(loop.time())
@@ -286,8 +288,10 @@ class Relay:
         if capture is not None:
             ex.response = capture.result()
         self._whole_outcome(ex, up.status, finder.region, whole=False)
+        rec.bytes_out += len(data)
+        ex.conclude()  # the row, journaled before the client can have the end of the answer
         try:
-            await resp.write_eof()
+            await resp.write_eof(data)
         except (ConnectionError, aiohttp.ClientConnectionError):
             raise ClientGone from None
         return resp
@@ -353,11 +357,12 @@ class Relay:
         rec.upstream_done = time.monotonic()
         held.append(scanner.flush())
         last = b"".join(held)
+        rec.bytes_out += len(last)
+        ex.conclude()  # the row, journaled before the client can have the end of the answer
         try:
             await resp.write_eof(last)  # the last events and the terminating chunk: one write
         except (ConnectionError, aiohttp.ClientConnectionError):
             raise ClientGone from None  # closed before the end of the answer
-        rec.bytes_out += len(last)
         return resp
 
     async def _events(
