@@ -31,7 +31,7 @@ from aiohttp import web
 from sidecar.app import KEYS, OPS, PROXY, STATE, create_app
 from sidecar.config import ConfigError, Settings, default_store_url, mask_url, summary
 from sidecar.edge import EdgeLimits, EdgeRunner
-from sidecar.ops.logs import event
+from sidecar.ops.logs import event, for_worker
 from sidecar.ops.peers import Worker
 from sidecar.ops.workers import Supervisor, adopt_orphans, port_taken, worker_settings
 from sidecar.store.base import StoreError
@@ -300,6 +300,7 @@ def _worker(settings: Settings, demo: bool, secret: str, index: int, ready: Call
     """One worker process: `serve` with its own settings; a start that fails says why in one line, as `serve`
     alone does (the CLI's handling, which the parent cannot do for it)."""
     announce = _announce if index == 0 else None
+    for_worker(index)
     try:
         mine = worker_settings(settings, index)
         return _run_loop(serve(mine, announce, demo, Worker(index, secret), ready, freeze=True))

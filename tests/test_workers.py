@@ -177,6 +177,7 @@ async def test_two_workers_share_the_port_and_every_request_has_one_row_after_th
         rc, err = stop(proc)
     assert rc == 0, err
     assert err.count('"msg":"drained"') == 2 and '"msg":"workers stopped","status":0' in err
+    assert '"msg":"drained","worker":0}' in err and '"msg":"drained","worker":1}' in err  # whose line it is
     stored = rows(tmp_path, "client_request_id")
     assert sorted(r[0] for r in stored) == sorted(ids)  # none lost, none doubled
     # each worker journaled into its own directory, and both emptied it

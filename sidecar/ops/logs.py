@@ -90,12 +90,17 @@ def _text(value: Any) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.process_fields: dict[str, Any] = {}  # on every line of this process (a worker's index: `for_worker`)
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **self.process_fields,
         }
         fields = record.__dict__.get("fields")
         if isinstance(fields, dict):
@@ -122,6 +127,14 @@ def setup(level: str) -> None:
     # aiosqlite logs every statement it runs at debug: hundreds of lines before the sidecar even listens, none
     # of them about the sidecar; `log_level = "debug"` is for the sidecar's own story.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
+
+
+def for_worker(index: int) -> None:
+    """In a worker of `server.workers`: every log line it writes says `"worker": index` (the access lines do not:
+    the row they carry is the request's)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.process_fields = {"worker": index}
 
 
 def event(logger: logging.Logger, msg: str, **fields: Any) -> None:
