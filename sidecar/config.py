@@ -465,7 +465,7 @@ MAX_WORKERS = 64
 
 def _check_workers(server: ServerCfg) -> None:
     """Workers share `port` (SO_REUSEPORT: port 0 would give each its own) and each has its own operations port,
-    `ops_port + i` (scraped one by one: README, "Workers")."""
+    `ops_port + i`; worker 0's shows and drains them all (README, "Workers")."""
     n = server.workers
     if n > MAX_WORKERS:
         raise ConfigError(f"server.workers: at most {MAX_WORKERS}, got {n}")

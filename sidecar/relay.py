@@ -128,6 +128,15 @@ class KeptAlive:
         return resp
 
 
+def _cut(request: web.Request, ex: Exchange) -> web.StreamResponse:
+    """A deadline or our own drain's cancel during the write that ends a complete answer (a client that stopped
+    reading): the row is made and stays as it is (the upstream's answer was whole, the usage its own); the
+    connection is cut, with no error event after the answer's end, and nothing is counted against the upstream."""
+    _abort(request)
+    assert ex.resp is not None, "concluded before the answer started"
+    return ex.resp
+
+
 def _abort(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.abort()
@@ -186,10 +195,14 @@ class Relay:
                     return await self._whole(request, ex, up, deadline)
                 return await self._stream(request, ex, up, deadline)
         except (DeadlineExpired, UpstreamBroke) as exc:
+            if ex.concluded:  # the answer was complete and its row made: only its last write to the client hung
+                return _cut(request, ex)
             return await self._fail(request, ex, self._failed(exc))
         except asyncio.CancelledError:
             if (stop := self.in_flight.shutdown_cancel(client_gone(request))) is None:
                 raise
+            if ex.concluded:
+                return _cut(request, ex)
             return await self._fail(request, ex, stop)  # our own shutdown cancel: end the response properly
 
     def _send(self, request: web.Request, ex: Exchange) -> Awaitable[UpstreamResponse]:
@@ -289,7 +302,7 @@ class Relay:
             ex.response = capture.result()
         self._whole_outcome(ex, up.status, finder.region, whole=False)
         rec.bytes_out += len(data)
-        ex.conclude()  # the row, journaled before the client can have the end of the answer
+        ex.conclude(client_gone(request))  # the row, journaled before the client can have the end of the answer
         try:
             await resp.write_eof(data)
         except (ConnectionError, aiohttp.ClientConnectionError):
@@ -358,7 +371,7 @@ class Relay:
         held.append(scanner.flush())
         last = b"".join(held)
         rec.bytes_out += len(last)
-        ex.conclude()  # the row, journaled before the client can have the end of the answer
+        ex.conclude(client_gone(request))  # the row, journaled before the client can have the end of the answer
         try:
             await resp.write_eof(last)  # the last events and the terminating chunk: one write
         except (ConnectionError, aiohttp.ClientConnectionError):

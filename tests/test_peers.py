@@ -3,10 +3,14 @@ family by family into one page Prometheus's own parser reads back whole; the wor
 
 from __future__ import annotations
 
+import socket
+
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.ops.peers import Peers, Worker, labelled, loopback, merged
+from tests.support.waits import free_port
 
 
 def page(requests: float, extra: bool = False) -> bytes:
@@ -58,3 +62,51 @@ def test_the_other_workers_are_reached_on_loopback_when_listening_everywhere():
     assert [loopback(h) for h in ("0.0.0.0", "::", "0.0.0.0,::", "10.1.2.3", "127.0.0.1")] == [
         "127.0.0.1", "::1", "127.0.0.1", "10.1.2.3", "127.0.0.1",
     ]  # fmt: skip
+
+
+def test_a_header_that_is_not_utf8_is_no_peer_and_no_error():
+    peers = Peers(Worker(1, "s3cret-value"), 2, "0.0.0.0", 9000)
+    assert not peers.trusted({"x-sidecar-peer": b"\xff\xfe".decode("utf-8", "surrogateescape")})
+
+
+async def test_a_closed_port_is_a_drained_worker_only_once_it_was_seen_draining():
+    """Worker 0's drain state for the pod: another worker whose operations port refuses the connection has finished
+    if it answered draining before; if it never did, it has not started yet (or is being started again) and the
+    pod is not drained, so vLLM's preStop keeps waiting."""
+    base = next(p for p in (free_port() for _ in range(50)) if _free(p + 1))
+    peers = Peers(Worker(0, "s3cret-value"), 2, "127.0.0.1", base)
+    own = {"draining": True, "drained": True, "in_flight": 0}
+    state = await peers.drain(own, start=True)  # worker 1 not listening yet
+    assert state["workers"]["1"] == {"gone": True, "draining": False, "drained": False}
+    assert (state["draining"], state["drained"]) == (False, False)
+
+    asked: list[str] = []
+
+    async def drain(request: web.Request) -> web.Response:
+        asked.append(request.headers.get("x-sidecar-peer", ""))
+        return web.json_response({"draining": True, "drained": False, "in_flight": 2})
+
+    app = web.Application()
+    app.router.add_route("*", "/drain", drain)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", base + 1)
+    await site.start()
+    try:
+        state = await peers.drain(own, start=True)
+        assert (state["draining"], state["drained"], state["in_flight"]) == (True, False, 2)
+        assert asked == ["s3cret-value"]  # asked with the workers' secret
+    finally:
+        await runner.cleanup()
+    state = await peers.drain(own, start=True)  # its port closed after it was seen draining: it finished
+    assert state["workers"]["1"] == {"gone": True, "draining": True, "drained": True}
+    assert (state["draining"], state["drained"], state["in_flight"]) == (True, True, 0)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -81,7 +81,7 @@ class KeyAdmin:
         created = await self.create(fields, actor)
         # Written beside and renamed into place: whoever waits for the file (a script, the demo's reader) never
         # reads it empty or half written.
-        part = path.with_name(path.name + ".part")
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")  # workers of one `--demo` may write it at once
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(created.key + "\n")

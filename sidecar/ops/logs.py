@@ -110,7 +110,10 @@ class JsonFormatter(logging.Formatter):
         try:
             return scrub(dumps(line).decode())
         except TypeError:  # fields nested too deeply: the line without them, still one JSON object
-            bare = {"ts": line["ts"], "level": line["level"], "logger": record.name, "msg": record.getMessage()}
+            bare = {
+                "ts": line["ts"], "level": line["level"], "logger": record.name, "msg": record.getMessage(),
+                **self.process_fields,
+            }  # fmt: skip
             return scrub(dumps({**bare, "unencodable": True}).decode())
 
 

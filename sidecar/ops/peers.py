@@ -8,7 +8,8 @@ preStop hook see every worker.
   worker's counters starting over, as an aggregate we computed would not be.
 - `/drain`: worker 0 drains itself and asks every other worker to drain; it answers the pod's state: draining
   and drained when every worker is, `in_flight` the sum, and each worker's own answer under `workers`. A worker
-  whose operations port refuses the connection has already finished (its port closes last) and counts as drained.
+  whose operations port refuses the connection has finished (its port closes last) if it was seen draining;
+  otherwise it has not started yet or is being restarted, and is not drained.
 
 The workers trust each other's `/drain` by a secret the parent makes before forking (`PEER_HEADER`), whatever
 address the operations port listens on.
@@ -98,11 +99,14 @@ class Peers:
         self.host = loopback(host)
         self.ops_port = ops_port
         self.speaks_for_pod = worker.index == 0 and workers > 1 and ops_port > 0
+        self._seen_draining: set[int] = set()  # workers that answered draining since worker 0 was asked to drain
 
     def trusted(self, headers: Mapping[str, str]) -> bool:
         """The request comes from another worker of this parent."""
-        given = headers.get(PEER_HEADER, "")
-        return bool(given) and hmac.compare_digest(given.encode(), self.worker.secret.encode())
+        given = headers.get(PEER_HEADER, "")  # as aiohttp decodes a header: any bytes, surrogate-escaped
+        return bool(given) and hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), self.worker.secret.encode()
+        )
 
     def _url(self, index: int, path: str) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -128,10 +132,17 @@ class Peers:
         if not self.speaks_for_pod:
             return own
         states: dict[str, dict[str, Any]] = {"0": own}
-        for index, state in await self._each(lambda s, i: self._drain(s, i, start)):
-            states[str(index)] = state
-        done = [s.get("gone") or s.get("drained") is True for s in states.values()]
-        going = [s.get("gone") or s.get("draining") is True for s in states.values()]
+        for index, answer in await self._each(lambda s, i: self._drain(s, i, start)):
+            if answer.get("draining") is True:
+                self._seen_draining.add(index)
+            states[str(index)] = answer
+            if answer.get("gone"):
+                # A closed port is a worker that finished only if it was seen draining: else it has not started
+                # yet, or it died and the parent is starting it again, and the next ask drains it.
+                seen = index in self._seen_draining
+                states[str(index)] = {"gone": True, "draining": seen, "drained": seen}
+        done = [s.get("drained") is True for s in states.values()]
+        going = [s.get("draining") is True for s in states.values()]
         in_flight = sum(int(s.get("in_flight", 0)) for s in states.values())
         return {"draining": all(going), "drained": all(done), "in_flight": in_flight, "workers": states}
 

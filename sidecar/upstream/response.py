@@ -125,6 +125,8 @@ class UpstreamResponse:
         head)."""
         data = self._data.popleft() if len(self._data) == 1 else b"".join(self._drain())
         self._pending = 0
+        if self._conn is not None:
+            self._conn.resume()  # a connection paused for a slow reader goes back to the pool read again
         return data
 
     def _drain(self) -> Iterable[bytes]:
