@@ -40,8 +40,8 @@ from sidecar.ops.metrics import Metrics
 from sidecar.ops.rejects import RejectSampler
 from sidecar.ops.tracing import Tracing
 from sidecar.records.record import CLIENT_CLOSED_REQUEST, RequestRecord
-from sidecar.relay import ClientGone, KeptAlive, Relay, end_stream
-from sidecar.responses import error_response
+from sidecar.relay import Relay
+from sidecar.responses import ClientGone, KeptAlive, end_stream, error_response
 from sidecar.upstream.server import Upstream
 from sidecar.wire.body import ENGINE_PRIORITY, Call, forwarded_priority, parse
 from sidecar.wire.headers import Forwarding, clean_text

@@ -30,12 +30,13 @@ from sidecar.audit.aggregate import StreamCapture
 from sidecar.audit.capture import BodyCapture
 from sidecar.config import UpstreamCfg
 from sidecar.edge import RELAYED, RelayedResponse, RelayedStream
-from sidecar.errors import SidecarError, UpstreamError, anthropic_body, failure
+from sidecar.errors import SidecarError, UpstreamError, failure
 from sidecar.exchange import Exchange, client_gone
 from sidecar.inflight import InFlight
 from sidecar.ops.metrics import Metrics
 from sidecar.ops.tracing import Tracing
 from sidecar.records.record import Outcome, RequestRecord
+from sidecar.responses import ClientGone, abort, answer_error, end_stream, write
 from sidecar.upstream.deadline import Deadline, DeadlineExpired, Ticker
 from sidecar.upstream.response import UpstreamBroke, UpstreamFailure, UpstreamResponse
 from sidecar.upstream.server import Upstream
@@ -44,8 +45,6 @@ from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, 
 from sidecar.wire.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
 
 BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
-_ERROR_EVENT_WRITE_TIMEOUT = 5.0
-KEEPALIVE_COMMENT = b": keepalive\n\n"  # an SSE comment: every client's parser skips it
 _OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object
 
 
@@ -82,64 +81,13 @@ async def _drain(writer: StreamWriter) -> None:
         raise ClientGone from None
 
 
-class ClientGone(Exception):
-    """The client's connection closed while the proxy was reading its body or writing to it (no text: it is
-    caught by type, and the record says what happened)."""
-
-
-def sse_error_event(err: SidecarError, anthropic: bool = False) -> bytes:
-    """The event that ends a failed stream: `data` is the error in the client's API's shape."""
-    return b"event: error\ndata: " + (anthropic_body(err) if anthropic else err.body()) + b"\n\n"
-
-
-class KeptAlive:
-    """A streamed request's wait in the dispatch queue, kept alive for the load balancers and proxies that close
-    a connection idle too long (`server.sse_keepalive`). A wait shorter than `interval` looks exactly as one
-    without it; past it the SSE answer starts (200, `x-request-id`, the `x-ratelimit-*` figures of that moment,
-    CORS) and a comment goes out every `interval` seconds until the request is dispatched. A comment that cannot
-    be written means the client left (`ClientGone`)."""
-
-    __slots__ = ("ex", "interval", "limit_headers", "request")
-
-    def __init__(
-        self, request: web.Request, ex: Exchange, interval: float, limit_headers: Callable[[], dict[str, str]]
-    ) -> None:
-        self.request = request
-        self.ex = ex
-        self.interval = interval
-        self.limit_headers = limit_headers
-
-    async def __call__(self, waiting: asyncio.Future[Any]) -> None:
-        """Returns when `waiting` is done (whatever its result: the caller reads it)."""
-        while not (await asyncio.wait((waiting,), timeout=self.interval))[0]:
-            resp = self.ex.resp or await self._start()
-            await Relay._write(resp, KEEPALIVE_COMMENT, self.ex.rec)
-
-    async def _start(self) -> web.StreamResponse:
-        ex = self.ex
-        headers = {**self.limit_headers(), **ex.cors, "x-request-id": ex.rec.request_id}
-        headers.update({"content-type": "text/event-stream", "cache-control": "no-cache"})
-        resp = web.StreamResponse(status=200, headers=headers)
-        try:
-            await resp.prepare(self.request)
-        except (ConnectionError, aiohttp.ClientConnectionError):
-            raise ClientGone from None
-        ex.resp = resp
-        return resp
-
-
 def _cut(request: web.Request, ex: Exchange) -> web.StreamResponse:
     """A deadline or our own drain's cancel during the write that ends a complete answer (a client that stopped
     reading): the row is made and stays as it is (the upstream's answer was whole, the usage its own); the
     connection is cut, with no error event after the answer's end, and nothing is counted against the upstream."""
-    _abort(request)
+    abort(request)
     assert ex.resp is not None, "concluded before the answer started"
     return ex.resp
-
-
-def _abort(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
 
 
 def _is_sse(up: UpstreamResponse) -> bool:
@@ -291,7 +239,7 @@ class Relay:
                 capture.add(data)
             if up.ended and not up.pending:
                 break  # the last of it: written with the end of the answer, after the row
-            await self._write(resp, data, rec)
+            await write(resp, data, rec)
             data = await self._read(up.readany)
             deadline.touch(loop.time())
             size += len(data)
@@ -410,7 +358,7 @@ class Relay:
                     await _drain(writer)
                 rec.bytes_out += len(data)
             elif data:
-                await self._write(resp, data, rec)  # aiohttp's write: the headers go with the first bytes
+                await write(resp, data, rec)  # aiohttp's write: the headers go with the first bytes
                 writer = _direct(resp)
             try:
                 chunk = await read()
@@ -457,14 +405,6 @@ class Relay:
             raise UpstreamBroke(str(exc)) from None
         return chunk
 
-    @staticmethod
-    async def _write(resp: web.StreamResponse, data: bytes, rec: RequestRecord) -> None:
-        try:
-            await resp.write(data)
-        except (ConnectionError, aiohttp.ClientConnectionError):
-            raise ClientGone from None
-        rec.bytes_out += len(data)
-
     async def _fail(self, request: web.Request, ex: Exchange, err: SidecarError) -> web.StreamResponse:
         """An upstream failure: a JSON error before the answer started, a terminal SSE event after in a stream;
         in a plain body that started there is no way to say it but to cut the connection short."""
@@ -474,53 +414,9 @@ class Relay:
         if not ex.rec.status:  # a kept-alive stream that the upstream never answered: its 200 said nothing yet
             ex.rec.status = err.status
         if ex.raw:
-            _abort(request)  # the client sees a truncated body, never a complete-looking one
+            abort(request)  # the client sees a truncated body, never a complete-looking one
             return ex.resp
         return await end_stream(request, ex.resp, err, speaks_anthropic(ex.admitted.call.path))
-
-
-async def end_stream(
-    request: web.Request, resp: web.StreamResponse, err: SidecarError, anthropic: bool
-) -> web.StreamResponse:
-    """Ends a started SSE answer with `err` as its terminal error event (no `[DONE]`)."""
-    try:
-        async with asyncio.timeout(_ERROR_EVENT_WRITE_TIMEOUT):
-            await resp.write(sse_error_event(err, anthropic))
-            await resp.write_eof()
-    except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError):
-        _abort(request)  # the client is gone or stuck too; the record already says why the stream ended
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        # Not a cancel of ours: aiohttp keeps the drain waiter that the deadline cancelled while a client
-        # that stopped reading held the write, and hands it back on the next write. The client is stuck.
-        _abort(request)
-    return resp
-
-
-def answer_error(status: int, body: bytes) -> SidecarError:
-    """The upstream's answer as an error event can say it: its own message (and type and code, when it gave
-    them) at its status; a whole 2xx answer where a stream was asked for is a 502."""
-    if status < 300:
-        return UpstreamError("The upstream answered the streamed request with a whole (not streamed) answer.")
-    found: Any = None
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        doc = None
-    if isinstance(doc, dict):  # OpenAI's {"error": {...}}, Anthropic's {"type": "error", "error": {...}}, vLLM's
-        found = doc.get("error") if isinstance(doc.get("error"), dict) else doc
-    found = found if isinstance(found, dict) else {}
-    message = found.get("message")
-    kind, code = found.get("type"), found.get("code")
-    err = UpstreamError(
-        message[:2000] if isinstance(message, str) and message else f"The upstream answered with status {status}.",
-        code=code if isinstance(code, str) else "upstream_status",
-        type_=kind if isinstance(kind, str) else None,
-    )
-    err.status = status
-    return err
 
 
 def _answer_facts(rec: RequestRecord, data: bytes) -> None:
