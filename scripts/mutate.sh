@@ -21,8 +21,8 @@ declare -A MODULES=(
   [leases]="sidecar/limits/local.py sidecar/limits/admission.py"
   [writer]="sidecar/records/writer.py sidecar/records/rows.py"
   [deadline]="sidecar/upstream/deadline.py"
-  [sse]="sidecar/wire/sse.py sidecar/wire/tokens.py"
-  [relay]="sidecar/relay.py sidecar/exchange.py sidecar/errors.py"
+  [sse]="sidecar/wire/sse.py sidecar/wire/usage.py sidecar/wire/tokens.py"
+  [relay]="sidecar/relay.py sidecar/responses.py sidecar/exchange.py sidecar/errors.py"
   [auth]="sidecar/keys/auth.py sidecar/keys/format.py sidecar/keys/pepper.py sidecar/keys/static.py sidecar/keys/service.py"
 )
 declare -A TESTS=(

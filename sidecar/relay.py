@@ -42,7 +42,8 @@ from sidecar.upstream.response import UpstreamBroke, UpstreamFailure, UpstreamRe
 from sidecar.upstream.server import Upstream
 from sidecar.wire.headers import Forwarding, to_client
 from sidecar.wire.routes import GENERATE, NATIVE, NO_OUTPUT, POOLING, TOKENIZE, UNCHARGED, speaks_anthropic
-from sidecar.wire.sse import StreamScanner, UsageFinder, usage_from, usage_object, usage_of
+from sidecar.wire.sse import StreamScanner
+from sidecar.wire.usage import UsageFinder, usage_from, usage_object, usage_of
 
 BUFFERED = 1 << 20  # a non-streaming answer up to this size is sent with one write; a larger one is relayed
 _OTHER_USAGE_SHAPES = frozenset({NATIVE, GENERATE, TOKENIZE, POOLING})  # answers whose usage is not a `usage` object

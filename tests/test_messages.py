@@ -27,7 +27,8 @@ from sidecar.errors import (
     UpstreamTimeout,
     anthropic_body,
 )
-from sidecar.wire.sse import StreamScanner, Usage
+from sidecar.wire.sse import StreamScanner
+from sidecar.wire.usage import Usage
 from tests.support.clients import ADMIN, admin, open_stream, post
 from tests.support.fake_upstream import Script, anthropic_events, anthropic_message
 from tests.support.waits import free_port, wait_for

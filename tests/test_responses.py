@@ -13,8 +13,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from sidecar.wire.sse import StreamScanner, count_deltas, delta_patterns, usage_from
+from sidecar.wire.sse import StreamScanner, count_deltas, delta_patterns
 from sidecar.wire.tokens import estimate_prompt
+from sidecar.wire.usage import usage_from
 from tests.support.clients import open_stream
 from tests.support.fake_upstream import Script, response_events, response_object, sse_event
 from tests.support.waits import wait_for

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.wire.sse import StreamScanner, count_deltas, delta_patterns, usage_from
+from sidecar.wire.sse import StreamScanner, count_deltas, delta_patterns
+from sidecar.wire.usage import usage_from
 
 
 def stream(n: int, usage: bool = True, sep: bytes = b"\n\n") -> tuple[bytes, bytes]:

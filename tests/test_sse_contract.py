@@ -1,4 +1,4 @@
-"""Exact contracts of the pure SSE and usage readers (sidecar/wire/sse.py) and the prompt estimate
+"""Exact contracts of the pure SSE and usage readers (sidecar/wire/sse.py, sidecar/wire/usage.py) and the prompt estimate
 (sidecar/wire/tokens.py):
 each shape of usage a server sends, each way a stream's bytes can fall, the byte scanners that find a whole
 answer's usage, and the estimate's arithmetic, all with exact expected values."""
@@ -11,8 +11,6 @@ import pytest
 from sidecar.wire.routes import GENERATE
 from sidecar.wire.sse import (
     StreamScanner,
-    Usage,
-    UsageFinder,
     _load_event,
     _without_data,
     count_deltas,
@@ -20,11 +18,9 @@ from sidecar.wire.sse import (
     event_data,
     events_array,
     parse_events,
-    usage_from,
-    usage_object,
-    usage_of,
 )
 from sidecar.wire.tokens import BASE, MAX_DEPTH, PER_MESSAGE, _measure, estimate_prompt
+from sidecar.wire.usage import Usage, UsageFinder, usage_from, usage_object, usage_of
 
 CONTENT = b'data: {"choices":[{"delta":{"content":"a"}}]}'
 USAGE_ONLY = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'

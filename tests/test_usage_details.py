@@ -19,7 +19,8 @@ import pytest
 from sidecar.store import open_store
 from sidecar.store.base import RequestQuery
 from sidecar.store.sqlite import MIGRATIONS
-from sidecar.wire.sse import StreamScanner, Usage, usage_from, usage_of
+from sidecar.wire.sse import StreamScanner
+from sidecar.wire.usage import Usage, usage_from, usage_of
 from tests.support.clients import ADMIN, admin
 from tests.support.stores import opened
 
