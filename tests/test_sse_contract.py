@@ -1,5 +1,5 @@
-"""Exact contracts of the pure SSE and usage readers (sidecar/wire/sse.py, sidecar/wire/usage.py) and the prompt estimate
-(sidecar/wire/tokens.py):
+"""Exact contracts of the pure SSE and usage readers (sidecar/wire/sse.py, sidecar/wire/usage.py) and the prompt
+estimate (sidecar/wire/tokens.py):
 each shape of usage a server sends, each way a stream's bytes can fall, the byte scanners that find a whole
 answer's usage, and the estimate's arithmetic, all with exact expected values."""
 
