@@ -12,15 +12,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from sidecar.store.balances import USED
 from sidecar.store.base import REQUEST_COLUMNS, Params, ReportTimeout, StoreError
-from sidecar.store.sql import (
-    MIGRATIONS_TABLE,
-    SCHEMA_V9_POSTGRES,
-    SqlStore,
-    json_array,
-    migrations,
-    request_row,
-    statements,
-)
+from sidecar.store.schema import MIGRATIONS_TABLE, SCHEMA_V9_POSTGRES, migrations, statements
+from sidecar.store.sql import SqlStore, json_array, request_row
 
 _MIGRATION_LOCK = 0x51DECA2  # pg_advisory_lock key: one replica migrates at a time
 MIGRATIONS = migrations("DOUBLE PRECISION", "BOOLEAN", "BIGSERIAL PRIMARY KEY", SCHEMA_V9_POSTGRES)

@@ -14,7 +14,8 @@ import aiosqlite
 import orjson
 
 from sidecar.store.base import REQUEST_COLUMNS, Params, ReportTimeout, StoreError
-from sidecar.store.sql import RETAINED, SCHEMA_V9_SQLITE, SqlStore, migrations, request_row
+from sidecar.store.schema import SCHEMA_V9_SQLITE, migrations
+from sidecar.store.sql import RETAINED, SqlStore, request_row
 
 _TX_ROWS = 100  # rows per transaction: ~0.7 ms of the loop; 25 cost 2 µs more per row, 400 stalls 2.5 ms
 _CHECKPOINT_ROWS = 5000
