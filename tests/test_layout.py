@@ -31,7 +31,7 @@ def wing_of(path: Path) -> str | None:
 
 
 def test_the_wings_are_the_expected_packages():
-    assert WINGS == ["admin", "audit", "keys", "limits", "ops", "records", "store", "upstream", "wire"]
+    assert WINGS == ["admin", "audit", "config", "keys", "limits", "ops", "records", "store", "upstream", "wire"]
 
 
 def test_every_wing_says_what_it_owns_and_names_its_face():

@@ -1,8 +1,8 @@
 """Store: where rows, keys, audit records and the shared limits' balances live. `base.Store` is the protocol
 (and its rows and errors), `open_store` picks `sqlite.SqliteStore` (embedded, the default) or
 `postgres.PostgresStore` (shared by replicas) by URL, both over `sql.SqlStore` (each query written once, the
-DDL and its migrations in `schema`, the shared limits' statements in `balances`); `opener.Opener` opens it in the background and retries. Its face:
-`base`, `opener`, `open_store`.
+DDL and its migrations in `schema`, the shared limits' statements in `balances`); `opener.Opener` opens it in
+the background and retries. Its face: `base`, `opener`, `open_store`.
 """
 
 from __future__ import annotations
